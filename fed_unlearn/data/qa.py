@@ -77,7 +77,9 @@ def collate(
         Batched long tensors of shape ``[B, T]``.
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise ValueError(
+            f"padding_side must be 'left' or 'right', got {padding_side!r}"
+        )
     width = max(len(ids) for ids, _ in batch)
     ids_t = torch.full((len(batch), width), pad_id, dtype=torch.long)
     lab_t = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

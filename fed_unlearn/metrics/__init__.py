@@ -1,0 +1,81 @@
+"""Evaluation metrics (TOFU / MUSE as implemented by open-unlearning).
+
+* :mod:`~fed_unlearn.metrics.primitives` -- pure metric functions on tensors.
+* :mod:`~fed_unlearn.metrics.registry` -- the typed metric registry.
+* :mod:`~fed_unlearn.metrics.evaluator` -- :func:`evaluate`, the batched TOFU-style
+  evaluation of a causal LM (importing it registers the metrics).
+"""
+
+from __future__ import annotations
+
+from fed_unlearn.metrics.evaluator import TOFU_METRICS, EvalSplits, evaluate
+from fed_unlearn.metrics.primitives import (
+    MissingReferenceError,
+    avg_loss,
+    exact_memorization,
+    extraction_strength,
+    fluency_proxy,
+    forget_quality,
+    gradnorm_score,
+    mia_loss,
+    mia_min_k,
+    mia_min_k_plus_plus,
+    mia_reference,
+    mia_zlib,
+    model_utility,
+    normalised_prob,
+    normalised_prob_per_item,
+    privleak,
+    prob_from_avg_loss,
+    roc_auc,
+    rouge_l_f1,
+    rouge_l_recall,
+    token_logprobs,
+    tr_closer_to_1,
+    tr_prob_mean,
+    tr_true_better,
+    truth_ratio,
+)
+from fed_unlearn.metrics.registry import (
+    METRIC_REGISTRY,
+    MetricSpec,
+    get_metric,
+    list_metrics,
+    metric,
+)
+
+__all__ = [
+    "METRIC_REGISTRY",
+    "TOFU_METRICS",
+    "EvalSplits",
+    "MetricSpec",
+    "MissingReferenceError",
+    "avg_loss",
+    "evaluate",
+    "exact_memorization",
+    "extraction_strength",
+    "fluency_proxy",
+    "forget_quality",
+    "get_metric",
+    "gradnorm_score",
+    "list_metrics",
+    "metric",
+    "mia_loss",
+    "mia_min_k",
+    "mia_min_k_plus_plus",
+    "mia_reference",
+    "mia_zlib",
+    "model_utility",
+    "normalised_prob",
+    "normalised_prob_per_item",
+    "privleak",
+    "prob_from_avg_loss",
+    "roc_auc",
+    "rouge_l_f1",
+    "rouge_l_recall",
+    "token_logprobs",
+    "tr_closer_to_1",
+    "tr_prob_mean",
+    "tr_true_better",
+    "truth_ratio",
+]

@@ -1,0 +1,131 @@
+"""What a client loads: its model copy, its private data, its identity."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from fed_unlearn.config import RunConfig
+from fed_unlearn.data import TofuData, generate_tofu, load_data_dir, load_jsonl
+from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
+from fed_unlearn.types import QAItem
+
+#: Keys the server adds to a message's config beside the run config.
+PROTOCOL_KEYS = ("server-round", "phase", "kind", "seed-round")
+
+
+def run_config_from_message(config: Mapping[str, Any]) -> RunConfig:
+    """Rebuild the run config a server sent (protocol keys stripped).
+
+    Parameters
+    ----------
+    config : Mapping[str, Any]
+        The message's ConfigRecord.
+
+    Returns
+    -------
+    RunConfig
+        The validated run configuration.
+    """
+    return RunConfig.from_flat({k: v for k, v in config.items() if k not in PROTOCOL_KEYS})
+
+
+def client_id(node_config: Mapping[str, Any]) -> int:
+    """Return this node's client id (its ``partition-id``).
+
+    Parameters
+    ----------
+    node_config : Mapping[str, Any]
+        ``context.node_config``.
+
+    Returns
+    -------
+    int
+        The id.
+
+    Raises
+    ------
+    ValueError
+        If the node was started without ``partition-id``.
+    """
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "this SuperNode has no 'partition-id' in its node config; start it with "
+            "--node-config partition-id=<i>"
+        )
+    return int(node_config["partition-id"])
+
+
+@functools.lru_cache(maxsize=4)
+def synthetic_data(seed: int, num_clients: int, people: int, holdout: int, qa: int,
+                   general: int) -> TofuData:
+    """Deterministic synthetic TOFU data (cached per process)."""
+    return generate_tofu(
+        seed,
+        num_clients,
+        people_per_client=people,
+        num_holdout_people=holdout,
+        qa_per_person=qa,
+        num_general=general,
+    )
+
+
+def dataset(cfg: RunConfig) -> TofuData:
+    """The whole data set of a simulation (each client only ever reads its part).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run configuration.
+
+    Returns
+    -------
+    TofuData
+        From ``data-dir`` if set, else generated from the seed.
+    """
+    if cfg.data_dir:
+        return load_data_dir(cfg.data_dir, cfg.num_clients)
+    return synthetic_data(
+        cfg.seed,
+        cfg.num_clients,
+        cfg.people_per_client,
+        cfg.holdout_people,
+        cfg.qa_per_person,
+        cfg.general_probes,
+    )
+
+
+def client_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
+    """This client's private training items.
+
+    A SuperNode started with ``--node-config "partition-id=0 data-path=..."`` reads
+    its own JSONL file; otherwise the client takes its partition of :func:`dataset`.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run configuration.
+    node_config : Mapping[str, Any]
+        ``context.node_config``.
+
+    Returns
+    -------
+    list[QAItem]
+        The items.
+    """
+    path = node_config.get("data-path")
+    if path:
+        return load_jsonl(str(path))
+    cid = client_id(node_config)
+    data = dataset(cfg)
+    if cid not in data.clients:
+        raise ValueError(f"client {cid} has no data (data set has clients {sorted(data.clients)})")
+    return data.clients[cid]
+
+
+def client_model(cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """The process-wide LoRA model, tokenizer and prompt format for this run."""
+    model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
+    model, tok = load_lora_model(model_dir, cfg.lora_spec())
+    return model, tok, prompt_formatter(tok)

@@ -1,0 +1,351 @@
+"""Run configuration: one dataclass, flat hyphenated keys as in Flower's run config.
+
+``RunConfig.from_flat`` accepts the same keys as ``[tool.flwr.app.config]`` in
+``pyproject.toml`` (``num-server-rounds``, ``lora-r``, ...) and rejects unknown keys
+with a message naming them. Preset-dependent defaults (learning rate, rounds, ...)
+are filled in by :meth:`RunConfig.resolved`, so a run's ``run.json`` shows every
+value that was used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fed_unlearn.models import PRESETS, LoraSpec
+from fed_unlearn.training import TrainSpec
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value."""
+
+
+#: Defaults that depend on the preset. ``None`` in a RunConfig field means
+#: "take the preset's value".
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "num_server_rounds": 4,
+        "local_epochs": 3,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "max_length": 64,
+        "eval_max_new_tokens": 16,
+    },
+    "smollm2": {
+        "num_server_rounds": 3,
+        "local_epochs": 2,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "max_length": 96,
+        "eval_max_new_tokens": 24,
+    },
+    "custom": {
+        "num_server_rounds": 3,
+        "local_epochs": 2,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "max_length": 128,
+        "eval_max_new_tokens": 32,
+    },
+}
+
+AGGREGATIONS = ("fedavg", "product_svd")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (FL phase, departure, unlearning, evaluation).
+
+    Parameters
+    ----------
+    preset : str
+        ``"smollm2"`` (default) or ``"tiny"``; ignored for the model when
+        ``model_path`` is set (the preset still picks hyper-parameter defaults,
+        ``"custom"`` values are used for a model path).
+    model_path : str
+        Local Hugging Face causal-LM directory (default: ``""`` = use the preset).
+    data_dir : str
+        Directory of ``client_<i>.jsonl`` files (default: ``""`` = synthetic data).
+    seed : int
+        Seed of data generation, LoRA init, data order and sampling (default: 0).
+    num_clients : int
+        Number of clients / SuperNodes (default: 3).
+    people_per_client, holdout_people, qa_per_person, general_probes : int
+        Shape of the synthetic data set (defaults: 3, 3, 10, 24).
+    depart : str
+        Comma-separated client ids that leave (default: ``"2"``).
+    method : str
+        Unlearning method from the registry (default: ``"none"``).
+    num_server_rounds : int, optional
+        FL rounds (default: preset).
+    fraction_train : float
+        Fraction of clients sampled per round (default: 1.0).
+    local_epochs, batch_size, max_length : int, optional
+        Local training (defaults: preset).
+    lr : float, optional
+        Local AdamW learning rate (default: preset).
+    lora_r, lora_alpha : int, optional
+        LoRA rank and alpha (defaults: preset).
+    lora_dropout : float
+        LoRA dropout (default: 0.0).
+    aggregation : str
+        ``"fedavg"`` (factor space, default) or ``"product_svd"``.
+    history_dtype : str
+        ``"float32"`` (default) or ``"float16"`` for the history store.
+    eval_max_new_tokens : int, optional
+        Greedy generation length for ROUGE (default: preset).
+    eval_batch_size : int
+        Evaluation batch size (default: 16).
+    out_dir : str
+        Where results go (default: ``"runs/latest"``).
+    """
+
+    preset: str = "smollm2"
+    model_path: str = ""
+    data_dir: str = ""
+    seed: int = 0
+    num_clients: int = 3
+    people_per_client: int = 3
+    holdout_people: int = 3
+    qa_per_person: int = 10
+    general_probes: int = 24
+    depart: str = "2"
+    method: str = "none"
+    num_server_rounds: int | None = None
+    fraction_train: float = 1.0
+    local_epochs: int | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+    lr: float | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
+    aggregation: str = "fedavg"
+    history_dtype: str = "float32"
+    eval_max_new_tokens: int | None = None
+    eval_batch_size: int = 16
+    out_dir: str = "runs/latest"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build from flat hyphenated keys, rejecting unknown keys.
+
+        Keys of Flower's own (``server-round``, ``phase``, ...) must be removed by
+        the caller; keys starting with ``x-`` are kept in ``extra`` untouched.
+
+        Parameters
+        ----------
+        flat : Mapping[str, Any]
+            E.g. ``context.run_config`` or a message's ConfigRecord.
+
+        Returns
+        -------
+        RunConfig
+            Validated configuration.
+
+        Raises
+        ------
+        ConfigError
+            Unknown key or bad value.
+        """
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        unknown = []
+        for key, value in flat.items():
+            if key.startswith("x-"):
+                extra[key] = value
+                continue
+            name = key.replace("-", "_")
+            if name not in names:
+                unknown.append(key)
+                continue
+            kwargs[name] = value
+        if unknown:
+            valid = ", ".join(sorted(n.replace("_", "-") for n in names))
+            raise ConfigError(f"unknown config key(s) {sorted(unknown)}; valid keys: {valid}")
+        cfg = cls(**kwargs, extra=extra)
+        return cfg.validated()
+
+    def to_flat(self) -> dict[str, Any]:
+        """Return flat hyphenated keys (``None`` values dropped).
+
+        Returns
+        -------
+        dict[str, Any]
+            Suitable for a Flower ConfigRecord.
+        """
+        out = {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "extra" and getattr(self, f.name) is not None
+        }
+        out.update(self.extra)
+        return out
+
+    # ------------------------------------------------------------ validation
+    def validated(self) -> RunConfig:
+        """Coerce types and check values; return ``self``.
+
+        Raises
+        ------
+        ConfigError
+            Naming the key and the problem.
+        """
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            want = f.type if isinstance(f.type, str) else str(f.type)
+            try:
+                if want.startswith("int"):
+                    if isinstance(value, float) and not value.is_integer():
+                        raise ValueError("not an integer")
+                    if isinstance(value, bool):
+                        raise ValueError("a bool")
+                    value = int(value)
+                elif want.startswith("float"):
+                    value = float(value)
+                elif want.startswith("str"):
+                    if not isinstance(value, str):
+                        raise ValueError(f"a {type(value).__name__}")
+            except (TypeError, ValueError) as exc:
+                key = f.name.replace("_", "-")
+                raise ConfigError(f"config key {key!r}: bad value {value!r} ({exc})") from exc
+            setattr(self, f.name, value)
+        if self.preset not in PRESETS:
+            raise ConfigError(
+                f"config key 'preset': unknown preset {self.preset!r}; "
+                f"choose one of {', '.join(PRESETS)}"
+            )
+        if self.num_clients < 2:
+            raise ConfigError(f"config key 'num-clients' must be >= 2, got {self.num_clients}")
+        for key in ("people_per_client", "qa_per_person", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key {key.replace('_', '-')!r} must be >= 1")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(
+                f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}"
+            )
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(
+                f"config key 'aggregation': {self.aggregation!r} is not one of {AGGREGATIONS}"
+            )
+        if self.history_dtype not in ("float32", "float16"):
+            raise ConfigError("config key 'history-dtype' must be 'float32' or 'float16'")
+        self.departed()  # validates 'depart'
+        return self
+
+    def departed(self) -> tuple[int, ...]:
+        """Parse ``depart`` into sorted client ids and check they exist.
+
+        Returns
+        -------
+        tuple[int, ...]
+            Departed client ids.
+
+        Raises
+        ------
+        ConfigError
+            Unparsable id, unknown client, or all clients departing.
+        """
+        raw = [p.strip() for p in str(self.depart).split(",") if p.strip()]
+        ids = []
+        for part in raw:
+            try:
+                ids.append(int(part))
+            except ValueError:
+                raise ConfigError(f"--depart: {part!r} is not a client id") from None
+        unknown = [i for i in ids if not 0 <= i < self.num_clients]
+        if unknown:
+            raise ConfigError(
+                f"--depart: client(s) {unknown} never joined; clients are "
+                f"0..{self.num_clients - 1}"
+            )
+        if not ids:
+            raise ConfigError("--depart: at least one client id is needed")
+        if len(set(ids)) >= self.num_clients:
+            raise ConfigError("--depart: at least one client must remain")
+        return tuple(sorted(set(ids)))
+
+    def remaining(self) -> tuple[int, ...]:
+        """Client ids that stay."""
+        gone = set(self.departed())
+        return tuple(i for i in range(self.num_clients) if i not in gone)
+
+    # ----------------------------------------------------------- resolution
+    def defaults_key(self) -> str:
+        """Which preset's hyper-parameter defaults apply."""
+        return "custom" if self.model_path else self.preset
+
+    def resolved(self) -> RunConfig:
+        """Return a copy with every preset-dependent ``None`` filled in.
+
+        Returns
+        -------
+        RunConfig
+            Fully resolved configuration.
+        """
+        out = dataclasses.replace(self, extra=dict(self.extra))
+        for key, value in PRESET_DEFAULTS[self.defaults_key()].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        return out
+
+    def train_spec(self) -> TrainSpec:
+        """Local-training hyper-parameters of this (resolved) config."""
+        r = self.resolved()
+        return TrainSpec(
+            epochs=int(r.local_epochs),  # type: ignore[arg-type]
+            batch_size=int(r.batch_size),  # type: ignore[arg-type]
+            lr=float(r.lr),  # type: ignore[arg-type]
+            max_length=int(r.max_length),  # type: ignore[arg-type]
+        )
+
+    def lora_spec(self) -> LoraSpec:
+        """LoRA hyper-parameters of this (resolved) config."""
+        r = self.resolved()
+        return LoraSpec(
+            r=int(r.lora_r),  # type: ignore[arg-type]
+            alpha=int(r.lora_alpha),  # type: ignore[arg-type]
+            dropout=float(r.lora_dropout),
+        )
+
+    def fl_key(self, exclude: tuple[int, ...]) -> str:
+        """Hash of everything that determines an FL phase's result.
+
+        Parameters
+        ----------
+        exclude : tuple[int, ...]
+            Clients left out (empty for the original run, the departed ones for
+            the retrain oracle).
+
+        Returns
+        -------
+        str
+            16 hex characters; the cache key of the phase.
+        """
+        r = self.resolved()
+        keep = {
+            k: v
+            for k, v in r.to_flat().items()
+            if k not in ("depart", "method", "out-dir", "eval-max-new-tokens", "eval-batch-size")
+            and not k.startswith("x-")
+        }
+        keep["exclude"] = list(exclude)
+        blob = json.dumps(keep, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

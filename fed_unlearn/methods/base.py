@@ -1,0 +1,167 @@
+"""Method contract: config dataclass, context, result and the abstract method.
+
+A method declares what it needs in ``requires`` (see :class:`Requirement`); the
+orchestrator builds an :class:`UnlearnContext` and :meth:`UnlearningMethod.check`
+fails with a clear :class:`MissingRequirementError` when something is absent,
+instead of running on a silent ``None``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Protocol
+
+from fed_unlearn.history import HistoryStore
+from fed_unlearn.types import AdapterState, ClientId
+
+
+class Requirement(str, Enum):
+    """What a method may need from the federation."""
+
+    HISTORY = "history"  #: per-round global adapters and client deltas
+    RETRAIN = "retrain"  #: the ability to re-run FL without the departed clients
+    LIVE_CLIENTS = "live_clients"  #: remaining clients answer requests
+    DEPARTED_COOPERATION = "departed_cooperation"  #: departed clients still answer
+
+
+class MissingRequirementError(RuntimeError):
+    """A method's declared requirement is not available in this context."""
+
+
+class ClientChannel(Protocol):
+    """How a method talks to clients (implemented over Flower by ``server/``)."""
+
+    def query(
+        self, clients: Sequence[ClientId], kind: str, arrays: AdapterState | None,
+        config: dict[str, Any],
+    ) -> dict[ClientId, tuple[AdapterState | None, dict[str, float]]]:
+        """Send one request to each client and return its arrays and metrics."""
+        ...
+
+
+@dataclass(kw_only=True)
+class UnlearnConfig:
+    """Base class of method configs (every knob is a dataclass field)."""
+
+
+@dataclass
+class UnlearnContext:
+    """What the orchestrator hands to a method.
+
+    Parameters
+    ----------
+    trained : AdapterState
+        Final global adapter of the FL run (contains the departed contribution).
+    departed : tuple[int, ...]
+        Clients to forget.
+    remaining : tuple[int, ...]
+        Clients that stay.
+    seed : int
+        Run seed.
+    history : HistoryStore, optional
+        Per-round history of the FL run.
+    retrain : Callable[[], AdapterState], optional
+        Runs (or loads from cache) FL from the same init without ``departed``.
+    clients : ClientChannel, optional
+        Live channel to clients.
+    departed_cooperates : bool
+        Whether the departed clients still answer requests.
+    """
+
+    trained: AdapterState
+    departed: tuple[int, ...]
+    remaining: tuple[int, ...]
+    seed: int
+    history: HistoryStore | None = None
+    retrain: Callable[[], AdapterState] | None = None
+    clients: ClientChannel | None = None
+    departed_cooperates: bool = False
+
+    def available(self) -> set[Requirement]:
+        """Return the requirements this context satisfies."""
+        have = set()
+        if self.history is not None:
+            have.add(Requirement.HISTORY)
+        if self.retrain is not None:
+            have.add(Requirement.RETRAIN)
+        if self.clients is not None:
+            have.add(Requirement.LIVE_CLIENTS)
+            if self.departed_cooperates:
+                have.add(Requirement.DEPARTED_COOPERATION)
+        return have
+
+
+@dataclass
+class UnlearnResult:
+    """Output of a method.
+
+    Parameters
+    ----------
+    adapter : AdapterState
+        The unlearned global adapter.
+    rounds : int
+        Communication rounds the method used (0 for server-only methods).
+    info : dict[str, Any]
+        Method-specific figures (logged into ``run.json``).
+    """
+
+    adapter: AdapterState
+    rounds: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class UnlearningMethod(ABC):
+    """Abstract unlearning method.
+
+    Subclasses set ``name`` and ``requires`` and implement :meth:`unlearn`.
+
+    Parameters
+    ----------
+    config : UnlearnConfig
+        The method's configuration dataclass.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    requires: ClassVar[frozenset[Requirement]] = frozenset()
+
+    def __init__(self, config: UnlearnConfig) -> None:
+        self.config = config
+
+    def check(self, ctx: UnlearnContext) -> None:
+        """Raise if the context lacks something this method requires.
+
+        Parameters
+        ----------
+        ctx : UnlearnContext
+            The context to check.
+
+        Raises
+        ------
+        MissingRequirementError
+            Naming the method and every missing requirement.
+        """
+        missing = sorted(r.value for r in self.requires - ctx.available())
+        if missing:
+            raise MissingRequirementError(
+                f"method {self.name!r} needs {', '.join(missing)}, which this run "
+                "does not provide"
+            )
+
+    @abstractmethod
+    def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
+        """Remove the departed clients' contribution.
+
+        Parameters
+        ----------
+        ctx : UnlearnContext
+            Everything the method may use.
+
+        Returns
+        -------
+        UnlearnResult
+            The unlearned adapter and figures.
+        """

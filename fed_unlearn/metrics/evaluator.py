@@ -1,0 +1,853 @@
+"""TOFU-style evaluation of a causal LM (open-unlearning key names and formats).
+
+:func:`evaluate` scores any Hugging Face causal LM (plain or PEFT-wrapped) on four
+splits of :class:`~fed_unlearn.types.QAItem`:
+
+* ``forget``  -- the departed client's data (what should be forgotten);
+* ``retain``  -- the remaining clients' held-in data;
+* ``holdout`` -- same-distribution data never trained on (MIA non-members);
+* ``general`` -- general-knowledge probes with perturbed (wrong) options.
+
+TOFU's model utility averages 9 numbers: retain, real-authors and world-facts x
+{Prob, ROUGE, Truth Ratio}.  We have a single general-knowledge split, so its
+triple (``gk_Q_A_Prob``, ``gk_Q_A_ROUGE``, ``gk_Truth_Ratio``) is used for BOTH the
+real-authors and the world-facts slots (it weighs twice in the harmonic mean).
+
+Every metric is a function registered in
+:data:`~fed_unlearn.metrics.registry.METRIC_REGISTRY`, taking the evaluation
+context.  Teacher-forced scores are computed once per (prompt, answer) pair,
+batched (sorted by length, right padding) under ``torch.no_grad()`` in eval mode
+and shared by all metrics; greedy generations (left padding) are cached as well.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fed_unlearn.data.qa import IGNORE_INDEX, PromptFn, collate, encode_qa
+from fed_unlearn.metrics import primitives as P
+from fed_unlearn.metrics.registry import METRIC_REGISTRY, get_metric, metric
+from fed_unlearn.types import QAItem
+
+SPLIT_NAMES = ("forget", "retain", "holdout", "general")
+
+#: ``k`` used by Min-K% / Min-K%++ (TOFU / MUSE configs).
+MIA_K = P.MIN_K_DEFAULT
+
+
+@dataclass
+class EvalSplits:
+    """The four evaluation splits.
+
+    Parameters
+    ----------
+    forget : list[QAItem]
+        Data to be forgotten (the departed client's).
+    retain : list[QAItem]
+        Held-in data of the remaining clients.
+    holdout : list[QAItem]
+        Never-trained data of the forget distribution (MIA non-members).
+    general : list[QAItem]
+        General-knowledge probes; ``perturbed_answers`` are the wrong options.
+    """
+
+    forget: list[QAItem] = field(default_factory=list)
+    retain: list[QAItem] = field(default_factory=list)
+    holdout: list[QAItem] = field(default_factory=list)
+    general: list[QAItem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _SeqStats:
+    """Teacher-forced statistics of one (prompt, answer) pair."""
+
+    avg_loss: float
+    min_k: float
+    min_k_pp: float
+    em: float | None
+    es: float
+    text: str
+
+
+class _Context:
+    """Evaluation state shared by the metric functions (caches, model, data)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt_fn: PromptFn,
+        splits: EvalSplits,
+        reference: dict | None,
+        reference_model: Any,
+        batch_size: int,
+        max_new_tokens: int,
+        max_length: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_fn = prompt_fn
+        self.splits = splits
+        self.reference = reference
+        self.reference_model = reference_model
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.max_length = max_length
+        self.eos_id = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token")
+        self._prompts: dict[str, str] = {}
+        self._scores: dict[tuple[str, str, str], _SeqStats] = {}
+        self._gens: dict[tuple[str, int], str] = {}
+        self._results: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ data access
+    def items(self, split: str) -> list[QAItem]:
+        return list(getattr(self.splits, split))
+
+    def prompt(self, question: str) -> str:
+        if question not in self._prompts:
+            self._prompts[question] = self.prompt_fn(question)
+        return self._prompts[question]
+
+    def answer_pairs(self, split: str) -> list[tuple[str, str]]:
+        return [(self.prompt(it.question), it.answer) for it in self.items(split)]
+
+    def tr_indices(self, split: str, correct: str) -> list[int]:
+        """Indices of items usable for the truth ratio.
+
+        ``correct="para"`` needs a paraphrased answer and >= 1 perturbed answer;
+        ``correct="answer"`` (general probes) only needs perturbed answers.
+        """
+        return [
+            i
+            for i, it in enumerate(self.items(split))
+            if it.perturbed_answers and (correct == "answer" or it.paraphrased_answer)
+        ]
+
+    def tr_pairs(self, split: str, correct: str) -> list[tuple[str, str]]:
+        pairs = []
+        for i in self.tr_indices(split, correct):
+            it = self.items(split)[i]
+            p = self.prompt(it.question)
+            pairs.append((p, it.paraphrased_answer if correct == "para" else it.answer))
+            pairs.extend((p, a) for a in it.perturbed_answers)
+        return pairs
+
+    # -------------------------------------------------------------------- scoring
+    def _model(self, which: str) -> Any:
+        return self.model if which == "target" else self.reference_model
+
+    def score(
+        self, pairs: Sequence[tuple[str, str]], which: str = "target"
+    ) -> list[_SeqStats]:
+        """Teacher-forced statistics of (prompt, answer) pairs (cached, batched)."""
+        todo = list(dict.fromkeys(p for p in pairs if (which, *p) not in self._scores))
+        if todo:
+            self._score_uncached(todo, which)
+        return [self._scores[(which, *p)] for p in pairs]
+
+    def _score_uncached(self, todo: list[tuple[str, str]], which: str) -> None:
+        model = self._model(which)
+        device = _device(model)
+        enc = [encode_qa(self.tokenizer, p, a, self.max_length) for p, a in todo]
+        order = sorted(range(len(todo)), key=lambda i: len(enc[i][0]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = collate([enc[i] for i in idx], self.pad_id, "right")
+            labels = batch["labels"].to(device)
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits
+            losses = P.avg_loss(logits, labels).tolist()
+            per_tok = P.token_logprobs(logits, labels)
+            for j, i in enumerate(idx):
+                tok_lp, vocab_lp, lab = per_tok[j]
+                pred = vocab_lp.argmax(-1)
+                answer_ids = [t for t in enc[i][1] if t != IGNORE_INDEX]
+                self._scores[(which, *todo[i])] = _SeqStats(
+                    avg_loss=float(losses[j]),
+                    min_k=P.mia_min_k(tok_lp, MIA_K),
+                    min_k_pp=P.mia_min_k_plus_plus(tok_lp, vocab_lp, MIA_K),
+                    em=P.exact_memorization(pred, lab),
+                    es=P.extraction_strength(pred, lab),
+                    text=self.tokenizer.decode(answer_ids, skip_special_tokens=True),
+                )
+            del logits, per_tok
+
+    # ----------------------------------------------------------------- generation
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and getattr(self.tokenizer, "add_bos_token", False):
+            ids = [int(bos), *ids]
+        ids = ids[-self.max_length :]
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+        return ids
+
+    def generations(self, split: str, indices: Iterable[int] | None = None) -> list[str]:
+        """Greedy generations for items of a split (cached, batched, left padding)."""
+        items = self.items(split)
+        idx = list(range(len(items)) if indices is None else indices)
+        self.prefetch_generations([(split, i) for i in idx])
+        return [self._gens[(split, i)] for i in idx]
+
+    def prefetch_generations(self, keys: Sequence[tuple[str, int]]) -> None:
+        todo = list(dict.fromkeys(k for k in keys if k not in self._gens))
+        if not todo:
+            return
+        from transformers import GenerationConfig
+
+        gen_cfg = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )
+        device = _device(self.model)
+        enc = [
+            self._encode_prompt(self.prompt(self.items(s)[i].question)) for s, i in todo
+        ]
+        order = sorted(range(len(todo)), key=lambda i: len(enc[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = collate(
+                [(enc[i], [IGNORE_INDEX] * len(enc[i])) for i in idx],
+                self.pad_id,
+                "left",
+            )
+            width = batch["input_ids"].size(1)
+            out = self.model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                generation_config=gen_cfg,
+            )
+            for j, i in enumerate(idx):
+                new = out[j, width:].tolist()
+                if self.eos_id is not None and self.eos_id in new:
+                    new = new[: new.index(self.eos_id)]
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                self._gens[todo[i]] = text.strip()
+
+    # -------------------------------------------------------------------- results
+    def result(self, name: str) -> dict:
+        """Compute (once) the result dict of a registered metric."""
+        if name not in self._results:
+            self._results[name] = get_metric(name).fn(self)
+        return self._results[name]
+
+    def reference_tr(self) -> np.ndarray:
+        """Per-item ``forget_truth_ratio`` values of the reference logs."""
+        ref = self.reference
+        entry = ref.get("forget_truth_ratio") if isinstance(ref, dict) else None
+        vbi = entry.get("value_by_index") if isinstance(entry, dict) else None
+        if not vbi:
+            raise P.MissingReferenceError(
+                "forget_quality needs reference logs with "
+                "reference['forget_truth_ratio']['value_by_index'] (the tofu_eval "
+                "of the retrained model)"
+            )
+        return np.array(
+            [v["score"] if isinstance(v, dict) else v for v in vbi.values()],
+            dtype=np.float64,
+        )
+
+    def reference_auc(self) -> float:
+        """Min-K% AUC of the reference logs, 0.5 when absent (privleak quirk)."""
+        ref = self.reference
+        entry = ref.get("mia_min_k") if isinstance(ref, dict) else None
+        if isinstance(entry, dict) and entry.get("agg_value") is not None:
+            return float(entry["agg_value"])
+        if isinstance(entry, int | float):
+            return float(entry)
+        return 0.5
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - parameterless model
+        return torch.device("cpu")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(np.asarray(values, dtype=np.float64)))
+
+
+# ========================================================================= metrics
+
+
+def _prob_result(ctx: _Context, split: str) -> dict:
+    stats = ctx.score(ctx.answer_pairs(split))
+    vbi = {
+        str(i): {"prob": math.exp(-s.avg_loss), "avg_loss": s.avg_loss}
+        for i, s in enumerate(stats)
+    }
+    return {"agg_value": _mean([v["prob"] for v in vbi.values()]), "value_by_index": vbi}
+
+
+def _rouge_result(ctx: _Context, split: str) -> dict:
+    items = ctx.items(split)
+    gens = ctx.generations(split)
+    vbi = {}
+    for i, (it, gen) in enumerate(zip(items, gens, strict=True)):
+        gt = it.answer.strip()
+        vbi[str(i)] = {
+            "rougeL_recall": P.rouge_l_recall(gt, gen),
+            "rougeL_f1": P.rouge_l_f1(gt, gen),
+            "input": it.question,
+            "ground_truth": gt,
+            "generation": gen,
+        }
+    agg = _mean([v["rougeL_recall"] for v in vbi.values()])
+    return {"agg_value": agg, "value_by_index": vbi}
+
+
+def _truth_ratios(ctx: _Context, split: str, correct: str) -> dict[str, float]:
+    """Per-item truth ratios; items without the needed answers are skipped."""
+    indices = ctx.tr_indices(split, correct)
+    if not indices:
+        need = "perturbed answers" + (
+            " and a paraphrased answer" if correct == "para" else ""
+        )
+        raise ValueError(f"no item of split {split!r} has {need} (truth ratio)")
+    items = ctx.items(split)
+    para, pert = [], []
+    for i in indices:
+        it = items[i]
+        p = ctx.prompt(it.question)
+        c = it.paraphrased_answer if correct == "para" else it.answer
+        para.append(ctx.score([(p, c)])[0].avg_loss)
+        pert.append([s.avg_loss for s in ctx.score([(p, a) for a in it.perturbed_answers])])
+    tr = P.truth_ratio(para, pert)
+    return {str(i): float(v) for i, v in zip(indices, tr, strict=True)}
+
+
+def _tr_result(ctx: _Context, split: str, correct: str, agg: Any) -> dict:
+    tr = _truth_ratios(ctx, split, correct)
+    return {
+        "agg_value": agg(list(tr.values())),
+        "value_by_index": {k: {"score": v} for k, v in tr.items()},
+    }
+
+
+def _mia_result(ctx: _Context, score_fn: Any) -> dict:
+    scores = {s: [float(v) for v in score_fn(s)] for s in ("forget", "holdout")}
+    out: dict[str, Any] = {"agg_value": P.roc_auc(scores["forget"], scores["holdout"])}
+    for split, values in scores.items():
+        out[split] = {
+            "value_by_index": {str(i): {"score": v} for i, v in enumerate(values)}
+        }
+    return out
+
+
+def _stat_scores(ctx: _Context, attr: str) -> Any:
+    def fn(split: str) -> list[float]:
+        return [getattr(s, attr) for s in ctx.score(ctx.answer_pairs(split))]
+
+    return fn
+
+
+@metric(name="forget_Q_A_Prob", direction="closer_to_reference", splits=("forget",))
+def forget_q_a_prob(ctx: _Context) -> dict:
+    """Mean ``exp(-avg_loss)`` of the forget answers (EOS included)."""
+    return _prob_result(ctx, "forget")
+
+
+@metric(name="forget_Q_A_ROUGE", direction="closer_to_reference", splits=("forget",))
+def forget_q_a_rouge(ctx: _Context) -> dict:
+    """Mean ROUGE-L recall of greedy answers to the forget questions."""
+    return _rouge_result(ctx, "forget")
+
+
+@metric(name="forget_truth_ratio", direction="higher", splits=("forget",))
+def forget_truth_ratio(ctx: _Context) -> dict:
+    """Truth ratio (paraphrase vs perturbed) on the forget set, closer_to_1 aggregate."""
+    return _tr_result(ctx, "forget", "para", P.tr_closer_to_1)
+
+
+@metric(
+    name="forget_quality", direction="higher", needs_reference=True, splits=("forget",)
+)
+def forget_quality(ctx: _Context) -> dict:
+    """KS-test p-value of forget truth ratios vs the reference model's."""
+    if ctx.reference is None:
+        raise P.MissingReferenceError(
+            "forget_quality needs `reference` (the tofu_eval dict of the retrained "
+            "model); none was given"
+        )
+    ref = ctx.reference_tr()
+    tr = [v["score"] for v in ctx.result("forget_truth_ratio")["value_by_index"].values()]
+    return {"agg_value": P.forget_quality(tr, ref), "value_by_index": {}}
+
+
+@metric(name="retain_Q_A_Prob", direction="higher", splits=("retain",))
+def retain_q_a_prob(ctx: _Context) -> dict:
+    """Mean ``exp(-avg_loss)`` of the retain answers."""
+    return _prob_result(ctx, "retain")
+
+
+@metric(name="retain_Q_A_ROUGE", direction="higher", splits=("retain",))
+def retain_q_a_rouge(ctx: _Context) -> dict:
+    """Mean ROUGE-L recall of greedy answers to the retain questions."""
+    return _rouge_result(ctx, "retain")
+
+
+@metric(name="retain_Truth_Ratio", direction="higher", splits=("retain",))
+def retain_truth_ratio(ctx: _Context) -> dict:
+    """Truth ratio (paraphrase vs perturbed) on retain data, true_better aggregate."""
+    return _tr_result(ctx, "retain", "para", P.tr_true_better)
+
+
+@metric(name="gk_Q_A_Prob", direction="higher", splits=("general",))
+def gk_q_a_prob(ctx: _Context) -> dict:
+    """Normalised probability of the correct general answer against its wrong options.
+
+    Items without perturbed options are skipped (the normalisation is undefined).
+    """
+    indices = ctx.tr_indices("general", "answer")
+    if not indices:
+        raise ValueError("no item of split 'general' has perturbed answers (gk Prob)")
+    items = ctx.items("general")
+    correct, wrong = [], []
+    for i in indices:
+        it = items[i]
+        p = ctx.prompt(it.question)
+        correct.append(ctx.score([(p, it.answer)])[0].avg_loss)
+        wrong.append([s.avg_loss for s in ctx.score([(p, a) for a in it.perturbed_answers])])
+    probs = P.normalised_prob_per_item(correct, wrong)
+    vbi = {str(i): {"prob": float(v)} for i, v in zip(indices, probs, strict=True)}
+    return {"agg_value": float(probs.mean()), "value_by_index": vbi}
+
+
+@metric(name="gk_Q_A_ROUGE", direction="higher", splits=("general",))
+def gk_q_a_rouge(ctx: _Context) -> dict:
+    """Mean ROUGE-L recall of greedy answers to the general-knowledge probes."""
+    return _rouge_result(ctx, "general")
+
+
+@metric(name="gk_Truth_Ratio", direction="higher", splits=("general",))
+def gk_truth_ratio(ctx: _Context) -> dict:
+    """Truth ratio (answer vs perturbed, as TOFU RA/WF) on probes, true_better."""
+    return _tr_result(ctx, "general", "answer", P.tr_true_better)
+
+
+_MU_PARTS = (
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_Truth_Ratio",
+    "gk_Q_A_Prob",
+    "gk_Q_A_ROUGE",
+    "gk_Truth_Ratio",
+)
+
+
+@metric(name="model_utility", direction="higher", splits=("retain", "general"))
+def model_utility(ctx: _Context) -> dict:
+    """Harmonic mean of 9 utility numbers (general triple used for RA and WF)."""
+    parts = {name: float(ctx.result(name)["agg_value"]) for name in _MU_PARTS}
+    nine = [
+        parts["retain_Q_A_Prob"],
+        parts["retain_Q_A_ROUGE"],
+        parts["retain_Truth_Ratio"],
+        *[parts[n] for n in _MU_PARTS[3:]] * 2,  # real-authors + world-facts slots
+    ]
+    return {
+        "agg_value": P.model_utility(nine),
+        "value_by_index": {},
+        "components": parts,
+    }
+
+
+_MIA_SPLITS = ("forget", "holdout")
+
+
+@metric(name="mia_loss", direction="closer_to_reference", splits=_MIA_SPLITS)
+def mia_loss(ctx: _Context) -> dict:
+    """AUC of the LOSS attack (average answer loss), forget = 0 vs holdout = 1."""
+    return _mia_result(ctx, _stat_scores(ctx, "avg_loss"))
+
+
+@metric(name="mia_zlib", direction="closer_to_reference", splits=_MIA_SPLITS)
+def mia_zlib(ctx: _Context) -> dict:
+    """AUC of the ZLib attack (loss / zlib length of the decoded answer)."""
+
+    def fn(split: str) -> list[float]:
+        stats = ctx.score(ctx.answer_pairs(split))
+        return [P.mia_zlib(s.avg_loss, s.text) for s in stats]
+
+    return _mia_result(ctx, fn)
+
+
+@metric(name="mia_min_k", direction="closer_to_reference", splits=_MIA_SPLITS)
+def mia_min_k(ctx: _Context) -> dict:
+    """AUC of the Min-K% Prob attack (k = 0.4)."""
+    return _mia_result(ctx, _stat_scores(ctx, "min_k"))
+
+
+@metric(name="mia_min_k_plus_plus", direction="closer_to_reference", splits=_MIA_SPLITS)
+def mia_min_k_plus_plus(ctx: _Context) -> dict:
+    """AUC of the Min-K%++ attack (k = 0.4)."""
+    return _mia_result(ctx, _stat_scores(ctx, "min_k_pp"))
+
+
+@metric(name="mia_gradnorm", direction="closer_to_reference", splits=_MIA_SPLITS)
+def mia_gradnorm(ctx: _Context) -> dict:
+    """AUC of the GradNorm attack (batch of one, p = 2, trainable tensors only)."""
+
+    def fn(split: str) -> list[float]:
+        out = []
+        for p, a in ctx.answer_pairs(split):
+            enc = encode_qa(ctx.tokenizer, p, a, ctx.max_length)
+            out.append(P.gradnorm_score(ctx.model, collate([enc], ctx.pad_id)))
+        return out
+
+    return _mia_result(ctx, fn)
+
+
+@metric(
+    name="mia_reference",
+    direction="closer_to_reference",
+    needs_reference=True,
+    splits=_MIA_SPLITS,
+)
+def mia_reference(ctx: _Context) -> dict:
+    """AUC of the reference attack (target loss minus reference-model loss)."""
+    if ctx.reference_model is None:
+        raise P.MissingReferenceError(
+            "mia_reference needs `reference_model=`; none was given"
+        )
+
+    def fn(split: str) -> list[float]:
+        pairs = ctx.answer_pairs(split)
+        tgt = ctx.score(pairs, "target")
+        ref = ctx.score(pairs, "reference")
+        return [P.mia_reference(t.avg_loss, r.avg_loss) for t, r in zip(tgt, ref, strict=True)]
+
+    return _mia_result(ctx, fn)
+
+
+@metric(name="privleak", direction="closer_to_reference", splits=_MIA_SPLITS)
+def privleak(ctx: _Context) -> dict:
+    """PrivLeak of the Min-K% AUC against the reference's (0.5 when absent)."""
+    auc = float(ctx.result("mia_min_k")["agg_value"])
+    ref = ctx.reference_auc()
+    return {
+        "agg_value": P.privleak(auc, ref),
+        "value_by_index": {},
+        "auc": auc,
+        "reference_auc": ref,
+    }
+
+
+@metric(name="exact_memorization", direction="lower", splits=("forget",))
+def exact_memorization(ctx: _Context) -> dict:
+    """Mean teacher-forced exact memorization of the forget answers (EOS excluded)."""
+    stats = ctx.score(ctx.answer_pairs("forget"))
+    vbi = {str(i): {"score": s.em} for i, s in enumerate(stats)}
+    values = [s.em for s in stats if s.em is not None]
+    if not values:
+        raise ValueError("exact_memorization: no forget answer has a token besides EOS")
+    return {"agg_value": _mean(values), "value_by_index": vbi}
+
+
+@metric(name="extraction_strength", direction="lower", splits=("forget",))
+def extraction_strength(ctx: _Context) -> dict:
+    """Mean extraction strength of the forget answers (ES = 1/L on no match)."""
+    stats = ctx.score(ctx.answer_pairs("forget"))
+    vbi = {str(i): {"score": s.es} for i, s in enumerate(stats)}
+    return {"agg_value": _mean([s.es for s in stats]), "value_by_index": vbi}
+
+
+def _fluency_result(ctx: _Context, split: str) -> dict:
+    gens = ctx.generations(split)
+    vbi = {
+        str(i): {"score": P.fluency_proxy(g), "generation": g} for i, g in enumerate(gens)
+    }
+    return {"agg_value": _mean([v["score"] for v in vbi.values()]), "value_by_index": vbi}
+
+
+@metric(name="forget_fluency", direction="higher", splits=("forget",))
+def forget_fluency(ctx: _Context) -> dict:
+    """Mean fluency proxy of greedy answers to the forget questions (gibberish)."""
+    return _fluency_result(ctx, "forget")
+
+
+@metric(name="retain_fluency", direction="higher", splits=("retain",))
+def retain_fluency(ctx: _Context) -> dict:
+    """Mean fluency proxy of greedy answers to the retain questions."""
+    return _fluency_result(ctx, "retain")
+
+
+#: Metrics computed by :func:`evaluate` by default, in output order.
+TOFU_METRICS: tuple[str, ...] = (
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "forget_truth_ratio",
+    "forget_quality",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_Truth_Ratio",
+    "gk_Q_A_Prob",
+    "gk_Q_A_ROUGE",
+    "gk_Truth_Ratio",
+    "model_utility",
+    "mia_loss",
+    "mia_zlib",
+    "mia_min_k",
+    "mia_min_k_plus_plus",
+    "mia_gradnorm",
+    "mia_reference",
+    "privleak",
+    "exact_memorization",
+    "extraction_strength",
+    "forget_fluency",
+    "retain_fluency",
+)
+
+# Dependencies between metrics (for the prefetch plan).
+_DEPS: dict[str, tuple[str, ...]] = {
+    "forget_quality": ("forget_truth_ratio",),
+    "model_utility": _MU_PARTS,
+    "privleak": ("mia_min_k",),
+}
+# What each metric reads: (kind, split) with kind in answer / tr_para / tr_answer /
+# gen / ref_answer.
+_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "forget_Q_A_Prob": (("answer", "forget"),),
+    "forget_Q_A_ROUGE": (("gen", "forget"),),
+    "forget_truth_ratio": (("tr_para", "forget"),),
+    "retain_Q_A_Prob": (("answer", "retain"),),
+    "retain_Q_A_ROUGE": (("gen", "retain"),),
+    "retain_Truth_Ratio": (("tr_para", "retain"),),
+    "gk_Q_A_Prob": (("tr_answer", "general"),),
+    "gk_Q_A_ROUGE": (("gen", "general"),),
+    "gk_Truth_Ratio": (("tr_answer", "general"),),
+    "mia_loss": (("answer", "forget"), ("answer", "holdout")),
+    "mia_zlib": (("answer", "forget"), ("answer", "holdout")),
+    "mia_min_k": (("answer", "forget"), ("answer", "holdout")),
+    "mia_min_k_plus_plus": (("answer", "forget"), ("answer", "holdout")),
+    "mia_reference": (
+        ("answer", "forget"),
+        ("answer", "holdout"),
+        ("ref_answer", "forget"),
+        ("ref_answer", "holdout"),
+    ),
+    "exact_memorization": (("answer", "forget"),),
+    "extraction_strength": (("answer", "forget"),),
+    "forget_fluency": (("gen", "forget"),),
+    "retain_fluency": (("gen", "retain"),),
+}
+
+
+def _prefetch(ctx: _Context, names: Sequence[str]) -> None:
+    """Score / generate everything the metrics need in as few batches as possible."""
+    closure: list[str] = []
+    stack = list(names)
+    while stack:
+        n = stack.pop()
+        if n not in closure:
+            closure.append(n)
+            stack.extend(_DEPS.get(n, ()))
+    needs = {need for n in closure for need in _NEEDS.get(n, ())}
+    pairs: list[tuple[str, str]] = []
+    ref_pairs: list[tuple[str, str]] = []
+    gens: list[tuple[str, int]] = []
+    for split in SPLIT_NAMES:
+        if ("answer", split) in needs:
+            pairs += ctx.answer_pairs(split)
+        if ("tr_para", split) in needs:
+            pairs += ctx.tr_pairs(split, "para")
+        if ("tr_answer", split) in needs:
+            pairs += ctx.tr_pairs(split, "answer")
+        if ("ref_answer", split) in needs and ctx.reference_model is not None:
+            ref_pairs += ctx.answer_pairs(split)
+        if ("gen", split) in needs:
+            gens += [(split, i) for i in range(len(ctx.items(split)))]
+    ctx.score(pairs)
+    if ref_pairs:
+        ctx.score(ref_pairs, "reference")
+    ctx.prefetch_generations(gens)
+
+
+def _check_tokenizer(model: Any, tokenizer: Any, what: str) -> None:
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and int(vocab) < len(tokenizer):
+        raise ValueError(
+            f"tokenizer/{what} mismatch: the {what}'s config.vocab_size is {vocab} "
+            f"but the tokenizer has {len(tokenizer)} tokens"
+        )
+
+
+def _select_metrics(
+    metrics: Sequence[str] | None,
+    reference: dict | None,
+    reference_model: Any,
+    gradnorm: bool,
+) -> list[str]:
+    if metrics is None:
+        names = [
+            n
+            for n in TOFU_METRICS
+            if (n != "forget_quality" or reference is not None)
+            and (n != "mia_gradnorm" or gradnorm)
+            and (n != "mia_reference" or reference_model is not None)
+        ]
+        return names
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    names = list(dict.fromkeys(metrics))
+    for n in names:
+        get_metric(n)  # ValueError listing the valid names
+    if gradnorm and "mia_gradnorm" not in names:
+        names.append("mia_gradnorm")
+    if "forget_quality" in names and reference is None:
+        raise P.MissingReferenceError(
+            "metric 'forget_quality' was requested but no `reference` (the tofu_eval "
+            "dict of the retrained model) was given"
+        )
+    if "mia_reference" in names and reference_model is None:
+        raise P.MissingReferenceError(
+            "metric 'mia_reference' was requested but no `reference_model` was given"
+        )
+    return names
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    prompt_fn: PromptFn,
+    splits: EvalSplits,
+    reference: dict | None = None,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    max_length: int = 256,
+    metrics: Sequence[str] | None = None,
+    gradnorm: bool = False,
+    num_samples: int = 5,
+    reference_model: Any = None,
+) -> tuple[dict, dict]:
+    """Evaluate a causal LM with the TOFU / open-unlearning metric suite.
+
+    Probabilities are teacher-forced on ``prompt_fn(question) + answer + EOS``
+    (answer-only labels, :func:`~fed_unlearn.data.qa.encode_qa`); generations are
+    greedy (``do_sample=False``), left padded, cut at EOS and stripped.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel or peft.PeftModel
+        The causal LM to evaluate; its train/eval mode is restored afterwards.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer (needs an EOS or a pad token).
+    prompt_fn : PromptFn
+        Maps a question to the full prompt text.
+    splits : EvalSplits
+        Forget / retain / holdout / general items.
+    reference : dict or None
+        ``tofu_eval`` of the reference (retrained) model.  Used by
+        ``forget_quality`` (its ``forget_truth_ratio`` value_by_index) and
+        ``privleak`` (its ``mia_min_k`` agg_value; 0.5 when absent).
+    batch_size : int
+        Batch size for scoring and generation.
+    max_new_tokens : int
+        Generation length.
+    max_length : int
+        Maximum tokens per scored sequence (prompt truncated from the left).
+    metrics : Sequence[str] or None
+        Metric names to compute (see
+        :func:`~fed_unlearn.metrics.registry.list_metrics`).  ``None`` = all of
+        :data:`TOFU_METRICS` that apply: ``forget_quality`` only with ``reference``,
+        ``mia_gradnorm`` only with ``gradnorm=True``, ``mia_reference`` only with
+        ``reference_model``.
+    gradnorm : bool
+        Also compute ``mia_gradnorm`` (one backward per forget/holdout item;
+        zeroes the model's gradients).
+    num_samples : int
+        Number of forget / retain generations copied to ``tofu_eval["generations"]``.
+    reference_model : transformers.PreTrainedModel or None
+        Reference model (same tokenizer) for ``mia_reference``.
+
+    Returns
+    -------
+    tuple[dict, dict]
+        ``(tofu_eval, tofu_summary)``: ``tofu_eval[name]`` holds ``agg_value`` and
+        ``value_by_index`` (MIA metrics: ``agg_value`` = AUC plus ``forget`` /
+        ``holdout`` ``value_by_index``), and ``tofu_eval["generations"]`` the
+        sample generations; ``tofu_summary[name]`` is the ``agg_value``.
+
+    Raises
+    ------
+    ValueError
+        On an unknown metric name, a tokenizer/model vocabulary mismatch, an empty
+        split needed by a requested metric, or no item usable for a truth ratio.
+    MissingReferenceError
+        If ``forget_quality`` / ``mia_reference`` is requested explicitly without
+        ``reference`` / ``reference_model``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    names = _select_metrics(metrics, reference, reference_model, gradnorm)
+    _check_tokenizer(model, tokenizer, "model")
+    if reference_model is not None:
+        _check_tokenizer(reference_model, tokenizer, "reference model")
+    for n in names:
+        for split in get_metric(n).splits:
+            if not getattr(splits, split):
+                raise ValueError(
+                    f"metric {n!r} needs a non-empty {split!r} split, but it is empty"
+                )
+
+    ctx = _Context(
+        model,
+        tokenizer,
+        prompt_fn,
+        splits,
+        reference,
+        reference_model,
+        batch_size,
+        max_new_tokens,
+        max_length,
+    )
+    models = [m for m in (model, reference_model) if m is not None]
+    modes = [P._module_modes(m) for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            _prefetch(ctx, names)
+            tofu_eval = {n: ctx.result(n) for n in names}
+            samples = {}
+            for split in ("forget", "retain"):
+                items = ctx.items(split)
+                k = min(max(num_samples, 0), len(items))
+                gens = ctx.generations(split, range(k))
+                samples[split] = [
+                    {
+                        "question": it.question,
+                        "ground_truth": it.answer,
+                        "generation": g,
+                    }
+                    for it, g in zip(items[:k], gens, strict=True)
+                ]
+    finally:
+        for m in modes:
+            P._restore_modes(m)
+    tofu_eval["generations"] = samples
+    tofu_summary = {n: float(tofu_eval[n]["agg_value"]) for n in names}
+    return tofu_eval, tofu_summary
+
+
+__all__ = ["METRIC_REGISTRY", "TOFU_METRICS", "EvalSplits", "evaluate"]

@@ -1,0 +1,251 @@
+"""Local LoRA training of a client (answer-only causal-LM loss).
+
+The same function is used by the Flower ClientApp, the benchmarks and the tests, so
+there is exactly one training loop. Only adapter tensors have ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fed_unlearn.data.qa import PromptFn, collate, encode_qa
+from fed_unlearn.types import QAItem
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Hyper-parameters of a client's local training.
+
+    Parameters
+    ----------
+    epochs : int
+        Local epochs per round (default: 2).
+    batch_size : int
+        Examples per step (default: 8).
+    lr : float
+        AdamW learning rate, fresh optimiser every round (default: 2e-3).
+    weight_decay : float
+        AdamW weight decay (default: 0.0).
+    grad_clip : float
+        Global gradient-norm clip (default: 1.0).
+    max_length : int
+        Max tokens per example (default: 128).
+    """
+
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainStats:
+    """What local training did (reported in the client's metrics).
+
+    Parameters
+    ----------
+    steps : int
+        Optimiser steps.
+    tokens : int
+        Non-padding tokens processed (forward + backward).
+    loss : float
+        Mean loss of the last epoch.
+    seconds : float
+        Wall time.
+    """
+
+    steps: int
+    tokens: int
+    loss: float
+    seconds: float
+
+
+def encode_items(
+    tokenizer: object, prompt_fn: PromptFn, items: Sequence[QAItem], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """Encode question/answer items for training.
+
+    Parameters
+    ----------
+    tokenizer : PreTrainedTokenizerBase
+        Model tokenizer.
+    prompt_fn : PromptFn
+        Prompt format of the model.
+    items : Sequence[QAItem]
+        Items to encode.
+    max_length : int
+        Token limit per example.
+
+    Returns
+    -------
+    list[tuple[list[int], list[int]]]
+        ``(input_ids, labels)`` per item.
+    """
+    return [encode_qa(tokenizer, prompt_fn(it.question), it.answer, max_length) for it in items]
+
+
+def make_batches(
+    encoded: Sequence[tuple[list[int], list[int]]],
+    batch_size: int,
+    pad_id: int,
+    generator: torch.Generator,
+) -> list[dict[str, torch.Tensor]]:
+    """Shuffle (seeded) and collate one epoch of batches.
+
+    Parameters
+    ----------
+    encoded : Sequence[tuple[list[int], list[int]]]
+        Encoded items.
+    batch_size : int
+        Batch size.
+    pad_id : int
+        Padding token id.
+    generator : torch.Generator
+        Seeded generator for the permutation.
+
+    Returns
+    -------
+    list[dict[str, torch.Tensor]]
+        Batches (right padding).
+    """
+    order = torch.randperm(len(encoded), generator=generator).tolist()
+    return [
+        collate([encoded[i] for i in order[s : s + batch_size]], pad_id)
+        for s in range(0, len(order), batch_size)
+    ]
+
+
+def train_steps(
+    model: torch.nn.Module,
+    batches_per_epoch: Callable[[int], list[dict[str, torch.Tensor]]],
+    spec: TrainSpec,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainStats:
+    """Run ``spec.epochs`` epochs of AdamW on the trainable (adapter) parameters.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Peft model; only parameters with ``requires_grad`` are optimised.
+    batches_per_epoch : Callable[[int], list[dict[str, torch.Tensor]]]
+        Epoch index -> its batches.
+    spec : TrainSpec
+        Hyper-parameters.
+    on_step : Callable[[int, float], None], optional
+        Called after every step with (step, loss), e.g. for a progress bar.
+
+    Returns
+    -------
+    TrainStats
+        Steps, tokens, last-epoch loss and wall time.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (no LoRA adapter?)")
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    was_training = model.training
+    model.train()
+    t0 = time.perf_counter()
+    steps = tokens = 0
+    epoch_loss = 0.0
+    try:
+        for epoch in range(spec.epochs):
+            total, count = 0.0, 0
+            for batch in batches_per_epoch(epoch):
+                out = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
+                )
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+                tokens += int(batch["attention_mask"].sum())
+                total += float(out.loss.detach())
+                count += 1
+                if on_step is not None:
+                    on_step(steps, float(out.loss.detach()))
+            epoch_loss = total / max(count, 1)
+    finally:
+        model.train(was_training)
+    return TrainStats(steps, tokens, epoch_loss, time.perf_counter() - t0)
+
+
+def local_train(
+    model: torch.nn.Module,
+    tokenizer: object,
+    prompt_fn: PromptFn,
+    items: Sequence[QAItem],
+    spec: TrainSpec,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainStats:
+    """Train the model's LoRA adapter on a client's items.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Peft model with the round's global adapter already loaded.
+    tokenizer : PreTrainedTokenizerBase
+        Model tokenizer.
+    prompt_fn : PromptFn
+        Prompt format.
+    items : Sequence[QAItem]
+        The client's private training items.
+    spec : TrainSpec
+        Hyper-parameters.
+    seed : int
+        Seed of the data order (derive it from run seed, round and client id).
+    on_step : Callable[[int, float], None], optional
+        Progress callback.
+
+    Returns
+    -------
+    TrainStats
+        What was done.
+    """
+    if not items:
+        raise ValueError("local_train got no items")
+    encoded = encode_items(tokenizer, prompt_fn, items, spec.max_length)
+    pad = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(seed)
+    return train_steps(
+        model,
+        lambda _epoch: make_batches(encoded, spec.batch_size, pad, gen),
+        spec,
+        on_step,
+    )
+
+
+def derive_seed(*parts: int) -> int:
+    """Combine integers into one 63-bit seed (stable across processes).
+
+    Parameters
+    ----------
+    *parts : int
+        E.g. run seed, round, client id.
+
+    Returns
+    -------
+    int
+        A deterministic seed.
+    """
+    import hashlib
+
+    blob = ",".join(str(int(p)) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1

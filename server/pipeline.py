@@ -1,0 +1,343 @@
+"""Server-side orchestration: FL phase -> departure -> unlearning -> retrain oracle.
+
+FL phases (the original run and the retrain oracle) are cached by config hash in
+``<cache>/runs/fl-<hash>`` (history store + ``phase.json``), so several methods and
+several output directories reuse one computation. A phase directory is written in
+a temporary place and renamed when complete, so an interrupted run leaves no
+half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from fed_unlearn import adapters as ad
+from fed_unlearn.config import RunConfig
+from fed_unlearn.history import HistoryError, HistoryStore
+from fed_unlearn.methods import UnlearnContext, get_method
+from fed_unlearn.models import cache_root, init_adapter, load_lora_model, resolve_model_dir, set_adapter
+from server.grid import CountingGrid
+from server.strategy import HistoryFedAvg
+
+log = logging.getLogger(__name__)
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot go on (missing clients, history, or Flower grid)."""
+
+
+def runs_root() -> Path:
+    """Directory of cached FL phases (``$FED_UNLEARN_CACHE/runs``)."""
+    root = cache_root() / "runs"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class PhaseResult:
+    """A finished FL phase.
+
+    Parameters
+    ----------
+    final : dict[str, torch.Tensor]
+        Final global adapter.
+    stats : dict[str, Any]
+        ``wall_time_s``, ``bytes`` {down, up, total}, ``rounds``, per-round log.
+    path : Path
+        Phase directory (history store under ``history/``).
+    cached : bool
+        Whether it came from the cache.
+    """
+
+    final: dict[str, torch.Tensor]
+    stats: dict[str, Any]
+    path: Path
+    cached: bool = False
+
+    @property
+    def history(self) -> HistoryStore:
+        """The phase's history store."""
+        return HistoryStore(self.path / "history")
+
+
+def phase_dir(cfg: RunConfig, exclude: tuple[int, ...]) -> Path:
+    """Cache directory of an FL phase."""
+    return runs_root() / f"fl-{cfg.fl_key(exclude)}"
+
+
+def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
+    """Load a cached FL phase, validating its history; ``None`` if absent.
+
+    Raises
+    ------
+    PipelineError
+        If the cache entry exists but its history is corrupt.
+    """
+    path = phase_dir(cfg, exclude)
+    if not (path / "phase.json").is_file():
+        return None
+    try:
+        store = HistoryStore(path / "history")
+        store.validate()
+        final = store.final()
+    except HistoryError as exc:
+        raise PipelineError(
+            f"cached FL phase {path} has a corrupt history ({exc}); delete that "
+            "directory to recompute it"
+        ) from exc
+    stats = json.loads((path / "phase.json").read_text())
+    return PhaseResult(final, stats, path, cached=True)
+
+
+def discover_clients(grid: Any, cfg: RunConfig, timeout: float = 300.0) -> dict[int, int]:
+    """Wait for all SuperNodes and map Flower node ids to client ids.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower grid.
+    cfg : RunConfig
+        Run config (``num-clients`` nodes are expected).
+    timeout : float
+        Seconds to wait for nodes.
+
+    Returns
+    -------
+    dict[int, int]
+        Node id -> client id.
+    """
+    t0 = time.time()
+    while len(list(grid.get_node_ids())) < cfg.num_clients:
+        if time.time() - t0 > timeout:
+            raise PipelineError(
+                f"only {len(list(grid.get_node_ids()))} of {cfg.num_clients} SuperNodes "
+                f"connected within {timeout:.0f} s"
+            )
+        time.sleep(1.0)
+    nodes = sorted(grid.get_node_ids())
+    config = ConfigRecord({**cfg.to_flat(), "kind": "hello"})
+    msgs = [
+        Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
+        for n in nodes
+    ]
+    replies = grid.send_and_receive(msgs, timeout=timeout)
+    mapping: dict[int, int] = {}
+    for rep in replies:
+        if rep.has_error():
+            raise PipelineError(f"node {rep.metadata.src_node_id} failed to answer: {rep.error.reason}")
+        mapping[rep.metadata.src_node_id] = int(rep.content["metrics"]["client-id"])
+    ids = sorted(mapping.values())
+    if ids != list(range(cfg.num_clients)):
+        raise PipelineError(
+            f"SuperNodes report client ids {ids}; expected 0..{cfg.num_clients - 1} once each"
+        )
+    return mapping
+
+
+def run_fl_phase(
+    grid: CountingGrid | None,
+    cfg: RunConfig,
+    node_map: dict[int, int] | None,
+    exclude: tuple[int, ...],
+    initial: dict[str, torch.Tensor],
+    on_round: Callable[[int, dict[str, Any]], None] | None = None,
+) -> PhaseResult:
+    """Run (or load from cache) FedAvg over all clients but ``exclude``.
+
+    Parameters
+    ----------
+    grid : CountingGrid, optional
+        Counting Flower grid; ``None`` only works when the phase is cached.
+    cfg : RunConfig
+        Run configuration.
+    node_map : dict[int, int], optional
+        Node id -> client id.
+    exclude : tuple[int, ...]
+        Clients left out.
+    initial : dict[str, torch.Tensor]
+        Initial adapter (seed-determined).
+    on_round : Callable, optional
+        Progress callback.
+
+    Returns
+    -------
+    PhaseResult
+        Final adapter, costs, history location.
+    """
+    cached = load_phase(cfg, exclude)
+    if cached is not None:
+        log.info("FL phase excluding %s: cached at %s", list(exclude), cached.path)
+        return cached
+    if grid is None or node_map is None:
+        raise PipelineError("this FL phase is not cached and no Flower grid is available")
+    r = cfg.resolved()
+    final_dir = phase_dir(cfg, exclude)
+    tmp = final_dir.with_name(f"{final_dir.name}.part{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    store = HistoryStore(tmp / "history", dtype=cfg.history_dtype)
+    strategy = HistoryFedAvg(
+        run_config=cfg.to_flat(),
+        node_to_client=node_map,
+        exclude=exclude,
+        history=store,
+        seed=cfg.seed,
+        fraction=cfg.fraction_train,
+        aggregation=cfg.aggregation,
+        on_round=on_round,
+    )
+    down0, up0 = grid.snapshot()
+    t0 = time.perf_counter()
+    result = strategy.start(
+        grid=grid,  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=int(r.num_server_rounds),  # type: ignore[arg-type]
+        timeout=3600,
+    )
+    wall = time.perf_counter() - t0
+    final = result.arrays.to_torch_state_dict() if result.arrays is not None else initial
+    final = {k: v.float().clone() for k, v in final.items()}
+    store.set_final(final)
+    down, up = grid.bytes_down - down0, grid.bytes_up - up0
+    stats = {
+        "exclude": list(exclude),
+        "key": cfg.fl_key(exclude),
+        "wall_time_s": wall,
+        "bytes": {"down": down, "up": up, "total": down + up},
+        "rounds": int(r.num_server_rounds),  # type: ignore[arg-type]
+        "round_log": strategy.round_log,
+        "history_bytes_per_round": [store.round_nbytes(i) for i in store.rounds()],
+    }
+    (tmp / "phase.json").write_text(json.dumps(stats, indent=2, default=str))
+    try:
+        os.replace(tmp, final_dir)
+    except OSError:  # another process finished the same phase first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PhaseResult(final, stats, final_dir, cached=False)
+
+
+@dataclass
+class PipelineOutput:
+    """What the pipeline produced (the CLI evaluates and reports it)."""
+
+    cfg: RunConfig
+    train: PhaseResult
+    retrain: PhaseResult | None = None
+    unlearned: dict[str, torch.Tensor] | None = None
+    unlearn_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def run_pipeline(
+    grid: Any | None,
+    cfg: RunConfig,
+    steps: tuple[str, ...] = ("train", "unlearn"),
+    on_round: Callable[[str, int, dict[str, Any]], None] | None = None,
+) -> PipelineOutput:
+    """FL training -> departure -> unlearning -> retrain oracle.
+
+    Parameters
+    ----------
+    grid : Grid, optional
+        Flower grid (``None``: everything needed must be cached).
+    cfg : RunConfig
+        Validated run configuration.
+    steps : tuple[str, ...]
+        ``("train",)`` or ``("train", "unlearn")``.
+    on_round : Callable, optional
+        ``(phase, round, info)`` progress callback.
+
+    Returns
+    -------
+    PipelineOutput
+        Adapters and costs.
+    """
+    method = get_method(cfg.method)  # fail before any work on an unknown method
+    departed, remaining = cfg.departed(), cfg.remaining()
+    counting = CountingGrid(grid) if grid is not None else None
+    node_map = None
+    if counting is not None:
+        node_map = discover_clients(counting, cfg)
+
+    model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
+    model, _tok = load_lora_model(model_dir, cfg.lora_spec())
+    initial = init_adapter(model, cfg.seed)
+
+    def cb(phase: str) -> Callable[[int, dict[str, Any]], None] | None:
+        return None if on_round is None else (lambda r, info: on_round(phase, r, info))
+
+    train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"))
+    out = PipelineOutput(cfg, train)
+    if "unlearn" not in steps:
+        return out
+    seen = train.history.clients()
+    never = [c for c in departed if c not in seen]
+    if never:
+        raise PipelineError(f"--depart: client(s) {never} never took part in the FL run")
+
+    def retrain() -> dict[str, torch.Tensor]:
+        if out.retrain is None:
+            out.retrain = run_fl_phase(counting, cfg, node_map, departed, initial, cb("retrain"))
+        return out.retrain.final
+
+    ctx = UnlearnContext(
+        trained=train.final,
+        departed=departed,
+        remaining=remaining,
+        seed=cfg.seed,
+        history=train.history,
+        retrain=retrain,
+        clients=None,
+        departed_cooperates=False,
+    )
+    down0, up0 = counting.snapshot() if counting is not None else (0, 0)
+    t0 = time.perf_counter()
+    res = method.unlearn(ctx)
+    wall = time.perf_counter() - t0
+    down, up = counting.snapshot() if counting is not None else (0, 0)
+    ad.validate_update(res.adapter, train.final)
+    retrain()  # the oracle (cached if the method already ran it)
+    assert out.retrain is not None
+    if cfg.method == "retrain":
+        # The method *is* the oracle: its cost is the retrain phase's recorded cost.
+        wall = out.retrain.stats["wall_time_s"]
+        down, up = out.retrain.stats["bytes"]["down"] + down0, out.retrain.stats["bytes"]["up"] + up0
+        rounds = out.retrain.stats["rounds"]
+    else:
+        rounds = res.rounds
+    out.unlearned = res.adapter
+    out.unlearn_stats = {
+        "method": cfg.method,
+        "wall_time_s": wall,
+        "bytes": {"down": down - down0, "up": up - up0, "total": down - down0 + up - up0},
+        "rounds": rounds,
+        "info": res.info,
+    }
+    return out
+
+
+def save_adapter(cfg: RunConfig, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save an adapter with peft ``save_pretrained`` (adapter_config + safetensors).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run config (model and LoRA spec).
+    state : dict[str, torch.Tensor]
+        Adapter tensors.
+    path : Path
+        Target directory.
+    """
+    model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
+    model, _ = load_lora_model(model_dir, cfg.lora_spec())
+    set_adapter(model, state)
+    model.save_pretrained(str(path))

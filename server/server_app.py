@@ -1,0 +1,96 @@
+"""Flower ServerApp: runs the fed_unlearn pipeline over the grid.
+
+``app`` is what ``flwr run .`` starts (config from ``[tool.flwr.app.config]`` and
+``--run-config``); :func:`make_server_app` builds the same app bound to a config
+for ``flwr.simulation.run_simulation`` (used by the ``fed-unlearn`` CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fed_unlearn.config import RunConfig
+from server.pipeline import PipelineOutput, run_pipeline, save_adapter
+
+log = logging.getLogger(__name__)
+
+
+def write_outputs(out: PipelineOutput, out_dir: Path) -> None:
+    """Save the adapters (peft ``save_pretrained``) and ``pipeline.json``.
+
+    Parameters
+    ----------
+    out : PipelineOutput
+        Pipeline result.
+    out_dir : Path
+        Run directory.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_adapter(out.cfg, out.train.final, out_dir / "adapters" / "original")
+    info: dict[str, Any] = {
+        "train": {**out.train.stats, "path": str(out.train.path), "cached": out.train.cached},
+    }
+    if out.retrain is not None:
+        save_adapter(out.cfg, out.retrain.final, out_dir / "adapters" / "retrain")
+        info["retrain"] = {**out.retrain.stats, "path": str(out.retrain.path), "cached": out.retrain.cached}
+    if out.unlearned is not None:
+        save_adapter(out.cfg, out.unlearned, out_dir / "adapters" / "unlearned")
+        info["unlearn"] = out.unlearn_stats
+    (out_dir / "pipeline.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def make_server_app(
+    cfg: RunConfig,
+    steps: tuple[str, ...],
+    state: dict[str, Any],
+    on_round: Any = None,
+) -> ServerApp:
+    """Build a ServerApp bound to ``cfg`` for ``run_simulation``.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Validated run configuration.
+    steps : tuple[str, ...]
+        Pipeline steps.
+    state : dict[str, Any]
+        Filled with ``"output"`` (PipelineOutput) or ``"error"`` (exception), since
+        ``run_simulation`` does not return the ServerApp's result.
+    on_round : Callable, optional
+        Progress callback ``(phase, round, info)``.
+
+    Returns
+    -------
+    ServerApp
+        The app.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            state["output"] = run_pipeline(grid, cfg, steps, on_round)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the CLI thread
+            state["error"] = exc
+            state["traceback"] = traceback.format_exc()
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """``flwr run .`` entry point: pipeline + adapters + ``pipeline.json``."""
+    cfg = RunConfig.from_flat(dict(context.run_config))
+    out = run_pipeline(grid, cfg, ("train", "unlearn"))
+    write_outputs(out, Path(cfg.out_dir))
+    log.info("fed-unlearn: wrote %s", cfg.out_dir)

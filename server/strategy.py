@@ -1,0 +1,210 @@
+"""``HistoryFedAvg``: Flower's Message-API FedAvg that validates and records updates.
+
+Per round it stores the global adapter it sent, every accepted client's delta,
+``num-examples`` and participation in a :class:`fed_unlearn.history.HistoryStore`.
+A malformed update (wrong keys or shapes, NaN/Inf, missing ``num-examples``, a
+client id that does not match the node) is rejected and logged, and the round goes
+on without it. Client sampling is seeded per round over *all* clients and the
+excluded ones are dropped afterwards, so the retrain oracle sees exactly the
+original participation minus the departed clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fed_unlearn import adapters as ad
+from fed_unlearn.aggregation import product_space_aggregate
+from fed_unlearn.history import HistoryStore, RoundRecord
+from fed_unlearn.training import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+def sum_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Aggregate client train metrics: sums of work, weighted mean of the loss."""
+    total_n = sum(float(c["metrics"][weight_key]) for c in contents)
+    out: dict[str, Any] = {"num-clients": len(contents), weight_key: int(total_n)}
+    for key in ("local-steps", "tokens", "train-seconds"):
+        out[key] = sum(c["metrics"].get(key, 0) for c in contents)
+    out["train-loss"] = sum(
+        float(c["metrics"].get("train-loss", 0.0)) * float(c["metrics"][weight_key]) for c in contents
+    ) / max(total_n, 1.0)
+    return MetricRecord(out)
+
+
+def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
+    """Seeded per-round sample over all clients (before exclusions).
+
+    Parameters
+    ----------
+    seed : int
+        Run seed.
+    server_round : int
+        Round number (1-based).
+    num_clients : int
+        All clients of the federation.
+    fraction : float
+        Fraction to sample.
+
+    Returns
+    -------
+    list[int]
+        Sorted client ids.
+    """
+    k = max(1, round(fraction * num_clients))
+    rng = random.Random(derive_seed(seed, server_round, 7919))
+    return sorted(rng.sample(range(num_clients), k))
+
+
+class HistoryFedAvg(FedAvg):
+    """FedAvg over LoRA adapters that validates updates and records history.
+
+    Parameters
+    ----------
+    run_config : dict[str, Any]
+        Flat run config sent with every message.
+    node_to_client : dict[int, int]
+        Flower node id -> client id (partition id).
+    exclude : Iterable[int]
+        Clients never sampled (the departed ones, for the retrain oracle).
+    history : HistoryStore
+        Where rounds are recorded.
+    seed : int
+        Seed of client sampling.
+    fraction : float
+        Fraction of all clients sampled per round (default: 1.0).
+    aggregation : str
+        ``"fedavg"`` (Flower's factor-space FedAvg) or ``"product_svd"``.
+    on_round : Callable[[int, dict[str, Any]], None], optional
+        Called after each round with its figures (progress display).
+    """
+
+    def __init__(
+        self,
+        *,
+        run_config: dict[str, Any],
+        node_to_client: dict[int, int],
+        exclude: Iterable[int],
+        history: HistoryStore,
+        seed: int,
+        fraction: float = 1.0,
+        aggregation: str = "fedavg",
+        on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            train_metrics_aggr_fn=sum_train_metrics,
+        )
+        self.run_config = dict(run_config)
+        self.node_to_client = dict(node_to_client)
+        self.client_to_node = {c: n for n, c in node_to_client.items()}
+        self.exclude = set(exclude)
+        self.history = history
+        self.seed = seed
+        self.fraction = fraction
+        self.aggregation = aggregation
+        self.on_round = on_round
+        self._global: dict[str, torch.Tensor] = {}
+        self.round_log: list[dict[str, Any]] = []
+
+    def summary(self) -> None:
+        """Log the settings (as Flower strategies do)."""
+        super().summary()
+        log.info(
+            "\t├──> HistoryFedAvg: aggregation=%s, excluded clients=%s, history=%s",
+            self.aggregation, sorted(self.exclude), self.history.root,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
+        """Send the global adapter and run config to this round's clients."""
+        n = len(self.node_to_client)
+        chosen = [
+            c for c in sample_clients(self.seed, server_round, n, self.fraction) if c not in self.exclude
+        ]
+        self._global = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        cfg = ConfigRecord({**self.run_config, **dict(config), "server-round": server_round, "phase": "train"})
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+        return self._construct_messages(record, [self.client_to_node[c] for c in chosen], MessageType.TRAIN)
+
+    def _check_reply(self, msg: Message) -> tuple[int, dict[str, torch.Tensor], int]:
+        node = msg.metadata.src_node_id
+        if node not in self.node_to_client:
+            raise ValueError(f"reply from unknown node {node}")
+        cid = self.node_to_client[node]
+        if msg.has_error():
+            raise ValueError(f"client error: {msg.error.reason}")
+        content = msg.content
+        if "arrays" not in content or "metrics" not in content:
+            raise ValueError("reply lacks 'arrays' or 'metrics'")
+        metrics = content["metrics"]
+        n = metrics.get("num-examples")
+        if not isinstance(n, int) or n <= 0:
+            raise ValueError(f"bad num-examples {n!r}")
+        if int(metrics.get("client-id", -1)) != cid:
+            raise ValueError(f"reported client-id {metrics.get('client-id')} != node's client {cid}")
+        try:
+            state = content["arrays"].to_torch_state_dict()
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad update
+            raise ValueError(f"arrays cannot be decoded: {exc}") from exc
+        ad.validate_update(state, self._global)
+        return cid, state, n
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Reject bad updates, aggregate the good ones, record the round."""
+        good: list[tuple[int, Message, dict[str, torch.Tensor], int]] = []
+        rejected: dict[int, str] = {}
+        for msg in replies:
+            try:
+                cid, state, n = self._check_reply(msg)
+            except ValueError as exc:
+                cid = self.node_to_client.get(msg.metadata.src_node_id, -1)
+                rejected[cid] = str(exc)
+                log.warning("round %d: rejected the update of client %s: %s", server_round, cid, exc)
+                continue
+            good.append((cid, msg, state, n))
+        good.sort(key=lambda g: g[0])
+        if not good:
+            log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
+            arrays, metrics = None, None
+        elif self.aggregation == "fedavg":
+            arrays, metrics = super().aggregate_train(server_round, [g[1] for g in good])
+        else:
+            new = product_space_aggregate([g[2] for g in good], [float(g[3]) for g in good])
+            arrays = ArrayRecord(new)
+            metrics = sum_train_metrics([g[1].content for g in good], self.weighted_by_key)
+        rec = RoundRecord(
+            round=server_round,
+            global_state=self._global,
+            client_deltas={cid: ad.sub(state, self._global) for cid, _, state, _ in good},
+            num_examples={cid: n for cid, _, _, n in good},
+            participants=[g[0] for g in good],
+            rejected=rejected,
+        )
+        nbytes = self.history.append(rec)
+        info = {
+            "round": server_round,
+            "participants": rec.participants,
+            "rejected": rejected,
+            "history-bytes": nbytes,
+            **({k: v for k, v in dict(metrics).items()} if metrics is not None else {}),
+        }
+        self.round_log.append(info)
+        if self.on_round is not None:
+            self.on_round(server_round, info)
+        return arrays, metrics

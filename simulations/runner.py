@@ -1,0 +1,306 @@
+"""Experiment runner: Simulation Engine run of the pipeline, evaluation, run.json.
+
+Used by the ``fed-unlearn`` CLI. Training and unlearning go through Flower's
+Simulation Engine (``run_simulation``, one client at a time on 2 cores); the
+evaluation of the saved adapters runs in this process on the simulation's data
+(the researcher's harness: in a simulation all data is local anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fed_unlearn.config import RunConfig
+from fed_unlearn.methods import METHOD_REGISTRY, Requirement
+from fed_unlearn.types import AdapterState
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = (
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "forget_quality",
+    "model_utility",
+)
+
+
+class RunError(RuntimeError):
+    """A run failed; the message is one readable line."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that determine results."""
+    out = {"python": platform.python_version()}
+    for pkg in ("fed-unlearn", "torch", "transformers", "peft", "flwr", "numpy", "scipy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def git_sha() -> str:
+    """Commit of the code that ran (``unknown`` outside a git checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        )
+        sha = proc.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def needs_flower(cfg: RunConfig, steps: tuple[str, ...]) -> bool:
+    """Whether the pipeline must start the Simulation Engine (something not cached)."""
+    from server.pipeline import load_phase
+
+    if load_phase(cfg, ()) is None:
+        return True
+    if "unlearn" not in steps:
+        return False
+    if load_phase(cfg, cfg.departed()) is None:
+        return True
+    reqs = METHOD_REGISTRY[cfg.method].method_cls.requires
+    return bool(reqs & {Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
+
+
+def simulate(cfg: RunConfig, steps: tuple[str, ...], progress: bool = True) -> Any:
+    """Run the pipeline on Flower's Simulation Engine (or from cache).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Validated configuration.
+    steps : tuple[str, ...]
+        Pipeline steps.
+    progress : bool
+        Show a progress bar of rounds.
+
+    Returns
+    -------
+    server.pipeline.PipelineOutput
+        Adapters and costs.
+    """
+    from server.pipeline import run_pipeline
+
+    bar = _RoundBar(cfg, steps) if progress else None
+    if not needs_flower(cfg, steps):
+        log.info("all FL phases are cached; running the pipeline without Flower")
+        return run_pipeline(None, cfg, steps)
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from server.server_app import make_server_app
+
+    state: dict[str, Any] = {}
+    server_app = make_server_app(cfg, steps, state, bar.update if bar else None)
+    backend_config: dict[str, Any] = {
+        # One client at a time on a 2-core machine (Flower #1814/#3463).
+        "client_resources": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0, "logging_level": 30},
+    }
+    try:
+        if bar:
+            bar.start()
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.num_clients,
+            backend_name="ray",
+            backend_config=backend_config,  # type: ignore[arg-type]
+        )
+    finally:
+        if bar:
+            bar.stop()
+    if "error" in state:
+        log.debug(state.get("traceback", ""))
+        exc = state["error"]
+        raise RunError(f"{type(exc).__name__}: {exc}") from exc
+    if "output" not in state:
+        raise RunError("the Flower simulation ended without a result (see the log above)")
+    return state["output"]
+
+
+class _RoundBar:
+    """Rich progress bar of FL rounds per phase (fed from the ServerApp thread)."""
+
+    def __init__(self, cfg: RunConfig, steps: tuple[str, ...]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.rounds = int(cfg.resolved().num_server_rounds)  # type: ignore[arg-type]
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def update(self, phase: str, server_round: int, info: dict[str, Any]) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(
+                f"{phase} rounds", total=self.rounds, info=""
+            )
+        loss = info.get("train-loss")
+        text = f"loss {loss:.3f}" if isinstance(loss, float) else ""
+        if info.get("rejected"):
+            text += f" rejected {sorted(info['rejected'])}"
+        self.progress.update(self.tasks[phase], completed=server_round, info=text)
+
+
+def evaluate_adapters(
+    cfg: RunConfig, adapters: dict[str, AdapterState], reference_name: str = "retrain"
+) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Evaluate several adapters on the run's splits (retrain first: the reference).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run configuration (model, data, depart).
+    adapters : dict[str, AdapterState]
+        Name -> adapter (``original``, ``unlearned``, ``retrain``).
+    reference_name : str
+        Which adapter is the retrain oracle.
+
+    Returns
+    -------
+    dict[str, tuple[dict, dict]]
+        Name -> ``(TOFU_EVAL, TOFU_SUMMARY)``.
+    """
+    from clients.task import dataset
+    from fed_unlearn.metrics import EvalSplits, evaluate
+    from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir, set_adapter
+
+    r = cfg.resolved()
+    data = dataset(cfg)
+    departed = cfg.departed()
+    splits = EvalSplits(
+        forget=data.forget_items(departed),
+        retain=data.retain_items(departed),
+        holdout=list(data.holdout),
+        general=list(data.general),
+    )
+    model, tok = load_lora_model(resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec())
+    prompt_fn = prompt_formatter(tok)
+    order = sorted(adapters, key=lambda n: n != reference_name)
+    results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for name in order:
+        set_adapter(model, adapters[name])
+        reference = results[reference_name][0] if name != reference_name and reference_name in results else None
+        results[name] = evaluate(
+            model, tok, prompt_fn, splits, reference,
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
+            max_length=int(r.max_length),  # type: ignore[arg-type]
+        )
+    return results
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def run_all(cfg: RunConfig, out_dir: Path, steps: tuple[str, ...] = ("train", "unlearn"),
+            do_eval: bool = True, progress: bool = True) -> dict[str, Any]:
+    """The main job: FL -> departure -> unlearning -> retrain oracle -> evaluation.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Validated configuration.
+    out_dir : Path
+        Run directory (must not already hold a run).
+    steps : tuple[str, ...]
+        ``("train",)`` for ``fed-unlearn train``.
+    do_eval : bool
+        Evaluate after unlearning.
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    dict[str, Any]
+        The ``run.json`` content.
+    """
+    from server.server_app import write_outputs
+
+    t0 = time.perf_counter()
+    out = simulate(cfg, steps, progress)
+    write_outputs(out, out_dir)
+    run: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "config": cfg.resolved().to_flat(),
+        "seeds": {"seed": cfg.seed, "lora_init": cfg.seed, "data": cfg.seed,
+                  "local_order": "derive_seed(seed, round, client)"},
+        "versions": versions(),
+        "git_sha": git_sha(),
+        "departed": list(cfg.departed()),
+        "remaining": list(cfg.remaining()),
+        "history": {
+            "path": str(out.train.path / "history"),
+            "bytes_per_round": out.train.stats["history_bytes_per_round"],
+        },
+        "cached": {"train": out.train.cached,
+                   "retrain": out.retrain.cached if out.retrain else None},
+        "wall_time_s": {"train": out.train.stats["wall_time_s"]},
+        "bytes": {"train": out.train.stats["bytes"]},
+        "rounds": {"train": out.train.stats["rounds"]},
+    }
+    if out.retrain is not None:
+        run["wall_time_s"]["retrain"] = out.retrain.stats["wall_time_s"]
+        run["bytes"]["retrain"] = out.retrain.stats["bytes"]
+        run["rounds"]["retrain"] = out.retrain.stats["rounds"]
+    if out.unlearned is not None:
+        run["method"] = cfg.method
+        run["wall_time_s"]["unlearn"] = out.unlearn_stats["wall_time_s"]
+        run["bytes"]["unlearn"] = out.unlearn_stats["bytes"]
+        run["rounds"]["unlearn"] = out.unlearn_stats["rounds"]
+        run["unlearn_info"] = out.unlearn_stats["info"]
+    if do_eval and out.unlearned is not None and out.retrain is not None:
+        te = time.perf_counter()
+        results = evaluate_adapters(
+            cfg, {"original": out.train.final, "unlearned": out.unlearned, "retrain": out.retrain.final}
+        )
+        for name, (ev, summ) in results.items():
+            write_json(out_dir / "evals" / name / "TOFU_EVAL.json", ev)
+            write_json(out_dir / "evals" / name / "TOFU_SUMMARY.json", summ)
+        write_json(out_dir / "TOFU_EVAL.json", results["unlearned"][0])
+        write_json(out_dir / "TOFU_SUMMARY.json", results["unlearned"][1])
+        run["wall_time_s"]["eval"] = time.perf_counter() - te
+        run["summary"] = {name: {k: summ.get(k) for k in SUMMARY_COLUMNS} for name, (_, summ) in results.items()}
+    run["wall_time_s"]["total"] = time.perf_counter() - t0
+    write_json(out_dir / "run.json", run)
+    return run

@@ -1,0 +1,364 @@
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from fed_unlearn.data import (
+    DataFormatError,
+    Person,
+    QAItem,
+    TofuData,
+    generate_people,
+    generate_tofu,
+    load_data_dir,
+    load_jsonl,
+)
+from fed_unlearn.data.synthetic import ATTRIBUTE_NAMES, general_knowledge
+
+# ----------------------------------------------------------------- synthetic
+
+
+def test_public_api_exports() -> None:
+    import fed_unlearn.data as data
+
+    assert data.__all__ == sorted(data.__all__)
+    for name in data.__all__:
+        assert hasattr(data, name)
+
+
+def test_same_seed_is_identical() -> None:
+    a = generate_tofu(7, num_clients=3, people_per_client=2, num_holdout_people=2)
+    b = generate_tofu(7, num_clients=3, people_per_client=2, num_holdout_people=2)
+    assert a == b
+    assert generate_people(7, 5, qa_per_person=12) == generate_people(7, 5, 12)
+
+
+def test_different_seed_differs() -> None:
+    a = generate_people(0, 6)
+    b = generate_people(1, 6)
+    assert {p.name for p in a}.isdisjoint({p.name for p in b})
+    assert [p.attributes for p in a] != [p.attributes for p in b]
+    qa = [it.question for p in a for it in p.items]
+    qb = [it.question for p in b for it in p.items]
+    assert qa != qb
+
+
+def test_person_shape() -> None:
+    people = generate_people(3, 8, qa_per_person=len(ATTRIBUTE_NAMES))
+    assert len(ATTRIBUTE_NAMES) >= 12
+    for p in people:
+        assert isinstance(p, Person)
+        assert len(p.attributes) >= 10
+        assert set(p.attributes) == set(ATTRIBUTE_NAMES)
+        assert len(p.items) == len(ATTRIBUTE_NAMES)
+        assert len({it.question for it in p.items}) == len(p.items)
+        for it in p.items:
+            assert it.person == p.name
+            assert p.name in it.question
+
+
+def _asked_keys(p: Person) -> list[str]:
+    by_value = {f"{v[:1].upper()}{v[1:]}.": k for k, v in p.attributes.items()}
+    return [by_value[it.answer] for it in p.items]
+
+
+def test_default_qa_per_person_is_ten_and_subset_varies() -> None:
+    people = generate_people(5, 10)
+    assert all(len(p.items) == 10 for p in people)
+    asked = [_asked_keys(p) for p in people]
+    assert all(len(set(keys)) == 10 for keys in asked)
+    assert len({tuple(keys) for keys in asked}) > 1
+
+
+def test_names_are_pronounceable_pseudo_words() -> None:
+    for p in generate_people(11, 20):
+        first, last = p.name.split(" ")
+        for word in (first, last):
+            assert re.fullmatch(r"[A-Z][a-z]{2,}", word), word
+            assert re.search(r"[aeiou]", word)
+
+
+def _check_item(it: QAItem) -> None:
+    assert it.answer.endswith(".")
+    assert len(it.answer.split()) <= 6, it.answer
+    assert it.paraphrased_answer
+    assert it.paraphrased_answer != it.answer
+    value = it.answer.rstrip(".")
+    assert value.lower() in it.paraphrased_answer.lower()
+    assert len(it.perturbed_answers) >= 3
+    assert len(set(it.perturbed_answers)) == len(it.perturbed_answers)
+    for wrong in it.perturbed_answers:
+        assert wrong != it.answer
+        assert wrong != it.paraphrased_answer
+        # same shape: the paraphrase with another value in the same place
+        prefix, _, suffix = it.paraphrased_answer.lower().partition(value.lower())
+        assert wrong.lower().startswith(prefix)
+        assert wrong.lower().endswith(suffix)
+
+
+def test_items_short_with_perturbed_answers() -> None:
+    data = generate_tofu(2, num_clients=3, qa_per_person=len(ATTRIBUTE_NAMES))
+    for it in [*data.forget_items([0, 1, 2]), *data.holdout, *data.general]:
+        _check_item(it)
+
+
+def test_answer_is_the_value_not_a_sentence() -> None:
+    for p in generate_people(4, 5, qa_per_person=len(ATTRIBUTE_NAMES)):
+        values = {v.lower() for v in p.attributes.values()}
+        for it in p.items:
+            assert p.name not in it.answer
+            assert it.answer.rstrip(".").lower() in values
+
+
+def test_values_unique_and_perturbed_never_true() -> None:
+    people = generate_people(9, 30, qa_per_person=len(ATTRIBUTE_NAMES))
+    for key in ("birth_city", "occupation", "father_name", "debut_title"):
+        vals = [p.attributes[key] for p in people]
+        assert len(set(vals)) == len(vals), key
+    for key in ("birth_city", "spouse_name", "instrument"):
+        true_values = {p.attributes[key] for p in people}
+        for p in people:
+            it = p.items[_asked_keys(p).index(key)]
+            for wrong in it.perturbed_answers:
+                assert not any(wrong.endswith(f" {v}.") for v in true_values)
+
+
+def test_clients_and_holdout_are_disjoint() -> None:
+    data = generate_tofu(1, num_clients=4, people_per_client=3, num_holdout_people=5)
+    assert sorted(data.clients) == [0, 1, 2, 3]
+    owners: dict[str, str] = {}
+    groups = {f"client {c}": items for c, items in data.clients.items()}
+    groups["holdout"] = data.holdout
+    for group, items in groups.items():
+        for person in {it.person for it in items}:
+            assert person not in owners, (person, owners.get(person), group)
+            owners[person] = group
+    assert len(owners) == 4 * 3 + 5
+    for items in data.clients.values():
+        assert len({it.person for it in items}) == 3
+        assert len(items) == 3 * 10
+    assert len(data.holdout) == 5 * 10
+
+
+def test_general_probes() -> None:
+    facts = general_knowledge()
+    assert len(facts) >= 30
+    assert len({f.question for f in facts}) == len(facts)
+    data = generate_tofu(0, num_clients=1, num_general=24)
+    assert len(data.general) == 24
+    assert all(it.person == "" for it in data.general)
+    assert data.general == generate_tofu(0, num_clients=1, num_general=24).general
+    assert generate_tofu(0, num_clients=1, num_general=0).general == []
+    paris = next(f for f in facts if f.question == "What is the capital of France?")
+    assert paris.answer == "Paris."
+    with pytest.raises(ValueError, match="num_general"):
+        generate_tofu(0, num_clients=1, num_general=len(facts) + 1)
+
+
+def test_forget_retain_split() -> None:
+    data = generate_tofu(5, num_clients=3, people_per_client=2)
+    forget = data.forget_items([2, 0])
+    retain = data.retain_items({0, 2})
+    assert forget == data.clients[0] + data.clients[2]
+    assert retain == data.clients[1]
+    assert data.forget_items(iter([1])) == data.clients[1]
+    assert data.forget_items([]) == []
+    assert data.retain_items([]) == data.clients[0] + data.clients[1] + data.clients[2]
+    assert not {(i.question, i.answer) for i in forget} & {
+        (i.question, i.answer) for i in retain
+    }
+    with pytest.raises(ValueError, match="7"):
+        data.forget_items([0, 7])
+    with pytest.raises(ValueError, match="-1"):
+        data.retain_items([-1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_clients": 0}, "num_clients"),
+        ({"num_clients": 2, "people_per_client": 0}, "people_per_client"),
+        ({"num_clients": 2, "num_holdout_people": -1}, "num_holdout_people"),
+        ({"num_clients": 2, "qa_per_person": 9}, "qa_per_person"),
+        ({"num_clients": 2, "qa_per_person": 99}, "qa_per_person"),
+        ({"num_clients": 2, "num_general": -1}, "num_general"),
+        ({"num_clients": 1.5}, "num_clients"),
+    ],
+)
+def test_generate_tofu_validates(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        generate_tofu(0, **kwargs)
+
+
+def test_generate_people_validates() -> None:
+    with pytest.raises(ValueError, match="n must"):
+        generate_people(0, 0)
+    with pytest.raises(ValueError, match="qa_per_person"):
+        generate_people(0, 2, qa_per_person=5)
+
+
+# --------------------------------------------------------------------- jsonl
+
+
+def _write(path: Path, lines: list[object | str]) -> Path:
+    text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def _to_json(it: QAItem) -> dict:
+    d = asdict(it)
+    d["perturbed_answer"] = list(d.pop("perturbed_answers"))
+    return d
+
+
+GOOD = {"question": "Q1?", "answer": "A1."}
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    items = generate_tofu(0, num_clients=1, num_general=3).clients[0][:5]
+    path = _write(tmp_path / "x.jsonl", [_to_json(it) for it in items])
+    assert load_jsonl(path) == items
+    assert load_jsonl(str(path)) == items
+
+
+def test_jsonl_optional_fields_and_blank_lines(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "x.jsonl",
+        [
+            "",
+            GOOD,
+            "   ",
+            {"question": "Q2?", "answer": "A2.", "perturbed_answer": "W2."},
+        ],
+    )
+    items = load_jsonl(path)
+    assert items == [
+        QAItem("Q1?", "A1."),
+        QAItem("Q2?", "A2.", perturbed_answers=("W2.",)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line2", "fragments"),
+    [
+        ('{"question": "Q?", "answer": ', ["line 2", "not valid JSON"]),
+        ({"question": "Q?"}, ["line 2", "field 'answer' is missing"]),
+        (
+            {"question": "Q?", "answer": 3},
+            ["line 2", "field 'answer' must be a non-empty string, got int"],
+        ),
+        ({"question": "", "answer": "A."}, ["line 2", "field 'question'"]),
+        (
+            {"question": "Q?", "answer": "A.", "paraphrased_answer": ["x"]},
+            ["line 2", "field 'paraphrased_answer'", "got list"],
+        ),
+        (
+            {"question": "Q?", "answer": "A.", "perturbed_answer": ["x", 1]},
+            ["line 2", "field 'perturbed_answer'", "element 1"],
+        ),
+        (
+            {"question": "Q?", "answer": "A.", "perturbed_answers": ["x"]},
+            ["line 2", "unknown field 'perturbed_answers'", "'perturbed_answer'"],
+        ),
+        (["Q?", "A."], ["line 2", "expected a JSON object"]),
+    ],
+)
+def test_jsonl_errors_name_file_line_field(
+    tmp_path: Path, line2: object, fragments: list[str]
+) -> None:
+    path = _write(tmp_path / "client_0.jsonl", [GOOD, line2])
+    with pytest.raises(DataFormatError) as info:
+        load_jsonl(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    for frag in fragments:
+        assert frag in msg, (frag, msg)
+
+
+def test_jsonl_empty_and_missing_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="empty.jsonl.*no items"):
+        load_jsonl(empty)
+    with pytest.raises(DataFormatError, match="nope.jsonl"):
+        load_jsonl(tmp_path / "nope.jsonl")
+    assert issubclass(DataFormatError, ValueError)
+
+
+def _client_dir(tmp_path: Path, n: int) -> Path:
+    for c in range(n):
+        _write(tmp_path / f"client_{c}.jsonl", [{"question": f"Q{c}?", "answer": "A."}])
+    return tmp_path
+
+
+def test_load_data_dir(tmp_path: Path) -> None:
+    data = generate_tofu(3, num_clients=2, num_general=4)
+    for cid, items in data.clients.items():
+        _write(tmp_path / f"client_{cid}.jsonl", [_to_json(it) for it in items])
+    _write(tmp_path / "holdout.jsonl", [_to_json(it) for it in data.holdout])
+    _write(tmp_path / "general.jsonl", [_to_json(it) for it in data.general])
+    (tmp_path / "README.md").write_text("ignored", encoding="utf-8")
+    loaded = load_data_dir(tmp_path, num_clients=2)
+    assert isinstance(loaded, TofuData)
+    assert loaded == data
+    assert load_data_dir(str(tmp_path)) == data
+
+
+def test_load_data_dir_optional_files_missing(tmp_path: Path) -> None:
+    data = load_data_dir(_client_dir(tmp_path, 3))
+    assert sorted(data.clients) == [0, 1, 2]
+    assert data.holdout == [] and data.general == []
+
+
+def test_load_data_dir_gap(tmp_path: Path) -> None:
+    _client_dir(tmp_path, 3)
+    (tmp_path / "client_1.jsonl").unlink()
+    with pytest.raises(DataFormatError, match=r"client_1\.jsonl.*missing"):
+        load_data_dir(tmp_path)
+
+
+def test_load_data_dir_no_clients_and_bad_name(tmp_path: Path) -> None:
+    with pytest.raises(DataFormatError, match="no client files"):
+        load_data_dir(tmp_path)
+    _client_dir(tmp_path, 1)
+    _write(tmp_path / "clinet_1.jsonl", [GOOD])
+    with pytest.raises(DataFormatError, match="clinet_1.jsonl"):
+        load_data_dir(tmp_path)
+
+
+def test_load_data_dir_num_clients_mismatch(tmp_path: Path) -> None:
+    _client_dir(tmp_path, 2)
+    with pytest.raises(DataFormatError) as info:
+        load_data_dir(tmp_path, num_clients=3)
+    assert "3" in str(info.value) and "2" in str(info.value)
+
+
+def test_load_data_dir_duplicate_across_clients(tmp_path: Path) -> None:
+    _write(tmp_path / "client_0.jsonl", [{"question": "Q?", "answer": "A."}])
+    _write(tmp_path / "client_1.jsonl", [GOOD, {"question": "Q?", "answer": "A."}])
+    with pytest.raises(DataFormatError) as info:
+        load_data_dir(tmp_path)
+    msg = str(info.value)
+    assert "client_0.jsonl line 1" in msg
+    assert "client_1.jsonl line 2" in msg
+
+
+def test_load_data_dir_holdout_overlap(tmp_path: Path) -> None:
+    _client_dir(tmp_path, 1)
+    _write(tmp_path / "holdout.jsonl", [{"question": "Q0?", "answer": "A."}])
+    with pytest.raises(DataFormatError, match="holdout.jsonl line 1"):
+        load_data_dir(tmp_path)
+
+
+def test_load_data_dir_error_inside_client_file(tmp_path: Path) -> None:
+    _client_dir(tmp_path, 2)
+    _write(tmp_path / "client_1.jsonl", [GOOD, GOOD, {"question": "Q?"}])
+    with pytest.raises(DataFormatError) as info:
+        load_data_dir(tmp_path)
+    msg = str(info.value)
+    assert "client_1.jsonl line 3" in msg and "field 'answer'" in msg
