@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 PRESETS = ("smollm2", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_VERSION = 3  # bump when the tiny recipe changes (part of the cache key)
+TINY_VERSION = 4  # bump when the tiny recipe changes (part of the cache key)
 
 
 class ModelLoadError(RuntimeError):
@@ -195,6 +195,33 @@ def public_corpus(max_chars: int = 400_000) -> list[str]:
     return paras
 
 
+def format_corpus(seed: int, n_people: int = 150) -> list[str]:
+    """Question/answer text about *other* fictitious people, for pre-training.
+
+    Teaches the tiny model the prompt format and the shape of invented values (as
+    a real LLM knows English) without any person of the experiments: the people
+    are drawn from a separate seed stream (``10_000 + seed``).
+
+    Parameters
+    ----------
+    seed : int
+        Recipe seed.
+    n_people : int
+        Number of pre-training people.
+
+    Returns
+    -------
+    list[str]
+        One ``Question: ...\nAnswer: ...`` text per item.
+    """
+    from fed_unlearn.data import generate_people
+
+    people = generate_people(10_000 + seed, n_people)
+    return [
+        f"Question: {it.question}\nAnswer: {it.answer}" for p in people for it in p.items
+    ]
+
+
 @dataclass(frozen=True)
 class TinySpec:
     """Recipe of the ``tiny`` preset (part of its cache key).
@@ -206,7 +233,7 @@ class TinySpec:
     hidden_size, intermediate_size, num_layers, num_heads : int
         Llama dimensions (defaults: 128, 256, 4, 4).
     pretrain_steps : int
-        Causal-LM steps on the public corpus (default: 250).
+        Causal-LM steps on the public corpus (default: 400).
     seq_len, batch_size : int
         Pre-training sequence length and batch size (defaults: 64, 16).
     lr : float
@@ -220,7 +247,7 @@ class TinySpec:
     intermediate_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
-    pretrain_steps: int = 250
+    pretrain_steps: int = 400
     seq_len: int = 64
     batch_size: int = 16
     lr: float = 3e-3
@@ -290,7 +317,7 @@ def tiny_dir(spec: TinySpec | None = None) -> Path:
         return out
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    texts = public_corpus()
+    texts = public_corpus() + format_corpus(spec.seed)
     tok = build_tiny_tokenizer(texts, spec.vocab_size)
     torch.manual_seed(spec.seed)
     cfg = LlamaConfig(

@@ -38,8 +38,9 @@ class PipelineError(RuntimeError):
 
 
 def runs_root() -> Path:
-    """Directory of cached FL phases (``$FED_UNLEARN_CACHE/runs``)."""
-    root = cache_root() / "runs"
+    """Directory of cached FL phases (``$FED_UNLEARN_RUNS`` or ``<cache>/runs``)."""
+    env = os.environ.get("FED_UNLEARN_RUNS")
+    root = Path(env) if env else cache_root() / "runs"
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -45,11 +45,11 @@ from fed_unlearn.metrics.registry import (
 )
 
 __all__ = [
-    "METRIC_REGISTRY",
-    "TOFU_METRICS",
     "EvalSplits",
+    "METRIC_REGISTRY",
     "MetricSpec",
     "MissingReferenceError",
+    "TOFU_METRICS",
     "avg_loss",
     "evaluate",
     "exact_memorization",

@@ -12,6 +12,12 @@ TOFU's model utility averages 9 numbers: retain, real-authors and world-facts x
 {Prob, ROUGE, Truth Ratio}.  We have a single general-knowledge split, so its
 triple (``gk_Q_A_Prob``, ``gk_Q_A_ROUGE``, ``gk_Truth_Ratio``) is used for BOTH the
 real-authors and the world-facts slots (it weighs twice in the harmonic mean).
+On the probes the correct option compared with the perturbed ones (normalised
+Prob, truth ratio) is the paraphrase when an item has one, else the answer: our
+generator shapes the perturbed answers like the paraphrase (TOFU's RA/WF options
+are shaped like the answer, which is why open-unlearning uses the answer there).
+Items without paraphrase/perturbed answers are skipped for the truth ratio (and
+for the normalised Prob); a ValueError is raised if no item remains.
 
 Every metric is a function registered in
 :data:`~fed_unlearn.metrics.registry.METRIC_REGISTRY`, taking the evaluation
@@ -122,23 +128,41 @@ class _Context:
         return [(self.prompt(it.question), it.answer) for it in self.items(split)]
 
     def tr_indices(self, split: str, correct: str) -> list[int]:
-        """Indices of items usable for the truth ratio.
+        """Return the indices of items usable for the truth ratio.
 
         ``correct="para"`` needs a paraphrased answer and >= 1 perturbed answer;
-        ``correct="answer"`` (general probes) only needs perturbed answers.
+        ``correct="para_or_answer"`` (general probes) only needs perturbed answers.
         """
         return [
             i
             for i, it in enumerate(self.items(split))
-            if it.perturbed_answers and (correct == "answer" or it.paraphrased_answer)
+            if it.perturbed_answers
+            and (correct == "para_or_answer" or it.paraphrased_answer)
         ]
+
+    @staticmethod
+    def correct_text(item: QAItem, correct: str) -> str:
+        """Return the correct answer compared with the perturbed ones.
+
+        ``"para"``: the paraphrase (TOFU forget / retain truth ratio).
+        ``"para_or_answer"``: the paraphrase when the item has one, else the answer
+        (general probes: our generator gives them perturbed answers shaped like
+        the paraphrase, so the paraphrase is the like-for-like correct option;
+        TOFU's real-authors / world-facts sets use the answer, whose shape their
+        options share).
+        """
+        if correct == "para" or (
+            correct == "para_or_answer" and item.paraphrased_answer
+        ):
+            return item.paraphrased_answer
+        return item.answer
 
     def tr_pairs(self, split: str, correct: str) -> list[tuple[str, str]]:
         pairs = []
         for i in self.tr_indices(split, correct):
             it = self.items(split)[i]
             p = self.prompt(it.question)
-            pairs.append((p, it.paraphrased_answer if correct == "para" else it.answer))
+            pairs.append((p, self.correct_text(it, correct)))
             pairs.extend((p, a) for a in it.perturbed_answers)
         return pairs
 
@@ -195,7 +219,9 @@ class _Context:
             raise ValueError(f"prompt {prompt!r} encodes to no tokens")
         return ids
 
-    def generations(self, split: str, indices: Iterable[int] | None = None) -> list[str]:
+    def generations(
+        self, split: str, indices: Iterable[int] | None = None
+    ) -> list[str]:
         """Greedy generations for items of a split (cached, batched, left padding)."""
         items = self.items(split)
         idx = list(range(len(items)) if indices is None else indices)
@@ -294,7 +320,10 @@ def _prob_result(ctx: _Context, split: str) -> dict:
         str(i): {"prob": math.exp(-s.avg_loss), "avg_loss": s.avg_loss}
         for i, s in enumerate(stats)
     }
-    return {"agg_value": _mean([v["prob"] for v in vbi.values()]), "value_by_index": vbi}
+    return {
+        "agg_value": _mean([v["prob"] for v in vbi.values()]),
+        "value_by_index": vbi,
+    }
 
 
 def _rouge_result(ctx: _Context, split: str) -> dict:
@@ -327,9 +356,11 @@ def _truth_ratios(ctx: _Context, split: str, correct: str) -> dict[str, float]:
     for i in indices:
         it = items[i]
         p = ctx.prompt(it.question)
-        c = it.paraphrased_answer if correct == "para" else it.answer
+        c = ctx.correct_text(it, correct)
         para.append(ctx.score([(p, c)])[0].avg_loss)
-        pert.append([s.avg_loss for s in ctx.score([(p, a) for a in it.perturbed_answers])])
+        pert.append(
+            [s.avg_loss for s in ctx.score([(p, a) for a in it.perturbed_answers])]
+        )
     tr = P.truth_ratio(para, pert)
     return {str(i): float(v) for i, v in zip(indices, tr, strict=True)}
 
@@ -373,7 +404,7 @@ def forget_q_a_rouge(ctx: _Context) -> dict:
 
 @metric(name="forget_truth_ratio", direction="higher", splits=("forget",))
 def forget_truth_ratio(ctx: _Context) -> dict:
-    """Truth ratio (paraphrase vs perturbed) on the forget set, closer_to_1 aggregate."""
+    """Truth ratio (paraphrase vs perturbed) on forget data, closer_to_1 aggregate."""
     return _tr_result(ctx, "forget", "para", P.tr_closer_to_1)
 
 
@@ -388,7 +419,9 @@ def forget_quality(ctx: _Context) -> dict:
             "model); none was given"
         )
     ref = ctx.reference_tr()
-    tr = [v["score"] for v in ctx.result("forget_truth_ratio")["value_by_index"].values()]
+    tr = [
+        v["score"] for v in ctx.result("forget_truth_ratio")["value_by_index"].values()
+    ]
     return {"agg_value": P.forget_quality(tr, ref), "value_by_index": {}}
 
 
@@ -412,11 +445,14 @@ def retain_truth_ratio(ctx: _Context) -> dict:
 
 @metric(name="gk_Q_A_Prob", direction="higher", splits=("general",))
 def gk_q_a_prob(ctx: _Context) -> dict:
-    """Normalised probability of the correct general answer against its wrong options.
+    """Normalised probability of the correct general answer against wrong options.
 
-    Items without perturbed options are skipped (the normalisation is undefined).
+    ``P_c / (P_c + sum_j P_w,j + 1e-10)`` (open-unlearning
+    ``probability_w_options``).  The correct option is the paraphrase when the item
+    has one, else the answer (see ``_Context.correct_text``).  Items without
+    perturbed options are skipped (the normalisation is undefined).
     """
-    indices = ctx.tr_indices("general", "answer")
+    indices = ctx.tr_indices("general", "para_or_answer")
     if not indices:
         raise ValueError("no item of split 'general' has perturbed answers (gk Prob)")
     items = ctx.items("general")
@@ -424,8 +460,11 @@ def gk_q_a_prob(ctx: _Context) -> dict:
     for i in indices:
         it = items[i]
         p = ctx.prompt(it.question)
-        correct.append(ctx.score([(p, it.answer)])[0].avg_loss)
-        wrong.append([s.avg_loss for s in ctx.score([(p, a) for a in it.perturbed_answers])])
+        c = ctx.correct_text(it, "para_or_answer")
+        correct.append(ctx.score([(p, c)])[0].avg_loss)
+        wrong.append(
+            [s.avg_loss for s in ctx.score([(p, a) for a in it.perturbed_answers])]
+        )
     probs = P.normalised_prob_per_item(correct, wrong)
     vbi = {str(i): {"prob": float(v)} for i, v in zip(indices, probs, strict=True)}
     return {"agg_value": float(probs.mean()), "value_by_index": vbi}
@@ -439,8 +478,8 @@ def gk_q_a_rouge(ctx: _Context) -> dict:
 
 @metric(name="gk_Truth_Ratio", direction="higher", splits=("general",))
 def gk_truth_ratio(ctx: _Context) -> dict:
-    """Truth ratio (answer vs perturbed, as TOFU RA/WF) on probes, true_better."""
-    return _tr_result(ctx, "general", "answer", P.tr_true_better)
+    """Truth ratio (paraphrase-or-answer vs perturbed) on the probes, true_better."""
+    return _tr_result(ctx, "general", "para_or_answer", P.tr_true_better)
 
 
 _MU_PARTS = (
@@ -533,7 +572,10 @@ def mia_reference(ctx: _Context) -> dict:
         pairs = ctx.answer_pairs(split)
         tgt = ctx.score(pairs, "target")
         ref = ctx.score(pairs, "reference")
-        return [P.mia_reference(t.avg_loss, r.avg_loss) for t, r in zip(tgt, ref, strict=True)]
+        return [
+            P.mia_reference(t.avg_loss, r.avg_loss)
+            for t, r in zip(tgt, ref, strict=True)
+        ]
 
     return _mia_result(ctx, fn)
 
@@ -573,9 +615,13 @@ def extraction_strength(ctx: _Context) -> dict:
 def _fluency_result(ctx: _Context, split: str) -> dict:
     gens = ctx.generations(split)
     vbi = {
-        str(i): {"score": P.fluency_proxy(g), "generation": g} for i, g in enumerate(gens)
+        str(i): {"score": P.fluency_proxy(g), "generation": g}
+        for i, g in enumerate(gens)
     }
-    return {"agg_value": _mean([v["score"] for v in vbi.values()]), "value_by_index": vbi}
+    return {
+        "agg_value": _mean([v["score"] for v in vbi.values()]),
+        "value_by_index": vbi,
+    }
 
 
 @metric(name="forget_fluency", direction="higher", splits=("forget",))
@@ -670,7 +716,7 @@ def _prefetch(ctx: _Context, names: Sequence[str]) -> None:
         if ("tr_para", split) in needs:
             pairs += ctx.tr_pairs(split, "para")
         if ("tr_answer", split) in needs:
-            pairs += ctx.tr_pairs(split, "answer")
+            pairs += ctx.tr_pairs(split, "para_or_answer")
         if ("ref_answer", split) in needs and ctx.reference_model is not None:
             ref_pairs += ctx.answer_pairs(split)
         if ("gen", split) in needs:

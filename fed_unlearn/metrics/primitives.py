@@ -51,6 +51,16 @@ def _as_np(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _as_float64_tensor(x: Any) -> torch.Tensor:
+    """Float64 tensor, kept on its device (MPS, which lacks float64, goes to CPU)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        if t.device.type == "mps":
+            t = t.cpu()
+        return t.double()
+    return torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+
 def _rows(x: Any) -> list[np.ndarray]:
     """Split a 2-D array or a ragged sequence of sequences into 1-D float rows."""
     if isinstance(x, torch.Tensor | np.ndarray):
@@ -562,10 +572,10 @@ def mia_min_k_plus_plus(tok_lp: Any, vocab_lp: Any, k: float = MIN_K_DEFAULT) ->
         The score (higher = predicted non-member).
     """
     _check_k(k)
-    lp = torch.as_tensor(_as_np(tok_lp)).ravel()
+    vlp = _as_float64_tensor(vocab_lp)
+    lp = _as_float64_tensor(tok_lp).to(vlp.device).ravel()
     if lp.numel() == 0:
         return 0.0
-    vlp = torch.as_tensor(_as_np(vocab_lp))
     if vlp.dim() != 2 or vlp.size(0) != lp.numel():
         raise ValueError(
             f"vocab_lp must be [n, V] with n = {lp.numel()}, got {tuple(vlp.shape)}"
@@ -573,7 +583,7 @@ def mia_min_k_plus_plus(tok_lp: Any, vocab_lp: Any, k: float = MIN_K_DEFAULT) ->
     p = vlp.exp()
     mu = (p * vlp).sum(-1)
     var = ((p * vlp.square()).sum(-1) - mu.square()).clamp(min=1e-6)
-    z = ((lp - mu) / var.sqrt()).numpy()
+    z = ((lp - mu) / var.sqrt()).cpu().numpy()
     num = max(1, int(z.size * k))
     return float(-np.sort(z)[:num].mean())
 
@@ -772,7 +782,7 @@ def exact_memorization(pred: Any, labels: Any) -> float | None:
 
 
 def extraction_strength(pred: Any, labels: Any) -> float:
-    """Extraction strength ``ES = 1 - k*/L`` (open-unlearning loop, quirks kept).
+    """Compute extraction strength ``ES = 1 - k*/L`` (open-unlearning loop quirks).
 
     ``k*`` is the smallest ``k`` with ``pred[k:] == labels[k:]``.  Quirks
     replicated: the loop runs ``k = 0 .. L-1`` and leaves ``k = L-1`` when nothing
@@ -806,7 +816,11 @@ def extraction_strength(pred: Any, labels: Any) -> float:
 # ------------------------------------------------------------------------ fluency
 
 _TOKEN_RE = re.compile(r"\S+")
-_WORDLIKE_RE = re.compile(r"^[\"'(\[]*[^\W\d_]{1,20}(?:['\-][^\W\d_]{1,20})*[\"')\].,;:!?]*$")
+_WORDLIKE_RE = re.compile(
+    r"^[\"'(\[]*"  # optional opening quotes / brackets
+    r"[^\W\d_]{1,20}(?:['\-][^\W\d_]{1,20})*"  # letters, joined by ' or -
+    r"[\"')\].,;:!?]*$"  # optional closing quotes / punctuation
+)
 
 
 def fluency_proxy(text: str) -> float:

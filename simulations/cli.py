@@ -1,0 +1,288 @@
+"""``fed-unlearn`` command line.
+
+Subcommands: ``run`` (FL -> departure -> unlearning -> retrain oracle -> evaluation),
+``train``, ``unlearn DIR``, ``evaluate DIR``, ``methods``. Bad input exits with
+status 2 and one readable line, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fed_unlearn.config import ConfigError, RunConfig
+
+log = logging.getLogger("fed_unlearn")
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit status 2)."""
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name in ("preset", "clients", "depart", "method", "rounds", "seed", "model", "data_dir",
+                 "aggregation", "local_epochs", "lr", "lora_r"):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        key = {"clients": "num-clients", "rounds": "num-server-rounds", "model": "model-path"}.get(
+            name, name.replace("_", "-")
+        )
+        flat[key] = value
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        flat[key.strip()] = _parse_value(value.strip())
+    return flat
+
+
+def _parse_value(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text.strip('"')
+
+
+def _config_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path}: not valid TOML ({exc})") from None
+    return dict(data.get("config", data))
+
+
+def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+    """Merge saved config, config file and flags into a validated RunConfig."""
+    flat = dict(base or {})
+    flat.update(_config_file(getattr(args, "config", None)))
+    flat.update(_overrides(args))
+    if getattr(args, "out", None):
+        flat["out-dir"] = str(args.out)
+    cfg = RunConfig.from_flat(flat)
+    _check_method(cfg.method)
+    if cfg.data_dir:
+        from fed_unlearn.data import load_data_dir
+
+        load_data_dir(cfg.data_dir, cfg.num_clients)  # raises DataFormatError early
+    if cfg.model_path and not (Path(cfg.model_path) / "config.json").is_file():
+        raise UsageError(f"--model {cfg.model_path}: not a Hugging Face model directory")
+    return cfg
+
+
+def _check_method(name: str) -> None:
+    from fed_unlearn.methods import METHOD_REGISTRY
+
+    if name not in METHOD_REGISTRY:
+        raise UsageError(f"--method: unknown method {name!r}; known: {', '.join(sorted(METHOD_REGISTRY))}")
+
+
+def _fresh_out(path: Path, force: bool) -> None:
+    if (path / "run.json").exists() and not force:
+        raise UsageError(f"--out {path} already holds a run; choose a new directory or pass --force")
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise UsageError(f"{run_dir}: no run.json (not a fed-unlearn run directory)")
+    try:
+        return dict(json.loads(run_json.read_text())["config"])
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise UsageError(f"{run_json}: unreadable ({exc})") from None
+
+
+def print_table(run: dict[str, Any]) -> None:
+    """Print the results table (rich) of a finished run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from simulations.runner import SUMMARY_COLUMNS
+
+    summary = run.get("summary")
+    console = Console()
+    if not summary:
+        console.print("[bold]no evaluation in this run[/bold]")
+        return
+    table = Table(title=f"fed-unlearn: method {run.get('method')}, departed {run.get('departed')}")
+    table.add_column("metric")
+    names = [n for n in ("original", "unlearned", "retrain") if n in summary]
+    for name in names:
+        table.add_column(name if name != "unlearned" else f"{run.get('method')}", justify="right")
+    for col in SUMMARY_COLUMNS:
+        table.add_row(col, *[_fmt(summary[n].get(col)) for n in names])
+    phase = {"original": "train", "unlearned": "unlearn", "retrain": "retrain"}
+    table.add_row("wall time (s)", *[_fmt(run["wall_time_s"].get(phase[n])) for n in names])
+    table.add_row(
+        "MB on the wire",
+        *[_fmt((run["bytes"].get(phase[n]) or {}).get("total", 0) / 1e6) for n in names],
+    )
+    console.print(table)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def cmd_run(args: argparse.Namespace, steps: tuple[str, ...], base: dict[str, Any] | None = None) -> int:
+    """``run`` / ``train`` / ``unlearn``."""
+    from simulations.runner import run_all
+
+    cfg = build_config(args, base)
+    out = Path(args.out)
+    _fresh_out(out, args.force)
+    run = run_all(cfg, out, steps, do_eval=not args.no_eval, progress=not args.quiet)
+    print_table(run)
+    print(f"results: {out}/run.json, {out}/TOFU_SUMMARY.json")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``evaluate DIR``: (re-)evaluate the adapters saved in a run directory."""
+    from fed_unlearn.models import get_adapter, load_lora_model, resolve_model_dir
+    from simulations.runner import SUMMARY_COLUMNS, evaluate_adapters, write_json
+
+    run_dir = Path(args.run_dir)
+    cfg = RunConfig.from_flat(_saved_config(run_dir))
+    adapters: dict[str, Any] = {}
+    model, _ = load_lora_model(resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec())
+    from peft import PeftModel  # noqa: F401 - needed by load_adapter
+
+    for name in ("original", "unlearned", "retrain"):
+        path = run_dir / "adapters" / name
+        if not (path / "adapter_model.safetensors").is_file():
+            raise UsageError(f"{path}: missing adapter (run 'fed-unlearn unlearn' first)")
+        model.load_adapter(str(path), adapter_name="eval_tmp")
+        model.set_adapter("eval_tmp")
+        state = {k.replace(".eval_tmp.", ".default."): v for k, v in get_adapter(model).items()}
+        model.set_adapter("default")
+        model.delete_adapter("eval_tmp")
+        adapters[name] = {k: v for k, v in state.items()}
+    results = evaluate_adapters(cfg, adapters)
+    for name, (ev, summ) in results.items():
+        write_json(run_dir / "evals" / name / "TOFU_EVAL.json", ev)
+        write_json(run_dir / "evals" / name / "TOFU_SUMMARY.json", summ)
+    write_json(run_dir / "TOFU_EVAL.json", results["unlearned"][0])
+    write_json(run_dir / "TOFU_SUMMARY.json", results["unlearned"][1])
+    run = json.loads((run_dir / "run.json").read_text())
+    run["summary"] = {n: {k: s.get(k) for k in SUMMARY_COLUMNS} for n, (_, s) in results.items()}
+    write_json(run_dir / "run.json", run)
+    print_table(run)
+    return 0
+
+
+def cmd_methods(_args: argparse.Namespace) -> int:
+    """``methods``: list registered methods, one line each."""
+    from fed_unlearn.methods import list_methods
+
+    for name, summary, reqs in list_methods():
+        needs = f" [needs: {', '.join(reqs)}]" if reqs else ""
+        print(f"{name:12s} {summary}{needs}")
+    return 0
+
+
+def _add_run_flags(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--preset", choices=None, help="smollm2 (default) | tiny")
+    p.add_argument("--model", help="local Hugging Face causal-LM directory (overrides the preset's model)")
+    p.add_argument("--data-dir", help="directory of client_<i>.jsonl files (default: synthetic data)")
+    p.add_argument("--clients", type=int, help="number of clients (default: 3)")
+    p.add_argument("--depart", help="comma-separated departing client ids (default: 2)")
+    p.add_argument("--method", help="unlearning method (see 'fed-unlearn methods')")
+    p.add_argument("--rounds", type=int, help="FL rounds (default: preset)")
+    p.add_argument("--seed", type=int, help="run seed (default: 0)")
+    p.add_argument("--aggregation", help="fedavg (default) | product_svd")
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--config", help="TOML file of flat hyphenated config keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
+    p.add_argument("--out", required=out_required, help="run directory")
+    p.add_argument("--force", action="store_true", help="allow writing into a directory holding a run")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    ap = argparse.ArgumentParser(prog="fed-unlearn", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="FL -> departure -> unlearning -> retrain oracle -> evaluation")
+    _add_run_flags(p_run)
+    p_train = sub.add_parser("train", help="federated LoRA training only (cached by config hash)")
+    _add_run_flags(p_train)
+    p_un = sub.add_parser("unlearn", help="unlearn from a saved run (reuses its cached FL phase)")
+    p_un.add_argument("run_dir")
+    _add_run_flags(p_un)
+    p_ev = sub.add_parser("evaluate", help="evaluate the adapters of a run directory")
+    p_ev.add_argument("run_dir")
+    sub.add_parser("methods", help="list unlearning methods")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fed-unlearn``."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("flwr", "ray", "httpx", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("flwr").propagate = False  # flwr has its own handler
+    if not args.verbose:
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(level=logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fed_unlearn.data import DataFormatError
+    from fed_unlearn.history import HistoryError
+    from fed_unlearn.methods import MissingRequirementError
+    from fed_unlearn.models import ModelLoadError
+    from simulations.runner import RunError
+
+    try:
+        if args.cmd == "methods":
+            return cmd_methods(args)
+        if args.cmd == "run":
+            return cmd_run(args, ("train", "unlearn"))
+        if args.cmd == "train":
+            return cmd_run(args, ("train",))
+        if args.cmd == "unlearn":
+            return cmd_run(args, ("train", "unlearn"), base=_saved_config(Path(args.run_dir)))
+        if args.cmd == "evaluate":
+            return cmd_evaluate(args)
+    except (UsageError, ConfigError, DataFormatError) as exc:
+        print(f"fed-unlearn: error: {exc}", file=sys.stderr)
+        return 2
+    except (RunError, ModelLoadError, HistoryError, MissingRequirementError) as exc:
+        print(f"fed-unlearn: error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
