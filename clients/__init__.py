@@ -1,0 +1,1 @@
+"""Flower ClientApp of fed_unlearn (local LoRA training, evaluation, queries)."""

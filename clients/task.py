@@ -28,7 +28,9 @@ def run_config_from_message(config: Mapping[str, Any]) -> RunConfig:
     RunConfig
         The validated run configuration.
     """
-    return RunConfig.from_flat({k: v for k, v in config.items() if k not in PROTOCOL_KEYS})
+    return RunConfig.from_flat(
+        {k: v for k, v in config.items() if k not in PROTOCOL_KEYS}
+    )
 
 
 def client_id(node_config: Mapping[str, Any]) -> int:
@@ -58,8 +60,9 @@ def client_id(node_config: Mapping[str, Any]) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def synthetic_data(seed: int, num_clients: int, people: int, holdout: int, qa: int,
-                   general: int) -> TofuData:
+def synthetic_data(
+    seed: int, num_clients: int, people: int, holdout: int, qa: int, general: int
+) -> TofuData:
     """Deterministic synthetic TOFU data (cached per process)."""
     return generate_tofu(
         seed,
@@ -72,7 +75,7 @@ def synthetic_data(seed: int, num_clients: int, people: int, holdout: int, qa: i
 
 
 def dataset(cfg: RunConfig) -> TofuData:
-    """The whole data set of a simulation (each client only ever reads its part).
+    """Return the whole data set of a simulation (a client reads only its part).
 
     Parameters
     ----------
@@ -97,7 +100,7 @@ def dataset(cfg: RunConfig) -> TofuData:
 
 
 def client_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
-    """This client's private training items.
+    """Return this client's private training items.
 
     A SuperNode started with ``--node-config "partition-id=0 data-path=..."`` reads
     its own JSONL file; otherwise the client takes its partition of :func:`dataset`.
@@ -120,12 +123,14 @@ def client_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]
     cid = client_id(node_config)
     data = dataset(cfg)
     if cid not in data.clients:
-        raise ValueError(f"client {cid} has no data (data set has clients {sorted(data.clients)})")
+        raise ValueError(
+            f"client {cid} has no data (data set has clients {sorted(data.clients)})"
+        )
     return data.clients[cid]
 
 
 def client_model(cfg: RunConfig) -> tuple[Any, Any, Any]:
-    """The process-wide LoRA model, tokenizer and prompt format for this run."""
+    """Return the process-wide LoRA model, tokenizer and prompt format."""
     model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
     model, tok = load_lora_model(model_dir, cfg.lora_spec())
     return model, tok, prompt_formatter(tok)

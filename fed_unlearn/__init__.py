@@ -1,0 +1,1 @@
+"""Pure-torch core of fed_unlearn: data, models, adapters, history, methods, metrics."""

@@ -175,7 +175,13 @@ class RunConfig:
             kwargs[name] = value
         if unknown:
             valid = ", ".join(sorted(n.replace("_", "-") for n in names))
-            raise ConfigError(f"unknown config key(s) {sorted(unknown)}; valid keys: {valid}")
+            raise ConfigError(
+                f"unknown config key(s) {sorted(unknown)}; valid keys: {valid}"
+            )
+        for name in PRESET_DEFAULTS["tiny"]:
+            # Flower run configs cannot hold None: 0 stands for "preset default".
+            if name in kwargs and kwargs[name] in (0, 0.0, "0"):
+                kwargs[name] = None
         cfg = cls(**kwargs, extra=extra)
         return cfg.validated()
 
@@ -225,7 +231,9 @@ class RunConfig:
                         raise ValueError(f"a {type(value).__name__}")
             except (TypeError, ValueError) as exc:
                 key = f.name.replace("_", "-")
-                raise ConfigError(f"config key {key!r}: bad value {value!r} ({exc})") from exc
+                raise ConfigError(
+                    f"config key {key!r}: bad value {value!r} ({exc})"
+                ) from exc
             setattr(self, f.name, value)
         if self.preset not in PRESETS:
             raise ConfigError(
@@ -233,20 +241,26 @@ class RunConfig:
                 f"choose one of {', '.join(PRESETS)}"
             )
         if self.num_clients < 2:
-            raise ConfigError(f"config key 'num-clients' must be >= 2, got {self.num_clients}")
+            raise ConfigError(
+                f"config key 'num-clients' must be >= 2, got {self.num_clients}"
+            )
         for key in ("people_per_client", "qa_per_person", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key.replace('_', '-')!r} must be >= 1")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(
-                f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}"
+                "config key 'fraction-train' must be in (0, 1], got "
+                f"{self.fraction_train}"
             )
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(
-                f"config key 'aggregation': {self.aggregation!r} is not one of {AGGREGATIONS}"
+                f"config key 'aggregation': {self.aggregation!r} is not one of "
+                f"{AGGREGATIONS}"
             )
         if self.history_dtype not in ("float32", "float16"):
-            raise ConfigError("config key 'history-dtype' must be 'float32' or 'float16'")
+            raise ConfigError(
+                "config key 'history-dtype' must be 'float32' or 'float16'"
+            )
         self.departed()  # validates 'depart'
         return self
 
@@ -343,7 +357,14 @@ class RunConfig:
         keep = {
             k: v
             for k, v in r.to_flat().items()
-            if k not in ("depart", "method", "out-dir", "eval-max-new-tokens", "eval-batch-size")
+            if k
+            not in (
+                "depart",
+                "method",
+                "out-dir",
+                "eval-max-new-tokens",
+                "eval-batch-size",
+            )
             and not k.startswith("x-")
         }
         keep["exclude"] = list(exclude)

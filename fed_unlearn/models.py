@@ -179,7 +179,9 @@ def public_corpus(max_chars: int = 400_000) -> list[str]:
             mod = importlib.import_module(name)
         except ImportError:  # pragma: no cover - platform dependent
             continue
-        objs = [mod] + [getattr(mod, a) for a in sorted(vars(mod)) if not a.startswith("_")]
+        objs = [mod] + [
+            getattr(mod, a) for a in sorted(vars(mod)) if not a.startswith("_")
+        ]
         for obj in objs:
             doc = inspect.getdoc(obj) if callable(obj) or obj is mod else None
             if not doc:
@@ -196,7 +198,7 @@ def public_corpus(max_chars: int = 400_000) -> list[str]:
 
 
 def format_corpus(seed: int, n_people: int = 150) -> list[str]:
-    """Question/answer text about *other* fictitious people, for pre-training.
+    r"""Question/answer text about *other* fictitious people, for pre-training.
 
     Teaches the tiny model the prompt format and the shape of invented values (as
     a real LLM knows English) without any person of the experiments: the people
@@ -218,7 +220,9 @@ def format_corpus(seed: int, n_people: int = 150) -> list[str]:
 
     people = generate_people(10_000 + seed, n_people)
     return [
-        f"Question: {it.question}\nAnswer: {it.answer}" for p in people for it in p.items
+        f"Question: {it.question}\nAnswer: {it.answer}"
+        for p in people
+        for it in p.items
     ]
 
 
@@ -346,7 +350,9 @@ def tiny_dir(spec: TinySpec | None = None) -> Path:
     return out
 
 
-def _pretrain(model: torch.nn.Module, tok: object, texts: list[str], spec: TinySpec) -> None:
+def _pretrain(
+    model: torch.nn.Module, tok: object, texts: list[str], spec: TinySpec
+) -> None:
     """Causal-LM pre-training of the tiny model on packed public text."""
     eos = tok.eos_token_id  # type: ignore[attr-defined]
     stream: list[int] = []
@@ -372,7 +378,12 @@ def _pretrain(model: torch.nn.Module, tok: object, texts: list[str], spec: TinyS
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == spec.pretrain_steps - 1:
-            log.info("tiny pre-training step %d/%d loss %.3f", step + 1, spec.pretrain_steps, loss.item())
+            log.info(
+                "tiny pre-training step %d/%d loss %.3f",
+                step + 1,
+                spec.pretrain_steps,
+                loss.item(),
+            )
     model.eval()
 
 
@@ -400,19 +411,25 @@ def resolve_model_dir(preset: str | None, model_path: str | None = None) -> Path
     if model_path:
         path = Path(model_path).expanduser()
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"--model {model_path}: no config.json in that directory")
+            raise ModelLoadError(
+                f"--model {model_path}: no config.json in that directory"
+            )
         return path
     if preset == "smollm2":
         return smollm2_dir()
     if preset == "tiny":
         return tiny_dir()
-    raise ModelLoadError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    raise ModelLoadError(
+        f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}"
+    )
 
 
 _LOADED: dict[str, tuple[torch.nn.Module, object]] = {}
 
 
-def load_base(model_dir: str | Path, cache: bool = True) -> tuple[torch.nn.Module, object]:
+def load_base(
+    model_dir: str | Path, cache: bool = True
+) -> tuple[torch.nn.Module, object]:
     """Load a causal LM and its tokenizer (fp32, eval mode, frozen).
 
     Parameters
@@ -436,7 +453,9 @@ def load_base(model_dir: str | Path, cache: bool = True) -> tuple[torch.nn.Modul
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load a causal LM from {model_dir}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load a causal LM from {model_dir}: {exc}"
+        ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -449,7 +468,7 @@ def load_base(model_dir: str | Path, cache: bool = True) -> tuple[torch.nn.Modul
 
 
 def prompt_formatter(tokenizer: object) -> PromptFn:
-    """Return the prompt format of a tokenizer.
+    r"""Return the prompt format of a tokenizer.
 
     Models with a chat template (SmolLM2-Instruct) get the question as a user turn
     with the assistant generation prompt; others get ``Question: ...\\nAnswer: ``.
@@ -614,7 +633,8 @@ def get_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {
-        k: v.detach().clone().float() for k, v in get_peft_model_state_dict(model).items()
+        k: v.detach().clone().float()
+        for k, v in get_peft_model_state_dict(model).items()
     }
 
 

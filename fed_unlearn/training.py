@@ -94,7 +94,10 @@ def encode_items(
     list[tuple[list[int], list[int]]]
         ``(input_ids, labels)`` per item.
     """
-    return [encode_qa(tokenizer, prompt_fn(it.question), it.answer, max_length) for it in items]
+    return [
+        encode_qa(tokenizer, prompt_fn(it.question), it.answer, max_length)
+        for it in items
+    ]
 
 
 def make_batches(

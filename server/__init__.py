@@ -1,0 +1,1 @@
+"""Flower ServerApp of fed_unlearn: strategy, pipeline, unlearning orchestration."""

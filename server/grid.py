@@ -24,7 +24,9 @@ def record_nbytes(content: Any) -> int:
     total = 0
     for rec in content.array_records.values():
         total += sum(len(arr.data) for arr in rec.values())
-    for rec in list(content.config_records.values()) + list(content.metric_records.values()):
+    for rec in list(content.config_records.values()) + list(
+        content.metric_records.values()
+    ):
         total += len(rec.deflate())
     return total
 
@@ -74,9 +76,13 @@ class CountingGrid:
         self.bytes_up += sum(message_nbytes(m) for m in got)
         return got
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         """Send messages, wait for replies, count both directions."""
-        return self._count_in(self._grid.send_and_receive(self._count_out(messages), timeout=timeout))
+        return self._count_in(
+            self._grid.send_and_receive(self._count_out(messages), timeout=timeout)
+        )
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push messages (counted)."""

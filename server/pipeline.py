@@ -26,7 +26,13 @@ from fed_unlearn import adapters as ad
 from fed_unlearn.config import RunConfig
 from fed_unlearn.history import HistoryError, HistoryStore
 from fed_unlearn.methods import UnlearnContext, get_method
-from fed_unlearn.models import cache_root, init_adapter, load_lora_model, resolve_model_dir, set_adapter
+from fed_unlearn.models import (
+    cache_root,
+    init_adapter,
+    load_lora_model,
+    resolve_model_dir,
+    set_adapter,
+)
 from server.grid import CountingGrid
 from server.strategy import HistoryFedAvg
 
@@ -101,7 +107,9 @@ def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
     return PhaseResult(final, stats, path, cached=True)
 
 
-def discover_clients(grid: Any, cfg: RunConfig, timeout: float = 300.0) -> dict[int, int]:
+def discover_clients(
+    grid: Any, cfg: RunConfig, timeout: float = 300.0
+) -> dict[int, int]:
     """Wait for all SuperNodes and map Flower node ids to client ids.
 
     Parameters
@@ -122,26 +130,44 @@ def discover_clients(grid: Any, cfg: RunConfig, timeout: float = 300.0) -> dict[
     while len(list(grid.get_node_ids())) < cfg.num_clients:
         if time.time() - t0 > timeout:
             raise PipelineError(
-                f"only {len(list(grid.get_node_ids()))} of {cfg.num_clients} SuperNodes "
+                f"only {len(list(grid.get_node_ids()))} of {cfg.num_clients} "
+                "SuperNodes "
                 f"connected within {timeout:.0f} s"
             )
         time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
     config = ConfigRecord({**cfg.to_flat(), "kind": "hello"})
     msgs = [
-        Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
+        Message(
+            content=RecordDict({"config": config}),
+            message_type=MessageType.QUERY,
+            dst_node_id=n,
+        )
         for n in nodes
     ]
     replies = grid.send_and_receive(msgs, timeout=timeout)
     mapping: dict[int, int] = {}
     for rep in replies:
         if rep.has_error():
-            raise PipelineError(f"node {rep.metadata.src_node_id} failed to answer: {rep.error.reason}")
-        mapping[rep.metadata.src_node_id] = int(rep.content["metrics"]["client-id"])
+            raise PipelineError(
+                f"node {rep.metadata.src_node_id} failed to answer: {rep.error.reason}"
+            )
+        cid = int(rep.content["metrics"]["client-id"])
+        if cid in mapping.values():
+            raise PipelineError(f"two SuperNodes claim client id {cid}")
+        if 0 <= cid < cfg.num_clients:
+            mapping[rep.metadata.src_node_id] = cid
+        else:
+            log.warning(
+                "ignoring SuperNode with client id %d (num-clients=%d)",
+                cid,
+                cfg.num_clients,
+            )
     ids = sorted(mapping.values())
     if ids != list(range(cfg.num_clients)):
         raise PipelineError(
-            f"SuperNodes report client ids {ids}; expected 0..{cfg.num_clients - 1} once each"
+            f"SuperNodes report client ids {ids}; "
+            f"expected 0..{cfg.num_clients - 1} once each"
         )
     return mapping
 
@@ -181,7 +207,9 @@ def run_fl_phase(
         log.info("FL phase excluding %s: cached at %s", list(exclude), cached.path)
         return cached
     if grid is None or node_map is None:
-        raise PipelineError("this FL phase is not cached and no Flower grid is available")
+        raise PipelineError(
+            "this FL phase is not cached and no Flower grid is available"
+        )
     r = cfg.resolved()
     final_dir = phase_dir(cfg, exclude)
     tmp = final_dir.with_name(f"{final_dir.name}.part{os.getpid()}")
@@ -206,7 +234,9 @@ def run_fl_phase(
         timeout=3600,
     )
     wall = time.perf_counter() - t0
-    final = result.arrays.to_torch_state_dict() if result.arrays is not None else initial
+    final = (
+        result.arrays.to_torch_state_dict() if result.arrays is not None else initial
+    )
     final = {k: v.float().clone() for k, v in final.items()}
     store.set_final(final)
     down, up = grid.bytes_down - down0, grid.bytes_up - up0
@@ -236,6 +266,8 @@ class PipelineOutput:
     retrain: PhaseResult | None = None
     unlearned: dict[str, torch.Tensor] | None = None
     unlearn_stats: dict[str, Any] = field(default_factory=dict)
+    grid: CountingGrid | None = None
+    node_map: dict[int, int] | None = None
 
 
 def run_pipeline(
@@ -277,17 +309,21 @@ def run_pipeline(
         return None if on_round is None else (lambda r, info: on_round(phase, r, info))
 
     train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"))
-    out = PipelineOutput(cfg, train)
+    out = PipelineOutput(cfg, train, grid=counting, node_map=node_map)
     if "unlearn" not in steps:
         return out
     seen = train.history.clients()
     never = [c for c in departed if c not in seen]
     if never:
-        raise PipelineError(f"--depart: client(s) {never} never took part in the FL run")
+        raise PipelineError(
+            f"--depart: client(s) {never} never took part in the FL run"
+        )
 
     def retrain() -> dict[str, torch.Tensor]:
         if out.retrain is None:
-            out.retrain = run_fl_phase(counting, cfg, node_map, departed, initial, cb("retrain"))
+            out.retrain = run_fl_phase(
+                counting, cfg, node_map, departed, initial, cb("retrain")
+            )
         return out.retrain.final
 
     ctx = UnlearnContext(
@@ -311,7 +347,10 @@ def run_pipeline(
     if cfg.method == "retrain":
         # The method *is* the oracle: its cost is the retrain phase's recorded cost.
         wall = out.retrain.stats["wall_time_s"]
-        down, up = out.retrain.stats["bytes"]["down"] + down0, out.retrain.stats["bytes"]["up"] + up0
+        down, up = (
+            out.retrain.stats["bytes"]["down"] + down0,
+            out.retrain.stats["bytes"]["up"] + up0,
+        )
         rounds = out.retrain.stats["rounds"]
     else:
         rounds = res.rounds
@@ -319,10 +358,68 @@ def run_pipeline(
     out.unlearn_stats = {
         "method": cfg.method,
         "wall_time_s": wall,
-        "bytes": {"down": down - down0, "up": up - up0, "total": down - down0 + up - up0},
+        "bytes": {
+            "down": down - down0,
+            "up": up - up0,
+            "total": down - down0 + up - up0,
+        },
         "rounds": rounds,
         "info": res.info,
     }
+    return out
+
+
+def federated_evaluate(
+    grid: CountingGrid,
+    cfg: RunConfig,
+    node_map: dict[int, int],
+    adapters: dict[str, dict[str, torch.Tensor]],
+) -> dict[str, dict[str, float]]:
+    """Ask every client to evaluate each adapter on its own data (Flower evaluate).
+
+    This is what a deployment sees without central data: the departed clients'
+    ``Q_A_Prob`` is the forget metric, the others' the retain metric.
+
+    Parameters
+    ----------
+    grid : CountingGrid
+        Flower grid.
+    cfg : RunConfig
+        Run configuration.
+    node_map : dict[int, int]
+        Node id -> client id.
+    adapters : dict[str, dict[str, torch.Tensor]]
+        Name -> adapter.
+
+    Returns
+    -------
+    dict[str, dict[str, float]]
+        Adapter name -> {``client-<id>``: Q_A_Prob, ``forget_Q_A_Prob``,
+        ``retain_Q_A_Prob``} (example-weighted means over the client groups).
+    """
+    departed = set(cfg.departed())
+    out: dict[str, dict[str, float]] = {}
+    for name, state in adapters.items():
+        config = ConfigRecord({**cfg.to_flat(), "phase": f"eval-{name}"})
+        record = RecordDict({"arrays": ArrayRecord(state), "config": config})
+        msgs = [
+            Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n)
+            for n in sorted(node_map)
+        ]
+        res: dict[str, float] = {}
+        groups: dict[str, list[tuple[float, int]]] = {"forget": [], "retain": []}
+        for rep in grid.send_and_receive(msgs, timeout=3600):
+            if rep.has_error():
+                raise PipelineError(f"federated evaluation failed: {rep.error.reason}")
+            m = rep.content["metrics"]
+            cid = node_map[rep.metadata.src_node_id]
+            res[f"client-{cid}"] = float(m["Q_A_Prob"])
+            group = "forget" if cid in departed else "retain"
+            groups[group].append((float(m["Q_A_Prob"]), int(m["num-examples"])))
+        for group, vals in groups.items():
+            total = sum(n for _, n in vals)
+            res[f"{group}_Q_A_Prob"] = sum(v * n for v, n in vals) / max(total, 1)
+        out[name] = res
     return out
 
 

@@ -17,7 +17,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_unlearn.config import RunConfig
-from server.pipeline import PipelineOutput, run_pipeline, save_adapter
+from server.pipeline import (
+    PipelineOutput,
+    federated_evaluate,
+    run_pipeline,
+    save_adapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +40,19 @@ def write_outputs(out: PipelineOutput, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_adapter(out.cfg, out.train.final, out_dir / "adapters" / "original")
     info: dict[str, Any] = {
-        "train": {**out.train.stats, "path": str(out.train.path), "cached": out.train.cached},
+        "train": {
+            **out.train.stats,
+            "path": str(out.train.path),
+            "cached": out.train.cached,
+        },
     }
     if out.retrain is not None:
         save_adapter(out.cfg, out.retrain.final, out_dir / "adapters" / "retrain")
-        info["retrain"] = {**out.retrain.stats, "path": str(out.retrain.path), "cached": out.retrain.cached}
+        info["retrain"] = {
+            **out.retrain.stats,
+            "path": str(out.retrain.path),
+            "cached": out.retrain.cached,
+        }
     if out.unlearned is not None:
         save_adapter(out.cfg, out.unlearned, out_dir / "adapters" / "unlearned")
         info["unlearn"] = out.unlearn_stats
@@ -92,5 +105,19 @@ def main(grid: Grid, context: Context) -> None:
     """``flwr run .`` entry point: pipeline + adapters + ``pipeline.json``."""
     cfg = RunConfig.from_flat(dict(context.run_config))
     out = run_pipeline(grid, cfg, ("train", "unlearn"))
-    write_outputs(out, Path(cfg.out_dir))
-    log.info("fed-unlearn: wrote %s", cfg.out_dir)
+    out_dir = Path(cfg.out_dir)
+    write_outputs(out, out_dir)
+    assert out.grid is not None and out.node_map is not None
+    assert out.unlearned is not None and out.retrain is not None
+    fed = federated_evaluate(
+        out.grid,
+        cfg,
+        out.node_map,
+        {
+            "original": out.train.final,
+            "unlearned": out.unlearned,
+            "retrain": out.retrain.final,
+        },
+    )
+    (out_dir / "federated_eval.json").write_text(json.dumps(fed, indent=2))
+    log.info("fed-unlearn: wrote %s (federated evaluation: %s)", out_dir, fed)

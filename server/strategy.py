@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy import FedAvg
 
 from fed_unlearn import adapters as ad
@@ -35,12 +42,15 @@ def sum_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricReco
     for key in ("local-steps", "tokens", "train-seconds"):
         out[key] = sum(c["metrics"].get(key, 0) for c in contents)
     out["train-loss"] = sum(
-        float(c["metrics"].get("train-loss", 0.0)) * float(c["metrics"][weight_key]) for c in contents
+        float(c["metrics"].get("train-loss", 0.0)) * float(c["metrics"][weight_key])
+        for c in contents
     ) / max(total_n, 1.0)
     return MetricRecord(out)
 
 
-def sample_clients(seed: int, server_round: int, num_clients: int, fraction: float) -> list[int]:
+def sample_clients(
+    seed: int, server_round: int, num_clients: int, fraction: float
+) -> list[int]:
     """Seeded per-round sample over all clients (before exclusions).
 
     Parameters
@@ -124,7 +134,9 @@ class HistoryFedAvg(FedAvg):
         super().summary()
         log.info(
             "\t├──> HistoryFedAvg: aggregation=%s, excluded clients=%s, history=%s",
-            self.aggregation, sorted(self.exclude), self.history.root,
+            self.aggregation,
+            sorted(self.exclude),
+            self.history.root,
         )
 
     def configure_train(
@@ -133,12 +145,23 @@ class HistoryFedAvg(FedAvg):
         """Send the global adapter and run config to this round's clients."""
         n = len(self.node_to_client)
         chosen = [
-            c for c in sample_clients(self.seed, server_round, n, self.fraction) if c not in self.exclude
+            c
+            for c in sample_clients(self.seed, server_round, n, self.fraction)
+            if c not in self.exclude
         ]
         self._global = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
-        cfg = ConfigRecord({**self.run_config, **dict(config), "server-round": server_round, "phase": "train"})
+        cfg = ConfigRecord(
+            {
+                **self.run_config,
+                **dict(config),
+                "server-round": server_round,
+                "phase": "train",
+            }
+        )
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-        return self._construct_messages(record, [self.client_to_node[c] for c in chosen], MessageType.TRAIN)
+        return self._construct_messages(
+            record, [self.client_to_node[c] for c in chosen], MessageType.TRAIN
+        )
 
     def _check_reply(self, msg: Message) -> tuple[int, dict[str, torch.Tensor], int]:
         node = msg.metadata.src_node_id
@@ -155,7 +178,9 @@ class HistoryFedAvg(FedAvg):
         if not isinstance(n, int) or n <= 0:
             raise ValueError(f"bad num-examples {n!r}")
         if int(metrics.get("client-id", -1)) != cid:
-            raise ValueError(f"reported client-id {metrics.get('client-id')} != node's client {cid}")
+            raise ValueError(
+                f"reported client-id {metrics.get('client-id')} != node's client {cid}"
+            )
         try:
             state = content["arrays"].to_torch_state_dict()
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad update
@@ -175,23 +200,39 @@ class HistoryFedAvg(FedAvg):
             except ValueError as exc:
                 cid = self.node_to_client.get(msg.metadata.src_node_id, -1)
                 rejected[cid] = str(exc)
-                log.warning("round %d: rejected the update of client %s: %s", server_round, cid, exc)
+                log.warning(
+                    "round %d: rejected the update of client %s: %s",
+                    server_round,
+                    cid,
+                    exc,
+                )
                 continue
             good.append((cid, msg, state, n))
         good.sort(key=lambda g: g[0])
         if not good:
-            log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
+            log.warning(
+                "round %d: no valid update; the global adapter is unchanged",
+                server_round,
+            )
             arrays, metrics = None, None
         elif self.aggregation == "fedavg":
-            arrays, metrics = super().aggregate_train(server_round, [g[1] for g in good])
+            arrays, metrics = super().aggregate_train(
+                server_round, [g[1] for g in good]
+            )
         else:
-            new = product_space_aggregate([g[2] for g in good], [float(g[3]) for g in good])
+            new = product_space_aggregate(
+                [g[2] for g in good], [float(g[3]) for g in good]
+            )
             arrays = ArrayRecord(new)
-            metrics = sum_train_metrics([g[1].content for g in good], self.weighted_by_key)
+            metrics = sum_train_metrics(
+                [g[1].content for g in good], self.weighted_by_key
+            )
         rec = RoundRecord(
             round=server_round,
             global_state=self._global,
-            client_deltas={cid: ad.sub(state, self._global) for cid, _, state, _ in good},
+            client_deltas={
+                cid: ad.sub(state, self._global) for cid, _, state, _ in good
+            },
             num_examples={cid: n for cid, _, _, n in good},
             participants=[g[0] for g in good],
             rejected=rejected,
@@ -202,7 +243,7 @@ class HistoryFedAvg(FedAvg):
             "participants": rec.participants,
             "rejected": rejected,
             "history-bytes": nbytes,
-            **({k: v for k, v in dict(metrics).items()} if metrics is not None else {}),
+            **(dict(dict(metrics).items()) if metrics is not None else {}),
         }
         self.round_log.append(info)
         if self.on_round is not None:

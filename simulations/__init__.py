@@ -1,0 +1,1 @@
+"""Experiment runners and the ``fed-unlearn`` CLI."""

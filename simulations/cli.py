@@ -26,14 +26,28 @@ class UsageError(Exception):
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for name in ("preset", "clients", "depart", "method", "rounds", "seed", "model", "data_dir",
-                 "aggregation", "local_epochs", "lr", "lora_r"):
+    for name in (
+        "preset",
+        "clients",
+        "depart",
+        "method",
+        "rounds",
+        "seed",
+        "model",
+        "data_dir",
+        "aggregation",
+        "local_epochs",
+        "lr",
+        "lora_r",
+    ):
         value = getattr(args, name, None)
         if value is None:
             continue
-        key = {"clients": "num-clients", "rounds": "num-server-rounds", "model": "model-path"}.get(
-            name, name.replace("_", "-")
-        )
+        key = {
+            "clients": "num-clients",
+            "rounds": "num-server-rounds",
+            "model": "model-path",
+        }.get(name, name.replace("_", "-"))
         flat[key] = value
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
@@ -69,7 +83,9 @@ def _config_file(path: str | None) -> dict[str, Any]:
     return dict(data.get("config", data))
 
 
-def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+def build_config(
+    args: argparse.Namespace, base: dict[str, Any] | None = None
+) -> RunConfig:
     """Merge saved config, config file and flags into a validated RunConfig."""
     flat = dict(base or {})
     flat.update(_config_file(getattr(args, "config", None)))
@@ -83,7 +99,9 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -
 
         load_data_dir(cfg.data_dir, cfg.num_clients)  # raises DataFormatError early
     if cfg.model_path and not (Path(cfg.model_path) / "config.json").is_file():
-        raise UsageError(f"--model {cfg.model_path}: not a Hugging Face model directory")
+        raise UsageError(
+            f"--model {cfg.model_path}: not a Hugging Face model directory"
+        )
     return cfg
 
 
@@ -91,12 +109,17 @@ def _check_method(name: str) -> None:
     from fed_unlearn.methods import METHOD_REGISTRY
 
     if name not in METHOD_REGISTRY:
-        raise UsageError(f"--method: unknown method {name!r}; known: {', '.join(sorted(METHOD_REGISTRY))}")
+        raise UsageError(
+            f"--method: unknown method {name!r}; "
+            f"known: {', '.join(sorted(METHOD_REGISTRY))}"
+        )
 
 
 def _fresh_out(path: Path, force: bool) -> None:
     if (path / "run.json").exists() and not force:
-        raise UsageError(f"--out {path} already holds a run; choose a new directory or pass --force")
+        raise UsageError(
+            f"--out {path} already holds a run; choose a new directory or pass --force"
+        )
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:
@@ -121,18 +144,27 @@ def print_table(run: dict[str, Any]) -> None:
     if not summary:
         console.print("[bold]no evaluation in this run[/bold]")
         return
-    table = Table(title=f"fed-unlearn: method {run.get('method')}, departed {run.get('departed')}")
+    table = Table(
+        title=f"fed-unlearn: method {run.get('method')}, departed {run.get('departed')}"
+    )
     table.add_column("metric")
     names = [n for n in ("original", "unlearned", "retrain") if n in summary]
     for name in names:
-        table.add_column(name if name != "unlearned" else f"{run.get('method')}", justify="right")
+        table.add_column(
+            name if name != "unlearned" else f"{run.get('method')}", justify="right"
+        )
     for col in SUMMARY_COLUMNS:
         table.add_row(col, *[_fmt(summary[n].get(col)) for n in names])
     phase = {"original": "train", "unlearned": "unlearn", "retrain": "retrain"}
-    table.add_row("wall time (s)", *[_fmt(run["wall_time_s"].get(phase[n])) for n in names])
+    table.add_row(
+        "wall time (s)", *[_fmt(run["wall_time_s"].get(phase[n])) for n in names]
+    )
     table.add_row(
         "MB on the wire",
-        *[_fmt((run["bytes"].get(phase[n]) or {}).get("total", 0) / 1e6) for n in names],
+        *[
+            _fmt((run["bytes"].get(phase[n]) or {}).get("total", 0) / 1e6)
+            for n in names
+        ],
     )
     console.print(table)
 
@@ -145,7 +177,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def cmd_run(args: argparse.Namespace, steps: tuple[str, ...], base: dict[str, Any] | None = None) -> int:
+def cmd_run(
+    args: argparse.Namespace, steps: tuple[str, ...], base: dict[str, Any] | None = None
+) -> int:
     """``run`` / ``train`` / ``unlearn``."""
     from simulations.runner import run_all
 
@@ -166,19 +200,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = RunConfig.from_flat(_saved_config(run_dir))
     adapters: dict[str, Any] = {}
-    model, _ = load_lora_model(resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec())
+    model, _ = load_lora_model(
+        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
+    )
     from peft import PeftModel  # noqa: F401 - needed by load_adapter
 
     for name in ("original", "unlearned", "retrain"):
         path = run_dir / "adapters" / name
         if not (path / "adapter_model.safetensors").is_file():
-            raise UsageError(f"{path}: missing adapter (run 'fed-unlearn unlearn' first)")
+            raise UsageError(
+                f"{path}: missing adapter (run 'fed-unlearn unlearn' first)"
+            )
         model.load_adapter(str(path), adapter_name="eval_tmp")
         model.set_adapter("eval_tmp")
-        state = {k.replace(".eval_tmp.", ".default."): v for k, v in get_adapter(model).items()}
+        state = {
+            k.replace(".eval_tmp.", ".default."): v
+            for k, v in get_adapter(model).items()
+        }
         model.set_adapter("default")
         model.delete_adapter("eval_tmp")
-        adapters[name] = {k: v for k, v in state.items()}
+        adapters[name] = dict(state.items())
     results = evaluate_adapters(cfg, adapters)
     for name, (ev, summ) in results.items():
         write_json(run_dir / "evals" / name / "TOFU_EVAL.json", ev)
@@ -186,7 +227,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     write_json(run_dir / "TOFU_EVAL.json", results["unlearned"][0])
     write_json(run_dir / "TOFU_SUMMARY.json", results["unlearned"][1])
     run = json.loads((run_dir / "run.json").read_text())
-    run["summary"] = {n: {k: s.get(k) for k in SUMMARY_COLUMNS} for n, (_, s) in results.items()}
+    run["summary"] = {
+        n: {k: s.get(k) for k in SUMMARY_COLUMNS} for n, (_, s) in results.items()
+    }
     write_json(run_dir / "run.json", run)
     print_table(run)
     return 0
@@ -204,8 +247,14 @@ def cmd_methods(_args: argparse.Namespace) -> int:
 
 def _add_run_flags(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--preset", choices=None, help="smollm2 (default) | tiny")
-    p.add_argument("--model", help="local Hugging Face causal-LM directory (overrides the preset's model)")
-    p.add_argument("--data-dir", help="directory of client_<i>.jsonl files (default: synthetic data)")
+    p.add_argument(
+        "--model",
+        help="local Hugging Face causal-LM directory (overrides the preset's model)",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="directory of client_<i>.jsonl files (default: synthetic data)",
+    )
     p.add_argument("--clients", type=int, help="number of clients (default: 3)")
     p.add_argument("--depart", help="comma-separated departing client ids (default: 2)")
     p.add_argument("--method", help="unlearning method (see 'fed-unlearn methods')")
@@ -216,23 +265,40 @@ def _add_run_flags(p: argparse.ArgumentParser, out_required: bool = True) -> Non
     p.add_argument("--lr", type=float)
     p.add_argument("--lora-r", type=int)
     p.add_argument("--config", help="TOML file of flat hyphenated config keys")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any config key (repeatable)",
+    )
     p.add_argument("--out", required=out_required, help="run directory")
-    p.add_argument("--force", action="store_true", help="allow writing into a directory holding a run")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow writing into a directory holding a run",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def parser() -> argparse.ArgumentParser:
-    """The argument parser."""
-    ap = argparse.ArgumentParser(prog="fed-unlearn", description=__doc__.splitlines()[0])
+    """Build the argument parser."""
+    ap = argparse.ArgumentParser(
+        prog="fed-unlearn", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p_run = sub.add_parser("run", help="FL -> departure -> unlearning -> retrain oracle -> evaluation")
+    p_run = sub.add_parser(
+        "run", help="FL -> departure -> unlearning -> retrain oracle -> evaluation"
+    )
     _add_run_flags(p_run)
-    p_train = sub.add_parser("train", help="federated LoRA training only (cached by config hash)")
+    p_train = sub.add_parser(
+        "train", help="federated LoRA training only (cached by config hash)"
+    )
     _add_run_flags(p_train)
-    p_un = sub.add_parser("unlearn", help="unlearn from a saved run (reuses its cached FL phase)")
+    p_un = sub.add_parser(
+        "unlearn", help="unlearn from a saved run (reuses its cached FL phase)"
+    )
     p_un.add_argument("run_dir")
     _add_run_flags(p_un)
     p_ev = sub.add_parser("evaluate", help="evaluate the adapters of a run directory")
@@ -272,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "train":
             return cmd_run(args, ("train",))
         if args.cmd == "unlearn":
-            return cmd_run(args, ("train", "unlearn"), base=_saved_config(Path(args.run_dir)))
+            return cmd_run(
+                args, ("train", "unlearn"), base=_saved_config(Path(args.run_dir))
+            )
         if args.cmd == "evaluate":
             return cmd_evaluate(args)
     except (UsageError, ConfigError, DataFormatError) as exc:

@@ -42,7 +42,15 @@ class RunError(RuntimeError):
 def versions() -> dict[str, str]:
     """Versions of Python and the packages that determine results."""
     out = {"python": platform.python_version()}
-    for pkg in ("fed-unlearn", "torch", "transformers", "peft", "flwr", "numpy", "scipy"):
+    for pkg in (
+        "fed-unlearn",
+        "torch",
+        "transformers",
+        "peft",
+        "flwr",
+        "numpy",
+        "scipy",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -55,12 +63,17 @@ def git_sha() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         proc = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         sha = proc.stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except OSError:
@@ -81,7 +94,12 @@ def needs_flower(cfg: RunConfig, steps: tuple[str, ...]) -> bool:
     return bool(reqs & {Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
 
 
-def simulate(cfg: RunConfig, steps: tuple[str, ...], progress: bool = True) -> Any:
+def simulate(
+    cfg: RunConfig,
+    steps: tuple[str, ...],
+    progress: bool = True,
+    client_app: Any = None,
+) -> Any:
     """Run the pipeline on Flower's Simulation Engine (or from cache).
 
     Parameters
@@ -92,6 +110,8 @@ def simulate(cfg: RunConfig, steps: tuple[str, ...], progress: bool = True) -> A
         Pipeline steps.
     progress : bool
         Show a progress bar of rounds.
+    client_app : flwr.clientapp.ClientApp, optional
+        ClientApp to simulate (default: :data:`clients.client_app.app`).
 
     Returns
     -------
@@ -106,15 +126,21 @@ def simulate(cfg: RunConfig, steps: tuple[str, ...], progress: bool = True) -> A
         return run_pipeline(None, cfg, steps)
     from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
+    from clients.client_app import app as default_client_app
     from server.server_app import make_server_app
+
+    client_app = client_app or default_client_app
 
     state: dict[str, Any] = {}
     server_app = make_server_app(cfg, steps, state, bar.update if bar else None)
     backend_config: dict[str, Any] = {
         # One client at a time on a 2-core machine (Flower #1814/#3463).
         "client_resources": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0, "logging_level": 30},
+        "init_args": {
+            "num_cpus": max(1, os.cpu_count() or 1),
+            "num_gpus": 0,
+            "logging_level": 30,
+        },
     }
     try:
         if bar:
@@ -134,7 +160,9 @@ def simulate(cfg: RunConfig, steps: tuple[str, ...], progress: bool = True) -> A
         exc = state["error"]
         raise RunError(f"{type(exc).__name__}: {exc}") from exc
     if "output" not in state:
-        raise RunError("the Flower simulation ended without a result (see the log above)")
+        raise RunError(
+            "the Flower simulation ended without a result (see the log above)"
+        )
     return state["output"]
 
 
@@ -142,12 +170,21 @@ class _RoundBar:
     """Rich progress bar of FL rounds per phase (fed from the ServerApp thread)."""
 
     def __init__(self, cfg: RunConfig, steps: tuple[str, ...]) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.rounds = int(cfg.resolved().num_server_rounds)  # type: ignore[arg-type]
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
         )
         self.tasks: dict[str, Any] = {}
 
@@ -190,7 +227,12 @@ def evaluate_adapters(
     """
     from clients.task import dataset
     from fed_unlearn.metrics import EvalSplits, evaluate
-    from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir, set_adapter
+    from fed_unlearn.models import (
+        load_lora_model,
+        prompt_formatter,
+        resolve_model_dir,
+        set_adapter,
+    )
 
     r = cfg.resolved()
     data = dataset(cfg)
@@ -201,15 +243,25 @@ def evaluate_adapters(
         holdout=list(data.holdout),
         general=list(data.general),
     )
-    model, tok = load_lora_model(resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec())
+    model, tok = load_lora_model(
+        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
+    )
     prompt_fn = prompt_formatter(tok)
     order = sorted(adapters, key=lambda n: n != reference_name)
     results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for name in order:
         set_adapter(model, adapters[name])
-        reference = results[reference_name][0] if name != reference_name and reference_name in results else None
+        reference = (
+            results[reference_name][0]
+            if name != reference_name and reference_name in results
+            else None
+        )
         results[name] = evaluate(
-            model, tok, prompt_fn, splits, reference,
+            model,
+            tok,
+            prompt_fn,
+            splits,
+            reference,
             batch_size=cfg.eval_batch_size,
             max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
             max_length=int(r.max_length),  # type: ignore[arg-type]
@@ -233,9 +285,14 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def run_all(cfg: RunConfig, out_dir: Path, steps: tuple[str, ...] = ("train", "unlearn"),
-            do_eval: bool = True, progress: bool = True) -> dict[str, Any]:
-    """The main job: FL -> departure -> unlearning -> retrain oracle -> evaluation.
+def run_all(
+    cfg: RunConfig,
+    out_dir: Path,
+    steps: tuple[str, ...] = ("train", "unlearn"),
+    do_eval: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the main job: FL, departure, unlearning, retrain oracle, evaluation.
 
     Parameters
     ----------
@@ -263,8 +320,12 @@ def run_all(cfg: RunConfig, out_dir: Path, steps: tuple[str, ...] = ("train", "u
     run: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "config": cfg.resolved().to_flat(),
-        "seeds": {"seed": cfg.seed, "lora_init": cfg.seed, "data": cfg.seed,
-                  "local_order": "derive_seed(seed, round, client)"},
+        "seeds": {
+            "seed": cfg.seed,
+            "lora_init": cfg.seed,
+            "data": cfg.seed,
+            "local_order": "derive_seed(seed, round, client)",
+        },
         "versions": versions(),
         "git_sha": git_sha(),
         "departed": list(cfg.departed()),
@@ -273,8 +334,10 @@ def run_all(cfg: RunConfig, out_dir: Path, steps: tuple[str, ...] = ("train", "u
             "path": str(out.train.path / "history"),
             "bytes_per_round": out.train.stats["history_bytes_per_round"],
         },
-        "cached": {"train": out.train.cached,
-                   "retrain": out.retrain.cached if out.retrain else None},
+        "cached": {
+            "train": out.train.cached,
+            "retrain": out.retrain.cached if out.retrain else None,
+        },
         "wall_time_s": {"train": out.train.stats["wall_time_s"]},
         "bytes": {"train": out.train.stats["bytes"]},
         "rounds": {"train": out.train.stats["rounds"]},
@@ -292,7 +355,12 @@ def run_all(cfg: RunConfig, out_dir: Path, steps: tuple[str, ...] = ("train", "u
     if do_eval and out.unlearned is not None and out.retrain is not None:
         te = time.perf_counter()
         results = evaluate_adapters(
-            cfg, {"original": out.train.final, "unlearned": out.unlearned, "retrain": out.retrain.final}
+            cfg,
+            {
+                "original": out.train.final,
+                "unlearned": out.unlearned,
+                "retrain": out.retrain.final,
+            },
         )
         for name, (ev, summ) in results.items():
             write_json(out_dir / "evals" / name / "TOFU_EVAL.json", ev)
@@ -300,7 +368,10 @@ def run_all(cfg: RunConfig, out_dir: Path, steps: tuple[str, ...] = ("train", "u
         write_json(out_dir / "TOFU_EVAL.json", results["unlearned"][0])
         write_json(out_dir / "TOFU_SUMMARY.json", results["unlearned"][1])
         run["wall_time_s"]["eval"] = time.perf_counter() - te
-        run["summary"] = {name: {k: summ.get(k) for k in SUMMARY_COLUMNS} for name, (_, summ) in results.items()}
+        run["summary"] = {
+            name: {k: summ.get(k) for k in SUMMARY_COLUMNS}
+            for name, (_, summ) in results.items()
+        }
     run["wall_time_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "run.json", run)
     return run

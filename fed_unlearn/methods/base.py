@@ -11,14 +11,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
 from fed_unlearn.history import HistoryStore
 from fed_unlearn.types import AdapterState, ClientId
 
 
-class Requirement(str, Enum):
+class Requirement(StrEnum):
     """What a method may need from the federation."""
 
     HISTORY = "history"  #: per-round global adapters and client deltas
@@ -35,7 +35,10 @@ class ClientChannel(Protocol):
     """How a method talks to clients (implemented over Flower by ``server/``)."""
 
     def query(
-        self, clients: Sequence[ClientId], kind: str, arrays: AdapterState | None,
+        self,
+        clients: Sequence[ClientId],
+        kind: str,
+        arrays: AdapterState | None,
         config: dict[str, Any],
     ) -> dict[ClientId, tuple[AdapterState | None, dict[str, float]]]:
         """Send one request to each client and return its arrays and metrics."""

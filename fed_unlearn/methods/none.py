@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fed_unlearn.methods.base import UnlearnConfig, UnlearnContext, UnlearningMethod, UnlearnResult
+from fed_unlearn.methods.base import (
+    UnlearnConfig,
+    UnlearnContext,
+    UnlearningMethod,
+    UnlearnResult,
+)
 
 
 @dataclass(kw_only=True)

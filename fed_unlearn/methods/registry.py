@@ -46,8 +46,12 @@ def register_method(
         raise ValueError(f"method name {name!r} must be lowercase snake_case")
     if name in METHOD_REGISTRY:
         raise ValueError(f"method {name!r} is already registered")
-    if not (dataclasses.is_dataclass(config_cls) and issubclass(config_cls, UnlearnConfig)):
-        raise ValueError(f"{config_cls!r} must be a dataclass subclass of UnlearnConfig")
+    if not (
+        dataclasses.is_dataclass(config_cls) and issubclass(config_cls, UnlearnConfig)
+    ):
+        raise ValueError(
+            f"{config_cls!r} must be a dataclass subclass of UnlearnConfig"
+        )
     if not issubclass(method_cls, UnlearningMethod):
         raise ValueError(f"{method_cls!r} must subclass UnlearningMethod")
     method_cls.name = name
@@ -86,7 +90,8 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> UnlearningMe
         k = key.replace("-", "_")
         if k not in fields:
             raise ValueError(
-                f"method {name!r} has no option {key!r}; options: {sorted(fields) or 'none'}"
+                f"method {name!r} has no option {key!r}; "
+                f"options: {sorted(fields) or 'none'}"
             )
         kwargs[k] = value
     return entry.method_cls(entry.config_cls(**kwargs))

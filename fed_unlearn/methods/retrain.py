@@ -1,4 +1,4 @@
-"""``retrain``: exact unlearning by retraining without the departed clients.
+r"""``retrain``: exact unlearning by retraining without the departed clients.
 
 Method (specs/methods.md §2.1, [V] FedEraser's "FedRetrain"): re-initialise the
 adapter exactly as in the original run (same seed, same base model), run FedAvg

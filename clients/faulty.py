@@ -1,0 +1,63 @@
+"""A misbehaving ClientApp for robustness tests of the server.
+
+It runs the real :mod:`clients.client_app` handlers and then corrupts the update of
+one client, chosen by the run config keys ``x-fault-client`` (client id) and
+``x-fault-kind`` (``nan`` | ``shape`` | ``keys`` | ``num-examples``). Use it to check
+that the server rejects and logs the bad update and that the round goes on:
+``simulations.runner.simulate(cfg, steps, client_app=clients.faulty.app)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
+from flwr.clientapp import ClientApp
+
+from clients import client_app as real
+
+app = ClientApp()
+
+
+def corrupt(msg: Message, reply: Message, kind: str) -> Message:
+    """Return ``reply`` with its update corrupted in the way ``kind`` names."""
+    state = reply.content["arrays"].to_torch_state_dict()
+    metrics = dict(reply.content["metrics"])
+    first = sorted(state)[0]
+    if kind == "nan":
+        state[first] = state[first].clone()
+        state[first].view(-1)[0] = float("nan")
+    elif kind == "shape":
+        state[first] = torch.zeros(state[first].shape[0] + 1, *state[first].shape[1:])
+    elif kind == "keys":
+        state["intruder.lora_A.weight"] = torch.zeros(2, 2)
+    elif kind == "num-examples":
+        metrics["num-examples"] = 0
+    else:
+        raise ValueError(f"unknown x-fault-kind {kind!r}")
+    reply.content["arrays"] = ArrayRecord(state)
+    reply.content["metrics"] = MetricRecord(metrics)
+    return reply
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Real training, then corruption for the configured client."""
+    reply = real.train(msg, context)
+    config = msg.content["config"]
+    if int(config.get("x-fault-client", -1)) == int(
+        context.node_config["partition-id"]
+    ):
+        return corrupt(msg, reply, str(config.get("x-fault-kind", "nan")))
+    return reply
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Unchanged evaluation."""
+    return real.evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Unchanged queries."""
+    return real.query(msg, context)

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+
+from fed_unlearn.config import PRESET_DEFAULTS, ConfigError, RunConfig
+
+
+def test_from_flat_reads_hyphenated_keys_and_coerces_types():
+    cfg = RunConfig.from_flat(
+        {"num-clients": "4", "lr": "0.01", "depart": "1,3", "preset": "tiny"}
+    )
+    assert cfg.num_clients == 4 and isinstance(cfg.num_clients, int)
+    assert cfg.lr == pytest.approx(0.01)
+    assert cfg.departed() == (1, 3)
+    assert cfg.remaining() == (0, 2)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['num-client'\]"):
+        RunConfig.from_flat({"num-client": 3})
+
+
+@pytest.mark.parametrize(
+    ("flat", "match"),
+    [
+        ({"preset": "gpt5"}, "unknown preset 'gpt5'"),
+        ({"num-clients": 1}, "num-clients"),
+        ({"fraction-train": 0.0}, "fraction-train"),
+        ({"aggregation": "median"}, "aggregation"),
+        ({"num-clients": "three"}, "num-clients"),
+        ({"num-clients": 2.5}, "num-clients"),
+        ({"history-dtype": "int8"}, "history-dtype"),
+        ({"depart": "7"}, r"client\(s\) \[7\] never joined"),
+        ({"depart": "x"}, "'x' is not a client id"),
+        ({"depart": "0,1,2"}, "at least one client must remain"),
+        ({"depart": ""}, "at least one client id"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key(flat, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flat(flat)
+
+
+def test_resolved_fills_preset_defaults_but_keeps_explicit_values():
+    cfg = RunConfig.from_flat({"preset": "tiny", "lr": 0.5})
+    r = cfg.resolved()
+    assert r.lr == 0.5
+    assert r.num_server_rounds == PRESET_DEFAULTS["tiny"]["num_server_rounds"]
+    assert cfg.num_server_rounds is None  # the original is untouched
+    custom = RunConfig.from_flat({"model-path": "/somewhere"}).resolved()
+    assert custom.lr == PRESET_DEFAULTS["custom"]["lr"]
+
+
+def test_flat_round_trip():
+    cfg = RunConfig.from_flat(
+        {"preset": "tiny", "num-server-rounds": 2, "x-note": "hi"}
+    )
+    again = RunConfig.from_flat(cfg.to_flat())
+    assert again == cfg
+
+
+def test_fl_key_ignores_method_and_output_but_not_training_or_exclusions():
+    a = RunConfig.from_flat({"preset": "tiny", "method": "none", "out-dir": "a"})
+    b = RunConfig.from_flat({"preset": "tiny", "method": "retrain", "out-dir": "b"})
+    c = RunConfig.from_flat({"preset": "tiny", "lr": 0.1})
+    assert a.fl_key(()) == b.fl_key(())
+    assert a.fl_key(()) != c.fl_key(())
+    assert a.fl_key(()) != a.fl_key((2,))
+    # an explicit value equal to the preset default is the same run
+    d = RunConfig.from_flat({"preset": "tiny", "lr": PRESET_DEFAULTS["tiny"]["lr"]})
+    assert d.fl_key(()) == a.fl_key(())

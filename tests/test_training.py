@@ -1,0 +1,90 @@
+"""Local LoRA training, adapter init and state handling on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fed_unlearn.models import (
+    LoraSpec,
+    get_adapter,
+    init_adapter,
+    load_lora_model,
+    prompt_formatter,
+    set_adapter,
+)
+from fed_unlearn.training import TrainSpec, derive_seed, local_train
+
+
+@pytest.fixture
+def lora(tiny_model_dir):
+    model, tok = load_lora_model(tiny_model_dir, LoraSpec(r=4, alpha=8), cache=False)
+    return model, tok, prompt_formatter(tok)
+
+
+def test_init_adapter_is_seed_determined(lora):
+    model, _, _ = lora
+    a = init_adapter(model, 1)
+    b = init_adapter(model, 1)
+    c = init_adapter(model, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    # peft's init: B = 0, A random
+    assert all(float(v.abs().sum()) == 0 for k, v in a.items() if "lora_B" in k)
+    assert all(float(v.abs().sum()) > 0 for k, v in a.items() if "lora_A" in k)
+
+
+def test_local_training_moves_only_the_adapter_and_lowers_the_loss(lora, items):
+    model, tok, pf = lora
+    set_adapter(model, init_adapter(model, 0))
+    base_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n
+    }
+    spec = TrainSpec(epochs=1, batch_size=4, lr=1e-2, max_length=64)
+    first = local_train(model, tok, pf, items, spec, seed=0)
+    for _ in range(4):
+        last = local_train(model, tok, pf, items, spec, seed=1)
+    after = get_adapter(model)
+    assert all(
+        float(v.abs().sum()) > 0 for k, v in after.items() if "lora_B" in k
+    )  # open-unlearning #178
+    assert all(
+        torch.equal(p, base_before[n])
+        for n, p in model.named_parameters()
+        if "lora_" not in n
+    )
+    assert last.loss < first.loss
+    assert first.steps == -(-len(items) // 4) and first.tokens > 0
+
+
+def test_local_training_is_deterministic_for_a_seed(lora, items):
+    model, tok, pf = lora
+    spec = TrainSpec(epochs=1, batch_size=4, lr=1e-2, max_length=64)
+    outs = []
+    for seed in (5, 5, 6):
+        set_adapter(model, init_adapter(model, 0))
+        local_train(model, tok, pf, items, spec, seed=seed)
+        outs.append(get_adapter(model))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert any(not torch.equal(outs[0][k], outs[2][k]) for k in outs[0])
+
+
+def test_set_adapter_rejects_foreign_keys(lora):
+    model, _, _ = lora
+    state = get_adapter(model)
+    state["unexpected.lora_A.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected"):
+        set_adapter(model, state)
+
+
+def test_derive_seed_is_stable_and_distinguishes_parts():
+    assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
+    assert len({derive_seed(0, 1, 2), derive_seed(0, 2, 1), derive_seed(1, 1, 2)}) == 3
+    assert 0 <= derive_seed(123) < 2**63
+
+
+def test_train_spec_validation():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainSpec(epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainSpec(lr=0)
