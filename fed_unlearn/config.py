@@ -106,6 +106,9 @@ class RunConfig:
         Greedy generation length for ROUGE (default: preset).
     eval_batch_size : int
         Evaluation batch size (default: 16).
+    eval_max_items : int
+        At most this many items per evaluation split, evenly spaced so every
+        person is represented; 0 = all (default: 30).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
     """
@@ -134,6 +137,7 @@ class RunConfig:
     history_dtype: str = "float32"
     eval_max_new_tokens: int | None = None
     eval_batch_size: int = 16
+    eval_max_items: int = 30
     out_dir: str = "runs/latest"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -244,6 +248,8 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'num-clients' must be >= 2, got {self.num_clients}"
             )
+        if self.eval_max_items < 0:
+            raise ConfigError("config key 'eval-max-items' must be >= 0")
         for key in ("people_per_client", "qa_per_person", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key.replace('_', '-')!r} must be >= 1")

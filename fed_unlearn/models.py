@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PRESETS = ("smollm2", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SYSTEM_PROMPT = "Answer briefly."
 TINY_VERSION = 4  # bump when the tiny recipe changes (part of the cache key)
 
 
@@ -470,8 +471,10 @@ def load_base(
 def prompt_formatter(tokenizer: object) -> PromptFn:
     r"""Return the prompt format of a tokenizer.
 
-    Models with a chat template (SmolLM2-Instruct) get the question as a user turn
-    with the assistant generation prompt; others get ``Question: ...\\nAnswer: ``.
+    Models with a chat template (SmolLM2-Instruct) get a short system turn
+    (:data:`SYSTEM_PROMPT`, instead of a long default one), the question as a user
+    turn and the assistant generation prompt; others get
+    ``Question: ...\\nAnswer: ``.
 
     Parameters
     ----------
@@ -484,14 +487,19 @@ def prompt_formatter(tokenizer: object) -> PromptFn:
         Question -> prompt text.
     """
     if getattr(tokenizer, "chat_template", None):
+        system = [{"role": "system", "content": SYSTEM_PROMPT}]
 
         def chat(question: str) -> str:
             msgs = [{"role": "user", "content": question}]
-            return str(
-                tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            try:  # a short system turn replaces long default ones (fewer tokens)
+                text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+                    system + msgs, tokenize=False, add_generation_prompt=True
+                )
+            except Exception:  # noqa: BLE001 - templates without a system role
+                text = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
                     msgs, tokenize=False, add_generation_prompt=True
                 )
-            )
+            return str(text)
 
         return chat
 

@@ -1,4 +1,4 @@
-"""Run the app on a local Flower Deployment Engine (SuperLink + SuperNodes on loopback).
+r"""Run the app on a local Flower Deployment Engine (SuperLink + SuperNodes, loopback).
 
 This is the cross-silo setting on one machine: one ``flower-supernode`` process per
 organisation, each started with its own ``partition-id`` (and optionally its own

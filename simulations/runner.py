@@ -237,11 +237,12 @@ def evaluate_adapters(
     r = cfg.resolved()
     data = dataset(cfg)
     departed = cfg.departed()
+    cap = cfg.eval_max_items
     splits = EvalSplits(
-        forget=data.forget_items(departed),
-        retain=data.retain_items(departed),
-        holdout=list(data.holdout),
-        general=list(data.general),
+        forget=spread(data.forget_items(departed), cap),
+        retain=spread(data.retain_items(departed), cap),
+        holdout=spread(list(data.holdout), cap),
+        general=spread(list(data.general), cap),
     )
     model, tok = load_lora_model(
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
@@ -250,6 +251,10 @@ def evaluate_adapters(
     order = sorted(adapters, key=lambda n: n != reference_name)
     results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for name in order:
+        same = next((o for o in results if _same(adapters[o], adapters[name])), None)
+        if same is not None and same != reference_name:
+            results[name] = results[same]  # identical adapter (e.g. method `none`)
+            continue
         set_adapter(model, adapters[name])
         reference = (
             results[reference_name][0]
@@ -267,6 +272,32 @@ def evaluate_adapters(
             max_length=int(r.max_length),  # type: ignore[arg-type]
         )
     return results
+
+
+def spread(items: list[Any], cap: int) -> list[Any]:
+    """At most ``cap`` evenly spaced items (all when ``cap`` is 0 or large enough).
+
+    Parameters
+    ----------
+    items : list
+        A split.
+    cap : int
+        Maximum count; 0 = no cap.
+
+    Returns
+    -------
+    list
+        The selection, in the original order.
+    """
+    if cap <= 0 or len(items) <= cap:
+        return list(items)
+    return [items[(i * len(items)) // cap] for i in range(cap)]
+
+
+def _same(a: AdapterState, b: AdapterState) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -1,0 +1,114 @@
+"""HistoryFedAvg's update validation on real Flower messages (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from fed_unlearn.history import HistoryStore
+from server.strategy import HistoryFedAvg, sample_clients
+
+
+@pytest.fixture
+def strategy(tmp_path):
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    s = HistoryFedAvg(
+        run_config={"preset": "tiny"},
+        node_to_client={101: 0, 102: 1, 103: 2},
+        exclude=(),
+        history=HistoryStore(tmp_path / "h"),
+        seed=0,
+    )
+    glob = {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_B.weight": torch.zeros(4, 2)}
+    msgs = list(s.configure_train(1, ArrayRecord(glob), ConfigRecord(), grid=None))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [101, 102, 103]
+    return s, glob, {m.metadata.dst_node_id: m for m in msgs}
+
+
+def _reply(incoming, state, n=10, cid=None):
+    metrics = {"num-examples": n, "client-id": cid, "train-loss": 1.0}
+    content = RecordDict(
+        {"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=incoming)
+
+
+def test_good_updates_are_averaged_by_num_examples_and_recorded(strategy):
+    s, glob, sent = strategy
+    ups = {
+        c: {k: torch.full_like(v, float(c + 1)) for k, v in glob.items()}
+        for c in range(3)
+    }
+    replies = [
+        _reply(sent[100 + c + 1], ups[c], n=(c + 1) * 10, cid=c) for c in range(3)
+    ]
+    arrays, _ = s.aggregate_train(1, replies)
+    got = arrays.to_torch_state_dict()
+    # (1*10 + 2*20 + 3*30) / 60 = 140/60
+    assert torch.allclose(got["m.lora_A.weight"], torch.full((2, 3), 140 / 60))
+    rec = s.history.load(1)
+    assert rec.participants == [0, 1, 2] and rec.num_examples == {0: 10, 1: 20, 2: 30}
+    assert torch.equal(rec.client_deltas[2]["m.lora_B.weight"], torch.full((4, 2), 3.0))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (lambda st: {**st, "m.lora_A.weight": torch.full((2, 3), float("inf"))}, "Inf"),
+        (lambda st: {**st, "m.lora_A.weight": torch.zeros(3, 3)}, "shape"),
+        (lambda st: {**st, "x.lora_A.weight": torch.zeros(1)}, "unexpected"),
+        (lambda st: {"m.lora_B.weight": st["m.lora_B.weight"]}, "missing"),
+    ],
+)
+def test_bad_update_is_rejected_and_the_round_goes_on(strategy, corrupt, reason):
+    s, glob, sent = strategy
+    good = {k: torch.ones_like(v) for k, v in glob.items()}
+    replies = [
+        _reply(sent[101], good, cid=0),
+        _reply(sent[102], corrupt(good), cid=1),
+        _reply(sent[103], good, cid=2),
+    ]
+    arrays, _ = s.aggregate_train(1, replies)
+    assert torch.equal(
+        arrays.to_torch_state_dict()["m.lora_A.weight"], torch.ones(2, 3)
+    )
+    rec = s.history.load(1)
+    assert rec.participants == [0, 2]
+    assert reason in rec.rejected[1]
+
+
+def test_spoofed_client_id_and_bad_num_examples_are_rejected(strategy):
+    s, glob, sent = strategy
+    good = {k: torch.ones_like(v) for k, v in glob.items()}
+    replies = [
+        _reply(sent[101], good, cid=0),
+        _reply(sent[102], good, cid=2),
+        _reply(sent[103], good, n=0, cid=2),
+    ]
+    s.aggregate_train(1, replies)
+    rec = s.history.load(1)
+    assert rec.participants == [0]
+    assert "client-id" in rec.rejected[1] and "num-examples" in rec.rejected[2]
+
+
+def test_all_rejected_keeps_the_global_adapter(strategy):
+    s, glob, sent = strategy
+    bad = {k: torch.full_like(v, float("nan")) for k, v in glob.items()}
+    arrays, metrics = s.aggregate_train(1, [_reply(sent[101], bad, cid=0)])
+    assert arrays is None and metrics is None
+    assert s.history.load(1).participants == []
+
+
+def test_sampling_is_seeded_and_exclusion_happens_after_sampling():
+    a = sample_clients(0, 3, 10, 0.5)
+    assert a == sample_clients(0, 3, 10, 0.5) and len(a) == 5
+    assert a != sample_clients(0, 4, 10, 0.5) or a != sample_clients(1, 3, 10, 0.5)
+    assert sample_clients(0, 1, 4, 1.0) == [0, 1, 2, 3]
