@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fed_unlearn.models import PRESETS, LoraSpec
+from fed_unlearn.models import PRESETS, SYSTEM_PROMPT, LoraSpec
 from fed_unlearn.training import TrainSpec
 
 
@@ -60,6 +60,10 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 AGGREGATIONS = ("fedavg", "product_svd")
+
+#: Bump when the training recipe changes in a way no config key shows (it is part
+#: of the cache key of FL phases).
+FL_RECIPE_VERSION = 2
 
 
 @dataclass
@@ -374,5 +378,6 @@ class RunConfig:
             and not k.startswith("x-")
         }
         keep["exclude"] = list(exclude)
+        keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]
         blob = json.dumps(keep, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

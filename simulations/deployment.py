@@ -82,7 +82,9 @@ def run_local_deployment(
         "[superlink.local-deployment]\n"
         f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    # The SuperLink/SuperNode spawn flower-superexec etc. from PATH: put ours first.
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path}
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     try:
