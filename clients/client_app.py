@@ -8,9 +8,11 @@ locally (:mod:`clients.task`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from clients.task import client_id, client_items, client_model, run_config_from_message
 from fed_unlearn.config import RunConfig
-from fed_unlearn.data.qa import collate, encode_qa
+from fed_unlearn.metrics.quick import answer_prob
 from fed_unlearn.models import get_adapter, set_adapter
 from fed_unlearn.training import derive_seed, local_train
 
@@ -46,6 +48,33 @@ def _reply(
     return Message(content=content, reply_to=msg)
 
 
+@contextlib.contextmanager
+def local_steps_bar(
+    label: str, total: int
+) -> Iterator[Callable[[int, float], None] | None]:
+    """Rich progress bar of local steps when the client has a terminal.
+
+    SuperNodes started in a terminal show it; Ray simulation actors have no
+    terminal and log one summary line per round instead.
+    """
+    if not sys.stdout.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=total, loss="")
+        yield lambda step, loss: bar.update(
+            task, completed=step, loss=f"loss {loss:.3f}"
+        )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this client's private items."""
@@ -55,14 +84,18 @@ def train(msg: Message, context: Context) -> Message:
     items = client_items(cfg, context.node_config)
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, msg.content["arrays"].to_torch_state_dict())
-    stats = local_train(
-        model,
-        tok,
-        prompt_fn,
-        items,
-        cfg.train_spec(),
-        seed=derive_seed(cfg.seed, server_round, cid),
-    )
+    spec = cfg.train_spec()
+    total = spec.epochs * -(-len(items) // spec.batch_size)
+    with local_steps_bar(f"client {cid} round {server_round}", total) as on_step:
+        stats = local_train(
+            model,
+            tok,
+            prompt_fn,
+            items,
+            spec,
+            seed=derive_seed(cfg.seed, server_round, cid),
+            on_step=on_step,
+        )
     log.info(
         "client %d round %d: %d steps, loss %.4f, %.0f tok/s",
         cid,
@@ -85,33 +118,6 @@ def train(msg: Message, context: Context) -> Message:
     )
 
 
-@torch.no_grad()
-def local_answer_prob(
-    model: Any,
-    tok: Any,
-    prompt_fn: Any,
-    items: list,
-    max_length: int,
-    batch_size: int = 16,
-) -> float:
-    """Mean per-token answer probability ``exp(-avg NLL)`` over local items."""
-    from fed_unlearn.metrics.primitives import avg_loss
-
-    model.eval()
-    probs: list[float] = []
-    for s in range(0, len(items), batch_size):
-        enc = [
-            encode_qa(tok, prompt_fn(it.question), it.answer, max_length)
-            for it in items[s : s + batch_size]
-        ]
-        batch = collate(enc, int(tok.pad_token_id))
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-        probs.extend(torch.exp(-avg_loss(logits, batch["labels"])).tolist())
-    return float(sum(probs) / len(probs))
-
-
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation: answer probability of the adapter on local items."""
@@ -121,9 +127,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, msg.content["arrays"].to_torch_state_dict())
     t0 = time.perf_counter()
-    prob = local_answer_prob(
-        model, tok, prompt_fn, items, int(cfg.resolved().max_length)
-    )
+    prob = answer_prob(model, tok, prompt_fn, items, int(cfg.resolved().max_length))
     return _reply(
         msg,
         None,

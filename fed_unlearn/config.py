@@ -113,6 +113,9 @@ class RunConfig:
     eval_max_items : int
         At most this many items per evaluation split, evenly spaced so every
         person is represented; 0 = all (default: 30).
+    eval_curve_items : int
+        Items per split of the cheap per-round evaluation (forgetting curves,
+        server side, simulation data); 0 = off (default: 10).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
     """
@@ -142,6 +145,7 @@ class RunConfig:
     eval_max_new_tokens: int | None = None
     eval_batch_size: int = 16
     eval_max_items: int = 30
+    eval_curve_items: int = 10
     out_dir: str = "runs/latest"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from fed_unlearn import adapters as ad
 from fed_unlearn.config import RunConfig
@@ -172,6 +179,64 @@ def discover_clients(
     return mapping
 
 
+def curve_evaluator(
+    cfg: RunConfig,
+) -> Callable[[int, ArrayRecord], MetricRecord | None] | None:
+    """Per-round server-side evaluation hook (forget/retain ``Q_A_Prob``).
+
+    Runs only where the server can read the evaluation data (synthetic data, or a
+    ``data-dir`` visible to the server, i.e. simulations); returns ``None`` when it
+    cannot, or when ``eval-curve-items`` is 0.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run configuration.
+
+    Returns
+    -------
+    Callable or None
+        ``(round, arrays) -> MetricRecord`` for Flower's ``Strategy.start``.
+    """
+    if cfg.eval_curve_items <= 0:
+        return None
+    from clients.task import dataset
+    from fed_unlearn.metrics.quick import answer_prob, spread_items
+    from fed_unlearn.models import prompt_formatter
+
+    try:
+        data = dataset(cfg)
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "no per-round evaluation: the server cannot read the data (%s)", exc
+        )
+        return None
+    n = cfg.eval_curve_items
+    departed = cfg.departed()
+    forget = spread_items(data.forget_items(departed), n)
+    retain = spread_items(data.retain_items(departed), n)
+    model, tok = load_lora_model(
+        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
+    )
+    prompt_fn = prompt_formatter(tok)
+    max_length = int(cfg.resolved().max_length)  # type: ignore[arg-type]
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        set_adapter(model, arrays.to_torch_state_dict())
+        return MetricRecord(
+            {
+                "forget_Q_A_Prob": answer_prob(
+                    model, tok, prompt_fn, forget, max_length
+                ),
+                "retain_Q_A_Prob": answer_prob(
+                    model, tok, prompt_fn, retain, max_length
+                ),
+            }
+        )
+
+    return evaluate_fn
+
+
 def run_fl_phase(
     grid: CountingGrid | None,
     cfg: RunConfig,
@@ -232,7 +297,12 @@ def run_fl_phase(
         initial_arrays=ArrayRecord(initial),
         num_rounds=int(r.num_server_rounds),  # type: ignore[arg-type]
         timeout=3600,
+        evaluate_fn=curve_evaluator(cfg),
     )
+    curve = [
+        {"round": int(rnd), **{k: float(v) for k, v in dict(rec).items()}}
+        for rnd, rec in sorted(result.evaluate_metrics_serverapp.items())
+    ]
     wall = time.perf_counter() - t0
     final = (
         result.arrays.to_torch_state_dict() if result.arrays is not None else initial
@@ -248,6 +318,7 @@ def run_fl_phase(
         "rounds": int(r.num_server_rounds),  # type: ignore[arg-type]
         "round_log": strategy.round_log,
         "history_bytes_per_round": [store.round_nbytes(i) for i in store.rounds()],
+        "curve": curve,
     }
     (tmp / "phase.json").write_text(json.dumps(stats, indent=2, default=str))
     try:

@@ -226,7 +226,7 @@ def evaluate_adapters(
         Name -> ``(TOFU_EVAL, TOFU_SUMMARY)``.
     """
     from clients.task import dataset
-    from fed_unlearn.metrics import EvalSplits, evaluate
+    from fed_unlearn.metrics import EvalSplits, evaluate, spread_items
     from fed_unlearn.models import (
         load_lora_model,
         prompt_formatter,
@@ -239,10 +239,10 @@ def evaluate_adapters(
     departed = cfg.departed()
     cap = cfg.eval_max_items
     splits = EvalSplits(
-        forget=spread(data.forget_items(departed), cap),
-        retain=spread(data.retain_items(departed), cap),
-        holdout=spread(list(data.holdout), cap),
-        general=spread(list(data.general), cap),
+        forget=spread_items(data.forget_items(departed), cap),
+        retain=spread_items(data.retain_items(departed), cap),
+        holdout=spread_items(list(data.holdout), cap),
+        general=spread_items(list(data.general), cap),
     )
     model, tok = load_lora_model(
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
@@ -274,30 +274,56 @@ def evaluate_adapters(
     return results
 
 
-def spread(items: list[Any], cap: int) -> list[Any]:
-    """At most ``cap`` evenly spaced items (all when ``cap`` is 0 or large enough).
-
-    Parameters
-    ----------
-    items : list
-        A split.
-    cap : int
-        Maximum count; 0 = no cap.
-
-    Returns
-    -------
-    list
-        The selection, in the original order.
-    """
-    if cap <= 0 or len(items) <= cap:
-        return list(items)
-    return [items[(i * len(items)) // cap] for i in range(cap)]
-
-
 def _same(a: AdapterState, b: AdapterState) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+T2F_DEFINITION = (
+    "first unlearning round whose forget_Q_A_Prob (per-round subset) stays within "
+    "delta = 10% of the |original - retrain| gap of the retrain oracle's final value "
+    "for 3 rounds (or all remaining rounds); null = never"
+)
+
+
+def add_unlearning_curve(
+    run: dict[str, Any], method: str, info: dict[str, Any]
+) -> None:
+    """Put the unlearning curve and T2F into ``run`` (in place).
+
+    The curve is the method's own per-round log (``info["curve"]``), the retrain
+    phase's curve for ``retrain``, and a single point (round 0, the trained model)
+    for methods without rounds. T2F follows :data:`T2F_DEFINITION`.
+
+    Parameters
+    ----------
+    run : dict[str, Any]
+        The run record (needs ``curves.train`` and ``curves.retrain``).
+    method : str
+        Method name.
+    info : dict[str, Any]
+        The method's ``UnlearnResult.info``.
+    """
+    from fed_unlearn.metrics import time_to_forget
+
+    train, retrain = run["curves"].get("train", []), run["curves"].get("retrain", [])
+    if method == "retrain":
+        curve = retrain
+    elif info.get("curve"):
+        curve = list(info["curve"])
+    else:
+        curve = [{**train[-1], "round": 0}] if train else []
+    run["curves"]["unlearn"] = curve
+    run["T2F_definition"] = T2F_DEFINITION
+    if not (curve and train and retrain):
+        run["T2F"] = None
+        return
+    oracle = retrain[-1]["forget_Q_A_Prob"]
+    delta = 0.1 * abs(train[-1]["forget_Q_A_Prob"] - oracle)
+    values = [p["forget_Q_A_Prob"] for p in curve if p["round"] > 0]
+    t2f = time_to_forget(values, oracle, delta) if values else None
+    run["T2F"] = t2f
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -377,7 +403,11 @@ def run_all(
         run["wall_time_s"]["retrain"] = out.retrain.stats["wall_time_s"]
         run["bytes"]["retrain"] = out.retrain.stats["bytes"]
         run["rounds"]["retrain"] = out.retrain.stats["rounds"]
+    run["curves"] = {"train": out.train.stats.get("curve", [])}
+    if out.retrain is not None:
+        run["curves"]["retrain"] = out.retrain.stats.get("curve", [])
     if out.unlearned is not None:
+        add_unlearning_curve(run, cfg.method, out.unlearn_stats.get("info", {}))
         run["method"] = cfg.method
         run["wall_time_s"]["unlearn"] = out.unlearn_stats["wall_time_s"]
         run["bytes"]["unlearn"] = out.unlearn_stats["bytes"]

@@ -72,6 +72,11 @@ def test_run_json_records_config_costs_and_versions(first_run):
     assert set(run["bytes"]) >= {"train", "unlearn", "retrain"}
     assert run["config"]["num-server-rounds"] == 2 and run["departed"] == [2]
     assert run["versions"]["flwr"] == "1.41.0"
+    # per-round evaluation hook: rounds 0..R for both FL phases, same start point
+    assert [p["round"] for p in run["curves"]["train"]] == [0, 1, 2]
+    assert [p["round"] for p in run["curves"]["retrain"]] == [0, 1, 2]
+    assert run["curves"]["train"][0] == run["curves"]["retrain"][0]
+    assert run["T2F"] is None  # `none` never reaches the oracle
     for name in ("original", "unlearned", "retrain"):
         assert (out / "adapters" / name / "adapter_model.safetensors").is_file()
         assert (out / "adapters" / name / "adapter_config.json").is_file()

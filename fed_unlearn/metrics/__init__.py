@@ -36,6 +36,7 @@ from fed_unlearn.metrics.primitives import (
     tr_true_better,
     truth_ratio,
 )
+from fed_unlearn.metrics.quick import answer_prob, spread_items, time_to_forget
 from fed_unlearn.metrics.registry import (
     METRIC_REGISTRY,
     MetricSpec,
@@ -45,6 +46,9 @@ from fed_unlearn.metrics.registry import (
 )
 
 __all__ = [
+    "answer_prob",
+    "spread_items",
+    "time_to_forget",
     "EvalSplits",
     "METRIC_REGISTRY",
     "MetricSpec",

@@ -1,0 +1,77 @@
+"""Bad input at the CLI: exit status 2, one readable line, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulations.cli import main
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--depart", "5"], "client(s) [5] never joined"),
+        (["--depart", "0,1,2"], "at least one client must remain"),
+        (["--preset", "gpt5"], "unknown preset 'gpt5'"),
+        (["--set", "num-client=3"], "unknown config key(s) ['num-client']"),
+        (["--set", "lr"], "expected KEY=VALUE"),
+        (["--method", "foul9"], "unknown method 'foul9'"),
+        (["--model", "/nonexistent/model"], "not a Hugging Face model directory"),
+        (["--aggregation", "median"], "aggregation"),
+    ],
+)
+def test_bad_run_arguments(tmp_path, capsys, args, needle):
+    out = tmp_path / "out"
+    rc = main(["run", "--preset", "tiny", "--out", str(out), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert (
+        len(err) == 1 and err[0].startswith("fed-unlearn: error:") and needle in err[0]
+    )
+    assert not out.exists()
+
+
+def test_malformed_client_data_names_file_line_and_field(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "client_0.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    (data / "client_1.jsonl").write_text('{"question": "q2", "answer": 3}\n')
+    rc = main(
+        [
+            "run",
+            "--preset",
+            "tiny",
+            "--clients",
+            "2",
+            "--depart",
+            "1",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "client_1.jsonl line 1" in err and "'answer'" in err
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"config": {}}))
+    rc = main(["run", "--preset", "tiny", "--out", str(out)])
+    assert rc == 2 and "already holds a run" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text()) == {"config": {}}
+
+
+def test_unlearn_needs_a_run_directory(tmp_path, capsys):
+    rc = main(["unlearn", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "no run.json" in capsys.readouterr().err
+
+
+def test_methods_lists_the_registry(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["none", "retrain"]
