@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 PRESETS = ("smollm2", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = "Answer briefly."
-TINY_VERSION = 4  # bump when the tiny recipe changes (part of the cache key)
+TINY_VERSION = 5  # bump when the tiny recipe changes (part of the cache key)
 
 
 class ModelLoadError(RuntimeError):
@@ -203,7 +203,8 @@ def format_corpus(seed: int, n_people: int = 150) -> list[str]:
 
     Teaches the tiny model the prompt format and the shape of invented values (as
     a real LLM knows English) without any person of the experiments: the people
-    are drawn from a separate seed stream (``10_000 + seed``).
+    are drawn from a separate seed stream (``10_000 + seed``). The general-knowledge
+    probes are included too, as the world knowledge a real LLM brings.
 
     Parameters
     ----------
@@ -218,13 +219,21 @@ def format_corpus(seed: int, n_people: int = 150) -> list[str]:
         One ``Question: ...\nAnswer: ...`` text per item.
     """
     from fed_unlearn.data import generate_people
+    from fed_unlearn.data.synthetic import general_knowledge
 
     people = generate_people(10_000 + seed, n_people)
-    return [
+    texts = [
         f"Question: {it.question}\nAnswer: {it.answer}"
         for p in people
         for it in p.items
     ]
+    # World knowledge a real LLM has from pre-training (the utility probes).
+    facts = [
+        f"Question: {it.question}\nAnswer: {ans}"
+        for it in general_knowledge()
+        for ans in (it.answer, it.paraphrased_answer)
+    ]
+    return texts + facts * 5
 
 
 @dataclass(frozen=True)

@@ -280,6 +280,27 @@ def _same(a: AdapterState, b: AdapterState) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def client_compute(stats: dict[str, Any]) -> dict[str, float]:
+    """Sum the clients' local work over an FL phase's rounds.
+
+    Parameters
+    ----------
+    stats : dict[str, Any]
+        A phase's stats (``round_log`` with the aggregated train metrics).
+
+    Returns
+    -------
+    dict[str, float]
+        ``local_steps``, ``tokens`` and ``client_seconds`` summed over rounds.
+    """
+    log_ = stats.get("round_log", [])
+    return {
+        "local_steps": float(sum(r.get("local-steps", 0) for r in log_)),
+        "tokens": float(sum(r.get("tokens", 0) for r in log_)),
+        "client_seconds": float(sum(r.get("train-seconds", 0.0) for r in log_)),
+    }
+
+
 T2F_DEFINITION = (
     "first unlearning round whose forget_Q_A_Prob (per-round subset) stays within "
     "delta = 10% of the |original - retrain| gap of the retrain oracle's final value "
@@ -403,11 +424,20 @@ def run_all(
         run["wall_time_s"]["retrain"] = out.retrain.stats["wall_time_s"]
         run["bytes"]["retrain"] = out.retrain.stats["bytes"]
         run["rounds"]["retrain"] = out.retrain.stats["rounds"]
+    run["client_compute"] = {"train": client_compute(out.train.stats)}
+    if out.retrain is not None:
+        run["client_compute"]["retrain"] = client_compute(out.retrain.stats)
     run["curves"] = {"train": out.train.stats.get("curve", [])}
     if out.retrain is not None:
         run["curves"]["retrain"] = out.retrain.stats.get("curve", [])
     if out.unlearned is not None:
-        add_unlearning_curve(run, cfg.method, out.unlearn_stats.get("info", {}))
+        info = out.unlearn_stats.get("info", {})
+        add_unlearning_curve(run, cfg.method, info)
+        if cfg.method == "retrain" and out.retrain is not None:
+            run["client_compute"]["unlearn"] = client_compute(out.retrain.stats)
+        else:
+            zero = {"local_steps": 0.0, "tokens": 0.0, "client_seconds": 0.0}
+            run["client_compute"]["unlearn"] = info.get("client_compute", zero)
         run["method"] = cfg.method
         run["wall_time_s"]["unlearn"] = out.unlearn_stats["wall_time_s"]
         run["bytes"]["unlearn"] = out.unlearn_stats["bytes"]
