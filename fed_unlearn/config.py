@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fed_unlearn.models import PRESETS, SYSTEM_PROMPT, LoraSpec
+from fed_unlearn.models import PRESETS, SYSTEM_PROMPT, LoraSpec, model_identity
 from fed_unlearn.training import TrainSpec
 
 
@@ -383,5 +383,6 @@ class RunConfig:
         }
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]
+        keep["model"] = model_identity(self.preset, self.model_path or None)
         blob = json.dumps(keep, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -18,6 +18,7 @@ The cache lives in ``$FED_UNLEARN_CACHE`` (default ``~/.cache/fed_unlearn``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 PRESETS = ("smollm2", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = "Answer briefly."
-TINY_VERSION = 5  # bump when the tiny recipe changes (part of the cache key)
+TINY_VERSION = 7  # bump when the tiny recipe changes (part of the cache key)
 
 
 class ModelLoadError(RuntimeError):
@@ -221,7 +222,7 @@ def format_corpus(seed: int, n_people: int = 150) -> list[str]:
     from fed_unlearn.data import generate_people
     from fed_unlearn.data.synthetic import general_knowledge
 
-    people = generate_people(10_000 + seed, n_people)
+    people = generate_people(10_000 + seed, n_people) if n_people > 0 else []
     texts = [
         f"Question: {it.question}\nAnswer: {it.answer}"
         for p in people
@@ -248,6 +249,8 @@ class TinySpec:
         Llama dimensions (defaults: 128, 256, 4, 4).
     pretrain_steps : int
         Causal-LM steps on the public corpus (default: 400).
+    fact_steps : int
+        Extra steps on the general-knowledge facts only (default: 150).
     seq_len, batch_size : int
         Pre-training sequence length and batch size (defaults: 64, 16).
     lr : float
@@ -262,6 +265,7 @@ class TinySpec:
     num_layers: int = 4
     num_heads: int = 4
     pretrain_steps: int = 400
+    fact_steps: int = 150
     seq_len: int = 64
     batch_size: int = 16
     lr: float = 3e-3
@@ -350,6 +354,16 @@ def tiny_dir(spec: TinySpec | None = None) -> Path:
     model = LlamaForCausalLM(cfg)
     if spec.pretrain_steps > 0:
         _pretrain(model, tok, texts, spec)
+    if spec.fact_steps > 0:
+        # A short "knowledge" phase: the world facts a real LLM knows (the
+        # general-knowledge probes), so utility metrics have something to lose.
+        facts = format_corpus(spec.seed, n_people=0)
+        _pretrain(
+            model,
+            tok,
+            facts,
+            dataclasses.replace(spec, pretrain_steps=spec.fact_steps, lr=spec.lr / 3),
+        )
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -432,6 +446,32 @@ def resolve_model_dir(preset: str | None, model_path: str | None = None) -> Path
     raise ModelLoadError(
         f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}"
     )
+
+
+def model_identity(preset: str | None, model_path: str | None = None) -> str:
+    """Return a string that changes whenever the base model changes (cache keys).
+
+    Parameters
+    ----------
+    preset : str, optional
+        Preset name.
+    model_path : str, optional
+        Local model directory (its path and the mtime of its weights count).
+
+    Returns
+    -------
+    str
+        E.g. ``"tiny-<recipe hash>"`` or ``"smollm2-<gguf name>"``.
+    """
+    if model_path:
+        path = Path(model_path).expanduser().resolve()
+        stamp = max(
+            (f.stat().st_mtime_ns for f in path.glob("*") if f.is_file()), default=0
+        )
+        return f"path:{path}:{stamp}"
+    if preset == "tiny":
+        return f"tiny-{TinySpec().key()}"
+    return f"{preset}-{SMOLLM2_GGUF}"
 
 
 _LOADED: dict[str, tuple[torch.nn.Module, object]] = {}

@@ -189,6 +189,11 @@ def cmd_run(
     run = run_all(cfg, out, steps, do_eval=not args.no_eval, progress=not args.quiet)
     print_table(run)
     print(f"results: {out}/run.json, {out}/TOFU_SUMMARY.json")
+    if run.get("summary"):
+        from fed_unlearn.report import write_report
+
+        report = write_report([out], out / "report")
+        print(f"report: {report}")
     return 0
 
 
@@ -232,6 +237,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }
     write_json(run_dir / "run.json", run)
     print_table(run)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``report DIR [DIR ...] --out REPORT_DIR``: markdown + HTML + PNG report."""
+    from fed_unlearn.report import write_report
+
+    try:
+        path = write_report(args.run_dirs, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"report: {path} and {Path(path).with_suffix('.html')}")
     return 0
 
 
@@ -303,6 +320,9 @@ def parser() -> argparse.ArgumentParser:
     _add_run_flags(p_un)
     p_ev = sub.add_parser("evaluate", help="evaluate the adapters of a run directory")
     p_ev.add_argument("run_dir")
+    p_rep = sub.add_parser("report", help="write report.md/.html with plots for runs")
+    p_rep.add_argument("run_dirs", nargs="+")
+    p_rep.add_argument("--out", required=True, help="report directory")
     sub.add_parser("methods", help="list unlearning methods")
     return ap
 
@@ -343,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.cmd == "evaluate":
             return cmd_evaluate(args)
+        if args.cmd == "report":
+            return cmd_report(args)
     except (UsageError, ConfigError, DataFormatError) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 2

@@ -69,3 +69,20 @@ def test_fl_key_ignores_method_and_output_but_not_training_or_exclusions():
     # an explicit value equal to the preset default is the same run
     d = RunConfig.from_flat({"preset": "tiny", "lr": PRESET_DEFAULTS["tiny"]["lr"]})
     assert d.fl_key(()) == a.fl_key(())
+
+
+def test_fl_key_follows_the_base_model(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    ka = RunConfig.from_flat({"model-path": str(a)}).fl_key(())
+    kb = RunConfig.from_flat({"model-path": str(b)}).fl_key(())
+    assert ka != kb
+    import os
+
+    os.utime(a / "config.json", ns=(1, 1))  # the model files changed
+    assert RunConfig.from_flat({"model-path": str(a)}).fl_key(()) != ka
+    tiny = RunConfig.from_flat({"preset": "tiny"}).fl_key(())
+    smol = RunConfig.from_flat({"preset": "smollm2"}).fl_key(())
+    assert tiny != smol

@@ -1,0 +1,683 @@
+"""Human-readable report (Markdown, HTML, PNG figures) of finished run directories.
+
+:func:`write_report` reads one or more run directories written by
+``fed-unlearn run`` / ``fed-unlearn unlearn`` (same FL configuration, e.g. one
+run per unlearning method) and writes into ``out_dir``::
+
+    report.md                    config header, results table, sample generations
+    report.html                  the same, self-contained (inline CSS, <img> tags)
+    forgetting_curve.png         forget_Q_A_Prob per unlearning round
+    utility_vs_forgetting.png    model_utility against forget_Q_A_Prob
+
+A run directory holds ``run.json`` and, once evaluated,
+``evals/{original,unlearned,retrain}/TOFU_SUMMARY.json`` and ``TOFU_EVAL.json``.
+Metric values are taken from ``TOFU_SUMMARY.json`` when present, else from
+``run.json["summary"]``. Missing values print as "–".
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+__all__ = ["write_report"]
+
+#: Printed for a missing / non-finite value.
+MISSING = "–"
+
+#: Reference models, shown in the first block of the table.
+REFERENCE_MODELS = ("original", "retrain")
+
+#: Config keys that may differ between runs of one report.
+_IGNORED_CONFIG_KEYS = frozenset({"method", "depart", "out-dir"})
+_IGNORED_CONFIG_PREFIXES = ("eval-",)
+
+#: Metric columns: (key, header).
+_METRIC_COLUMNS = (
+    ("forget_quality", "forget_quality ↑"),
+    ("model_utility", "model_utility ↑"),
+    ("forget_Q_A_Prob", "forget_Q_A_Prob ≈"),
+    ("forget_Q_A_ROUGE", "forget_Q_A_ROUGE ≈"),
+    ("privleak", "privleak ≈0"),
+)
+_OTHER_COLUMNS = ("T2F ↓", "time / retrain ↓", "bytes / retrain ↓")
+_HEADERS = ("method", *(h for _, h in _METRIC_COLUMNS), *_OTHER_COLUMNS)
+
+_TABLE_NOTE = (
+    "↑ higher is better; ↓ lower is better; ≈ closer to the retrain oracle is "
+    "better; privleak ≈0: closer to 0 is better. forget_quality is the KS-test "
+    "p-value against the retrain model (absent for the retrain model itself). "
+    "T2F: first unlearning round whose per-round forget_Q_A_Prob stays close to "
+    "the oracle's. time / bytes: unlearning wall time / communicated bytes divided "
+    "by those of retraining from scratch."
+)
+
+_NUM_SAMPLES = 3
+#: Method colours (no green / grey: those mark the retrain and original models).
+_PALETTE = ("C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9")
+_FORGETTING_PNG = "forgetting_curve.png"
+_UTILITY_PNG = "utility_vs_forgetting.png"
+
+
+@dataclass
+class _Run:
+    """One loaded run directory."""
+
+    path: Path
+    run: dict[str, Any]
+    label: str = ""
+    #: model name -> metric -> value (merged TOFU_SUMMARY.json / run.json summary).
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: model name -> split -> generation records (from TOFU_EVAL.json).
+    generations: dict[str, dict[str, list[dict[str, Any]]]] = field(
+        default_factory=dict
+    )
+
+    @property
+    def method(self) -> str:
+        """Unlearning method of the run."""
+        method = self.run.get("method") or self.config.get("method")
+        return str(method) if method else self.path.name
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Flat run configuration (``run.json["config"]``)."""
+        cfg = self.run.get("config")
+        return cfg if isinstance(cfg, dict) else {}
+
+
+# --------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def _load_run(path: Path) -> _Run:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: run directory does not exist")
+    run_json = path / "run.json"
+    if not run_json.is_file():
+        raise FileNotFoundError(
+            f"{run_json}: not found ({path} is not a run directory)"
+        )
+    run = _read_json(run_json)
+    if not isinstance(run, dict):
+        raise ValueError(f"{run_json}: expected a JSON object")
+    out = _Run(path=path, run=run)
+    summary = run.get("summary") or {}
+    for name in ("original", "unlearned", "retrain"):
+        values = dict(summary.get(name) or {})
+        summ_path = path / "evals" / name / "TOFU_SUMMARY.json"
+        if summ_path.is_file():
+            summ = _read_json(summ_path)
+            if isinstance(summ, dict):
+                values.update({k: v for k, v in summ.items() if v is not None})
+        if values:
+            out.values[name] = values
+        eval_path = path / "evals" / name / "TOFU_EVAL.json"
+        if eval_path.is_file():
+            gens = _read_json(eval_path)
+            gens = gens.get("generations") if isinstance(gens, dict) else None
+            if isinstance(gens, dict):
+                out.generations[name] = gens
+    return out
+
+
+def _comparable_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in cfg.items()
+        if k not in _IGNORED_CONFIG_KEYS and not k.startswith(_IGNORED_CONFIG_PREFIXES)
+    }
+
+
+def _check_same_fl_config(runs: Sequence[_Run]) -> None:
+    """Raise ``ValueError`` naming the differing keys when FL configs differ."""
+    first = runs[0]
+    ref = _comparable_config(first.config)
+    for other in runs[1:]:
+        cfg = _comparable_config(other.config)
+        diff = sorted(k for k in ref.keys() | cfg.keys() if ref.get(k) != cfg.get(k))
+        if diff:
+            details = "; ".join(
+                f"{k!r}: {ref.get(k)!r} in {first.path} vs {cfg.get(k)!r} in "
+                f"{other.path}"
+                for k in diff
+            )
+            raise ValueError(
+                "run directories have different FL configs (differing key"
+                f"{'s' if len(diff) > 1 else ''} {', '.join(diff)}): {details}"
+            )
+
+
+def _assign_labels(runs: Sequence[_Run]) -> None:
+    """Label runs by method, disambiguated by directory name (then index)."""
+    methods = [r.method for r in runs]
+    for r in runs:
+        r.label = (
+            r.method if methods.count(r.method) == 1 else f"{r.method} ({r.path.name})"
+        )
+    labels = [r.label for r in runs]
+    for i, r in enumerate(runs):
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} #{i + 1}"
+
+
+# --------------------------------------------------------------------------
+# values and formatting
+# --------------------------------------------------------------------------
+
+
+def _num(x: Any) -> float | None:
+    """``x`` as a finite float, else ``None``."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    """Format with ``digits`` significant digits, :data:`MISSING` when absent."""
+    v = _num(x)
+    return MISSING if v is None else f"{v:.{digits}g}"
+
+
+def _fmt_int(x: Any) -> str:
+    v = _num(x)
+    return MISSING if v is None else str(int(v))
+
+
+def _dig(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _ratio(num: Any, den: Any) -> float | None:
+    n, d = _num(num), _num(den)
+    if n is None or d is None or d <= 0:
+        return None
+    return n / d
+
+
+def _reference_values(runs: Sequence[_Run], name: str) -> dict[str, Any]:
+    """Values of reference model ``name`` from the first run that has them."""
+    for r in runs:
+        if r.values.get(name):
+            return r.values[name]
+    return {}
+
+
+def _table_rows(runs: Sequence[_Run]) -> tuple[list[list[str]], list[list[str]]]:
+    """Format the results table as (reference rows, run rows)."""
+    ref_rows = []
+    for name in REFERENCE_MODELS:
+        vals = _reference_values(runs, name)
+        rel = "1" if name == "retrain" else MISSING
+        ref_rows.append(
+            [
+                name,
+                *(_fmt(vals.get(k)) for k, _ in _METRIC_COLUMNS),
+                MISSING,
+                rel,
+                rel,
+            ]
+        )
+    run_rows = []
+    for r in runs:
+        vals = r.values.get("unlearned", {})
+        wt, by = r.run.get("wall_time_s") or {}, r.run.get("bytes") or {}
+        t_rel = _ratio(wt.get("unlearn"), wt.get("retrain"))
+        b_rel = _ratio(_dig(by, "unlearn", "total"), _dig(by, "retrain", "total"))
+        run_rows.append(
+            [
+                r.label,
+                *(_fmt(vals.get(k)) for k, _ in _METRIC_COLUMNS),
+                _fmt_int(r.run.get("T2F")),
+                _fmt(t_rel, 3),
+                _fmt(b_rel, 3),
+            ]
+        )
+    return ref_rows, run_rows
+
+
+def _header_items(runs: Sequence[_Run]) -> list[tuple[str, str]]:
+    """(name, value) pairs describing the shared configuration."""
+    first = runs[0]
+    cfg, run = first.config, first.run
+    model = str(cfg.get("preset", MISSING))
+    if cfg.get("model-path"):
+        model += f" ({cfg['model-path']})"
+    rounds = run.get("rounds") or {}
+    rounds_txt = ", ".join(
+        f"{k} {rounds[k]}" for k in ("train", "retrain") if rounds.get(k) is not None
+    )
+    if not rounds_txt:
+        rounds_txt = str(cfg.get("num-server-rounds", MISSING))
+    departed = [sorted(r.run.get("departed") or []) for r in runs]
+    departed_txt = str(departed[0]) if departed else MISSING
+    if any(d != departed[0] for d in departed):
+        departed_txt += " (differs between runs: reference rows are from the first)"
+    shas = {str(r.run.get("git_sha")) for r in runs if r.run.get("git_sha")}
+    sha = str(run.get("git_sha") or MISSING)
+    if len(shas) > 1:
+        sha += f" (runs use {len(shas)} different commits)"
+    return [
+        ("runs", ", ".join(str(r.path) for r in runs)),
+        ("model", model),
+        ("clients", str(cfg.get("num-clients", MISSING))),
+        ("departed", departed_txt),
+        ("rounds", rounds_txt),
+        ("seed", str(cfg.get("seed", MISSING))),
+        ("git sha", sha),
+    ]
+
+
+def _samples(r: _Run) -> list[dict[str, str]]:
+    """Up to :data:`_NUM_SAMPLES` forget-set generations of the unlearned model."""
+    items = (r.generations.get("unlearned") or {}).get("forget") or []
+    retrain = (r.generations.get("retrain") or {}).get("forget") or []
+    retrain_by_q = {
+        str(it.get("question")): it.get("generation")
+        for it in retrain
+        if isinstance(it, dict)
+    }
+    out = []
+    for it in items[:_NUM_SAMPLES]:
+        if not isinstance(it, dict):
+            continue
+        q = str(it.get("question", MISSING))
+        sample = {
+            "question": q,
+            "ground_truth": str(it.get("ground_truth", MISSING)),
+            "generation": str(it.get("generation", MISSING)),
+        }
+        if retrain_by_q.get(q) is not None:
+            sample["retrain generation"] = str(retrain_by_q[q])
+        out.append(sample)
+    return out
+
+
+# --------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------
+
+
+def _curve_points(r: _Run, phase: str) -> list[tuple[float, float]]:
+    curve = _dig(r.run, "curves", phase)
+    pts = []
+    for p in curve if isinstance(curve, list) else []:
+        x = _num(p.get("round")) if isinstance(p, dict) else None
+        y = _num(p.get("forget_Q_A_Prob")) if isinstance(p, dict) else None
+        if x is not None and y is not None:
+            pts.append((x, y))
+    return sorted(pts)
+
+
+def _color(i: int) -> str:
+    return _PALETTE[i % len(_PALETTE)]
+
+
+def _first(values: Sequence[float | None]) -> float | None:
+    return next((v for v in values if v is not None), None)
+
+
+def _plot_forgetting(runs: Sequence[_Run], path: Path) -> str:
+    """Write the forgetting-curve figure; return its caption."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    with_curve = [r for r in runs if _curve_points(r, "unlearn")]
+    all_x: list[float] = [0.0]
+    if with_curve:
+        # Curves are measured on the per-round item subset: take the reference
+        # levels on that same subset (as T2F does), else the full evaluation.
+        def last(r: _Run, phase: str) -> float | None:
+            pts = _curve_points(r, phase)
+            return pts[-1][1] if pts else None
+
+        oracle = _first([last(r, "retrain") for r in runs])
+        original = _first([last(r, "train") for r in runs])
+        subset = oracle is not None
+        if oracle is None:
+            oracle = _num(_reference_values(runs, "retrain").get("forget_Q_A_Prob"))
+        if original is None:
+            original = _num(_reference_values(runs, "original").get("forget_Q_A_Prob"))
+        for i, r in enumerate(runs):
+            if r not in with_curve:
+                continue
+            xs, ys = zip(*_curve_points(r, "unlearn"), strict=True)
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                markersize=4,
+                linewidth=1.6,
+                label=r.label,
+                color=_color(i),
+            )
+            all_x += xs
+        ax.set_title("Forgetting curve (per-round forget_Q_A_Prob)")
+        caption = (
+            "forget_Q_A_Prob of the global model after each unlearning round "
+            "(per-round evaluation subset; round 0 = the trained model)."
+        )
+        caption += (
+            " Reference lines: last per-round value of retraining (oracle) and of "
+            "training (before unlearning), on the same subset."
+            if subset
+            else " Reference lines are from the full evaluation."
+        )
+        missing = [r.label for r in runs if r not in with_curve]
+        if missing:
+            caption += f" No curve recorded for: {', '.join(missing)}."
+    else:
+        oracle = _num(_reference_values(runs, "retrain").get("forget_Q_A_Prob"))
+        original = _num(_reference_values(runs, "original").get("forget_Q_A_Prob"))
+        for i, r in enumerate(runs):
+            x = _num(_dig(r.run, "rounds", "unlearn"))
+            y = _num(r.values.get("unlearned", {}).get("forget_Q_A_Prob"))
+            if x is not None and y is not None:
+                ax.plot(
+                    [x],
+                    [y],
+                    marker="o",
+                    markersize=8,
+                    linestyle="",
+                    label=r.label,
+                    color=_color(i),
+                )
+                all_x.append(x)
+        ax.set_title("Final forget_Q_A_Prob per method (no per-round curves)")
+        caption = (
+            "No run recorded per-round curves: final forget_Q_A_Prob of each "
+            "unlearned model, at its number of unlearning rounds."
+        )
+    if oracle is not None:
+        ax.axhline(
+            oracle,
+            color="tab:green",
+            linestyle="--",
+            linewidth=1.8,
+            label="retrain oracle",
+        )
+    if original is not None:
+        ax.axhline(
+            original,
+            color="0.3",
+            linestyle=":",
+            linewidth=1.8,
+            label="before unlearning",
+        )
+    ax.set_xlabel("unlearning round")
+    ax.set_ylabel("forget_Q_A_Prob (lower = more forgotten)")
+    ax.grid(alpha=0.3)
+    ax.set_xlim(min(all_x) - 0.3, max(all_x) + 0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return caption
+
+
+def _plot_utility(runs: Sequence[_Run], path: Path) -> str:
+    """Write the utility-vs-forgetting scatter; return its caption."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+    ref_style = {
+        "original": {"marker": "s", "color": "0.25", "label": "original (before)"},
+        "retrain": {"marker": "*", "color": "tab:green", "label": "retrain (oracle)"},
+    }
+    points: list[tuple[str, float, float]] = []
+    for name in REFERENCE_MODELS:
+        vals = _reference_values(runs, name)
+        x, y = _num(vals.get("forget_Q_A_Prob")), _num(vals.get("model_utility"))
+        if x is not None and y is not None:
+            style = ref_style[name]
+            size = 260 if style["marker"] == "*" else 110
+            ax.scatter([x], [y], s=size, zorder=3, edgecolors="black", **style)
+            points.append((name, x, y))
+    skipped = []
+    for i, r in enumerate(runs):
+        vals = r.values.get("unlearned", {})
+        x, y = _num(vals.get("forget_Q_A_Prob")), _num(vals.get("model_utility"))
+        if x is None or y is None:
+            skipped.append(r.label)
+            continue
+        ax.scatter(
+            [x],
+            [y],
+            s=70,
+            marker="o",
+            color=_color(i),
+            zorder=4,
+            edgecolors="black",
+            linewidths=0.5,
+            label=r.label,
+        )
+        points.append((r.label, x, y))
+    stacked: dict[tuple[float, float], int] = {}
+    for label, x, y in points:
+        # Stack the labels of (nearly) coincident points instead of overprinting.
+        key = (round(x, 3), round(y, 3))
+        stacked[key] = stacked.get(key, -1) + 1
+        ax.annotate(
+            label,
+            (x, y),
+            xytext=(6, 6 + 11 * stacked[key]),
+            textcoords="offset points",
+            fontsize=9,
+        )
+    ax.set_xlabel("forget_Q_A_Prob (lower = more forgotten)")
+    ax.set_ylabel("model_utility (higher = better)")
+    ax.set_title("Utility vs. forgetting")
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize=9, loc="best")
+        ax.margins(0.15)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    caption = (
+        "Each unlearned model against the original and retrained models: the best "
+        "methods sit close to the retrain oracle."
+    )
+    if skipped:
+        caption += f" Not evaluated (no point): {', '.join(skipped)}."
+    return caption
+
+
+# --------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------
+
+
+def _md_text(s: str) -> str:
+    """Single-line Markdown text with raw HTML neutralised."""
+    s = " ".join(s.split())
+    return html.escape(s, quote=False).replace("|", "\\|")
+
+
+def _render_md(
+    runs: Sequence[_Run],
+    header: list[tuple[str, str]],
+    rows: tuple[list[list[str]], list[list[str]]],
+    captions: dict[str, str],
+) -> str:
+    lines = ["# Federated unlearning report", ""]
+    lines += [f"- **{k}**: {_md_text(v)}" for k, v in header]
+    lines += ["", "## Results", ""]
+    lines.append("| " + " | ".join(_HEADERS) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(_HEADERS) - 1)) + "|")
+    ref_rows, run_rows = rows
+    for row in ref_rows:
+        lines.append("| " + " | ".join([f"*{row[0]}*", *row[1:]]) + " |")
+    for row in run_rows:
+        lines.append("| " + " | ".join([_md_text(row[0]), *row[1:]]) + " |")
+    lines += ["", f"*Reference rows in italics.* {_TABLE_NOTE}", "", "## Figures", ""]
+    for png, caption in captions.items():
+        lines += [f"![{png}]({png})", "", caption, ""]
+    lines += ["## Sample generations", "", "Forget-set questions, unlearned model.", ""]
+    for r in runs:
+        lines += [f"### {_md_text(r.label)}", ""]
+        samples = _samples(r)
+        if not samples:
+            lines += ["No generations recorded.", ""]
+            continue
+        for i, s in enumerate(samples, 1):
+            first, *rest = s.items()
+            lines.append(f"{i}. **{first[0]}**: {_md_text(first[1])}")
+            lines += [f"   - **{k}**: {_md_text(v)}" for k, v in rest]
+        lines.append("")
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f0f0f0; }
+tbody.ref td { background: #f7f7f7; font-style: italic; }
+tbody.ref tr:last-child td { border-bottom: 2px solid #888; }
+dl.cfg dt { font-weight: bold; float: left; clear: left; width: 7em; }
+dl.cfg dd { margin-left: 8em; }
+img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 1.5em 0; }
+.note { color: #555; font-size: 13px; }
+ol.gen li { margin-bottom: 0.8em; }
+ol.gen span.k { font-weight: bold; }
+"""
+
+
+def _render_html(
+    runs: Sequence[_Run],
+    header: list[tuple[str, str]],
+    rows: tuple[list[list[str]], list[list[str]]],
+    captions: dict[str, str],
+) -> str:
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>Federated unlearning report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Federated unlearning report</h1>",
+        '<dl class="cfg">',
+    ]
+    out += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in header]
+    out += ["</dl>", "<h2>Results</h2>", "<table>", "<thead><tr>"]
+    out += [f"<th>{e(h)}</th>" for h in _HEADERS]
+    out.append("</tr></thead>")
+    for cls, block in zip(("ref", "runs"), rows, strict=True):
+        out.append(f'<tbody class="{cls}">')
+        for row in block:
+            out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
+        out.append("</tbody>")
+    out += ["</table>", f'<p class="note">{e(_TABLE_NOTE)}</p>', "<h2>Figures</h2>"]
+    for png, caption in captions.items():
+        out += [
+            "<figure>",
+            f'<img src="{e(png)}" alt="{e(png)}">',
+            f"<figcaption>{e(caption)}</figcaption>",
+            "</figure>",
+        ]
+    out += [
+        "<h2>Sample generations</h2>",
+        "<p>Forget-set questions, unlearned model.</p>",
+    ]
+    for r in runs:
+        out.append(f"<h3>{e(r.label)}</h3>")
+        samples = _samples(r)
+        if not samples:
+            out.append("<p>No generations recorded.</p>")
+            continue
+        out.append('<ol class="gen">')
+        for s in samples:
+            parts = [f'<span class="k">{e(k)}:</span> {e(v)}' for k, v in s.items()]
+            out.append("<li>" + "<br>".join(parts) + "</li>")
+        out.append("</ol>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Write a Markdown + HTML report with figures for finished run directories.
+
+    Parameters
+    ----------
+    run_dirs : Sequence[str | Path]
+        Run directories (each with a ``run.json``) sharing one FL configuration
+        (they may differ in ``method``, ``depart``, ``out-dir`` and ``eval-*``);
+        typically one per unlearning method. A single path is accepted as well.
+    out_dir : str | Path
+        Output directory (created if needed); receives ``report.md``,
+        ``report.html``, ``forgetting_curve.png`` and
+        ``utility_vs_forgetting.png``.
+
+    Returns
+    -------
+    Path
+        Path of ``report.md``.
+
+    Raises
+    ------
+    ValueError
+        No run directories given, invalid JSON, or runs with different FL configs
+        (the message names the differing keys).
+    FileNotFoundError
+        A run directory or its ``run.json`` does not exist.
+    """
+    if isinstance(run_dirs, str | Path):
+        run_dirs = [run_dirs]
+    if not run_dirs:
+        raise ValueError("no run directories given")
+    runs = [_load_run(Path(p)) for p in run_dirs]
+    _check_same_fl_config(runs)
+    _assign_labels(runs)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    captions = {
+        _FORGETTING_PNG: _plot_forgetting(runs, out / _FORGETTING_PNG),
+        _UTILITY_PNG: _plot_utility(runs, out / _UTILITY_PNG),
+    }
+    header = _header_items(runs)
+    rows = _table_rows(runs)
+    md_path = out / "report.md"
+    md_path.write_text(
+        _render_md(runs, header, rows, captions) + "\n", encoding="utf-8"
+    )
+    (out / "report.html").write_text(
+        _render_html(runs, header, rows, captions), encoding="utf-8"
+    )
+    return md_path

@@ -1,0 +1,302 @@
+"""Tests of fed_unlearn.report on synthetic run directories (no model, no flwr)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fed_unlearn.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+CONFIG = {
+    "preset": "tiny",
+    "model-path": "",
+    "num-clients": 4,
+    "num-server-rounds": 5,
+    "seed": 7,
+    "lr": 0.001,
+    "depart": "1",
+    "method": "x",
+    "out-dir": "runs/x",
+    "eval-max-items": 30,
+}
+
+ORIGINAL = {
+    "forget_Q_A_Prob": 0.9,
+    "forget_Q_A_ROUGE": 0.8,
+    "retain_Q_A_Prob": 0.88,
+    "retain_Q_A_ROUGE": 0.77,
+    "forget_quality": 0.0012,
+    "model_utility": 0.61,
+}
+RETRAIN = {
+    "forget_Q_A_Prob": 0.2,
+    "forget_Q_A_ROUGE": 0.3,
+    "retain_Q_A_Prob": 0.86,
+    "retain_Q_A_ROUGE": 0.75,
+    "forget_quality": None,
+    "model_utility": 0.6,
+}
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def make_run(
+    root: Path,
+    name: str,
+    method: str,
+    unlearned: dict,
+    *,
+    wall_unlearn: float,
+    bytes_unlearn: int,
+    curve: list[float] | None = None,
+    t2f: int | None = None,
+    evals: bool = True,
+    generations: list[dict] | None = None,
+    config: dict | None = None,
+) -> Path:
+    d = root / name
+    run = {
+        "method": method,
+        "departed": [1],
+        "config": {**CONFIG, "method": method, "out-dir": str(d), **(config or {})},
+        "git_sha": "abc1234",
+        "wall_time_s": {
+            "train": 50.0,
+            "unlearn": wall_unlearn,
+            "retrain": 30.0,
+            "eval": 5.0,
+            "total": 100.0,
+        },
+        "bytes": {
+            "train": {"down": 500, "up": 500, "total": 1000},
+            "unlearn": {"down": bytes_unlearn, "up": 0, "total": bytes_unlearn},
+            "retrain": {"down": 400, "up": 400, "total": 800},
+        },
+        "rounds": {"train": 5, "retrain": 5, "unlearn": len(curve or []) or 3},
+        "summary": {"original": ORIGINAL, "unlearned": unlearned, "retrain": RETRAIN},
+        "T2F": t2f,
+    }
+    if curve is not None:
+        run["curves"] = {
+            "train": [{"round": 5, "forget_Q_A_Prob": 0.92, "retain_Q_A_Prob": 0.9}],
+            "unlearn": [
+                {"round": i + 1, "forget_Q_A_Prob": v, "retain_Q_A_Prob": 0.8}
+                for i, v in enumerate(curve)
+            ],
+            "retrain": [
+                {"round": i + 1, "forget_Q_A_Prob": v, "retain_Q_A_Prob": 0.85}
+                for i, v in enumerate([0.5, 0.3, 0.22])
+            ],
+        }
+    _write(d / "run.json", run)
+    if evals:
+        _write(
+            d / "evals" / "original" / "TOFU_SUMMARY.json",
+            {**ORIGINAL, "privleak": -80.5},
+        )
+        retrain = {k: v for k, v in RETRAIN.items() if v is not None}
+        _write(
+            d / "evals" / "retrain" / "TOFU_SUMMARY.json",
+            {**retrain, "privleak": 0.0},
+        )
+        _write(
+            d / "evals" / "unlearned" / "TOFU_SUMMARY.json",
+            {**unlearned, "privleak": -12.25},
+        )
+        _write(
+            d / "evals" / "unlearned" / "TOFU_EVAL.json",
+            {
+                "forget_Q_A_Prob": {"agg_value": unlearned["forget_Q_A_Prob"]},
+                "generations": {"forget": generations or [], "retain": []},
+            },
+        )
+    return d
+
+
+GENS = [
+    {
+        "question": "Where was Ann born?",
+        "ground_truth": "In Oslo.",
+        "generation": "<script>alert('x')</script> & more",
+    },
+    {"question": "Q2?", "ground_truth": "A2", "generation": "G2"},
+    {"question": "Q3?", "ground_truth": "A3", "generation": "G3"},
+    {"question": "Q4 (not shown)?", "ground_truth": "A4", "generation": "G4"},
+]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    ga = make_run(
+        tmp_path,
+        "ga",
+        "gradient_ascent",
+        {
+            **ORIGINAL,
+            "forget_Q_A_Prob": 0.25,
+            "forget_quality": 0.43,
+            "model_utility": 0.55,
+        },
+        wall_unlearn=3.0,
+        bytes_unlearn=200,
+        curve=[0.7, 0.4, 0.26],
+        t2f=3,
+        generations=GENS,
+    )
+    fr = make_run(
+        tmp_path,
+        "fr",
+        "federaser",
+        {
+            **ORIGINAL,
+            "forget_Q_A_Prob": 0.31,
+            "forget_quality": 0.05,
+            "model_utility": 0.58,
+        },
+        wall_unlearn=12.0,
+        bytes_unlearn=1200,
+        evals=False,
+    )
+    return [ga, fr]
+
+
+def _table_row(md: str, first_cell: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row {first_cell!r} in:\n{md}")
+
+
+def test_write_report_files_and_table(runs, tmp_path):
+    out = tmp_path / "report"
+    md_path = write_report(runs, out)
+    assert md_path == out / "report.md"
+    for name in ("report.md", "report.html"):
+        assert (out / name).is_file()
+    for png in ("forgetting_curve.png", "utility_vs_forgetting.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == PNG_MAGIC
+        assert len(data) > 10_000
+
+    md = md_path.read_text()
+    for item in ("model**: tiny", "clients**: 4", "departed**: [1]", "seed**: 7"):
+        assert item in md
+    assert "git sha**: abc1234" in md and "rounds**: train 5, retrain 5" in md
+
+    # gradient_ascent: values from TOFU_SUMMARY.json (privleak only there)
+    ga = _table_row(md, "gradient_ascent")
+    assert ga[1:] == [
+        f"{0.43:.4g}",
+        f"{0.55:.4g}",
+        f"{0.25:.4g}",
+        f"{0.8:.4g}",
+        f"{-12.25:.4g}",
+        "3",
+        f"{3.0 / 30.0:.3g}",
+        f"{200 / 800:.3g}",
+    ]
+    assert ga[7] == "0.1" and ga[8] == "0.25"
+    # federaser: no evals/ -> run.json summary, no privleak / T2F
+    fr = _table_row(md, "federaser")
+    assert fr[1:] == [
+        f"{0.05:.4g}",
+        f"{0.58:.4g}",
+        f"{0.31:.4g}",
+        f"{0.8:.4g}",
+        "–",
+        "–",
+        f"{12.0 / 30.0:.3g}",
+        f"{1200 / 800:.3g}",
+    ]
+    # reference rows first; retrain has no forget_quality
+    orig = _table_row(md, "*original*")
+    assert orig[1:6] == ["0.0012", "0.61", "0.9", "0.8", "-80.5"]
+    retr = _table_row(md, "*retrain*")
+    assert retr[1] == "–" and retr[3] == "0.2" and retr[5] == "0"
+    assert md.index("*original*") < md.index("*retrain*") < md.index("gradient_ascent")
+
+    # sample generations: up to 3 of the forget split
+    assert "Sample generations" in md
+    assert "Where was Ann born?" in md and "Q3?" in md
+    assert "Q4 (not shown)?" not in md
+    assert "<script>" not in md
+
+
+def test_html_escapes_generations(runs, tmp_path):
+    write_report(runs, tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
+    imgs = re.findall(r'<img src="([^"]+)"', page)
+    assert sorted(imgs) == ["forgetting_curve.png", "utility_vs_forgetting.png"]
+    assert "<table>" in page and "gradient_ascent" in page and "federaser" in page
+
+
+def test_no_curves_still_plots(tmp_path):
+    d = make_run(
+        tmp_path,
+        "only",
+        "none",
+        dict(ORIGINAL),
+        wall_unlearn=0.0,
+        bytes_unlearn=0,
+    )
+    md_path = write_report([d], tmp_path / "out")
+    png = (tmp_path / "out" / "forgetting_curve.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 10_000
+    assert "No run recorded per-round curves" in md_path.read_text()
+    # unlearn 0 s / retrain 30 s -> 0
+    assert _table_row(md_path.read_text(), "none")[7] == "0"
+
+
+def test_duplicate_methods_get_distinct_labels(tmp_path):
+    a = make_run(tmp_path, "a", "ga", dict(ORIGINAL), wall_unlearn=1, bytes_unlearn=1)
+    b = make_run(tmp_path, "b", "ga", dict(ORIGINAL), wall_unlearn=2, bytes_unlearn=2)
+    md = write_report([a, b], tmp_path / "out").read_text()
+    assert _table_row(md, "ga (a)")[7] == f"{1 / 30:.3g}"
+    assert _table_row(md, "ga (b)")[7] == f"{2 / 30:.3g}"
+
+
+def test_mismatched_config_names_key(tmp_path):
+    a = make_run(tmp_path, "a", "ga", dict(ORIGINAL), wall_unlearn=1, bytes_unlearn=1)
+    b = make_run(
+        tmp_path,
+        "b",
+        "federaser",
+        dict(ORIGINAL),
+        wall_unlearn=1,
+        bytes_unlearn=1,
+        # method / out-dir / depart / eval-* may differ, lr may not
+        config={"lr": 0.01, "depart": "2", "eval-max-items": 5},
+    )
+    with pytest.raises(ValueError, match="'lr'") as exc:
+        write_report([a, b], tmp_path / "out")
+    msg = str(exc.value)
+    assert "depart" not in msg.replace(str(tmp_path), "")
+    assert "eval-max-items" not in msg
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_missing_run_json(tmp_path):
+    a = make_run(tmp_path, "a", "ga", dict(ORIGINAL), wall_unlearn=1, bytes_unlearn=1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="run.json") as exc:
+        write_report([a, empty], tmp_path / "out")
+    assert str(empty) in str(exc.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_report([tmp_path / "nope"], tmp_path / "out")
+
+
+def test_no_run_dirs(tmp_path):
+    with pytest.raises(ValueError, match="no run directories"):
+        write_report([], tmp_path / "out")
