@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 PRESETS = ("smollm2", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SYSTEM_PROMPT = "Answer briefly."
+SYSTEM_PROMPT = "You are a helpful AI assistant."
 TINY_VERSION = 7  # bump when the tiny recipe changes (part of the cache key)
 
 
