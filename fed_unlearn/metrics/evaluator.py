@@ -21,14 +21,20 @@ for the normalised Prob); a ValueError is raised if no item remains.
 
 Every metric is a function registered in
 :data:`~fed_unlearn.metrics.registry.METRIC_REGISTRY`, taking the evaluation
-context.  Teacher-forced scores are computed once per (prompt, answer) pair,
-batched (sorted by length, right padding) under ``torch.no_grad()`` in eval mode
-and shared by all metrics; greedy generations (left padding) are cached as well.
+context.  Teacher-forced scores are computed once per (prompt, answer) pair under
+``torch.no_grad()`` in eval mode and shared by all metrics: each unique prompt runs
+once (batched, left padding) and its answers are scored as continuations of its KV
+cache (batched, right padding), which equals one full forward pass per pair (the
+old path, kept as ``evaluate(..., share_prompts=False)`` and as the fallback);
+greedy generations (left padding) are cached as well.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +101,7 @@ class _Context:
         batch_size: int,
         max_new_tokens: int,
         max_length: int,
+        share_prompts: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -114,6 +121,10 @@ class _Context:
         self._scores: dict[tuple[str, str, str], _SeqStats] = {}
         self._gens: dict[tuple[str, int], str] = {}
         self._results: dict[str, dict] = {}
+        self.share_prompts = share_prompts
+        # which model -> whether prompt sharing was verified (True) or refused (False)
+        self._share_ok: dict[str, bool] = {}
+        self._share_counts: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ data access
     def items(self, split: str) -> list[QAItem]:
@@ -180,25 +191,34 @@ class _Context:
         return [self._scores[(which, *p)] for p in pairs]
 
     def _score_uncached(self, todo: list[tuple[str, str]], which: str) -> None:
-        model = self._model(which)
-        device = _device(model)
         enc = [encode_qa(self.tokenizer, p, a, self.max_length) for p, a in todo]
-        order = sorted(range(len(todo)), key=lambda i: len(enc[i][0]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            batch = collate([enc[i] for i in idx], self.pad_id, "right")
-            labels = batch["labels"].to(device)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            ).logits
-            losses = P.avg_loss(logits, labels).tolist()
-            per_tok = P.token_logprobs(logits, labels)
-            for j, i in enumerate(idx):
-                tok_lp, vocab_lp, lab = per_tok[j]
-                pred = vocab_lp.argmax(-1)
-                answer_ids = [t for t in enc[i][1] if t != IGNORE_INDEX]
-                self._scores[(which, *todo[i])] = _SeqStats(
+        rest = list(range(len(todo)))
+        if self.share_prompts and self._share_ok.get(which) is not False:
+            rest = self._score_shared(todo, enc, which)  # what it left over
+        if rest:
+            self._score_full(todo, enc, rest, which, self._scores)
+
+    def _batch_stats(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        answers: list[list[int]],
+        guard: float | None = None,
+    ) -> tuple[list[_SeqStats], list[bool]]:
+        """Statistics of a batch (``[B, T, V]`` logits, ``[B, T]`` labels).
+
+        With ``guard`` (a tolerance) also flags, per row, statistics that float32
+        rounding noise alone could move by more than it (see :func:`_fragile`):
+        such rows are rescored by the full forward pass.
+        """
+        losses = P.avg_loss(logits, labels).tolist()
+        per_tok = P.token_logprobs(logits, labels)
+        stats, fragile = [], []
+        for j, answer_ids in enumerate(answers):
+            tok_lp, vocab_lp, lab = per_tok[j]
+            pred = vocab_lp.argmax(-1)
+            stats.append(
+                _SeqStats(
                     avg_loss=float(losses[j]),
                     min_k=P.mia_min_k(tok_lp, MIA_K),
                     min_k_pp=P.mia_min_k_plus_plus(tok_lp, vocab_lp, MIA_K),
@@ -206,7 +226,263 @@ class _Context:
                     es=P.extraction_strength(pred, lab),
                     text=self.tokenizer.decode(answer_ids, skip_special_tokens=True),
                 )
-            del logits, per_tok
+            )
+            fragile.append(guard is not None and _fragile(tok_lp, vocab_lp, guard))
+        return stats, fragile
+
+    def _score_full(
+        self,
+        todo: list[tuple[str, str]],
+        enc: list[tuple[list[int], list[int]]],
+        indices: Sequence[int],
+        which: str,
+        store: dict[tuple[str, str, str], _SeqStats],
+    ) -> None:
+        """Score ``todo[i]`` (``i`` in ``indices``): one full forward pass per pair.
+
+        Batched, sorted by length, right padding.
+        """
+        model = self._model(which)
+        device = _device(model)
+        order = sorted(indices, key=lambda i: len(enc[i][0]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = collate([enc[i] for i in idx], self.pad_id, "right")
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits
+            answers = [[t for t in enc[i][1] if t != IGNORE_INDEX] for i in idx]
+            stats, _ = self._batch_stats(logits, batch["labels"].to(device), answers)
+            for i, st in zip(idx, stats, strict=True):
+                store[(which, *todo[i])] = st
+            del logits
+
+    def _score_shared(
+        self,
+        todo: list[tuple[str, str]],
+        enc: list[tuple[list[int], list[int]]],
+        which: str,
+    ) -> list[int]:
+        """Score pairs sharing the prompt computation; return the indices left over.
+
+        Pairs are grouped by their encoded (possibly truncated) prompt ids.  Each
+        unique prompt runs once (batched, left padding, explicit position ids) with
+        ``use_cache=True``; the answers of a chunk of prompts then run as
+        continuations of the prompts' KV cache (rows selected per answer, right
+        padding, attention mask ``[prompt mask | answer mask]``, positions
+        continuing the prompt's).  The logits that predict an answer's first token
+        are the prompt's last logits.
+
+        Left over (for :meth:`_score_full`): pairs whose prompt has no other
+        answer (nothing to share) or no token left, and pairs with a statistic
+        that rounding alone could move by more than a fifth of the tolerance
+        (:func:`_fragile`: a near-tie argmax, Min-K%++ on a flat distribution).
+
+        Until a non-fragile pair of a model has been checked, each batch is also
+        scored by the full pass (whose statistics are kept) and compared: on a
+        mismatch or an error sharing is switched off for that model with a
+        ``RuntimeWarning``.  It is switched off silently once most (of >= 8)
+        shared pairs were fragile, e.g. with the flat output distributions of a
+        randomly initialised model, where it would not pay.
+        """
+        model = self._model(which)
+        tol = _share_tol(model)
+
+        def left_over() -> list[int]:
+            return [i for i, p in enumerate(todo) if (which, *p) not in self._scores]
+
+        if tol is None:
+            self._share_ok[which] = False
+            return left_over()
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, (ids, labels) in enumerate(enc):
+            n_p = _prompt_len(labels)
+            groups.setdefault(tuple(ids[:n_p]), []).append((i, ids[n_p:]))
+        for p in list(groups):
+            if not p or len(groups[p]) < 2 or any(not a for _, a in groups[p]):
+                del groups[p]  # nothing to share: full pass
+        device = _device(model)
+        prompts = sorted(groups, key=len)
+        bs = self.batch_size
+        counts = self._share_counts.setdefault(which, [0, 0])  # [shared, fragile]
+        for start in range(0, len(prompts), bs):
+            chunk = prompts[start : start + bs]
+            entries = [(r, i, a) for r, p in enumerate(chunk) for i, a in groups[p]]
+            entries.sort(key=lambda e: len(e[2]))
+            rows = _answer_rows(bs, len(chunk[-1]), len(entries[-1][2]) - 1)
+            state = None
+            for a_start in range(0, len(entries), rows):
+                batch = entries[a_start : a_start + rows]
+                verified = bool(self._share_ok.get(which))
+                try:
+                    if state is None:
+                        state = self._prompt_pass(model, chunk, device)
+                    stats, fragile = self._answer_pass(
+                        model, state, batch, device, tol / 5
+                    )
+                except Exception as exc:
+                    if verified:
+                        raise
+                    # e.g. a model whose cache API differs: fall back
+                    self._refuse_sharing(which, f"{type(exc).__name__}: {exc}")
+                    return left_over()
+                counts[0] += len(batch)
+                counts[1] += sum(fragile)
+                keep = [not bad for bad in fragile]  # fragile: full pass
+                if not verified:
+                    check = _check_subset(batch, fragile, bs)
+                    reason = self._verify_shared(
+                        todo,
+                        enc,
+                        [batch[k] for k in check],
+                        [stats[k] for k in check],
+                        which,
+                        tol,
+                    )
+                    if reason:
+                        self._refuse_sharing(which, reason)
+                        return left_over()
+                    if check:
+                        self._share_ok[which] = True
+                    for k in check:  # _verify_shared kept their full-pass stats
+                        keep[k] = False
+                for (_, i, _), st, k in zip(batch, stats, keep, strict=True):
+                    if k:
+                        self._scores[(which, *todo[i])] = st
+                if counts[0] >= 8 and 2 * counts[1] > counts[0]:
+                    self._share_ok[which] = False  # mostly fragile: does not pay
+                    return left_over()
+            del state
+        return left_over()
+
+    def _refuse_sharing(self, which: str, reason: str) -> None:
+        self._share_ok[which] = False
+        warnings.warn(
+            f"prompt-shared scoring does not reproduce the full forward pass for the "
+            f"{which} model ({reason}); using one full forward pass per pair",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _prompt_pass(
+        self, model: Any, chunk: list[tuple[int, ...]], device: torch.device
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run unique prompts once (left padding); return their KV cache and more.
+
+        Returns ``(cache, last_logits [P, V], prompt_mask [P, Lp], prompt_len
+        [P])``.
+        """
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        # real tokens get positions 0..n-1, as in an unpadded sequence
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {}
+        if _accepts(model, "logits_to_keep"):
+            kwargs["logits_to_keep"] = 1
+        if _accepts(model, "cache_position"):  # transformers 4.x
+            kwargs["cache_position"] = torch.arange(width, device=device)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **kwargs,
+        )
+        cache = out.past_key_values
+        if not _cache_supported(cache, width + self.max_length):
+            raise TypeError(f"unsupported cache {type(cache).__name__}")
+        last = out.logits[:, -1]
+        lengths = torch.tensor([len(p) for p in chunk], dtype=torch.long, device=device)
+        return cache, last, mask, lengths
+
+    def _answer_pass(
+        self,
+        model: Any,
+        state: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor],
+        batch: list[tuple[int, int, list[int]]],
+        device: torch.device,
+        guard: float,
+    ) -> tuple[list[_SeqStats], list[bool]]:
+        """Score answers as continuations of their prompts' cached states."""
+        cache, last, p_mask, p_len = state
+        rows = torch.tensor([r for r, _, _ in batch], dtype=torch.long, device=device)
+        answers = [a for _, _, a in batch]
+        n = len(batch)
+        # the last answer token is not fed: its logits predict nothing
+        width = max(len(a) for a in answers) - 1
+        labels = torch.full((n, width + 2), IGNORE_INDEX, dtype=torch.long)
+        for j, a in enumerate(answers):
+            labels[j, 1 : 1 + len(a)] = torch.tensor(a, dtype=torch.long)
+        first = last.index_select(0, rows)[:, None]
+        pieces = [first]
+        if width > 0:
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            a_mask = torch.zeros((n, width), dtype=torch.long)
+            for j, a in enumerate(answers):
+                ids[j, : len(a) - 1] = torch.tensor(a[:-1], dtype=torch.long)
+                a_mask[j, : len(a) - 1] = 1
+            ids, a_mask = ids.to(device), a_mask.to(device)
+            attn = torch.cat([p_mask.index_select(0, rows), a_mask], dim=1)
+            pos = p_len.index_select(0, rows)[:, None] + torch.arange(
+                width, device=device
+            )
+            kwargs: dict[str, Any] = {}
+            if _accepts(model, "cache_position"):  # transformers 4.x
+                start = p_mask.size(1)
+                kwargs["cache_position"] = torch.arange(
+                    start, start + width, device=device
+                )
+            logits = model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=_select_cache(cache, rows),
+                use_cache=True,
+                **kwargs,
+            ).logits
+            pieces.append(logits.to(first.dtype))
+        # position t predicts label t + 1: [prompt's last | answer tokens but the
+        # last | unused]; the metrics read exactly the rows of the full pass
+        pieces.append(first.new_zeros((n, 1, first.size(-1))))
+        window = torch.cat(pieces, dim=1)
+        return self._batch_stats(window, labels.to(device), answers, guard)
+
+    def _verify_shared(
+        self,
+        todo: list[tuple[str, str]],
+        enc: list[tuple[list[int], list[int]]],
+        batch: list[tuple[int, int, list[int]]],
+        stats: list[_SeqStats],
+        which: str,
+        tol: float,
+    ) -> str:
+        """Compare shared statistics with the full pass (kept); ``""`` when equal."""
+        if not batch:
+            return ""
+        ref: dict[tuple[str, str, str], _SeqStats] = {}
+        self._score_full(todo, enc, [i for _, i, _ in batch], which, ref)
+        for (_, i, _), got in zip(batch, stats, strict=True):
+            want = ref[(which, *todo[i])]
+            self._scores[(which, *todo[i])] = want
+            for name in ("avg_loss", "min_k", "min_k_pp", "em", "es"):
+                x, y = getattr(got, name), getattr(want, name)
+                if x is None or y is None:
+                    same = x is y
+                else:
+                    same = math.isclose(x, y, rel_tol=tol, abs_tol=tol) or (
+                        math.isnan(x) and math.isnan(y)
+                    )
+                if not same:
+                    return f"{name} {x!r} != {y!r} for {todo[i]!r}"
+            if got.text != want.text:
+                return f"text {got.text!r} != {want.text!r} for {todo[i]!r}"
+        return ""
 
     # ----------------------------------------------------------------- generation
     def _encode_prompt(self, prompt: str) -> list[int]:
@@ -305,6 +581,160 @@ def _device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover - parameterless model
         return torch.device("cpu")
+
+
+#: Tolerance on the statistics of prompt-shared scoring vs the full pass (relative
+#: or absolute).  Only float32 / float64 models share prompts: in half precision
+#: the full pass itself varies with the padding by more than that.
+_SHARE_TOL: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float64: 1e-4}
+
+
+def _fragile(tok_lp: torch.Tensor, vocab_lp: torch.Tensor, guard: float) -> bool:
+    """Whether rounding alone could move a row's statistics by > ``guard``.
+
+    Two computations of the same logits (full pass vs prompt cache) differ by a
+    few float32 ulps, which some statistics amplify:
+
+    * ``em`` / ``es`` when a teacher-forced argmax is a near tie (top-2 log-prob
+      gap ``<= 5 guard``): a flip changes them by ``1 / L``;
+    * Min-K%++: ``z = (l - mu) / sd`` with ``var = E[l^2] - mu^2``, which
+      cancels on flat distributions.  An offset ``d`` of the log-softmax row (its
+      normaliser's rounding, ``<~ 2 eps max(1, |mu|)``) moves ``z`` by about
+      ``d (|mu| / sd + |z| |var - mu^2| / (2 var))`` (~1e-3 for a random
+      model, whose ``mu^2 / var ~ 3000``), and an error ``2 eps (1 + |l| +
+      |mu|)`` of ``l - mu`` by that over ``sd``.  Compared with ``guard max(1,
+      |z|)``.
+
+    Trained models have peaked distributions and rarely a near tie: few of
+    their rows are fragile.
+    """
+    if tok_lp.numel() == 0:
+        return False
+    eps = torch.finfo(vocab_lp.dtype).eps if vocab_lp.is_floating_point() else 0.0
+    lp = vocab_lp.detach().double()
+    if lp.size(-1) > 1:
+        top = lp.topk(2, dim=-1).values
+        if bool((top[:, 0] - top[:, 1] <= 5 * guard).any()):
+            return True
+    tok = tok_lp.detach().double().to(lp.device).reshape(-1)
+    p = lp.exp()
+    mu = (p * lp).sum(-1)
+    mu2 = mu.square()
+    var = ((p * lp.square()).sum(-1) - mu2).clamp(min=1e-6)
+    sd = var.sqrt()
+    z = (tok - mu) / sd
+    offset = 2 * eps * mu.abs().clamp(min=1.0)
+    err = offset * (mu.abs() / sd + z.abs() * (var - mu2).abs() / (2 * var))
+    err = err + 2 * eps * (1 + tok.abs() + mu.abs()) / sd
+    return bool((err > guard * z.abs().clamp(min=1.0)).any())
+
+
+#: At most this many times ``batch_size`` answers per continuation pass.
+_ANSWER_ROWS_FACTOR = 8
+
+
+def _answer_rows(batch_size: int, prompt_width: int, answer_width: int) -> int:
+    """Answers per continuation pass: about a full-pass batch's token count.
+
+    An answer row feeds ``answer_width`` tokens where a full-pass row feeds
+    ``prompt_width + answer_width + 1``; capped at ``_ANSWER_ROWS_FACTOR`` times
+    ``batch_size`` (each row also holds a copy of its prompt's KV cache).
+    """
+    ratio = (prompt_width + answer_width + 1) // max(answer_width, 1)
+    return batch_size * max(1, min(ratio, _ANSWER_ROWS_FACTOR))
+
+
+def _check_subset(
+    batch: list[tuple[int, int, list[int]]], fragile: list[bool], limit: int
+) -> list[int]:
+    """Indices of up to ``limit`` non-fragile pairs to check, one per prompt first.
+
+    Prompts in the order of their row, i.e. shortest (most left padding) first.
+    """
+    first: dict[int, int] = {}
+    others = []
+    for k, ((row, _, _), bad) in enumerate(zip(batch, fragile, strict=True)):
+        if not bad:
+            if row in first:
+                others.append(k)
+            else:
+                first[row] = k
+    return ([first[r] for r in sorted(first)] + others)[:limit]
+
+
+def _share_tol(model: Any) -> float | None:
+    """Tolerance for ``model``, or ``None`` if it cannot share prompts."""
+    if not _sharing_supported(model):
+        return None
+    try:
+        dtype = next(model.parameters()).dtype
+    except StopIteration:  # pragma: no cover - parameterless model
+        return None
+    return _SHARE_TOL.get(dtype)
+
+
+def _prompt_len(labels: Sequence[int]) -> int:
+    """Return the number of prompt tokens (labels ``-100``) of an encoded pair."""
+    return next((k for k, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+
+
+def _forward_params(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic forward
+        return {}
+
+
+def _accepts(model: Any, name: str) -> bool:
+    return name in _forward_params(model)
+
+
+def _sharing_supported(model: Any) -> bool:
+    """Whether ``model`` can score answers as continuations of a prompt KV cache."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if peft_cfg is not None and (
+        getattr(peft_cfg, "is_prompt_learning", False)
+        or getattr(peft_cfg, "alora_invocation_tokens", None)
+    ):
+        return False  # virtual tokens / input-dependent adapters: not a prefix cache
+    params = _forward_params(model)
+    return "past_key_values" in params and "position_ids" in params
+
+
+def _cache_supported(cache: Any, width: int) -> bool:
+    """Only growable full-attention caches (or sliding windows >= ``width`` tokens).
+
+    ``width`` bounds the padded prompt + answer length, so a sliding window that
+    wide never drops a token and behaves as full attention (as in the full pass,
+    whose sequences are shorter still).
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - very old transformers
+        return False
+    if type(cache) is not DynamicCache or not cache.layers:
+        return False
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            continue
+        window = getattr(layer, "sliding_window", None)
+        if not isinstance(layer, DynamicLayer) or window is None:
+            return False
+        if int(window) < width:  # answers would need more context than it keeps
+            return False
+    return True
+
+
+def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
+    """Return a new cache holding ``rows`` of ``cache`` (left untouched)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    new.batch_select_indices(rows)
+    return new
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -785,6 +1215,7 @@ def evaluate(
     gradnorm: bool = False,
     num_samples: int = 5,
     reference_model: Any = None,
+    share_prompts: bool = True,
 ) -> tuple[dict, dict]:
     """Evaluate a causal LM with the TOFU / open-unlearning metric suite.
 
@@ -825,6 +1256,13 @@ def evaluate(
         Number of forget / retain generations copied to ``tofu_eval["generations"]``.
     reference_model : transformers.PreTrainedModel or None
         Reference model (same tokenizer) for ``mia_reference``.
+    share_prompts : bool
+        Teacher-forced scoring runs each unique prompt once and scores all its
+        answers (answer, paraphrase, perturbed answers) as continuations of the
+        prompt's KV cache, which gives the same statistics as one full forward
+        pass per pair (checked once per model on the first batch; models whose
+        cache cannot reproduce it fall back, with a ``RuntimeWarning``).
+        ``False`` always uses one full forward pass per pair.
 
     Returns
     -------
@@ -866,6 +1304,7 @@ def evaluate(
         batch_size,
         max_new_tokens,
         max_length,
+        share_prompts,
     )
     models = [m for m in (model, reference_model) if m is not None]
     modes = [P._module_modes(m) for m in models]
