@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 PRESETS = ("smollm2", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = "You are a helpful AI assistant."
-TINY_VERSION = 7  # bump when the tiny recipe changes (part of the cache key)
+TINY_VERSION = 8  # bump when the tiny recipe changes (part of the cache key)
 
 
 class ModelLoadError(RuntimeError):
@@ -199,7 +199,7 @@ def public_corpus(max_chars: int = 400_000) -> list[str]:
     return paras
 
 
-def format_corpus(seed: int, n_people: int = 150) -> list[str]:
+def format_corpus(seed: int, n_people: int = 150) -> list[tuple[str, str]]:
     r"""Question/answer text about *other* fictitious people, for pre-training.
 
     Teaches the tiny model the prompt format and the shape of invented values (as
@@ -224,13 +224,13 @@ def format_corpus(seed: int, n_people: int = 150) -> list[str]:
 
     people = generate_people(10_000 + seed, n_people) if n_people > 0 else []
     texts = [
-        f"Question: {it.question}\nAnswer: {it.answer}"
+        (f"Question: {it.question}\nAnswer: ", it.answer)
         for p in people
         for it in p.items
     ]
     # World knowledge a real LLM has from pre-training (the utility probes).
     facts = [
-        f"Question: {it.question}\nAnswer: {ans}"
+        (f"Question: {it.question}\nAnswer: ", ans)
         for it in general_knowledge()
         for ans in (it.answer, it.paraphrased_answer)
     ]
@@ -335,8 +335,10 @@ def tiny_dir(spec: TinySpec | None = None) -> Path:
         return out
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    texts = public_corpus() + format_corpus(spec.seed)
-    tok = build_tiny_tokenizer(texts, spec.vocab_size)
+    texts: list[str | tuple[str, str]] = [*public_corpus(), *format_corpus(spec.seed)]
+    tok = build_tiny_tokenizer(
+        [t if isinstance(t, str) else "".join(t) for t in texts], spec.vocab_size
+    )
     torch.manual_seed(spec.seed)
     cfg = LlamaConfig(
         vocab_size=len(tok),  # type: ignore[arg-type]
@@ -375,13 +377,17 @@ def tiny_dir(spec: TinySpec | None = None) -> Path:
 
 
 def _pretrain(
-    model: torch.nn.Module, tok: object, texts: list[str], spec: TinySpec
+    model: torch.nn.Module,
+    tok: object,
+    texts: Sequence[str | tuple[str, str]],
+    spec: TinySpec,
 ) -> None:
     """Causal-LM pre-training of the tiny model on packed public text."""
     eos = tok.eos_token_id  # type: ignore[attr-defined]
     stream: list[int] = []
     for t in texts:
-        stream.extend(tok(t, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+        for part in (t,) if isinstance(t, str) else t:
+            stream.extend(tok(part, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
         stream.append(eos)
     data = torch.tensor(stream, dtype=torch.long)
     n_chunks = len(data) // spec.seq_len

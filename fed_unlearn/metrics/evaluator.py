@@ -213,7 +213,7 @@ class _Context:
         """
         losses = P.avg_loss(logits, labels).tolist()
         per_tok = P.token_logprobs(logits, labels)
-        stats, fragile = [], []
+        stats = []
         for j, answer_ids in enumerate(answers):
             tok_lp, vocab_lp, lab = per_tok[j]
             pred = vocab_lp.argmax(-1)
@@ -227,7 +227,18 @@ class _Context:
                     text=self.tokenizer.decode(answer_ids, skip_special_tokens=True),
                 )
             )
-            fragile.append(guard is not None and _fragile(tok_lp, vocab_lp, guard))
+        if guard is None:
+            return stats, [False] * len(stats)
+        flags = _fragile(
+            torch.cat([t for t, _, _ in per_tok]),
+            torch.cat([v for _, v, _ in per_tok]),
+            guard,
+        ).tolist()
+        fragile, start = [], 0
+        for tok_lp, _, _ in per_tok:
+            n = tok_lp.numel()
+            fragile.append(any(flags[start : start + n]))
+            start += n
         return stats, fragile
 
     def _score_full(
@@ -279,9 +290,10 @@ class _Context:
         that rounding alone could move by more than a fifth of the tolerance
         (:func:`_fragile`: a near-tie argmax, Min-K%++ on a flat distribution).
 
-        Until a non-fragile pair of a model has been checked, each batch is also
-        scored by the full pass (whose statistics are kept) and compared: on a
-        mismatch or an error sharing is switched off for that model with a
+        Until a non-fragile pair of a model has been checked, up to
+        ``_CHECK_PAIRS`` pairs of distinct prompts of each batch are also scored
+        by the full pass (whose statistics are kept) and compared: on a mismatch
+        or an error sharing is switched off for that model with a
         ``RuntimeWarning``.  It is switched off silently once most (of >= 8)
         shared pairs were fragile, e.g. with the flat output distributions of a
         randomly initialised model, where it would not pay.
@@ -331,7 +343,7 @@ class _Context:
                 counts[1] += sum(fragile)
                 keep = [not bad for bad in fragile]  # fragile: full pass
                 if not verified:
-                    check = _check_subset(batch, fragile, bs)
+                    check = _check_subset(batch, fragile, min(bs, _CHECK_PAIRS))
                     reason = self._verify_shared(
                         todo,
                         enc,
@@ -359,8 +371,8 @@ class _Context:
     def _refuse_sharing(self, which: str, reason: str) -> None:
         self._share_ok[which] = False
         warnings.warn(
-            f"prompt-shared scoring does not reproduce the full forward pass for the "
-            f"{which} model ({reason}); using one full forward pass per pair",
+            f"prompt-shared scoring is not usable for the {which} model ({reason}); "
+            "using one full forward pass per pair",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -396,7 +408,15 @@ class _Context:
         )
         cache = out.past_key_values
         if not _cache_supported(cache, width + self.max_length):
-            raise TypeError(f"unsupported cache {type(cache).__name__}")
+            raise TypeError(
+                f"its {type(cache).__name__} is not a growable full-attention cache "
+                f"(or a sliding window of >= {width + self.max_length} tokens)"
+            )
+        pad = (mask == 0)[:, None, :, None]
+        for layer in cache.layers:  # padding is masked; keep it finite (0 * nan)
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys.masked_fill_(pad, 0.0)
+                layer.values.masked_fill_(pad, 0.0)
         last = out.logits[:, -1]
         lengths = torch.tensor([len(p) for p in chunk], dtype=torch.long, device=device)
         return cache, last, mask, lengths
@@ -479,7 +499,7 @@ class _Context:
                         math.isnan(x) and math.isnan(y)
                     )
                 if not same:
-                    return f"{name} {x!r} != {y!r} for {todo[i]!r}"
+                    return f"{name} {x!r} != {y!r} (full pass) for {todo[i]!r}"
             if got.text != want.text:
                 return f"text {got.text!r} != {want.text!r} for {todo[i]!r}"
         return ""
@@ -589,8 +609,10 @@ def _device(model: Any) -> torch.device:
 _SHARE_TOL: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float64: 1e-4}
 
 
-def _fragile(tok_lp: torch.Tensor, vocab_lp: torch.Tensor, guard: float) -> bool:
-    """Whether rounding alone could move a row's statistics by > ``guard``.
+def _fragile(
+    tok_lp: torch.Tensor, vocab_lp: torch.Tensor, guard: float
+) -> torch.Tensor:
+    """Flag positions where rounding alone could move statistics by > ``guard``.
 
     Two computations of the same logits (full pass vs prompt cache) differ by a
     few float32 ulps, which some statistics amplify:
@@ -609,13 +631,13 @@ def _fragile(tok_lp: torch.Tensor, vocab_lp: torch.Tensor, guard: float) -> bool
     their rows are fragile.
     """
     if tok_lp.numel() == 0:
-        return False
+        return torch.zeros(0, dtype=torch.bool)
     eps = torch.finfo(vocab_lp.dtype).eps if vocab_lp.is_floating_point() else 0.0
     lp = vocab_lp.detach().double()
+    tie = torch.zeros(lp.size(0), dtype=torch.bool, device=lp.device)
     if lp.size(-1) > 1:
         top = lp.topk(2, dim=-1).values
-        if bool((top[:, 0] - top[:, 1] <= 5 * guard).any()):
-            return True
+        tie = top[:, 0] - top[:, 1] <= 5 * guard
     tok = tok_lp.detach().double().to(lp.device).reshape(-1)
     p = lp.exp()
     mu = (p * lp).sum(-1)
@@ -626,9 +648,11 @@ def _fragile(tok_lp: torch.Tensor, vocab_lp: torch.Tensor, guard: float) -> bool
     offset = 2 * eps * mu.abs().clamp(min=1.0)
     err = offset * (mu.abs() / sd + z.abs() * (var - mu2).abs() / (2 * var))
     err = err + 2 * eps * (1 + tok.abs() + mu.abs()) / sd
-    return bool((err > guard * z.abs().clamp(min=1.0)).any())
+    return (tie | (err > guard * z.abs().clamp(min=1.0))).cpu()
 
 
+#: Pairs of distinct prompts checked against the full pass (first batch).
+_CHECK_PAIRS = 4
 #: At most this many times ``batch_size`` answers per continuation pass.
 _ANSWER_ROWS_FACTOR = 8
 
@@ -647,19 +671,20 @@ def _answer_rows(batch_size: int, prompt_width: int, answer_width: int) -> int:
 def _check_subset(
     batch: list[tuple[int, int, list[int]]], fragile: list[bool], limit: int
 ) -> list[int]:
-    """Indices of up to ``limit`` non-fragile pairs to check, one per prompt first.
+    """Pick up to ``limit`` non-fragile pairs of distinct prompts to check.
 
-    Prompts in the order of their row, i.e. shortest (most left padding) first.
+    Prompts spread over the chunk's rows, i.e. over its prompt lengths, from the
+    shortest (most left padding) to the longest (none).
     """
     first: dict[int, int] = {}
-    others = []
     for k, ((row, _, _), bad) in enumerate(zip(batch, fragile, strict=True)):
-        if not bad:
-            if row in first:
-                others.append(k)
-            else:
-                first[row] = k
-    return ([first[r] for r in sorted(first)] + others)[:limit]
+        if not bad and row not in first:
+            first[row] = k
+    rows = sorted(first)
+    if len(rows) > limit > 1:
+        step = (len(rows) - 1) / (limit - 1)
+        rows = [rows[round(n * step)] for n in range(limit)]
+    return [first[r] for r in rows[:limit]]
 
 
 def _share_tol(model: Any) -> float | None:
@@ -1259,10 +1284,15 @@ def evaluate(
     share_prompts : bool
         Teacher-forced scoring runs each unique prompt once and scores all its
         answers (answer, paraphrase, perturbed answers) as continuations of the
-        prompt's KV cache, which gives the same statistics as one full forward
-        pass per pair (checked once per model on the first batch; models whose
-        cache cannot reproduce it fall back, with a ``RuntimeWarning``).
-        ``False`` always uses one full forward pass per pair.
+        prompt's KV cache: the same statistics as one full forward pass per pair
+        (within 1e-4; checked on a few pairs of the first batch of each model,
+        which falls back with a ``RuntimeWarning`` if its cache cannot reproduce
+        the full pass).  fp32/fp64 models only; pairs whose statistics float32
+        rounding alone could move (near-tie argmax, Min-K%++ of flat
+        distributions) and prompts with a single answer use the full pass, and
+        so does everything when most pairs are such (e.g. a randomly
+        initialised model).  ``False`` always uses one full forward pass per
+        pair.
 
     Returns
     -------
