@@ -53,31 +53,40 @@ def bench_training(preset: str, repeats: int) -> None:
     )
 
     app_tps, bare_tps = [], []
-    for rep in range(repeats + 1):  # first repetition is a warm-up
+
+    def run_app() -> tuple[int, float]:
         msg = _message(init, cfg.to_flat(), server_round=1)
         t0 = time.perf_counter()
         reply = train(msg, ctx)
-        dt = time.perf_counter() - t0
-        tokens = int(reply.content["metrics"]["tokens"])
+        return int(reply.content["metrics"]["tokens"]), time.perf_counter() - t0
+
+    def run_bare() -> tuple[int, float]:
         # bare loop over exactly the same batches (same seed -> same order)
         set_adapter(model, init)
         enc = encode_items(tok, pf, items, spec.max_length)
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1, 0))
         batches = make_batches(enc, spec.batch_size, int(tok.pad_token_id), gen)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=spec.lr)
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
         model.train()
         t1 = time.perf_counter()
-        bare_tokens = 0
+        n = 0
         for b in batches:
             loss = model(**b).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            bare_tokens += int(b["attention_mask"].sum())
-        bt = time.perf_counter() - t1
+            n += int(b["attention_mask"].sum())
+        dt = time.perf_counter() - t1
         model.eval()
+        return n, dt
+
+    for rep in range(repeats + 1):  # first repetition is a warm-up
+        # alternate the order so neither side always runs on a warmer machine
+        first, second = (run_app, run_bare) if rep % 2 == 0 else (run_bare, run_app)
+        r1, r2 = first(), second()
+        (tokens, dt), (bare_tokens, bt) = (r1, r2) if first is run_app else (r2, r1)
         assert bare_tokens == tokens, (bare_tokens, tokens)
         if rep > 0:
             app_tps.append(tokens / dt)
