@@ -100,6 +100,23 @@ def encode_items(
     ]
 
 
+_ENCODED: dict[
+    tuple[int, str, tuple[QAItem, ...], int], list[tuple[list[int], list[int]]]
+] = {}
+
+
+def _encoded(
+    tokenizer: object, prompt_fn: PromptFn, items: tuple[QAItem, ...], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """Encode once per process: a client trains on the same items every round."""
+    key = (id(tokenizer), getattr(prompt_fn, "__qualname__", ""), items, max_length)
+    if key not in _ENCODED:
+        if len(_ENCODED) >= 8:
+            _ENCODED.pop(next(iter(_ENCODED)))
+        _ENCODED[key] = encode_items(tokenizer, prompt_fn, items, max_length)
+    return _ENCODED[key]
+
+
 def make_batches(
     encoded: Sequence[tuple[list[int], list[int]]],
     batch_size: int,
@@ -224,7 +241,7 @@ def local_train(
     """
     if not items:
         raise ValueError("local_train got no items")
-    encoded = encode_items(tokenizer, prompt_fn, items, spec.max_length)
+    encoded = _encoded(tokenizer, prompt_fn, tuple(items), spec.max_length)
     pad = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(seed)
     return train_steps(
