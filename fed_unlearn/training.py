@@ -7,8 +7,10 @@ there is exactly one training loop. Only adapter tensors have ``requires_grad``.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -100,21 +102,22 @@ def encode_items(
     ]
 
 
-_ENCODED: dict[
-    tuple[int, str, tuple[QAItem, ...], int], list[tuple[list[int], list[int]]]
-] = {}
+_ENCODED: weakref.WeakKeyDictionary[
+    Any, dict[tuple[str, tuple[QAItem, ...], int], list[tuple[list[int], list[int]]]]
+] = weakref.WeakKeyDictionary()
 
 
 def _encoded(
     tokenizer: object, prompt_fn: PromptFn, items: tuple[QAItem, ...], max_length: int
 ) -> list[tuple[list[int], list[int]]]:
-    """Encode once per process: a client trains on the same items every round."""
-    key = (id(tokenizer), getattr(prompt_fn, "__qualname__", ""), items, max_length)
-    if key not in _ENCODED:
-        if len(_ENCODED) >= 8:
-            _ENCODED.pop(next(iter(_ENCODED)))
-        _ENCODED[key] = encode_items(tokenizer, prompt_fn, items, max_length)
-    return _ENCODED[key]
+    """Encode once per tokenizer: a client trains on the same items every round."""
+    per_tok = _ENCODED.setdefault(tokenizer, {})
+    key = (getattr(prompt_fn, "__qualname__", ""), items, max_length)
+    if key not in per_tok:
+        if len(per_tok) >= 8:
+            per_tok.pop(next(iter(per_tok)))
+        per_tok[key] = encode_items(tokenizer, prompt_fn, items, max_length)
+    return per_tok[key]
 
 
 def make_batches(
