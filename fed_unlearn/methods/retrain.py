@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fed_unlearn.methods.base import (
+    MissingRequirementError,
     Requirement,
     UnlearnConfig,
     UnlearnContext,
@@ -38,5 +39,8 @@ class Retrain(UnlearningMethod):
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Run (or load) the retrain and return its adapter."""
         self.check(ctx)
-        assert ctx.retrain is not None  # guaranteed by check()
-        return UnlearnResult(ctx.retrain(), rounds=-1, info={"exact": True})
+        if ctx.retrain is None:  # pragma: no cover - check() already raised
+            raise MissingRequirementError("method 'retrain' needs retrain")
+        # Its rounds, time and bytes are the retrain phase's (the orchestrator
+        # reports them from the cached phase record).
+        return UnlearnResult(ctx.retrain(), rounds=0, info={"exact": True})
