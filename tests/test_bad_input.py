@@ -75,3 +75,19 @@ def test_methods_lists_the_registry(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == ["none", "retrain"]
+
+
+def test_config_files_are_read_and_checked(tmp_path, capsys):
+    from pathlib import Path
+
+    from simulations.cli import build_config, parser
+
+    root = Path(__file__).resolve().parent.parent
+    args = parser().parse_args(["run", "--config", str(root / "simulations/configs/tiny.toml"),
+                                "--seed", "4", "--out", str(tmp_path / "o")])
+    cfg = build_config(args)
+    assert (cfg.preset, cfg.num_server_rounds, cfg.seed) == ("tiny", 8, 4)  # flags win
+    bad = tmp_path / "bad.toml"
+    bad.write_text('preset = "tiny"\nnum-round = 3\n')
+    rc = main(["run", "--config", str(bad), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "num-round" in capsys.readouterr().err
