@@ -83,8 +83,17 @@ def test_config_files_are_read_and_checked(tmp_path, capsys):
     from simulations.cli import build_config, parser
 
     root = Path(__file__).resolve().parent.parent
-    args = parser().parse_args(["run", "--config", str(root / "simulations/configs/tiny.toml"),
-                                "--seed", "4", "--out", str(tmp_path / "o")])
+    args = parser().parse_args(
+        [
+            "run",
+            "--config",
+            str(root / "simulations/configs/tiny.toml"),
+            "--seed",
+            "4",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     cfg = build_config(args)
     assert (cfg.preset, cfg.num_server_rounds, cfg.seed) == ("tiny", 8, 4)  # flags win
     bad = tmp_path / "bad.toml"
