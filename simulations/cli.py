@@ -199,42 +199,24 @@ def cmd_run(
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``evaluate DIR``: (re-)evaluate the adapters saved in a run directory."""
-    from fed_unlearn.models import get_adapter, load_lora_model, resolve_model_dir
-    from simulations.runner import SUMMARY_COLUMNS, evaluate_adapters, write_json
+    from simulations.runner import evaluate_adapters, write_evals, write_json
 
     run_dir = Path(args.run_dir)
     cfg = RunConfig.from_flat(_saved_config(run_dir))
-    adapters: dict[str, Any] = {}
-    model, _ = load_lora_model(
-        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
-    )
-    from peft import PeftModel  # noqa: F401 - needed by load_adapter
+    from safetensors.torch import load_file
 
+    adapters: dict[str, Any] = {}
     for name in ("original", "unlearned", "retrain"):
-        path = run_dir / "adapters" / name
-        if not (path / "adapter_model.safetensors").is_file():
+        path = run_dir / "adapters" / name / "adapter_model.safetensors"
+        if not path.is_file():
             raise UsageError(
                 f"{path}: missing adapter (run 'fed-unlearn unlearn' first)"
             )
-        model.load_adapter(str(path), adapter_name="eval_tmp")
-        model.set_adapter("eval_tmp")
-        state = {
-            k.replace(".eval_tmp.", ".default."): v
-            for k, v in get_adapter(model).items()
-        }
-        model.set_adapter("default")
-        model.delete_adapter("eval_tmp")
-        adapters[name] = dict(state.items())
+        # peft's save_pretrained keys are get_peft_model_state_dict's keys
+        adapters[name] = load_file(str(path))
     results = evaluate_adapters(cfg, adapters)
-    for name, (ev, summ) in results.items():
-        write_json(run_dir / "evals" / name / "TOFU_EVAL.json", ev)
-        write_json(run_dir / "evals" / name / "TOFU_SUMMARY.json", summ)
-    write_json(run_dir / "TOFU_EVAL.json", results["unlearned"][0])
-    write_json(run_dir / "TOFU_SUMMARY.json", results["unlearned"][1])
     run = json.loads((run_dir / "run.json").read_text())
-    run["summary"] = {
-        n: {k: s.get(k) for k in SUMMARY_COLUMNS} for n, (_, s) in results.items()
-    }
+    run["summary"] = write_evals(run_dir, results)
     write_json(run_dir / "run.json", run)
     print_table(run)
     return 0

@@ -347,6 +347,34 @@ def add_unlearning_curve(
     run["T2F"] = t2f
 
 
+def write_evals(
+    out_dir: Path, results: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
+    """Write ``evals/<model>/TOFU_*.json`` and the unlearned model's top-level files.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Run directory.
+    results : dict[str, tuple[dict, dict]]
+        Output of :func:`evaluate_adapters`.
+
+    Returns
+    -------
+    dict[str, dict[str, Any]]
+        The ``summary`` block of ``run.json`` (:data:`SUMMARY_COLUMNS` per model).
+    """
+    for name, (ev, summ) in results.items():
+        write_json(out_dir / "evals" / name / "TOFU_EVAL.json", ev)
+        write_json(out_dir / "evals" / name / "TOFU_SUMMARY.json", summ)
+    write_json(out_dir / "TOFU_EVAL.json", results["unlearned"][0])
+    write_json(out_dir / "TOFU_SUMMARY.json", results["unlearned"][1])
+    return {
+        name: {k: summ.get(k) for k in SUMMARY_COLUMNS}
+        for name, (_, summ) in results.items()
+    }
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -453,16 +481,8 @@ def run_all(
                 "retrain": out.retrain.final,
             },
         )
-        for name, (ev, summ) in results.items():
-            write_json(out_dir / "evals" / name / "TOFU_EVAL.json", ev)
-            write_json(out_dir / "evals" / name / "TOFU_SUMMARY.json", summ)
-        write_json(out_dir / "TOFU_EVAL.json", results["unlearned"][0])
-        write_json(out_dir / "TOFU_SUMMARY.json", results["unlearned"][1])
+        run["summary"] = write_evals(out_dir, results)
         run["wall_time_s"]["eval"] = time.perf_counter() - te
-        run["summary"] = {
-            name: {k: summ.get(k) for k in SUMMARY_COLUMNS}
-            for name, (_, summ) in results.items()
-        }
     run["wall_time_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "run.json", run)
     return run

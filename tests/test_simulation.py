@@ -251,3 +251,17 @@ def test_bad_client_update_is_rejected_and_the_round_goes_on(tmp_path, monkeypat
             n[0] + n[2]
         )
         assert torch.allclose(final[k], expected, atol=1e-6)
+
+
+def test_evaluate_subcommand_reproduces_the_run_summary(first_run, tmp_path):
+    import shutil
+
+    _, out, run, _ = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    proc = _cli(["evaluate", str(copy)], first_run[0])
+    assert proc.returncode == 0
+    again = json.loads((copy / "run.json").read_text())["summary"]
+    for model in ("original", "unlearned", "retrain"):
+        for key in ("forget_Q_A_Prob", "retain_Q_A_Prob"):
+            assert again[model][key] == pytest.approx(run["summary"][model][key], rel=1e-5)
