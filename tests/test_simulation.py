@@ -264,4 +264,6 @@ def test_evaluate_subcommand_reproduces_the_run_summary(first_run, tmp_path):
     again = json.loads((copy / "run.json").read_text())["summary"]
     for model in ("original", "unlearned", "retrain"):
         for key in ("forget_Q_A_Prob", "retain_Q_A_Prob"):
-            assert again[model][key] == pytest.approx(run["summary"][model][key], rel=1e-5)
+            assert again[model][key] == pytest.approx(
+                run["summary"][model][key], rel=1e-5
+            )
