@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.task import client_id, client_items, client_model, run_config_from_message
+from clients.unlearn import local_update
 from fed_unlearn.config import RunConfig
 from fed_unlearn.metrics.quick import answer_prob
 from fed_unlearn.models import get_adapter, set_adapter
@@ -151,6 +152,7 @@ def _hello(
 
 
 QUERY_HANDLERS["hello"] = _hello
+QUERY_HANDLERS["local-update"] = local_update
 
 
 @app.query()

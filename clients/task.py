@@ -13,6 +13,8 @@ from fed_unlearn.types import QAItem
 
 #: Keys the server adds to a message's config beside the run config.
 PROTOCOL_KEYS = ("server-round", "phase", "kind", "seed-round")
+#: Prefix of a query's own parameters in a message's config.
+QUERY_PREFIX = "q-"
 
 
 def run_config_from_message(config: Mapping[str, Any]) -> RunConfig:
@@ -29,7 +31,11 @@ def run_config_from_message(config: Mapping[str, Any]) -> RunConfig:
         The validated run configuration.
     """
     return RunConfig.from_flat(
-        {k: v for k, v in config.items() if k not in PROTOCOL_KEYS}
+        {
+            k: v
+            for k, v in config.items()
+            if k not in PROTOCOL_KEYS and not k.startswith(QUERY_PREFIX)
+        }
     )
 
 

@@ -65,6 +65,27 @@ AGGREGATIONS = ("fedavg", "product_svd")
 #: of the cache key of FL phases).
 FL_RECIPE_VERSION = 2
 
+#: Flat keys ``method-<option>`` carry the unlearning method's options.
+METHOD_OPTION_PREFIX = "method-"
+
+
+def _as_bool(value: object) -> bool:
+    """Accept real bools and the strings true/false/1/0/yes/no."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in (
+        "true",
+        "false",
+        "1",
+        "0",
+        "yes",
+        "no",
+    ):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError("not a boolean")
+
 
 @dataclass
 class RunConfig:
@@ -118,6 +139,14 @@ class RunConfig:
         server side, simulation data); 0 = off (default: 10).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
+    departed_online : bool
+        Whether departed clients still answer requests after their departure
+        (methods that need their cooperation, e.g. MPU or FOUL ``live``, require
+        it; default: True, as in a simulation).
+    method_options : dict[str, Any]
+        Options of the unlearning method, given as ``method-<option>`` keys
+        (e.g. ``method-kappa = 0.5``); validated against the method's config
+        dataclass.
     """
 
     preset: str = "smollm2"
@@ -147,6 +176,8 @@ class RunConfig:
     eval_max_items: int = 30
     eval_curve_items: int = 10
     out_dir: str = "runs/latest"
+    departed_online: bool = True
+    method_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ build
@@ -172,13 +203,20 @@ class RunConfig:
         ConfigError
             Unknown key or bad value.
         """
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - {
+            "extra",
+            "method_options",
+        }
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
+        options: dict[str, Any] = {}
         unknown = []
         for key, value in flat.items():
             if key.startswith("x-"):
                 extra[key] = value
+                continue
+            if key.startswith(METHOD_OPTION_PREFIX):
+                options[key[len(METHOD_OPTION_PREFIX) :]] = value
                 continue
             name = key.replace("-", "_")
             if name not in names:
@@ -194,7 +232,7 @@ class RunConfig:
             # Flower run configs cannot hold None: 0 stands for "preset default".
             if name in kwargs and kwargs[name] in (0, 0.0, "0"):
                 kwargs[name] = None
-        cfg = cls(**kwargs, extra=extra)
+        cfg = cls(**kwargs, method_options=options, extra=extra)
         return cfg.validated()
 
     def to_flat(self) -> dict[str, Any]:
@@ -208,8 +246,12 @@ class RunConfig:
         out = {
             f.name.replace("_", "-"): getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name != "extra" and getattr(self, f.name) is not None
+            if f.name not in ("extra", "method_options")
+            and getattr(self, f.name) is not None
         }
+        out.update(
+            {f"{METHOD_OPTION_PREFIX}{k}": v for k, v in self.method_options.items()}
+        )
         out.update(self.extra)
         return out
 
@@ -223,7 +265,7 @@ class RunConfig:
             Naming the key and the problem.
         """
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name in ("extra", "method_options"):
                 continue
             value = getattr(self, f.name)
             if value is None:
@@ -236,6 +278,8 @@ class RunConfig:
                     if isinstance(value, bool):
                         raise ValueError("a bool")
                     value = int(value)
+                elif want.startswith("bool"):
+                    value = _as_bool(value)
                 elif want.startswith("float"):
                     value = float(value)
                 elif want.startswith("str"):
@@ -258,6 +302,14 @@ class RunConfig:
             )
         if self.eval_max_items < 0:
             raise ConfigError("config key 'eval-max-items' must be >= 0")
+        if self.method_options:
+            from fed_unlearn.methods.registry import get_method
+
+            try:
+                get_method(self.method, self.method_options)
+            except (KeyError, ValueError, TypeError) as exc:
+                msg = exc.args[0] if exc.args else str(exc)
+                raise ConfigError(f"method options: {msg}") from exc
         for key in ("people_per_client", "qa_per_person", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key.replace('_', '-')!r} must be >= 1")
@@ -378,8 +430,9 @@ class RunConfig:
                 "out-dir",
                 "eval-max-new-tokens",
                 "eval-batch-size",
+                "departed-online",
             )
-            and not k.startswith("x-")
+            and not k.startswith(("x-", METHOD_OPTION_PREFIX))
         }
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]

@@ -40,6 +40,7 @@ from fed_unlearn.models import (
     resolve_model_dir,
     set_adapter,
 )
+from server.channel import FlowerChannel
 from server.grid import CountingGrid
 from server.strategy import HistoryFedAvg
 
@@ -237,6 +238,35 @@ def curve_evaluator(
     return evaluate_fn
 
 
+def _state_evaluator(
+    cfg: RunConfig,
+) -> tuple[Callable[[dict[str, torch.Tensor]], dict[str, float]] | None, list[float]]:
+    """Wrap :func:`curve_evaluator` for methods: adapter -> metrics (timed)."""
+    fn = curve_evaluator(cfg)
+    spent = [0.0]
+    if fn is None:
+        return None, spent
+
+    def evaluate(state: dict[str, torch.Tensor]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        rec = fn(0, ArrayRecord(state))
+        spent[0] += time.perf_counter() - t0
+        return {k: float(v) for k, v in dict(rec).items()}  # type: ignore[arg-type]
+
+    return evaluate, spent
+
+
+def _forget_target(
+    train: PhaseResult, retrain: PhaseResult
+) -> tuple[float, float] | None:
+    """``(oracle level, delta)`` of the T2F rule from the phases' curves."""
+    a, b = train.stats.get("curve") or [], retrain.stats.get("curve") or []
+    if not (a and b):
+        return None
+    oracle = float(b[-1]["forget_Q_A_Prob"])
+    return oracle, 0.1 * abs(float(a[-1]["forget_Q_A_Prob"]) - oracle)
+
+
 def run_fl_phase(
     grid: CountingGrid | None,
     cfg: RunConfig,
@@ -365,7 +395,8 @@ def run_pipeline(
     PipelineOutput
         Adapters and costs.
     """
-    method = get_method(cfg.method)  # fail before any work on an unknown method
+    # fail before any work on an unknown method or option
+    method = get_method(cfg.method, cfg.method_options)
     departed, remaining = cfg.departed(), cfg.remaining()
     counting = CountingGrid(grid) if grid is not None else None
     node_map = None
@@ -397,6 +428,14 @@ def run_pipeline(
             )
         return out.retrain.final
 
+    retrain()  # the oracle first (cached): its curve gives the T2F target
+    assert out.retrain is not None
+    channel = (
+        FlowerChannel(counting, cfg, node_map)
+        if counting is not None and node_map is not None
+        else None
+    )
+    evaluate, eval_seconds = _state_evaluator(cfg)
     ctx = UnlearnContext(
         trained=train.final,
         departed=departed,
@@ -404,17 +443,18 @@ def run_pipeline(
         seed=cfg.seed,
         history=train.history,
         retrain=retrain,
-        clients=None,
-        departed_cooperates=False,
+        clients=channel,
+        departed_cooperates=cfg.departed_online,
+        evaluate=evaluate,
+        forget_target=_forget_target(train, out.retrain),
     )
+    method.check(ctx)
     down0, up0 = counting.snapshot() if counting is not None else (0, 0)
     t0 = time.perf_counter()
     res = method.unlearn(ctx)
     wall = time.perf_counter() - t0
     down, up = counting.snapshot() if counting is not None else (0, 0)
     ad.validate_update(res.adapter, train.final)
-    retrain()  # the oracle (cached if the method already ran it)
-    assert out.retrain is not None
     if cfg.method == "retrain":
         # The method *is* the oracle: its cost is the retrain phase's recorded cost.
         wall = out.retrain.stats["wall_time_s"]
@@ -425,6 +465,7 @@ def run_pipeline(
         rounds = out.retrain.stats["rounds"]
     else:
         rounds = res.rounds
+    res.info.setdefault("eval_seconds", eval_seconds[0])
     out.unlearned = res.adapter
     out.unlearn_stats = {
         "method": cfg.method,

@@ -54,6 +54,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         flat[key.strip()] = _parse_value(value.strip())
+    for item in getattr(args, "opt", None) or []:
+        if "=" not in item:
+            raise UsageError(f"--opt {item!r}: expected OPTION=VALUE")
+        key, value = item.split("=", 1)
+        flat[f"method-{key.strip()}"] = _parse_value(value.strip())
     return flat
 
 
@@ -88,8 +93,11 @@ def build_config(
 ) -> RunConfig:
     """Merge saved config, config file and flags into a validated RunConfig."""
     flat = dict(base or {})
-    flat.update(_config_file(getattr(args, "config", None)))
-    flat.update(_overrides(args))
+    overrides = {**_config_file(getattr(args, "config", None)), **_overrides(args)}
+    if "method" in overrides and overrides["method"] != flat.get("method"):
+        # a saved run's options belong to its own method
+        flat = {k: v for k, v in flat.items() if not k.startswith("method-")}
+    flat.update(overrides)
     if getattr(args, "out", None):
         flat["out-dir"] = str(args.out)
     cfg = RunConfig.from_flat(flat)
@@ -236,11 +244,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_methods(_args: argparse.Namespace) -> int:
     """``methods``: list registered methods, one line each."""
+    from fed_unlearn.losses import list_losses
     from fed_unlearn.methods import list_methods
 
+    print("methods (--method NAME, options with --opt KEY=VALUE):")
     for name, summary, reqs in list_methods():
         needs = f" [needs: {', '.join(reqs)}]" if reqs else ""
-        print(f"{name:12s} {summary}{needs}")
+        print(f"  {name:14s} {summary}{needs}")
+    print("inner losses (--opt inner_loss=NAME for mpu / local_unlearn):")
+    for name, summary in list_losses():
+        print(f"  {name:14s} {summary}")
     return 0
 
 
@@ -269,6 +282,12 @@ def _add_run_flags(p: argparse.ArgumentParser, out_required: bool = True) -> Non
         action="append",
         metavar="KEY=VALUE",
         help="any config key (repeatable)",
+    )
+    p.add_argument(
+        "--opt",
+        action="append",
+        metavar="OPTION=VALUE",
+        help="an option of the unlearning method, e.g. --opt kappa=0.5 (repeatable)",
     )
     p.add_argument("--out", required=out_required, help="run directory")
     p.add_argument(

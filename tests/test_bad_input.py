@@ -73,8 +73,15 @@ def test_unlearn_needs_a_run_directory(tmp_path, capsys):
 
 def test_methods_lists_the_registry(capsys):
     assert main(["methods"]) == 0
+    from fed_unlearn.losses import LOSSES
+    from fed_unlearn.methods import METHOD_REGISTRY
+
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["none", "retrain"]
+    split = next(i for i, ln in enumerate(lines) if ln.startswith("inner losses"))
+    methods = [ln.split()[0] for ln in lines[1:split]]
+    losses = [ln.split()[0] for ln in lines[split + 1 :]]
+    assert methods == sorted(METHOD_REGISTRY) and "foul" in methods
+    assert losses == sorted(LOSSES) and "npo" in losses
 
 
 def test_config_files_are_read_and_checked(tmp_path, capsys):

@@ -28,7 +28,41 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def _full_context(trained):
+class LinearClients:
+    """In-process stand-in for the Flower channel with linear client maps.
+
+    Client ``c`` pulls every tensor it receives towards its own target ``t_c``
+    (``nll``: delta = 0.5 (t_c - x)) or pushes it away (any unlearning loss:
+    delta = -0.5 (t_c - x)), for every ``copy<k>.*`` tensor, filling the rest
+    from ``base.*``. Enough to exercise a method's contract without Flower.
+    """
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.calls = []
+
+    def query(self, clients, kind, arrays, config):
+        assert kind == "local-update"
+        self.calls.append((tuple(clients), dict(config)))
+        out = {}
+        for cid in clients:
+            state = arrays[cid] if cid in arrays else arrays
+            sign = 1.0 if config.get("loss", "nll") == "nll" else -1.0
+            got = {}
+            for key, x in state.items():
+                if key.startswith("base."):
+                    continue
+                name = key.split(".", 1)[1]
+                got[key] = sign * 0.5 * (self.targets[cid][name] - x)
+            out[cid] = (got, {"num-examples": 10, "local-steps": 1, "tokens": 5})
+        return out
+
+
+def _full_context(trained, tmp_path=None):
+    import tempfile
+
+    from fed_unlearn.history import HistoryStore, RoundRecord
+
     retrained = {k: v * 0.5 for k, v in trained.items()}
     calls = []
 
@@ -36,16 +70,31 @@ def _full_context(trained):
         calls.append(1)
         return retrained
 
-    from fed_unlearn.history import HistoryStore
-
+    root = tmp_path or tempfile.mkdtemp()
+    store = HistoryStore(f"{root}/history")
+    targets = {c: _state(10 + c) for c in (0, 1)}
+    for r in (1, 2):
+        store.append(
+            RoundRecord(
+                round=r,
+                global_state=trained,
+                client_deltas={
+                    c: {k: 0.1 * (targets[c][k] - trained[k]) for k in trained}
+                    for c in (0, 1)
+                },
+                num_examples={0: 10, 1: 10},
+                participants=[0, 1],
+            )
+        )
+    store.set_final(trained)
     ctx = UnlearnContext(
         trained=trained,
         departed=(1,),
         remaining=(0,),
         seed=0,
-        history=HistoryStore("/nonexistent"),
+        history=store,
         retrain=retrain,
-        clients=object(),  # type: ignore[arg-type]
+        clients=LinearClients(targets),
         departed_cooperates=True,
     )
     return ctx, retrained, calls

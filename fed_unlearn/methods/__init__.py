@@ -9,6 +9,10 @@ from fed_unlearn.methods.base import (
     UnlearningMethod,
     UnlearnResult,
 )
+from fed_unlearn.methods.fedosd import FedOSD, FedOSDConfig
+from fed_unlearn.methods.foul import Foul, FoulConfig
+from fed_unlearn.methods.local_unlearn import LocalUnlearn, LocalUnlearnConfig
+from fed_unlearn.methods.mpu import MPU, MPUConfig
 from fed_unlearn.methods.none import NoneConfig, NoUnlearning
 from fed_unlearn.methods.registry import (
     METHOD_REGISTRY,
@@ -20,6 +24,12 @@ from fed_unlearn.methods.retrain import Retrain, RetrainConfig
 
 register_method(name="none", config_cls=NoneConfig, method_cls=NoUnlearning)
 register_method(name="retrain", config_cls=RetrainConfig, method_cls=Retrain)
+register_method(name="foul", config_cls=FoulConfig, method_cls=Foul)
+register_method(name="fedosd", config_cls=FedOSDConfig, method_cls=FedOSD)
+register_method(name="mpu", config_cls=MPUConfig, method_cls=MPU)
+register_method(
+    name="local_unlearn", config_cls=LocalUnlearnConfig, method_cls=LocalUnlearn
+)
 
 __all__ = [
     "METHOD_REGISTRY",

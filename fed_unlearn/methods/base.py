@@ -72,6 +72,12 @@ class UnlearnContext:
         Live channel to clients.
     departed_cooperates : bool
         Whether the departed clients still answer requests.
+    evaluate : Callable[[AdapterState], dict[str, float]], optional
+        Cheap server-side evaluation (``forget_Q_A_Prob``, ``retain_Q_A_Prob`` on
+        a fixed subset) for per-round curves; simulations only.
+    forget_target : tuple[float, float], optional
+        ``(oracle forget_Q_A_Prob, delta)`` on that subset, for the T2F stopping
+        rule (see ``simulations.runner.T2F_DEFINITION``); simulations only.
     """
 
     trained: AdapterState
@@ -82,6 +88,8 @@ class UnlearnContext:
     retrain: Callable[[], AdapterState] | None = None
     clients: ClientChannel | None = None
     departed_cooperates: bool = False
+    evaluate: Callable[[AdapterState], dict[str, float]] | None = None
+    forget_target: tuple[float, float] | None = None
 
     def available(self) -> set[Requirement]:
         """Return the requirements this context satisfies."""

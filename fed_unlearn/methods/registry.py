@@ -85,6 +85,7 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> UnlearningMe
         raise KeyError(f"unknown method {name!r}; registered methods: {known}")
     entry = METHOD_REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(entry.config_cls)}
+    types = {f.name: f.type for f in dataclasses.fields(entry.config_cls)}
     kwargs = {}
     for key, value in (options or {}).items():
         k = key.replace("-", "_")
@@ -93,8 +94,34 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> UnlearningMe
                 f"method {name!r} has no option {key!r}; "
                 f"options: {sorted(fields) or 'none'}"
             )
-        kwargs[k] = value
+        kwargs[k] = _coerce(name, key, value, types.get(k))
     return entry.method_cls(entry.config_cls(**kwargs))
+
+
+def _coerce(method: str, key: str, value: Any, annotation: Any) -> Any:
+    """Coerce a CLI/TOML option value to the field's declared scalar type."""
+    want = str(annotation or "")
+    try:
+        if want == "bool":
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError("not a boolean")
+                return low in ("true", "1", "yes")
+            return bool(value)
+        if want == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")
+            return int(value)
+        if want == "float":
+            return float(value)
+        if want == "str":
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"method {method!r} option {key!r}: bad value {value!r} ({exc})"
+        ) from exc
+    return value
 
 
 def list_methods() -> list[tuple[str, str, list[str]]]:

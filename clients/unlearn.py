@@ -1,0 +1,247 @@
+"""Client side of the unlearning methods: one ``local-update`` query handler.
+
+A request carries one or more adapter *copies* (``copy<k>.<tensor>`` arrays) and
+asks the client to run a local objective on each, from a fresh AdamW, and to
+return ``copy<k>.<tensor>`` = (after - before) for the tensors it received:
+
+- ``q-loss = "nll"``: the ordinary FL objective on the client's own items
+  (pseudo-gradients for FOUL / FedOSD's remaining clients);
+- any inner unlearning loss of :mod:`fed_unlearn.losses` (``ga``, ``npo``,
+  ``uce``, ...) on the client's own items, which are its forget set once it has
+  asked to be forgotten (MPU, FedOSD's target, FOUL ``live``).
+
+Tensors a copy does not carry are frozen and taken from a *base* adapter: the
+request's ``base.<tensor>`` arrays, which the client also keeps in its Flower
+``context.state`` so later rounds can send only the sub-network (FOUL's θ_V).
+
+Only adapter deltas and scalar metrics leave the client; its items never do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+
+from clients.task import client_id, client_items, client_model
+from fed_unlearn.config import RunConfig
+from fed_unlearn.data import generate_people, load_jsonl
+from fed_unlearn.models import get_adapter, set_adapter
+from fed_unlearn.training import TrainSpec, derive_seed, local_train
+from fed_unlearn.types import AdapterState, QAItem
+
+log = logging.getLogger(__name__)
+
+_COPY = re.compile(r"^copy(\d+)\.(.+)$")
+_BASE_STATE = "fed-unlearn-base"
+#: Seed of the public proxy retain set (fictitious people outside every client).
+PROXY_SEED = 987_654
+
+
+def proxy_retain_items(n_people: int = 6) -> list[QAItem]:
+    """Public proxy retain data every party can generate: other fictitious people.
+
+    Parameters
+    ----------
+    n_people : int
+        How many public people.
+
+    Returns
+    -------
+    list[QAItem]
+        Their Q/A items (disjoint from the federation's and the evaluation's).
+    """
+    return [it for p in generate_people(PROXY_SEED, n_people) for it in p.items]
+
+
+def _request(msg: Message) -> dict[str, Any]:
+    return {k[2:]: v for k, v in msg.content["config"].items() if k.startswith("q-")}
+
+
+def split_copies(
+    arrays: dict[str, torch.Tensor],
+) -> tuple[list[AdapterState], AdapterState]:
+    """Split a request's arrays into copies ``copy<k>.*`` and ``base.*``.
+
+    Parameters
+    ----------
+    arrays : dict[str, torch.Tensor]
+        The message's arrays.
+
+    Returns
+    -------
+    tuple[list[AdapterState], AdapterState]
+        Copies in index order and the base tensors.
+
+    Raises
+    ------
+    ValueError
+        Keys of neither kind, or copy indices with gaps.
+    """
+    copies: dict[int, AdapterState] = {}
+    base: AdapterState = {}
+    for key, value in arrays.items():
+        if key.startswith("base."):
+            base[key[5:]] = value.float()
+            continue
+        m = _COPY.match(key)
+        if m is None:
+            raise ValueError(f"unexpected array {key!r} (want copy<k>.* or base.*)")
+        copies.setdefault(int(m[1]), {})[m[2]] = value.float()
+    if sorted(copies) != list(range(len(copies))):
+        raise ValueError(f"copy indices {sorted(copies)} are not 0..m-1")
+    return [copies[k] for k in range(len(copies))], base
+
+
+@contextlib.contextmanager
+def only_trainable(model: torch.nn.Module, keys: set[str]) -> Iterator[None]:
+    """Freeze every LoRA parameter whose adapter key is not in ``keys``.
+
+    Parameters
+    ----------
+    model : peft.PeftModel
+        Adapted model.
+    keys : set[str]
+        Adapter keys (``get_adapter`` names) that stay trainable.
+    """
+    lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    state = {n: p.requires_grad for n, p in lora}
+    for name, param in lora:
+        param.requires_grad = name.replace(".default", "") in keys
+    try:
+        yield
+    finally:
+        for name, param in lora:
+            param.requires_grad = state[name]
+
+
+def _retain_items(source: str, node_config: dict[str, Any]) -> list[QAItem] | None:
+    if source in ("", "none"):
+        return None
+    if source == "proxy":
+        return proxy_retain_items()
+    if source == "local":
+        path = node_config.get("retain-path")
+        if not path:
+            raise ValueError(
+                "retain source 'local' needs this SuperNode's own non-forget data "
+                "(--node-config retain-path=...); a departing client's items are "
+                "all in its forget set"
+            )
+        return load_jsonl(str(path))
+    raise ValueError(f"unknown retain source {source!r}; use none, proxy or local")
+
+
+def local_update(
+    msg: Message, context: Context, cfg: RunConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Run the requested local objective on each received copy; return deltas.
+
+    Parameters
+    ----------
+    msg : Message
+        The query (``arrays``: copies and optional base; ``q-*`` config keys:
+        ``loss``, ``epochs``, ``lr``, ``batch-size``, ``retain``,
+        ``loss-params`` (JSON), ``seed-round``).
+    context : Context
+        Flower context (its ``state`` keeps the base adapter between requests).
+    cfg : RunConfig
+        The run configuration.
+
+    Returns
+    -------
+    tuple[dict[str, torch.Tensor], dict[str, Any]]
+        ``copy<k>.<tensor>`` deltas and the client's metrics.
+    """
+    from fed_unlearn.losses import get_loss, unlearn_train
+
+    req = _request(msg)
+    loss = str(req.get("loss", "nll"))
+    if loss != "nll":
+        get_loss(loss)  # unknown loss -> clear error before any work
+    arrays = (
+        msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
+    )
+    copies, base = split_copies(arrays)
+    if not copies:
+        raise ValueError("local-update request carries no copy<k>.* arrays")
+    if base:
+        context.state[_BASE_STATE] = ArrayRecord(base)
+    elif _BASE_STATE in context.state:
+        base = context.state[_BASE_STATE].to_torch_state_dict()  # type: ignore[union-attr]
+    cid = client_id(context.node_config)
+    items = client_items(cfg, context.node_config)
+    model, tok, prompt_fn = client_model(cfg)
+    expected = set(get_adapter(model))
+    r = cfg.resolved()
+    spec = TrainSpec(
+        epochs=int(req.get("epochs", r.local_epochs)),  # type: ignore[arg-type]
+        batch_size=int(req.get("batch-size", r.batch_size)),  # type: ignore[arg-type]
+        lr=float(req.get("lr", r.lr)),  # type: ignore[arg-type]
+        max_length=int(r.max_length),  # type: ignore[arg-type]
+    )
+    params = json.loads(str(req.get("loss-params", "{}")))
+    retain = _retain_items(str(req.get("retain", "none")), dict(context.node_config))
+    seed_round = int(req.get("seed-round", 0))
+    out: dict[str, torch.Tensor] = {}
+    steps = tokens = 0
+    seconds = last_loss = 0.0
+    for k, copy in enumerate(copies):
+        unknown = sorted(set(copy) - expected)
+        if unknown:
+            raise ValueError(f"copy {k}: unknown adapter tensors {unknown[:3]}")
+        full = dict(copy)
+        missing = expected - set(copy)
+        if missing:
+            if not missing <= set(base):
+                raise ValueError(
+                    f"copy {k} lacks {len(missing)} adapter tensors and this client "
+                    "holds no base adapter with them; send base.* arrays first"
+                )
+            full.update({n: base[n] for n in missing})
+        set_adapter(model, full)
+        seed = derive_seed(cfg.seed, seed_round, cid, k)
+        with only_trainable(model, set(copy)):
+            if loss == "nll":
+                stats = local_train(model, tok, prompt_fn, items, spec, seed=seed)
+            else:
+                stats = unlearn_train(
+                    model,
+                    tok,
+                    prompt_fn,
+                    items,
+                    loss,
+                    spec,
+                    seed=seed,
+                    retain_items=retain,
+                    params=params,
+                )
+        after = get_adapter(model)
+        for name, before in copy.items():
+            out[f"copy{k}.{name}"] = after[name] - before
+        steps += stats.steps
+        tokens += stats.tokens
+        seconds += stats.seconds
+        last_loss = stats.loss
+    log.info(
+        "client %d local-update (%s, %d copies): %d steps, %.1f s",
+        cid,
+        loss,
+        len(copies),
+        steps,
+        seconds,
+    )
+    return out, {
+        "client-id": cid,
+        "num-examples": len(items),
+        "local-steps": steps,
+        "tokens": tokens,
+        "train-seconds": seconds,
+        "loss": last_loss,
+    }

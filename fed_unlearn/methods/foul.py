@@ -1,0 +1,286 @@
+"""FOUL: Federated On-server UnLearning by gradient-conflict mitigation/expression.
+
+Paper: Nguyen, Le, Yong et al., "FOUL", CVPR 2026 (arXiv 2603.13795). Spec:
+``shared/specs/foul_mpu.md`` Part A. This is the LoRA port of A.7 ("FOUL-LoRA",
+option B: a gradient-conflict mask on an already trained adapter).
+
+Algorithm (per unlearning request)
+----------------------------------
+1. *Forgettable sub-network*, fixed once [P idea, R rule]: from the updates
+   cached in the FL history, the departed clients' pseudo-gradient g_f and the
+   size-weighted retain mean ḡ_R, per LoRA tensor j the conflict score
+   c_j = cos(g_f^j, ḡ_R^j); θ_V = {j : c_j < τ} (``subnetwork="conflict"``,
+   falling back to the top-p tensors by ‖g_f^j‖/‖ḡ_R^j‖ when no tensor
+   conflicts), or directly that top-p (``"ratio"``), or every tensor (``"all"``).
+   Never re-identified during unlearning (FOUL's efficiency argument).
+2. Each round r [P formula, R derivation as CAGrad's dual]: remaining clients
+   upload pseudo-gradients g_u = θ_V - θ_V,u^local after E local epochs of their
+   normal loss, for θ_V only; the server forms g0 = Σ_R p_u g_u / Σ_R p_u,
+   signs s_u = +1 (retain), -1 (forget), solves
+   Γ* = argmin_{Γ∈Δ} Γᵀb + κ‖g0‖·sqrt(ΓᵀGΓ) with G_ij = ⟨s_i g_i, s_j g_j⟩,
+   b_i = ⟨s_i g_i, g0⟩, and steps θ_V ← θ_V - η·d,
+   d = g0 + κ‖g0‖/‖g_Γ‖·g_Γ, g_Γ = Σ γ_i s_i g_i (Theorem 1).
+3. The forget gradient g_f [R, A.6-1]: ``mode="cached"`` (default; the departed
+   client is gone) uses its updates from the history (``forget_grad="sum"``: its
+   whole contribution Σ_t (θ_t - θ_t,f); ``"last"``: its last round only);
+   ``mode="live"`` asks the departed client for a fresh pseudo-gradient every round.
+4. Stop on T2F (see :mod:`fed_unlearn.methods.rounds`) or the round budget.
+
+Only θ_V travels during unlearning, except once: in round 1 the frozen rest of the
+adapter is sent so clients can build the full adapter (they keep it in their
+Flower context state). ``info`` reports θ_V's bytes against the whole adapter's.
+
+Logged every round: min over retain clients of ⟨d, g_r⟩ and max over forget
+clients of ⟨d, g_f⟩ (conflict mitigation wants the first ≥ 0, expression the
+second ≤ 0), Γ*, ‖g0‖.
+
+Left out: the ``dual_adapter`` option of A.7 (a second, client-specific LoRA
+adapter trained with L2U-style regularisers during FL); it needs a different FL
+recipe and is not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fed_unlearn import adapters as ad
+from fed_unlearn.conflict import cagrad_direction, select_subnetwork
+from fed_unlearn.history import HistoryStore
+from fed_unlearn.methods.base import (
+    MissingRequirementError,
+    Requirement,
+    UnlearnConfig,
+    UnlearnContext,
+    UnlearningMethod,
+    UnlearnResult,
+)
+from fed_unlearn.methods.rounds import RoundLog, check_positive, check_stop_rule
+from fed_unlearn.types import AdapterState
+
+MODES = ("cached", "live")
+SUBNETWORKS = ("conflict", "ratio", "all")
+FORGET_GRADS = ("sum", "last")
+
+
+@dataclass(kw_only=True)
+class FoulConfig(UnlearnConfig):
+    """FOUL options.
+
+    Parameters
+    ----------
+    kappa : float
+        Conflict radius κ ≥ 0 (default: 1.0; the paper's value is unknown,
+        CAGrad uses 0.2-0.5, see the spec's sweep).
+    mode : str
+        ``"cached"`` (default) or ``"live"`` source of the forget gradient.
+    forget_grad : str
+        Cached g_f: ``"sum"`` of all the departed updates (default) or ``"last"``.
+    subnetwork : str
+        θ_V rule: ``"conflict"`` (default), ``"ratio"`` or ``"all"``.
+    tau : float
+        Conflict threshold τ on the cosine (default: 0.0).
+    top_p : float
+        Fraction of tensors for ``"ratio"`` and the fallback (default: 0.25).
+    rounds : int
+        Round budget (default: 20).
+    stop : str
+        ``"t2f"`` (default) or ``"budget"``.
+    server_lr : float
+        Server step η on d (default: 1.0: d is made of pseudo-gradients).
+    local_epochs : int
+        Local epochs behind each pseudo-gradient (default: 1).
+    lr : float
+        Clients' local learning rate; 0 = the run's (default: 0).
+    """
+
+    kappa: float = 1.0
+    mode: str = "cached"
+    forget_grad: str = "sum"
+    subnetwork: str = "conflict"
+    tau: float = 0.0
+    top_p: float = 0.25
+    rounds: int = 20
+    stop: str = "t2f"
+    server_lr: float = 1.0
+    local_epochs: int = 1
+    lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kappa < 0:
+            raise ValueError(f"kappa must be >= 0, got {self.kappa}")
+        for name, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("forget_grad", self.forget_grad, FORGET_GRADS),
+            ("subnetwork", self.subnetwork, SUBNETWORKS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError("rounds and local_epochs must be >= 1")
+        check_positive(server_lr=self.server_lr)
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
+        check_stop_rule(self.stop)
+
+
+def cached_updates(
+    history: HistoryStore, clients: tuple[int, ...], how: str
+) -> dict[int, AdapterState]:
+    """Pseudo-gradients θ_t - θ_t,u of ``clients`` from the FL history.
+
+    Parameters
+    ----------
+    history : HistoryStore
+        The FL run's history.
+    clients : tuple[int, ...]
+        Whose updates.
+    how : str
+        ``"sum"`` over all rounds or ``"last"`` round each client took part in.
+
+    Returns
+    -------
+    dict[int, AdapterState]
+        Client -> pseudo-gradient (minus its stored delta).
+
+    Raises
+    ------
+    MissingRequirementError
+        A client has no update in the history.
+    """
+    out: dict[int, AdapterState] = {}
+    for r in history.rounds():
+        rec = history.load(r)
+        for cid in clients:
+            if cid not in rec.client_deltas:
+                continue
+            g = {k: -v.float() for k, v in rec.client_deltas[cid].items()}
+            out[cid] = ad.add(out[cid], g) if how == "sum" and cid in out else g
+    missing = [c for c in clients if c not in out]
+    if missing:
+        raise MissingRequirementError(
+            f"foul (cached mode): the history has no update of client(s) {missing}"
+        )
+    return out
+
+
+def weighted_mean(
+    states: dict[int, AdapterState], weights: dict[int, float]
+) -> AdapterState:
+    """Σ w_u s_u / Σ w_u over the clients of ``states``."""
+    total = sum(weights[c] for c in states)
+    if total <= 0:
+        raise ValueError("weighted_mean: weights sum to zero")
+    keys = next(iter(states.values())).keys()
+    return {
+        k: sum(states[c][k] * (weights[c] / total) for c in states)  # type: ignore[misc]
+        for k in keys
+    }
+
+
+class Foul(UnlearningMethod):
+    """On-server unlearning of θ_V along the conflict-averse direction."""
+
+    summary = (
+        "FOUL-LoRA: fixed conflict sub-network, CAGrad-style server step "
+        "(retain +, forget -) from uploaded pseudo-gradients [P/R]"
+    )
+    requires = frozenset({Requirement.HISTORY, Requirement.LIVE_CLIENTS})
+    config: FoulConfig
+
+    def check(self, ctx: UnlearnContext) -> None:
+        """Also require the departed clients' cooperation in ``live`` mode."""
+        super().check(ctx)
+        if self.config.mode == "live" and not ctx.departed_cooperates:
+            raise MissingRequirementError(
+                "method 'foul' in live mode needs departed_cooperation (the "
+                "departed client must still answer); use mode=cached"
+            )
+
+    def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
+        """Run FOUL rounds until T2F or the budget; see the module docstring."""
+        self.check(ctx)
+        cfg = self.config
+        assert ctx.history is not None and ctx.clients is not None
+        hist_retain = cached_updates(ctx.history, ctx.remaining, cfg.forget_grad)
+        hist_forget = cached_updates(ctx.history, ctx.departed, cfg.forget_grad)
+        sizes = ctx.history.load(ctx.history.rounds()[-1]).num_examples
+        weights = {c: float(sizes.get(c, 1)) for c in (*ctx.remaining, *ctx.departed)}
+        theta = {k: v.float().clone() for k, v in ctx.trained.items()}
+        if cfg.subnetwork == "all":
+            sub = sorted(theta)
+        else:
+            sub = select_subnetwork(
+                weighted_mean(hist_forget, weights),
+                weighted_mean(hist_retain, weights),
+                rule=cfg.subnetwork,
+                tau=cfg.tau,
+                top_p=cfg.top_p,
+            )
+        if not sub:
+            raise ValueError("foul: the forgettable sub-network θ_V is empty")
+        frozen = {k: v for k, v in theta.items() if k not in sub}
+        v_bytes = sum(theta[k].numel() * 4 for k in sub)
+        log = RoundLog(ctx, cfg.stop)
+        log.start(theta)
+        live = list(ctx.remaining) + (list(ctx.departed) if cfg.mode == "live" else [])
+        request = {"loss": "nll", "epochs": cfg.local_epochs}
+        if cfg.lr > 0:
+            request["lr"] = cfg.lr
+        r = 0
+        for r in range(1, cfg.rounds + 1):
+            arrays = {f"copy0.{k}": theta[k] for k in sub}
+            if r == 1:
+                arrays.update({f"base.{k}": v for k, v in frozen.items()})
+            replies = ctx.clients.query(
+                live, "local-update", arrays, {**request, "seed-round": 10_000 + r}
+            )
+            log.add_compute(replies)
+            grads: dict[int, torch.Tensor] = {}
+            for cid, (got, metrics) in replies.items():
+                if got is None:
+                    raise ValueError(f"foul: client {cid} returned no update")
+                delta = {k[len("copy0.") :]: v for k, v in got.items()}
+                ad.validate_update(delta, {k: theta[k] for k in sub})
+                grads[cid] = -ad.flatten({k: delta[k] for k in sub})
+                weights[cid] = float(metrics.get("num-examples", weights[cid]))
+            if cfg.mode == "cached":
+                for cid in ctx.departed:
+                    grads[cid] = ad.flatten({k: hist_forget[cid][k] for k in sub})
+            order = [*ctx.remaining, *ctx.departed]
+            g = torch.stack([grads[c] for c in order])
+            signs = [1] * len(ctx.remaining) + [-1] * len(ctx.departed)
+            w = [weights[c] for c in ctx.remaining] + [0.0] * len(ctx.departed)
+            step = cagrad_direction(g, signs, w, cfg.kappa)
+            d = ad.unflatten(step.direction, {k: theta[k] for k in sub})
+            for k in sub:
+                theta[k] = theta[k] - cfg.server_lr * d[k]
+            extra = {
+                "min_retain_inner": float(step.min_retain_inner),
+                "max_forget_inner": float(step.max_forget_inner),
+                "g0_norm": float(step.g0_norm),
+                "gamma": [float(x) for x in step.gamma],
+            }
+            if log.end_round(r, theta, extra):
+                break
+        full_bytes = sum(v.numel() * 4 for v in theta.values())
+        return UnlearnResult(
+            theta,
+            rounds=r,
+            info=log.info(
+                mode=cfg.mode,
+                kappa=cfg.kappa,
+                subnetwork={
+                    "rule": cfg.subnetwork,
+                    "tensors": len(sub),
+                    "of_tensors": len(theta),
+                    "params": sum(theta[k].numel() for k in sub),
+                    "of_params": sum(v.numel() for v in theta.values()),
+                    "bytes": v_bytes,
+                    "adapter_bytes": full_bytes,
+                },
+            ),
+        )

@@ -1,0 +1,239 @@
+"""MPU: Multiple Perturbed copies Unlearning, with harmonic denoising.
+
+Paper: Wang, Yan, Wu, Hao, Jiang/Xie, Huang, Lim, "MPU" (arXiv 2602.23798);
+official code ``Tristan0318/MPU`` @ 6ffb4c3 (``PUM.run``). Spec:
+``shared/specs/foul_mpu.md`` Part B (B.2 algorithm, B.7 pitfalls, B.8 LoRA port).
+
+Per round r, for each departed client (server side in :mod:`fed_unlearn.mpu_ops`):
+
+1. Pre-process [V algorithm, R LoRA port]: per LoRA tensor n,
+   σ_n = κ·RMS(θ_n) (B.8; ``granularity="layer"`` pools each transformer layer as
+   the code does [V]); z_k ~ N(0, σ²); ε0_k = sqrt(m/(m-1))·(z_k - mean_k z_k)
+   (zero-sum over the m copies) [V]; ε_k = α_k·ε0_k; then the LoRA gauge
+   A' = Q_k A, B' = B Q_kᵀ with Q_k Haar-orthogonal (or a permutation) per module
+   [R, B.8]: the adapted function is unchanged. α_k, the noise and gauge seeds are
+   drawn with ``secrets`` fresh every round and never leave the server [R, B.7-4/8]
+   (``alpha_schedule="linear"`` = the paper's public 1 → 2 [V]).
+2. The m copies travel in one Flower message (``copy<k>.*``). The client runs the
+   inner loss (:mod:`fed_unlearn.losses`) on each copy from a fresh AdamW for E
+   epochs on its own data with gradient clipping 1.0 [V]; its reference model
+   (NPO, IdkDPO, UnDIAL, RMU) is the received copy, not the clean adapter [R,
+   B.7-2]; retain term from ``retain`` = none | proxy | local [R, B.7-3].
+3. Post-process [V]: Δ_k = T_k⁻¹(Δ'_k); Δ̄ = Σ_k Δ_k/α_k / Σ_k 1/α_k;
+   θ ← θ + η_srv·Δ̄. fp32 throughout [R, B.7-5]; m ≥ 2.
+
+The harmonic weights cancel the first-order noise: with Δ(θ+ε) ≈ Δ(θ) + Jε,
+Σ_k (1/α_k)(Δ(θ) + J α_k ε0_k) / Σ 1/α_k = Δ(θ) + J Σ_k ε0_k / Σ 1/α_k = Δ(θ).
+
+What MPU is and is not: *obfuscation*, not differential privacy. The client sees
+m noisy, gauge-rotated copies; the product BA of each copy is θ's product plus
+noise, and with known α the zero-sum noise would cancel in a weighted average of
+the copies (hence secret α and the gauge). No formal guarantee is claimed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fed_unlearn import adapters as ad
+from fed_unlearn.methods.base import (
+    Requirement,
+    UnlearnConfig,
+    UnlearnContext,
+    UnlearningMethod,
+    UnlearnResult,
+)
+from fed_unlearn.methods.rounds import (
+    RoundLog,
+    check_positive,
+    check_stop_rule,
+    loss_params,
+)
+from fed_unlearn.mpu_ops import (
+    draw_secrets,
+    merge_returned,
+    pack_copies,
+    prepare_copies,
+    unpack_copies,
+)
+from fed_unlearn.training import derive_seed
+from fed_unlearn.types import AdapterState
+
+RETAIN_SOURCES = ("none", "proxy", "local")
+
+
+def check_inner(inner_loss: str, retain: str, params: str) -> None:
+    """Validate an inner loss name, a retain source and its params."""
+    from fed_unlearn.losses import get_loss
+
+    spec = get_loss(inner_loss)  # KeyError lists the known ones
+    if retain not in RETAIN_SOURCES:
+        raise ValueError(f"retain must be one of {RETAIN_SOURCES}, got {retain!r}")
+    unknown = sorted(set(loss_params(params)) - set(spec.defaults))
+    if unknown:
+        raise ValueError(
+            f"loss_params {unknown} are not parameters of {inner_loss!r} "
+            f"(it has {sorted(spec.defaults)})"
+        )
+
+
+def inner_request(
+    inner_loss: str, retain: str, params: str, epochs: int, lr: float
+) -> dict[str, object]:
+    """Build the ``local-update`` request fields of an inner-loss run."""
+    req: dict[str, object] = {
+        "loss": inner_loss,
+        "retain": retain,
+        "epochs": epochs,
+        "loss-params": params or "{}",
+    }
+    if lr > 0:
+        req["lr"] = lr
+    return req
+
+
+@dataclass(kw_only=True)
+class MPUConfig(UnlearnConfig):
+    """MPU options.
+
+    Parameters
+    ----------
+    copies : int
+        m ≥ 2 perturbed copies per round (default: 2, the paper's script).
+    kappa : float
+        Noise scale κ ≥ 0: σ = κ·RMS(tensor) (default: 0.05).
+    alpha_schedule : str
+        ``"random"`` (secret sorted U[1,3], default) or ``"linear"`` (1 → 2).
+    granularity : str
+        σ per ``"tensor"`` (default) or per ``"layer"``.
+    gauge : str
+        ``"orthogonal"`` (default), ``"permutation"`` or ``"none"``.
+    inner_loss : str
+        Client's unlearning loss (default: ``"npo"``).
+    retain : str
+        Retain term source: ``"proxy"`` (public data, default), ``"none"``,
+        ``"local"``.
+    loss_params : str
+        JSON object overriding the inner loss's parameters (default: none).
+    rounds : int
+        Round budget R (default: 4).
+    local_epochs : int
+        Epochs E per copy and round (default: 2).
+    lr : float
+        Client learning rate; 0 = the run's (default: 0).
+    server_lr : float
+        η_srv (default: 1.0).
+    stop : str
+        ``"t2f"`` (default) or ``"budget"``.
+    seed : int
+        -1 (default): every secret from ``secrets``. Set it only in tests.
+    """
+
+    copies: int = 2
+    kappa: float = 0.05
+    alpha_schedule: str = "random"
+    granularity: str = "tensor"
+    gauge: str = "orthogonal"
+    inner_loss: str = "npo"
+    retain: str = "proxy"
+    loss_params: str = ""
+    rounds: int = 4
+    local_epochs: int = 2
+    lr: float = 0.0
+    server_lr: float = 1.0
+    stop: str = "t2f"
+    seed: int = -1
+
+    def __post_init__(self) -> None:
+        if self.copies < 2:
+            raise ValueError(f"copies (m) must be >= 2, got {self.copies}")
+        if self.kappa < 0:
+            raise ValueError(f"kappa must be >= 0, got {self.kappa}")
+        for name, value, allowed in (
+            ("alpha_schedule", self.alpha_schedule, ("random", "linear")),
+            ("granularity", self.granularity, ("tensor", "layer")),
+            ("gauge", self.gauge, ("orthogonal", "permutation", "none")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        check_inner(self.inner_loss, self.retain, self.loss_params)
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError("rounds and local_epochs must be >= 1")
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
+        check_positive(server_lr=self.server_lr)
+        check_stop_rule(self.stop)
+
+
+class MPU(UnlearningMethod):
+    """The departed client unlearns on m perturbed, gauge-rotated copies."""
+
+    summary = (
+        "MPU: m perturbed + reparameterised copies, client-side inner loss, "
+        "harmonic merge on the server [V/R]"
+    )
+    requires = frozenset({Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
+    config: MPUConfig
+
+    def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
+        """Run MPU rounds until T2F or the budget; see the module docstring."""
+        self.check(ctx)
+        cfg = self.config
+        assert ctx.clients is not None
+        theta = {k: v.float().clone() for k, v in ctx.trained.items()}
+        log = RoundLog(ctx, cfg.stop)
+        log.start(theta)
+        req = inner_request(
+            cfg.inner_loss, cfg.retain, cfg.loss_params, cfg.local_epochs, cfg.lr
+        )
+        pre = post = 0.0
+        r = 0
+        for r in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            sent: dict[int, AdapterState] = {}
+            rounds = {}
+            for cid in ctx.departed:
+                seed = None if cfg.seed < 0 else derive_seed(cfg.seed, r, cid)
+                secrets_ = draw_secrets(cfg.copies, cfg.alpha_schedule, seed=seed)
+                copies, rounds[cid] = prepare_copies(
+                    theta,
+                    cfg.copies,
+                    cfg.kappa,
+                    secrets_,
+                    granularity=cfg.granularity,
+                    gauge=cfg.gauge,
+                )
+                sent[cid] = pack_copies(copies)
+            pre += time.perf_counter() - t0
+            replies = ctx.clients.query(
+                list(ctx.departed), "local-update", sent, {**req, "seed-round": r}
+            )
+            log.add_compute(replies)
+            t0 = time.perf_counter()
+            merged: list[tuple[AdapterState, float]] = []
+            for cid in ctx.departed:
+                got, metrics = replies[cid]
+                if got is None:
+                    raise ValueError(f"mpu: client {cid} returned no copies")
+                returned = unpack_copies(got, cfg.copies)
+                delta = merge_returned(returned, rounds[cid], theta)
+                merged.append((delta, float(metrics.get("num-examples", 1))))
+            total = sum(w for _, w in merged)
+            step = {k: sum(d[k] * (w / total) for d, w in merged) for k in theta}
+            theta = ad.add(theta, ad.scale(step, cfg.server_lr))  # type: ignore[arg-type]
+            post += time.perf_counter() - t0
+            if log.end_round(r, theta, {"step_norm": float(ad.flatten(step).norm())}):  # type: ignore[arg-type]
+                break
+        return UnlearnResult(
+            theta,
+            rounds=r,
+            info=log.info(
+                inner_loss=cfg.inner_loss,
+                retain=cfg.retain,
+                copies=cfg.copies,
+                kappa=cfg.kappa,
+                server_pre_seconds=pre,
+                server_post_seconds=post,
+            ),
+        )

@@ -1,0 +1,143 @@
+"""Shared bookkeeping of round-based methods: curve, stopping rule, client compute.
+
+Every method that talks to clients over several rounds logs the same things: the
+cheap per-round forget/retain evaluation (``info["curve"]``, round 0 = the trained
+adapter), the clients' local work (``info["client_compute"]``) and why it stopped.
+
+Stopping rule ``"t2f"`` [R] (our operationalisation of FOUL's T2F, the same as
+``simulations.runner.T2F_DEFINITION``): stop once the per-round
+``forget_Q_A_Prob`` has stayed within ``delta`` of the retrain oracle's level for
+``patience`` rounds, or as soon as it falls more than ``delta`` below it
+(overshoot: forgetting further only costs utility). Without an evaluator or an
+oracle level (deployments), the round budget applies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from fed_unlearn.methods.base import UnlearnContext
+from fed_unlearn.types import AdapterState
+
+STOP_RULES = ("t2f", "budget")
+
+
+def check_stop_rule(stop: str) -> None:
+    """Raise ``ValueError`` for an unknown stopping rule."""
+    if stop not in STOP_RULES:
+        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+
+
+def check_positive(**values: float) -> None:
+    """Raise ``ValueError`` naming the first option that is not > 0."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def loss_params(text: str) -> dict[str, float]:
+    """Parse a ``loss-params`` JSON object option (``""`` = none).
+
+    Raises
+    ------
+    ValueError
+        Not a JSON object of numbers.
+    """
+    if not text:
+        return {}
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"loss_params: not JSON ({exc})") from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(v, int | float) for v in obj.values()
+    ):
+        raise ValueError(f"loss_params must be a JSON object of numbers: {text!r}")
+    return {str(k): float(v) for k, v in obj.items()}
+
+
+class RoundLog:
+    """Per-round curve, client compute and the stopping decision.
+
+    Parameters
+    ----------
+    ctx : UnlearnContext
+        The method's context (``evaluate`` and ``forget_target`` may be None).
+    stop : str
+        ``"t2f"`` or ``"budget"``.
+    patience : int
+        Rounds in the oracle band before ``"t2f"`` stops.
+    """
+
+    def __init__(self, ctx: UnlearnContext, stop: str, patience: int = 3) -> None:
+        check_stop_rule(stop)
+        self.ctx = ctx
+        self.stop = stop
+        self.patience = patience
+        self.curve: list[dict[str, float]] = []
+        self.compute = {"local_steps": 0.0, "tokens": 0.0, "client_seconds": 0.0}
+        self.in_band = 0
+        self.stopped_by = "budget"
+        self.rounds_log: list[dict[str, Any]] = []
+
+    def start(self, state: AdapterState) -> None:
+        """Evaluate the starting adapter (round 0)."""
+        if self.ctx.evaluate is not None:
+            self.curve.append({"round": 0, **self.ctx.evaluate(state)})
+
+    def add_compute(self, replies: Mapping[int, tuple[Any, Mapping[str, Any]]]) -> None:
+        """Add the clients' reported local work of one request."""
+        for _arrays, metrics in replies.values():
+            self.compute["local_steps"] += float(metrics.get("local-steps", 0))
+            self.compute["tokens"] += float(metrics.get("tokens", 0))
+            self.compute["client_seconds"] += float(metrics.get("train-seconds", 0.0))
+
+    def end_round(
+        self, r: int, state: AdapterState, extra: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Log round ``r`` and return whether to stop.
+
+        Parameters
+        ----------
+        r : int
+            Round number (1-based).
+        state : AdapterState
+            Adapter after the round.
+        extra : Mapping[str, Any], optional
+            Method-specific figures of the round (logged in ``info["rounds"]``).
+
+        Returns
+        -------
+        bool
+            True when the stopping rule fires.
+        """
+        self.rounds_log.append({"round": r, **(extra or {})})
+        if self.ctx.evaluate is None:
+            return False
+        point = {"round": r, **self.ctx.evaluate(state)}
+        self.curve.append(point)
+        target = self.ctx.forget_target
+        if self.stop != "t2f" or target is None:
+            return False
+        oracle, delta = target
+        value = point["forget_Q_A_Prob"]
+        if value < oracle - delta:
+            self.stopped_by = "overshoot"
+            return True
+        self.in_band = self.in_band + 1 if abs(value - oracle) <= delta else 0
+        if self.in_band >= self.patience:
+            self.stopped_by = "t2f"
+            return True
+        return False
+
+    def info(self, **more: Any) -> dict[str, Any]:
+        """Return the ``UnlearnResult.info`` entries this log provides."""
+        return {
+            "curve": self.curve,
+            "client_compute": dict(self.compute),
+            "stopped_by": self.stopped_by,
+            "rounds": self.rounds_log,
+            **more,
+        }

@@ -1,0 +1,228 @@
+"""FOUL, FedOSD, MPU and local_unlearn end to end: CLI on the Simulation Engine.
+
+One ``none`` run caches both FL phases (tiny preset, 2 rounds); each method then
+runs from the CLI with live Flower clients and writes its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_simulation import _cli
+
+BASE = ["--preset", "tiny", "--clients", "3", "--rounds", "2", "--depart", "2"]
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    out = tmp_path_factory.mktemp("out") / "none"
+    _cli(
+        ["run", *BASE, "--method", "none", "--quiet", "--no-eval", "--out", str(out)],
+        runs,
+    )
+    return runs, json.loads((out / "run.json").read_text())
+
+
+def _run(cached, tmp_path, method, *opts, evaluate=True):
+    runs, _ = cached
+    out = tmp_path / method
+    args = ["run", *BASE, "--method", method, "--quiet", "--out", str(out)]
+    for opt in opts:
+        args += ["--opt", opt]
+    if not evaluate:
+        args.append("--no-eval")
+    _cli(args, runs)
+    return out, json.loads((out / "run.json").read_text())
+
+
+def _adapter_bytes(out):
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "adapters" / "original" / "adapter_model.safetensors"))
+    return sum(v.numel() * 4 for v in state.values()), state
+
+
+def _common(run, rounds):
+    assert run["rounds"]["unlearn"] == rounds
+    assert [p["round"] for p in run["curves"]["unlearn"]] == list(range(rounds + 1))
+    assert run["client_compute"]["unlearn"]["local_steps"] > 0
+    assert run["bytes"]["unlearn"]["down"] > 0 and run["bytes"]["unlearn"]["up"] > 0
+    assert run["cached"] == {"train": True, "retrain": True}
+
+
+def test_foul_cached_sends_only_the_subnetwork(cached, tmp_path):
+    out, run = _run(
+        cached, tmp_path, "foul", "rounds=2", "stop=budget", "subnetwork=ratio"
+    )
+    _common(run, 2)
+    info = run["unlearn_info"]
+    sub = info["subnetwork"]
+    assert 0 < sub["tensors"] < sub["of_tensors"]
+    full, _ = _adapter_bytes(out)
+    assert sub["adapter_bytes"] == full
+    # round 1: θ_V + frozen base down to 2 clients; round 2: θ_V only; θ_V up twice
+    down, up = run["bytes"]["unlearn"]["down"], run["bytes"]["unlearn"]["up"]
+    v = sub["bytes"]
+    assert 2 * (full + v) <= down <= 2 * (full + v) + 200_000
+    assert 4 * v <= up <= 4 * v + 50_000
+    for r in info["rounds"]:
+        assert len(r["gamma"]) == 3 and abs(sum(r["gamma"]) - 1) < 1e-4
+    assert (out / "TOFU_SUMMARY.json").is_file()
+    unl = json.loads((out / "evals" / "unlearned" / "TOFU_SUMMARY.json").read_text())
+    assert "forget_Q_A_Prob" in unl
+
+
+def test_fedosd_runs_unlearning_and_post_training(cached, tmp_path):
+    out, run = _run(
+        cached,
+        tmp_path,
+        "fedosd",
+        "unlearn_rounds=1",
+        "post_rounds=1",
+        "stop=budget",
+        evaluate=False,
+    )
+    _common(run, 2)
+    stages = [r["stage"] for r in run["unlearn_info"]["rounds"]]
+    assert stages == ["unlearn", "post"]
+    # FedOSD's direction is orthogonal to the remaining clients' pseudo-gradients
+    assert run["unlearn_info"]["rounds"][0]["max_rel_retain_inner"] < 1e-3
+
+
+def test_mpu_sends_m_copies_and_moves_the_adapter(cached, tmp_path):
+    out, run = _run(
+        cached,
+        tmp_path,
+        "mpu",
+        "rounds=1",
+        "copies=3",
+        "stop=budget",
+        "inner_loss=ga",
+        "retain=none",
+    )
+    _common(run, 1)
+    full, original = _adapter_bytes(out)
+    down = run["bytes"]["unlearn"]["down"]
+    assert 3 * full <= down <= 3 * full + 50_000  # one client, three copies
+    from safetensors.torch import load_file
+
+    unl = load_file(str(out / "adapters" / "unlearned" / "adapter_model.safetensors"))
+    assert any(not torch.equal(unl[k], original[k]) for k in original)
+    curve = run["curves"]["unlearn"]
+    assert curve[1]["forget_Q_A_Prob"] < curve[0]["forget_Q_A_Prob"]
+    assert "alphas" not in json.dumps(run["unlearn_info"])  # secrets stay secret
+
+
+def test_local_unlearn_baseline_runs(cached, tmp_path):
+    _, run = _run(
+        cached,
+        tmp_path,
+        "local_unlearn",
+        "rounds=1",
+        "stop=budget",
+        "inner_loss=npo",
+        evaluate=False,
+    )
+    _common(run, 1)
+
+
+def test_bad_method_option_is_a_clear_error(cached, tmp_path):
+    runs, _ = cached
+    for opt, msg in (
+        ("kappa=-1", "kappa must be >= 0"),
+        ("bogus=1", "has no option 'bogus'"),
+        ("mode=sideways", "mode must be one of"),
+    ):
+        out = tmp_path / f"bad{opt.split('=')[0]}"
+        proc = _cli(
+            ["run", *BASE, "--method", "foul", "--opt", opt, "--out", str(out)],
+            runs,
+            check=False,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert msg in proc.stderr
+        assert not out.exists()
+    proc = _cli(
+        [
+            "run",
+            *BASE,
+            "--method",
+            "mpu",
+            "--opt",
+            "copies=1",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        runs,
+        check=False,
+    )
+    assert proc.returncode == 2 and "copies (m) must be >= 2" in proc.stderr
+    proc = _cli(
+        [
+            "run",
+            *BASE,
+            "--method",
+            "mpu",
+            "--opt",
+            "inner_loss=xx",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        runs,
+        check=False,
+    )
+    assert proc.returncode == 2 and "unknown inner loss 'xx'" in proc.stderr
+
+
+def test_mpu_never_sends_the_clean_adapter(cached, monkeypatch):
+    """Inspect every message MPU sends: no tensor equals the clean adapter's."""
+    import server.pipeline as pipeline
+    from fed_unlearn.config import RunConfig
+    from fed_unlearn.mpu_ops import unpack_copies
+    from simulations.runner import simulate
+
+    runs, _ = cached
+    monkeypatch.setenv("FED_UNLEARN_RUNS", str(runs))
+    sent = []
+
+    class Recording(pipeline.CountingGrid):
+        def _count_out(self, messages):
+            msgs = super()._count_out(messages)
+            for m in msgs:
+                cfg = m.content.config_records["config"]
+                if cfg.get("kind") == "local-update":
+                    sent.append(m.content["arrays"].to_torch_state_dict())
+            return msgs
+
+    monkeypatch.setattr(pipeline, "CountingGrid", Recording)
+    cfg = RunConfig.from_flat(
+        {
+            "preset": "tiny",
+            "num-clients": 3,
+            "num-server-rounds": 2,
+            "depart": "2",
+            "method": "mpu",
+            "method-rounds": 2,
+            "method-stop": "budget",
+            "method-inner_loss": "ga",
+            "method-retain": "none",
+        }
+    )
+    out = simulate(cfg, ("train", "unlearn"), progress=False)
+    assert out.train.cached and out.retrain.cached
+    theta = out.train.final
+    assert len(sent) == 2  # one message per round, m = 2 copies in each
+    for arrays in sent:
+        copies = unpack_copies(arrays, 2)
+        assert len(copies) == 2
+        for copy in copies:
+            assert set(copy) == set(theta)
+            for k in theta:
+                assert not torch.allclose(copy[k], theta[k], atol=1e-6), k
+        # the plain average of the copies is not the clean adapter either
+        for k in theta:
+            avg = (copies[0][k] + copies[1][k]) / 2
+            assert not torch.allclose(avg, theta[k], atol=1e-6), k
