@@ -147,7 +147,8 @@ def local_update(
     ----------
     msg : Message
         The query (``arrays``: copies and optional base; ``q-*`` config keys:
-        ``loss``, ``epochs``, ``lr``, ``batch-size``, ``retain``,
+        ``loss``, ``epochs``, ``lr`` (or ``lr-scale`` x the run's), ``batch-size``,
+        ``retain``,
         ``loss-params`` (JSON), ``seed-round``).
     context : Context
         Flower context (its ``state`` keeps the base adapter between requests).
@@ -183,7 +184,9 @@ def local_update(
     spec = TrainSpec(
         epochs=int(req.get("epochs", r.local_epochs)),  # type: ignore[arg-type]
         batch_size=int(req.get("batch-size", r.batch_size)),  # type: ignore[arg-type]
-        lr=float(req.get("lr", r.lr)),  # type: ignore[arg-type]
+        lr=float(req["lr"])
+        if "lr" in req
+        else float(r.lr) * float(req.get("lr-scale", 1.0)),  # type: ignore[arg-type]
         max_length=int(r.max_length),  # type: ignore[arg-type]
     )
     params = json.loads(str(req.get("loss-params", "{}")))

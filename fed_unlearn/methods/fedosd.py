@@ -63,7 +63,11 @@ class FedOSDConfig(UnlearnConfig):
     local_epochs : int
         Local epochs behind each pseudo-gradient (default: 1).
     lr : float
-        Clients' learning rate in the unlearning stage; 0 = the run's (default 0).
+        Clients' learning rate in the unlearning stage; 0 = ``lr_scale`` x the
+        run's (default: 0).
+    lr_scale : float
+        Unlearning-stage rate relative to the FL one when ``lr`` is 0 (default:
+        0.1; at the FL rate one round of UCE wipes out the tiny model).
     post_lr : float
         Clients' learning rate in post-training; 0 = the run's (default: 0).
     tol : float
@@ -77,6 +81,7 @@ class FedOSDConfig(UnlearnConfig):
     server_lr: float = 1.0
     local_epochs: int = 1
     lr: float = 0.0
+    lr_scale: float = 0.1
     post_lr: float = 0.0
     tol: float = 1e-6
     stop: str = "t2f"
@@ -86,7 +91,7 @@ class FedOSDConfig(UnlearnConfig):
             raise ValueError("unlearn_rounds and local_epochs must be >= 1")
         if self.post_rounds < 0:
             raise ValueError(f"post_rounds must be >= 0, got {self.post_rounds}")
-        check_positive(server_lr=self.server_lr, tol=self.tol)
+        check_positive(server_lr=self.server_lr, tol=self.tol, lr_scale=self.lr_scale)
         if self.lr < 0 or self.post_lr < 0:
             raise ValueError("lr and post_lr must be >= 0 (0 = the run's)")
         check_stop_rule(self.stop)
@@ -126,7 +131,10 @@ class FedOSD(UnlearningMethod):
         log = RoundLog(ctx, cfg.stop)
         log.start(theta)
         base = {"epochs": cfg.local_epochs}
-        unl = {**base, **({"lr": cfg.lr} if cfg.lr > 0 else {})}
+        unl = {
+            **base,
+            **({"lr": cfg.lr} if cfg.lr > 0 else {"lr-scale": cfg.lr_scale}),
+        }
         post = {**base, **({"lr": cfg.post_lr} if cfg.post_lr > 0 else {})}
         r = 0
         for r in range(1, cfg.unlearn_rounds + 1):
@@ -157,6 +165,7 @@ class FedOSD(UnlearningMethod):
             extra = {"stage": "unlearn", "max_rel_retain_inner": inner}
             if log.end_round(r, theta, extra):
                 break
+        theta = log.result(theta)
         for p in range(1, cfg.post_rounds + 1):
             arrays = {f"copy0.{k}": v for k, v in theta.items()}
             rem = ctx.clients.query(

@@ -9,9 +9,10 @@ Algorithm (per unlearning request)
 1. *Forgettable sub-network*, fixed once [P idea, R rule]: from the updates
    cached in the FL history, the departed clients' pseudo-gradient g_f and the
    size-weighted retain mean ḡ_R, per LoRA tensor j the conflict score
-   c_j = cos(g_f^j, ḡ_R^j); θ_V = {j : c_j < τ} (``subnetwork="conflict"``,
-   falling back to the top-p tensors by ‖g_f^j‖/‖ḡ_R^j‖ when no tensor
-   conflicts), or directly that top-p (``"ratio"``), or every tensor (``"all"``).
+   c_j = cos(g_f^j, ḡ_R^j); θ_V = the top-p (25 %) tensors by
+   ‖g_f^j‖/‖ḡ_R^j‖ (``subnetwork="ratio"``, default), or {j : c_j < τ}
+   (``"conflict"``, falling back to the top-p when no tensor conflicts), or every
+   tensor (``"all"``).
    Never re-identified during unlearning (FOUL's efficiency argument).
 2. Each round r [P formula, R derivation as CAGrad's dual]: remaining clients
    upload pseudo-gradients g_u = θ_V - θ_V,u^local after E local epochs of their
@@ -78,7 +79,10 @@ class FoulConfig(UnlearnConfig):
     forget_grad : str
         Cached g_f: ``"sum"`` of all the departed updates (default) or ``"last"``.
     subnetwork : str
-        θ_V rule: ``"conflict"`` (default), ``"ratio"`` or ``"all"``.
+        θ_V rule: ``"ratio"`` (default), ``"conflict"`` or ``"all"``. On the
+        tiny testbed every tensor's cumulative departed/retain cosine is below 0,
+        so ``"conflict"`` with τ = 0 selects the whole adapter; ``"ratio"`` keeps
+        the top-p tensors by ‖g_f^j‖/‖ḡ_R^j‖ (the spec's alternative rule).
     tau : float
         Conflict threshold τ on the cosine (default: 0.0).
     top_p : float
@@ -98,7 +102,7 @@ class FoulConfig(UnlearnConfig):
     kappa: float = 1.0
     mode: str = "cached"
     forget_grad: str = "sum"
-    subnetwork: str = "conflict"
+    subnetwork: str = "ratio"
     tau: float = 0.0
     top_p: float = 0.25
     rounds: int = 20
@@ -268,7 +272,7 @@ class Foul(UnlearningMethod):
                 break
         full_bytes = sum(v.numel() * 4 for v in theta.values())
         return UnlearnResult(
-            theta,
+            log.result(theta),
             rounds=r,
             info=log.info(
                 mode=cfg.mode,

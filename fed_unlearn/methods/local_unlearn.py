@@ -34,9 +34,10 @@ class LocalUnlearnConfig(UnlearnConfig):
     inner_loss: str = "npo"
     retain: str = "proxy"
     loss_params: str = ""
-    rounds: int = 4
-    local_epochs: int = 2
+    rounds: int = 8
+    local_epochs: int = 1
     lr: float = 0.0
+    lr_scale: float = 0.1
     server_lr: float = 1.0
     stop: str = "t2f"
 
@@ -46,7 +47,7 @@ class LocalUnlearnConfig(UnlearnConfig):
             raise ValueError("rounds and local_epochs must be >= 1")
         if self.lr < 0:
             raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
-        check_positive(server_lr=self.server_lr)
+        check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
         check_stop_rule(self.stop)
 
 
@@ -69,7 +70,12 @@ class LocalUnlearn(UnlearningMethod):
         log = RoundLog(ctx, cfg.stop)
         log.start(theta)
         req = inner_request(
-            cfg.inner_loss, cfg.retain, cfg.loss_params, cfg.local_epochs, cfg.lr
+            cfg.inner_loss,
+            cfg.retain,
+            cfg.loss_params,
+            cfg.local_epochs,
+            cfg.lr,
+            cfg.lr_scale,
         )
         r = 0
         for r in range(1, cfg.rounds + 1):
@@ -91,7 +97,7 @@ class LocalUnlearn(UnlearningMethod):
             if log.end_round(r, theta):
                 break
         return UnlearnResult(
-            theta,
+            log.result(theta),
             rounds=r,
             info=log.info(inner_loss=cfg.inner_loss, retain=cfg.retain),
         )

@@ -79,7 +79,7 @@ def check_inner(inner_loss: str, retain: str, params: str) -> None:
 
 
 def inner_request(
-    inner_loss: str, retain: str, params: str, epochs: int, lr: float
+    inner_loss: str, retain: str, params: str, epochs: int, lr: float, lr_scale: float
 ) -> dict[str, object]:
     """Build the ``local-update`` request fields of an inner-loss run."""
     req: dict[str, object] = {
@@ -90,6 +90,8 @@ def inner_request(
     }
     if lr > 0:
         req["lr"] = lr
+    else:
+        req["lr-scale"] = lr_scale
     return req
 
 
@@ -117,11 +119,14 @@ class MPUConfig(UnlearnConfig):
     loss_params : str
         JSON object overriding the inner loss's parameters (default: none).
     rounds : int
-        Round budget R (default: 4).
+        Round budget R (default: 8).
     local_epochs : int
-        Epochs E per copy and round (default: 2).
+        Epochs E per copy and round (default: 1).
     lr : float
-        Client learning rate; 0 = the run's (default: 0).
+        Client learning rate; 0 = ``lr_scale`` x the run's (default: 0).
+    lr_scale : float
+        Unlearning learning rate relative to the FL one when ``lr`` is 0
+        (default: 0.1; the run's own rate overshoots the oracle in one round).
     server_lr : float
         η_srv (default: 1.0).
     stop : str
@@ -138,9 +143,10 @@ class MPUConfig(UnlearnConfig):
     inner_loss: str = "npo"
     retain: str = "proxy"
     loss_params: str = ""
-    rounds: int = 4
-    local_epochs: int = 2
+    rounds: int = 8
+    local_epochs: int = 1
     lr: float = 0.0
+    lr_scale: float = 0.1
     server_lr: float = 1.0
     stop: str = "t2f"
     seed: int = -1
@@ -162,7 +168,7 @@ class MPUConfig(UnlearnConfig):
             raise ValueError("rounds and local_epochs must be >= 1")
         if self.lr < 0:
             raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
-        check_positive(server_lr=self.server_lr)
+        check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
         check_stop_rule(self.stop)
 
 
@@ -185,7 +191,12 @@ class MPU(UnlearningMethod):
         log = RoundLog(ctx, cfg.stop)
         log.start(theta)
         req = inner_request(
-            cfg.inner_loss, cfg.retain, cfg.loss_params, cfg.local_epochs, cfg.lr
+            cfg.inner_loss,
+            cfg.retain,
+            cfg.loss_params,
+            cfg.local_epochs,
+            cfg.lr,
+            cfg.lr_scale,
         )
         pre = post = 0.0
         r = 0
@@ -226,7 +237,7 @@ class MPU(UnlearningMethod):
             if log.end_round(r, theta, {"step_norm": float(ad.flatten(step).norm())}):  # type: ignore[arg-type]
                 break
         return UnlearnResult(
-            theta,
+            log.result(theta),
             rounds=r,
             info=log.info(
                 inner_loss=cfg.inner_loss,

@@ -4,12 +4,14 @@ Every method that talks to clients over several rounds logs the same things: the
 cheap per-round forget/retain evaluation (``info["curve"]``, round 0 = the trained
 adapter), the clients' local work (``info["client_compute"]``) and why it stopped.
 
-Stopping rule ``"t2f"`` [R] (our operationalisation of FOUL's T2F, the same as
-``simulations.runner.T2F_DEFINITION``): stop once the per-round
-``forget_Q_A_Prob`` has stayed within ``delta`` of the retrain oracle's level for
-``patience`` rounds, or as soon as it falls more than ``delta`` below it
-(overshoot: forgetting further only costs utility). Without an evaluator or an
-oracle level (deployments), the round budget applies.
+Stopping rule ``"t2f"`` [R] (built on our operationalisation of FOUL's T2F, see
+``simulations.runner.T2F_DEFINITION``): stop at the first round whose per-round
+``forget_Q_A_Prob`` is within ``delta`` of the retrain oracle's level (the band
+T2F measures), and when a round overshoots below ``oracle - delta``, roll back to
+whichever of that round and the previous one is closer to the oracle (forgetting
+further only costs utility). ``patience > 1`` waits for that many rounds in the
+band instead. Without an evaluator or an oracle level (deployments), the round
+budget applies.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class RoundLog:
         Rounds in the oracle band before ``"t2f"`` stops.
     """
 
-    def __init__(self, ctx: UnlearnContext, stop: str, patience: int = 3) -> None:
+    def __init__(self, ctx: UnlearnContext, stop: str, patience: int = 1) -> None:
         check_stop_rule(stop)
         self.ctx = ctx
         self.stop = stop
@@ -81,9 +83,12 @@ class RoundLog:
         self.in_band = 0
         self.stopped_by = "budget"
         self.rounds_log: list[dict[str, Any]] = []
+        self.previous: AdapterState | None = None
+        self.rolled_back = False
 
     def start(self, state: AdapterState) -> None:
         """Evaluate the starting adapter (round 0)."""
+        self.previous = state
         if self.ctx.evaluate is not None:
             self.curve.append({"round": 0, **self.ctx.evaluate(state)})
 
@@ -114,6 +119,7 @@ class RoundLog:
             True when the stopping rule fires.
         """
         self.rounds_log.append({"round": r, **(extra or {})})
+        previous, self.previous = self.previous, state
         if self.ctx.evaluate is None:
             return False
         point = {"round": r, **self.ctx.evaluate(state)}
@@ -125,6 +131,12 @@ class RoundLog:
         value = point["forget_Q_A_Prob"]
         if value < oracle - delta:
             self.stopped_by = "overshoot"
+            before = self.curve[-2]["forget_Q_A_Prob"]
+            if previous is not None and abs(before - oracle) < abs(value - oracle):
+                self.previous = previous
+                self.rolled_back = True
+                self.curve.append({**self.curve[-2], "round": r, "rolled_back": 1.0})
+                self.curve.pop(-2)
             return True
         self.in_band = self.in_band + 1 if abs(value - oracle) <= delta else 0
         if self.in_band >= self.patience:
@@ -132,12 +144,17 @@ class RoundLog:
             return True
         return False
 
+    def result(self, fallback: AdapterState) -> AdapterState:
+        """Return the adapter to keep: the last round's, or the rolled-back one."""
+        return self.previous if self.previous is not None else fallback
+
     def info(self, **more: Any) -> dict[str, Any]:
         """Return the ``UnlearnResult.info`` entries this log provides."""
         return {
             "curve": self.curve,
             "client_compute": dict(self.compute),
             "stopped_by": self.stopped_by,
+            "rolled_back": self.rolled_back,
             "rounds": self.rounds_log,
             **more,
         }
