@@ -92,9 +92,10 @@ def test_option_errors_name_the_option():
 
 
 def test_foul_cached_mode_without_departed_history_is_a_clear_error(tmp_path):
+    from test_methods import LinearClients, _state
+
     from fed_unlearn.history import HistoryStore, RoundRecord
     from fed_unlearn.methods import MissingRequirementError
-    from test_methods import LinearClients, _state
 
     trained = _state()
     store = HistoryStore(tmp_path / "h")
