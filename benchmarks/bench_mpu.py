@@ -63,8 +63,9 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--loss", default="npo")
     ap.add_argument("--retain", default="proxy")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr-scale", type=float, default=0.1)
     ap.add_argument("--kappas", default="0.01,0.05,0.1")
     ap.add_argument("--ms", default="2,3")
     ap.add_argument("--json", help="also write the rows to this file")
@@ -99,7 +100,7 @@ def main() -> None:
     spec = type(spec)(
         epochs=args.epochs,
         batch_size=spec.batch_size,
-        lr=spec.lr,
+        lr=spec.lr * args.lr_scale,
         max_length=spec.max_length,
     )
     model, tok = load_lora_model(resolve_model_dir(cfg.preset), cfg.lora_spec())
@@ -121,16 +122,28 @@ def main() -> None:
             tok,
             pf,
             splits,
-            None,
+            reference,
             batch_size=cfg.eval_batch_size,
             max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
             max_length=int(r.max_length),  # type: ignore[arg-type]
         )
-        return {
+        out = {
             k: float(summary[k])
-            for k in ("forget_Q_A_Prob", "retain_Q_A_Prob", "model_utility")
+            for k in (
+                "forget_Q_A_Prob",
+                "forget_quality",
+                "retain_Q_A_Prob",
+                "gk_Q_A_Prob",
+                "model_utility",
+            )
             if summary.get(k) is not None
         }
+        # Utility: model_utility, or (where it is 0, as on tiny) the harmonic
+        # mean of the retain and general-knowledge probabilities as a proxy.
+        a, b = out.get("retain_Q_A_Prob", 0.0), out.get("gk_Q_A_Prob", 0.0)
+        proxy = 2 * a * b / (a + b) if a + b > 0 else 0.0
+        out["utility"] = out.get("model_utility") or proxy
+        return out
 
     def client(copy: dict[str, torch.Tensor], seed: int) -> tuple[dict, Any]:
         set_adapter(model, copy)
@@ -192,17 +205,27 @@ def main() -> None:
         f"preset {args.preset}, inner loss {args.loss}, retain {args.retain}, "
         f"{args.rounds} rounds x {args.epochs} epochs"
     )
-    print("before:", json.dumps(score(phase.final)))
+    reference = None
     print("retrain:", json.dumps(score(retrain.final)))
+    set_adapter(model, retrain.final)
+    reference, _ = evaluate(
+        model,
+        tok,
+        pf,
+        splits,
+        None,
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
+        max_length=int(r.max_length),  # type: ignore[arg-type]
+    )
+    print("before:", json.dumps(score(phase.final)))
     rows = [run(None, 1)]
-    clean_mu = rows[0].get("model_utility")
+    clean_mu = rows[0].get("utility")
     for m in [int(x) for x in args.ms.split(",")]:
         for kappa in [float(x) for x in args.kappas.split(",")]:
             row = run(kappa, m)
             if clean_mu:
-                row["utility_degradation"] = (
-                    clean_mu - row["model_utility"]
-                ) / clean_mu
+                row["utility_degradation"] = (clean_mu - row["utility"]) / clean_mu
                 print(
                     f"  kappa {kappa} m {m}: utility degradation "
                     f"{100 * row['utility_degradation']:.2f}%"

@@ -41,8 +41,8 @@ MISSING = "–"
 REFERENCE_MODELS = ("original", "retrain")
 
 #: Config keys that may differ between runs of one report.
-_IGNORED_CONFIG_KEYS = frozenset({"method", "depart", "out-dir"})
-_IGNORED_CONFIG_PREFIXES = ("eval-",)
+_IGNORED_CONFIG_KEYS = frozenset({"method", "depart", "out-dir", "departed-online"})
+_IGNORED_CONFIG_PREFIXES = ("eval-", "method-", "x-")
 
 #: Metric columns: (key, header).
 _METRIC_COLUMNS = (
@@ -169,12 +169,15 @@ def _check_same_fl_config(runs: Sequence[_Run]) -> None:
 
 
 def _assign_labels(runs: Sequence[_Run]) -> None:
-    """Label runs by method, disambiguated by directory name (then index)."""
-    methods = [r.method for r in runs]
-    for r in runs:
-        r.label = (
-            r.method if methods.count(r.method) == 1 else f"{r.method} ({r.path.name})"
-        )
+    """Label runs by method (and inner loss), disambiguated by directory name."""
+
+    def base(r: _Run) -> str:
+        inner = (r.run.get("unlearn_info") or {}).get("inner_loss")
+        return f"{r.method}/{inner}" if inner else r.method
+
+    names = [base(r) for r in runs]
+    for r, name in zip(runs, names, strict=True):
+        r.label = name if names.count(name) == 1 else f"{name} ({r.path.name})"
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):
         if labels.count(r.label) > 1:
