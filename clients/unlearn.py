@@ -179,7 +179,9 @@ def local_update(
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
     model, tok, prompt_fn = client_model(cfg)
-    expected = set(get_adapter(model))
+    from peft import get_peft_model_state_dict
+
+    expected = set(get_peft_model_state_dict(model))  # keys only, no copies
     r = cfg.resolved()
     spec = TrainSpec(
         epochs=int(req.get("epochs", r.local_epochs)),  # type: ignore[arg-type]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fed_unlearn.adapters import InvalidUpdateError, lora_pairs, validate_update
+from fed_unlearn.aggregation import fedavg
 from fed_unlearn.types import AdapterState
 
 __all__ = [
@@ -516,15 +517,8 @@ def harmonic_merge(
                     f"delta {i}: {key!r} has shape {tuple(d[key].shape)}, delta 0 "
                     f"has {tuple(t.shape)}"
                 )
-    inv = [1.0 / a for a in al]
-    total = math.fsum(inv)
-    out: AdapterState = {}
-    for key, t in ref.items():
-        acc = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
-        for w, d in zip(inv, deltas, strict=True):
-            acc.add_(d[key].to(device=t.device, dtype=torch.float64), alpha=w / total)
-        out[key] = acc.to(t.dtype)
-    return out
+    # FedAvg's weighted mean (float64 accumulation) with weights 1/α_k
+    return fedavg(list(deltas), [1.0 / a for a in al])
 
 
 # -------------------------------------------------------------------------- round

@@ -44,7 +44,12 @@ from fed_unlearn.methods.base import (
     UnlearningMethod,
     UnlearnResult,
 )
-from fed_unlearn.methods.rounds import RoundLog, check_positive, check_stop_rule
+from fed_unlearn.methods.rounds import (
+    RoundLog,
+    check_positive,
+    check_stop_rule,
+    copy_deltas,
+)
 from fed_unlearn.types import AdapterState
 
 
@@ -101,14 +106,11 @@ def _pseudo_grads(
     replies: dict[int, tuple[AdapterState | None, dict[str, float]]],
     like: AdapterState,
 ) -> dict[int, torch.Tensor]:
-    out = {}
-    for cid, (got, _metrics) in replies.items():
-        if got is None:
-            raise ValueError(f"fedosd: client {cid} returned no update")
-        delta = {k[len("copy0.") :]: v for k, v in got.items()}
-        ad.validate_update(delta, like)
-        out[cid] = -ad.flatten({k: delta[k] for k in like})
-    return out
+    """Client -> flattened pseudo-gradient θ - θ_local (minus its delta)."""
+    return {
+        cid: -ad.flatten({k: delta[k] for k in like})
+        for cid, (delta, _w) in copy_deltas(replies, like, "fedosd").items()
+    }
 
 
 class FedOSD(UnlearningMethod):

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from fed_unlearn import adapters as ad
+from fed_unlearn.aggregation import fedavg
 from fed_unlearn.conflict import cagrad_direction, select_subnetwork
 from fed_unlearn.history import HistoryStore
 from fed_unlearn.methods.base import (
@@ -57,7 +58,12 @@ from fed_unlearn.methods.base import (
     UnlearningMethod,
     UnlearnResult,
 )
-from fed_unlearn.methods.rounds import RoundLog, check_positive, check_stop_rule
+from fed_unlearn.methods.rounds import (
+    RoundLog,
+    check_positive,
+    check_stop_rule,
+    copy_deltas,
+)
 from fed_unlearn.types import AdapterState
 
 MODES = ("cached", "live")
@@ -175,15 +181,8 @@ def cached_updates(
 def weighted_mean(
     states: dict[int, AdapterState], weights: dict[int, float]
 ) -> AdapterState:
-    """Σ w_u s_u / Σ w_u over the clients of ``states``."""
-    total = sum(weights[c] for c in states)
-    if total <= 0:
-        raise ValueError("weighted_mean: weights sum to zero")
-    keys = next(iter(states.values())).keys()
-    return {
-        k: sum(states[c][k] * (weights[c] / total) for c in states)  # type: ignore[misc]
-        for k in keys
-    }
+    """Σ w_u s_u / Σ w_u over the clients of ``states`` (FedAvg's average)."""
+    return fedavg(list(states.values()), [weights[c] for c in states])
 
 
 class Foul(UnlearningMethod):
@@ -245,13 +244,10 @@ class Foul(UnlearningMethod):
             )
             log.add_compute(replies)
             grads: dict[int, torch.Tensor] = {}
-            for cid, (got, metrics) in replies.items():
-                if got is None:
-                    raise ValueError(f"foul: client {cid} returned no update")
-                delta = {k[len("copy0.") :]: v for k, v in got.items()}
-                ad.validate_update(delta, {k: theta[k] for k in sub})
+            sent = {k: theta[k] for k in sub}
+            for cid, (delta, n) in copy_deltas(replies, sent, "foul").items():
                 grads[cid] = -ad.flatten({k: delta[k] for k in sub})
-                weights[cid] = float(metrics.get("num-examples", weights[cid]))
+                weights[cid] = n
             if cfg.mode == "cached":
                 for cid in ctx.departed:
                     grads[cid] = ad.flatten({k: hist_forget[cid][k] for k in sub})

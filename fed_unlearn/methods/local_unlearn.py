@@ -15,40 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fed_unlearn import adapters as ad
+from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
     Requirement,
-    UnlearnConfig,
     UnlearnContext,
     UnlearningMethod,
     UnlearnResult,
 )
-from fed_unlearn.methods.mpu import check_inner, inner_request
-from fed_unlearn.methods.rounds import RoundLog, check_positive, check_stop_rule
-from fed_unlearn.types import AdapterState
+from fed_unlearn.methods.mpu import InnerLossConfig
+from fed_unlearn.methods.rounds import RoundLog, copy_deltas
 
 
 @dataclass(kw_only=True)
-class LocalUnlearnConfig(UnlearnConfig):
-    """Options (same meaning and defaults as MPU's)."""
-
-    inner_loss: str = "npo"
-    retain: str = "proxy"
-    loss_params: str = ""
-    rounds: int = 8
-    local_epochs: int = 1
-    lr: float = 0.0
-    lr_scale: float = 0.1
-    server_lr: float = 1.0
-    stop: str = "t2f"
-
-    def __post_init__(self) -> None:
-        check_inner(self.inner_loss, self.retain, self.loss_params)
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise ValueError("rounds and local_epochs must be >= 1")
-        if self.lr < 0:
-            raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
-        check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
-        check_stop_rule(self.stop)
+class LocalUnlearnConfig(InnerLossConfig):
+    """Options: those of :class:`~fed_unlearn.methods.mpu.InnerLossConfig`."""
 
 
 class LocalUnlearn(UnlearningMethod):
@@ -69,14 +49,7 @@ class LocalUnlearn(UnlearningMethod):
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
         log = RoundLog(ctx, cfg.stop)
         log.start(theta)
-        req = inner_request(
-            cfg.inner_loss,
-            cfg.retain,
-            cfg.loss_params,
-            cfg.local_epochs,
-            cfg.lr,
-            cfg.lr_scale,
-        )
+        req = cfg.request()
         r = 0
         for r in range(1, cfg.rounds + 1):
             arrays = {f"copy0.{k}": v for k, v in theta.items()}
@@ -84,16 +57,9 @@ class LocalUnlearn(UnlearningMethod):
                 list(ctx.departed), "local-update", arrays, {**req, "seed-round": r}
             )
             log.add_compute(replies)
-            parts: list[tuple[AdapterState, float]] = []
-            for cid, (got, metrics) in replies.items():
-                if got is None:
-                    raise ValueError(f"local_unlearn: client {cid} returned nothing")
-                delta = {k[len("copy0.") :]: v for k, v in got.items()}
-                ad.validate_update(delta, theta)
-                parts.append((delta, float(metrics.get("num-examples", 1))))
-            total = sum(w for _, w in parts)
-            step = {k: sum(d[k] * (w / total) for d, w in parts) for k in theta}
-            theta = ad.add(theta, ad.scale(step, cfg.server_lr))  # type: ignore[arg-type]
+            parts = list(copy_deltas(replies, theta, "local_unlearn").values())
+            step = fedavg([d for d, _ in parts], [w for _, w in parts])
+            theta = ad.add(theta, ad.scale(step, cfg.server_lr))
             if log.end_round(r, theta):
                 break
         return UnlearnResult(

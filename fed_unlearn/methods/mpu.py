@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 from fed_unlearn import adapters as ad
+from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
     Requirement,
     UnlearnConfig,
@@ -78,39 +79,12 @@ def check_inner(inner_loss: str, retain: str, params: str) -> None:
         )
 
 
-def inner_request(
-    inner_loss: str, retain: str, params: str, epochs: int, lr: float, lr_scale: float
-) -> dict[str, object]:
-    """Build the ``local-update`` request fields of an inner-loss run."""
-    req: dict[str, object] = {
-        "loss": inner_loss,
-        "retain": retain,
-        "epochs": epochs,
-        "loss-params": params or "{}",
-    }
-    if lr > 0:
-        req["lr"] = lr
-    else:
-        req["lr-scale"] = lr_scale
-    return req
-
-
 @dataclass(kw_only=True)
-class MPUConfig(UnlearnConfig):
-    """MPU options.
+class InnerLossConfig(UnlearnConfig):
+    """Options of a client-side inner-loss run (shared by MPU and its baseline).
 
     Parameters
     ----------
-    copies : int
-        m ≥ 2 perturbed copies per round (default: 2, the paper's script).
-    kappa : float
-        Noise scale κ ≥ 0: σ = κ·RMS(tensor) (default: 0.05).
-    alpha_schedule : str
-        ``"random"`` (secret sorted U[1,3], default) or ``"linear"`` (1 → 2).
-    granularity : str
-        σ per ``"tensor"`` (default) or per ``"layer"``.
-    gauge : str
-        ``"orthogonal"`` (default), ``"permutation"`` or ``"none"``.
     inner_loss : str
         Client's unlearning loss (default: ``"npo"``).
     retain : str
@@ -131,15 +105,8 @@ class MPUConfig(UnlearnConfig):
         η_srv (default: 1.0).
     stop : str
         ``"t2f"`` (default) or ``"budget"``.
-    seed : int
-        -1 (default): every secret from ``secrets``. Set it only in tests.
     """
 
-    copies: int = 2
-    kappa: float = 0.05
-    alpha_schedule: str = "random"
-    granularity: str = "tensor"
-    gauge: str = "orthogonal"
     inner_loss: str = "npo"
     retain: str = "proxy"
     loss_params: str = ""
@@ -149,6 +116,56 @@ class MPUConfig(UnlearnConfig):
     lr_scale: float = 0.1
     server_lr: float = 1.0
     stop: str = "t2f"
+
+    def __post_init__(self) -> None:
+        check_inner(self.inner_loss, self.retain, self.loss_params)
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError("rounds and local_epochs must be >= 1")
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
+        check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
+        check_stop_rule(self.stop)
+
+    def request(self) -> dict[str, object]:
+        """Return the ``local-update`` request fields of this inner-loss run."""
+        req: dict[str, object] = {
+            "loss": self.inner_loss,
+            "retain": self.retain,
+            "epochs": self.local_epochs,
+            "loss-params": self.loss_params or "{}",
+        }
+        if self.lr > 0:
+            req["lr"] = self.lr
+        else:
+            req["lr-scale"] = self.lr_scale
+        return req
+
+
+@dataclass(kw_only=True)
+class MPUConfig(InnerLossConfig):
+    """MPU options (plus those of :class:`InnerLossConfig`).
+
+    Parameters
+    ----------
+    copies : int
+        m ≥ 2 perturbed copies per round (default: 2, the paper's script).
+    kappa : float
+        Noise scale κ ≥ 0: σ = κ·RMS(tensor) (default: 0.05).
+    alpha_schedule : str
+        ``"random"`` (secret sorted U[1,3], default) or ``"linear"`` (1 → 2).
+    granularity : str
+        σ per ``"tensor"`` (default) or per ``"layer"``.
+    gauge : str
+        ``"orthogonal"`` (default), ``"permutation"`` or ``"none"``.
+    seed : int
+        -1 (default): every secret from ``secrets``. Set it only in tests.
+    """
+
+    copies: int = 2
+    kappa: float = 0.05
+    alpha_schedule: str = "random"
+    granularity: str = "tensor"
+    gauge: str = "orthogonal"
     seed: int = -1
 
     def __post_init__(self) -> None:
@@ -163,13 +180,7 @@ class MPUConfig(UnlearnConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        check_inner(self.inner_loss, self.retain, self.loss_params)
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise ValueError("rounds and local_epochs must be >= 1")
-        if self.lr < 0:
-            raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
-        check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
-        check_stop_rule(self.stop)
+        super().__post_init__()
 
 
 class MPU(UnlearningMethod):
@@ -190,14 +201,7 @@ class MPU(UnlearningMethod):
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
         log = RoundLog(ctx, cfg.stop)
         log.start(theta)
-        req = inner_request(
-            cfg.inner_loss,
-            cfg.retain,
-            cfg.loss_params,
-            cfg.local_epochs,
-            cfg.lr,
-            cfg.lr_scale,
-        )
+        req = cfg.request()
         pre = post = 0.0
         r = 0
         for r in range(1, cfg.rounds + 1):
@@ -222,16 +226,15 @@ class MPU(UnlearningMethod):
             )
             log.add_compute(replies)
             t0 = time.perf_counter()
-            merged: list[tuple[AdapterState, float]] = []
+            merged, weights = [], []
             for cid in ctx.departed:
                 got, metrics = replies[cid]
                 if got is None:
                     raise ValueError(f"mpu: client {cid} returned no copies")
                 returned = unpack_copies(got, cfg.copies)
-                delta = merge_returned(returned, rounds[cid], theta)
-                merged.append((delta, float(metrics.get("num-examples", 1))))
-            total = sum(w for _, w in merged)
-            step = {k: sum(d[k] * (w / total) for d, w in merged) for k in theta}
+                merged.append(merge_returned(returned, rounds[cid], theta))
+                weights.append(float(metrics.get("num-examples", 1)))
+            step = fedavg(merged, weights)
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))  # type: ignore[arg-type]
             post += time.perf_counter() - t0
             if log.end_round(r, theta, {"step_norm": float(ad.flatten(step).norm())}):  # type: ignore[arg-type]

@@ -20,8 +20,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from fed_unlearn import adapters as ad
 from fed_unlearn.methods.base import UnlearnContext
-from fed_unlearn.types import AdapterState
+from fed_unlearn.types import AdapterState, ClientId
 
 STOP_RULES = ("t2f", "budget")
 
@@ -37,6 +38,43 @@ def check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def copy_deltas(
+    replies: Mapping[ClientId, tuple[AdapterState | None, Mapping[str, Any]]],
+    like: AdapterState,
+    method: str,
+) -> dict[ClientId, tuple[AdapterState, float]]:
+    """Return validated single-copy ``local-update`` deltas and client weights.
+
+    Parameters
+    ----------
+    replies : Mapping
+        ``ClientChannel.query`` result of a one-copy request.
+    like : AdapterState
+        The tensors that were sent (keys and shapes the deltas must have).
+    method : str
+        Method name for error messages.
+
+    Returns
+    -------
+    dict[ClientId, tuple[AdapterState, float]]
+        Client -> (delta = after - before, ``num-examples``).
+
+    Raises
+    ------
+    ValueError
+        A client returned nothing; ``InvalidUpdateError`` for wrong keys or
+        shapes or non-finite values.
+    """
+    out: dict[ClientId, tuple[AdapterState, float]] = {}
+    for cid, (got, metrics) in replies.items():
+        if got is None:
+            raise ValueError(f"{method}: client {cid} returned no update")
+        delta = {k.removeprefix("copy0."): v for k, v in got.items()}
+        ad.validate_update(delta, like)
+        out[cid] = (delta, float(metrics.get("num-examples", 1)))
+    return out
 
 
 def loss_params(text: str) -> dict[str, float]:
