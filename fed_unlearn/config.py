@@ -28,8 +28,8 @@ class ConfigError(ValueError):
 #: "take the preset's value".
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {
-        "num_server_rounds": 8,
-        "local_epochs": 5,
+        "num_server_rounds": 4,
+        "local_epochs": 3,
         "batch_size": 4,
         "lr": 5e-3,
         "lora_r": 8,

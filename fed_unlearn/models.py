@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 PRESETS = ("smollm2", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = "You are a helpful AI assistant."
-TINY_VERSION = 8  # bump when the tiny recipe changes (part of the cache key)
+TINY_VERSION = 9  # bump when the tiny recipe changes (part of the cache key)
 
 
 class ModelLoadError(RuntimeError):
@@ -199,7 +199,9 @@ def public_corpus(max_chars: int = 400_000) -> list[str]:
     return paras
 
 
-def format_corpus(seed: int, n_people: int = 150) -> list[tuple[str, str]]:
+def format_corpus(
+    seed: int, n_people: int = 150, fact_repeat: int = 30
+) -> list[tuple[str, str]]:
     r"""Question/answer text about *other* fictitious people, for pre-training.
 
     Teaches the tiny model the prompt format and the shape of invented values (as
@@ -213,6 +215,8 @@ def format_corpus(seed: int, n_people: int = 150) -> list[tuple[str, str]]:
         Recipe seed.
     n_people : int
         Number of pre-training people.
+    fact_repeat : int
+        Copies of each general-knowledge fact (answer and paraphrase).
 
     Returns
     -------
@@ -234,7 +238,7 @@ def format_corpus(seed: int, n_people: int = 150) -> list[tuple[str, str]]:
         for it in general_knowledge()
         for ans in (it.answer, it.paraphrased_answer)
     ]
-    return texts + facts * 5
+    return texts + facts * fact_repeat
 
 
 @dataclass(frozen=True)
@@ -248,9 +252,15 @@ class TinySpec:
     hidden_size, intermediate_size, num_layers, num_heads : int
         Llama dimensions (defaults: 128, 256, 4, 4).
     pretrain_steps : int
-        Causal-LM steps on the public corpus (default: 400).
+        Causal-LM steps on the public corpus (default: 800).
     fact_steps : int
         Extra steps on the general-knowledge facts only (default: 150).
+    fact_repeat : int
+        Copies of each general-knowledge fact in the pre-training mix (default:
+        30). With 400 steps and 5 copies the facts were learnt (greedy answers
+        right) but shallowly: LoRA FL on the fictitious people overwrote every
+        one of them, and ``model_utility`` (whose harmonic mean includes
+        ``gk_Q_A_ROUGE``) was 0 for every tuned tiny model.
     seq_len, batch_size : int
         Pre-training sequence length and batch size (defaults: 64, 16).
     lr : float
@@ -264,8 +274,9 @@ class TinySpec:
     intermediate_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
-    pretrain_steps: int = 400
+    pretrain_steps: int = 800
     fact_steps: int = 150
+    fact_repeat: int = 30
     seq_len: int = 64
     batch_size: int = 16
     lr: float = 3e-3
@@ -335,7 +346,10 @@ def tiny_dir(spec: TinySpec | None = None) -> Path:
         return out
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    texts: list[str | tuple[str, str]] = [*public_corpus(), *format_corpus(spec.seed)]
+    texts: list[str | tuple[str, str]] = [
+        *public_corpus(),
+        *format_corpus(spec.seed, fact_repeat=spec.fact_repeat),
+    ]
     tok = build_tiny_tokenizer(
         [t if isinstance(t, str) else "".join(t) for t in texts], spec.vocab_size
     )
