@@ -3,7 +3,9 @@
     python benchmarks/bench_eval.py [--preset smollm2|tiny] [--items 400]
 
 Prints wall time of `fed_unlearn.metrics.evaluate` (all default metrics: probs,
-ROUGE with greedy generation, truth ratios, MIA family, EM/ES, fluency) per split size.
+ROUGE with greedy generation, truth ratios, MIA family, EM/ES, fluency) on 120
+forget, 120 retain, 120 holdout items and 40 general probes, with a non-zero LoRA
+adapter (evaluated merged, as the CLI does).
 """
 
 from __future__ import annotations
@@ -34,14 +36,22 @@ def main() -> None:
     cfg = RunConfig.from_flat({"preset": args.preset})
     model, tok = load_lora_model(resolve_model_dir(cfg.preset), cfg.lora_spec())
     init_adapter(model, 0)
-    # ~400 items: 3 quarters people (forget / retain / holdout), 1 quarter probes
-    per = max(1, args.items // 40)
+    # a trained-looking adapter (peft's B = 0 would make LoRA a no-op)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 1e-3)
+    # 400 items: up to 40 general probes, the rest split evenly over forget /
+    # retain / holdout people (10 Q/A each)
+    n_general = min(40, args.items // 10)
+    per = max(1, (args.items - n_general) // 30)
     data = generate_tofu(
         0,
         2,
         people_per_client=per,
         num_holdout_people=per,
-        num_general=min(40, args.items // 4),
+        num_general=n_general,
     )
     splits = EvalSplits(
         forget=data.clients[0],

@@ -400,3 +400,81 @@ def test_error_no_truth_ratio_items(model, tokenizer):
         "3",
         "4",
     }
+
+
+def test_mia_reference_from_reference_logs(result, model, tokenizer):
+    """Without a reference model the attack reads the reference's logged losses."""
+    ref_eval, _ = result
+    # identical model: logged reference losses equal the target's -> all ties
+    _, same = evaluate(
+        model, tokenizer, prompt_fn, SPLITS, ref_eval, metrics=["mia_reference"]
+    )
+    assert same["mia_reference"] == pytest.approx(0.5)
+    # shifted reference losses: scores = target loss - logged loss, AUC by hand
+    shift = {"forget": 0.3, "holdout": -0.2}
+    fake = {"mia_loss": {}}
+    for split, d in shift.items():
+        vbi = ref_eval["mia_loss"][split]["value_by_index"]
+        fake["mia_loss"][split] = {
+            "value_by_index": {
+                k: {"score": v["score"] + d * (int(k) + 1)} for k, v in vbi.items()
+            }
+        }
+    tofu_eval, summary = evaluate(
+        model, tokenizer, prompt_fn, SPLITS, fake, metrics=["mia_reference"]
+    )
+    f = [-shift["forget"] * (i + 1) for i in range(len(FORGET))]
+    h = [-shift["holdout"] * (i + 1) for i in range(len(HOLDOUT))]
+    # AUC with forget = 0, holdout = 1: P(holdout score > forget score), ties half
+    wins = sum((y > x) + 0.5 * (y == x) for x in f for y in h)
+    assert summary["mia_reference"] == pytest.approx(wins / (len(f) * len(h)), abs=1e-6)
+    got = tofu_eval["mia_reference"]["forget"]["value_by_index"]["1"]["score"]
+    assert got == pytest.approx(f[1], abs=1e-5)
+    # logs of a different split size cannot serve as reference: clear error
+    short = {"mia_loss": {s: {"value_by_index": {"0": {"score": 1.0}}} for s in shift}}
+    with pytest.raises(MissingReferenceError, match="mia_loss"):
+        evaluate(model, tokenizer, prompt_fn, SPLITS, short, metrics=["mia_reference"])
+
+
+def test_merged_lora_is_exact_and_restores_weights(tokenizer):
+    """Evaluating with the adapter folded in gives the unmerged numbers and
+    leaves the base weights bit-identical."""
+    from peft import LoraConfig, get_peft_model
+
+    from fed_unlearn.metrics import merged_lora
+
+    torch.manual_seed(3)
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+        )
+    )
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    kw = {"metrics": ["forget_Q_A_Prob", "mia_min_k"], "max_new_tokens": 2}
+    _, plain = evaluate(
+        peft_model, tokenizer, prompt_fn, SPLITS, merge_lora=False, **kw
+    )
+    _, merged = evaluate(peft_model, tokenizer, prompt_fn, SPLITS, **kw)
+    for k, v in plain.items():
+        assert merged[k] == pytest.approx(v, rel=1e-4, abs=1e-6)
+    after = peft_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # inside the block the base weight holds W + s B A
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    w0 = layer.get_base_layer().weight.clone()
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * 2.0
+    with merged_lora(peft_model):
+        torch.testing.assert_close(layer.get_base_layer().weight, w0 + delta)
+    assert torch.equal(layer.get_base_layer().weight, w0)

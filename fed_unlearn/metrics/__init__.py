@@ -8,7 +8,12 @@
 
 from __future__ import annotations
 
-from fed_unlearn.metrics.evaluator import TOFU_METRICS, EvalSplits, evaluate
+from fed_unlearn.metrics.evaluator import (
+    TOFU_METRICS,
+    EvalSplits,
+    evaluate,
+    merged_lora,
+)
 from fed_unlearn.metrics.primitives import (
     MissingReferenceError,
     avg_loss,
@@ -46,6 +51,7 @@ from fed_unlearn.metrics.registry import (
 )
 
 __all__ = [
+    "merged_lora",
     "answer_prob",
     "spread_items",
     "time_to_forget",

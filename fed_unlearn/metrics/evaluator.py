@@ -31,6 +31,7 @@ greedy generations (left padding) are cached as well.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -51,6 +52,53 @@ SPLIT_NAMES = ("forget", "retain", "holdout", "general")
 
 #: ``k`` used by Min-K% / Min-K%++ (TOFU / MUSE configs).
 MIA_K = P.MIN_K_DEFAULT
+#: Default greedy-generation batch: a decoding step on CPU costs about the same
+#: for 16 and 64 rows (weight reads dominate), so generation batches are wider
+#: than scoring ones (SmolLM2, 2 cores: 78 s -> 38 s for 300 generations).
+GEN_BATCH_SIZE = 64
+
+
+@contextlib.contextmanager
+def merged_lora(model: Any) -> Any:
+    """Fold an active LoRA adapter into the base weights for the block; restore exactly.
+
+    Evaluation is gradient-free, so the adapted weight ``W + s BA`` can be
+    materialised once instead of running the two low-rank products in every
+    forward (on SmolLM2 about 13% of evaluation time). The base weights are
+    copied before merging and copied back afterwards, so the model leaves the block
+    bit-identical (peft's own unmerge would leave float rounding in ``W``).
+    Models without peft LoRA layers, with adapters disabled or already merged are
+    left untouched.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A peft model (anything else is a no-op).
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if hasattr(m, "lora_A") and hasattr(m, "get_base_layer") and hasattr(m, "merge")
+    ]
+    usable = (
+        layers
+        and hasattr(model, "merge_adapter")
+        and hasattr(model, "unmerge_adapter")
+        and not any(getattr(m, "merged", False) for m in layers)
+        and not any(getattr(m, "disable_adapters", False) for m in layers)
+    )
+    if not usable:
+        yield
+        return
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for m, w in zip(layers, saved, strict=True):
+                m.get_base_layer().weight.copy_(w)
 
 
 @dataclass
@@ -81,9 +129,9 @@ class _SeqStats:
 
     avg_loss: float
     min_k: float
-    min_k_pp: float
-    em: float | None
-    es: float
+    min_k_pp: float  # nan outside the forget / holdout answers (see _detail)
+    em: float | None  # None there too
+    es: float | None
     text: str
 
 
@@ -102,8 +150,10 @@ class _Context:
         max_new_tokens: int,
         max_length: int,
         share_prompts: bool = True,
+        gen_batch_size: int | None = None,
     ) -> None:
         self.model = model
+        self.gen_batch_size = gen_batch_size or max(batch_size, GEN_BATCH_SIZE)
         self.tokenizer = tokenizer
         self.prompt_fn = prompt_fn
         self.splits = splits
@@ -125,6 +175,14 @@ class _Context:
         # which model -> whether prompt sharing was verified (True) or refused (False)
         self._share_ok: dict[str, bool] = {}
         self._share_counts: dict[str, list[int]] = {}
+        # Pairs whose per-position statistics (Min-K%++, EM, ES) some metric reads:
+        # the forget / holdout answers. Other pairs (truth-ratio options, retain
+        # and probe answers) need only their loss and token log-probs, so neither
+        # the vocabulary moments nor the rounding guard run for them.
+        self._detail_pairs = set(self.answer_pairs("forget")) | set(
+            self.answer_pairs("holdout")
+        )
+        self._detail: list[bool] = []  # per pair of the current _score_uncached
 
     # ------------------------------------------------------------------ data access
     def items(self, split: str) -> list[QAItem]:
@@ -192,6 +250,7 @@ class _Context:
 
     def _score_uncached(self, todo: list[tuple[str, str]], which: str) -> None:
         enc = [encode_qa(self.tokenizer, p, a, self.max_length) for p, a in todo]
+        self._detail = [pair in self._detail_pairs for pair in todo]
         rest = list(range(len(todo)))
         if self.share_prompts and self._share_ok.get(which) is not False:
             rest = self._score_shared(todo, enc, which)  # what it left over
@@ -204,6 +263,7 @@ class _Context:
         labels: torch.Tensor,
         answers: list[list[int]],
         guard: float | None = None,
+        detail: Sequence[bool] | None = None,
     ) -> tuple[list[_SeqStats], list[bool]]:
         """Statistics of a batch (``[B, T, V]`` logits, ``[B, T]`` labels).
 
@@ -211,34 +271,47 @@ class _Context:
         rounding noise alone could move by more than it (see :func:`_fragile`):
         such rows are rescored by the full forward pass.
         """
-        losses = P.avg_loss(logits, labels).tolist()
-        per_tok = P.token_logprobs(logits, labels)
+        avg, per_tok = P.answer_statistics(logits, labels)
+        losses = avg.tolist()
+        want = [True] * len(answers) if detail is None else list(detail)
+        sel = [j for j in range(len(answers)) if want[j]]
+        # Min-K%++ moments of the detailed rows' positions at once (float64)
+        if sel:
+            tok_sel = torch.cat([per_tok[j][0] for j in sel])
+            vocab_sel = torch.cat([per_tok[j][1] for j in sel])
+            mu_all, var_all = P.vocab_moments(vocab_sel)
+        offsets, start = {}, 0
+        for j in sel:
+            offsets[j] = start
+            start += per_tok[j][0].numel()
         stats = []
         for j, answer_ids in enumerate(answers):
             tok_lp, vocab_lp, lab = per_tok[j]
-            pred = vocab_lp.argmax(-1)
+            min_k_pp, em, es = math.nan, None, None
+            if want[j]:
+                n, o = tok_lp.numel(), offsets[j]
+                mu, var = mu_all[o : o + n], var_all[o : o + n]
+                pred = vocab_lp.argmax(-1)
+                min_k_pp = P.min_k_plus_plus_from_moments(tok_lp, mu, var, MIA_K)
+                em = P.exact_memorization(pred, lab)
+                es = P.extraction_strength(pred, lab)
             stats.append(
                 _SeqStats(
                     avg_loss=float(losses[j]),
                     min_k=P.mia_min_k(tok_lp, MIA_K),
-                    min_k_pp=P.mia_min_k_plus_plus(tok_lp, vocab_lp, MIA_K),
-                    em=P.exact_memorization(pred, lab),
-                    es=P.extraction_strength(pred, lab),
+                    min_k_pp=min_k_pp,
+                    em=em,
+                    es=es,
                     text=self.tokenizer.decode(answer_ids, skip_special_tokens=True),
                 )
             )
-        if guard is None:
-            return stats, [False] * len(stats)
-        flags = _fragile(
-            torch.cat([t for t, _, _ in per_tok]),
-            torch.cat([v for _, v, _ in per_tok]),
-            guard,
-        ).tolist()
-        fragile, start = [], 0
-        for tok_lp, _, _ in per_tok:
-            n = tok_lp.numel()
-            fragile.append(any(flags[start : start + n]))
-            start += n
+        fragile = [False] * len(stats)
+        if guard is None or not sel:
+            return stats, fragile
+        flags = _fragile(tok_sel, vocab_sel, guard, (mu_all, var_all)).tolist()
+        for j in sel:
+            n, o = per_tok[j][0].numel(), offsets[j]
+            fragile[j] = any(flags[o : o + n])
         return stats, fragile
 
     def _score_full(
@@ -264,7 +337,12 @@ class _Context:
                 attention_mask=batch["attention_mask"].to(device),
             ).logits
             answers = [[t for t in enc[i][1] if t != IGNORE_INDEX] for i in idx]
-            stats, _ = self._batch_stats(logits, batch["labels"].to(device), answers)
+            stats, _ = self._batch_stats(
+                logits,
+                batch["labels"].to(device),
+                answers,
+                detail=[self._detail[i] for i in idx],
+            )
             for i, st in zip(idx, stats, strict=True):
                 store[(which, *todo[i])] = st
             del logits
@@ -471,7 +549,8 @@ class _Context:
         # last | unused]; the metrics read exactly the rows of the full pass
         pieces.append(first.new_zeros((n, 1, first.size(-1))))
         window = torch.cat(pieces, dim=1)
-        return self._batch_stats(window, labels.to(device), answers, guard)
+        detail = [self._detail[i] for _, i, _ in batch]
+        return self._batch_stats(window, labels.to(device), answers, guard, detail)
 
     def _verify_shared(
         self,
@@ -542,8 +621,9 @@ class _Context:
             self._encode_prompt(self.prompt(self.items(s)[i].question)) for s, i in todo
         ]
         order = sorted(range(len(todo)), key=lambda i: len(enc[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        step = self.gen_batch_size
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
             batch = collate(
                 [(enc[i], [IGNORE_INDEX] * len(enc[i])) for i in idx],
                 self.pad_id,
@@ -610,7 +690,10 @@ _SHARE_TOL: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float64: 1e-4
 
 
 def _fragile(
-    tok_lp: torch.Tensor, vocab_lp: torch.Tensor, guard: float
+    tok_lp: torch.Tensor,
+    vocab_lp: torch.Tensor,
+    guard: float,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Flag positions where rounding alone could move statistics by > ``guard``.
 
@@ -633,16 +716,15 @@ def _fragile(
     if tok_lp.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
     eps = torch.finfo(vocab_lp.dtype).eps if vocab_lp.is_floating_point() else 0.0
-    lp = vocab_lp.detach().double()
+    lp = vocab_lp.detach()
     tie = torch.zeros(lp.size(0), dtype=torch.bool, device=lp.device)
     if lp.size(-1) > 1:
-        top = lp.topk(2, dim=-1).values
+        top = lp.topk(2, dim=-1).values.double()
         tie = top[:, 0] - top[:, 1] <= 5 * guard
     tok = tok_lp.detach().double().to(lp.device).reshape(-1)
-    p = lp.exp()
-    mu = (p * lp).sum(-1)
+    mu, var = moments if moments is not None else P.vocab_moments(lp)
     mu2 = mu.square()
-    var = ((p * lp.square()).sum(-1) - mu2).clamp(min=1e-6)
+    var = var.clamp(min=1e-6)
     sd = var.sqrt()
     z = (tok - mu) / sd
     offset = 2 * eps * mu.abs().clamp(min=1.0)
@@ -1017,22 +1099,55 @@ def mia_gradnorm(ctx: _Context) -> dict:
     splits=_MIA_SPLITS,
 )
 def mia_reference(ctx: _Context) -> dict:
-    """AUC of the reference attack (target loss minus reference-model loss)."""
-    if ctx.reference_model is None:
+    """AUC of the reference attack (target loss minus reference-model loss).
+
+    The reference losses come from ``reference_model`` when one is given, else from
+    the reference logs: the per-item scores of the reference's LOSS attack
+    (``reference["mia_loss"][split]["value_by_index"]``) are exactly its average
+    answer losses on the same forget / holdout items, so the retrain oracle's
+    saved evaluation serves as the reference model without loading it again.
+    """
+    if ctx.reference_model is None and _reference_losses(ctx) is None:
         raise P.MissingReferenceError(
-            "mia_reference needs `reference_model=`; none was given"
+            "mia_reference needs `reference_model=` or reference logs with per-item "
+            "mia_loss scores for the forget and holdout splits; neither was given"
         )
 
     def fn(split: str) -> list[float]:
         pairs = ctx.answer_pairs(split)
-        tgt = ctx.score(pairs, "target")
-        ref = ctx.score(pairs, "reference")
-        return [
-            P.mia_reference(t.avg_loss, r.avg_loss)
-            for t, r in zip(tgt, ref, strict=True)
-        ]
+        tgt = [t.avg_loss for t in ctx.score(pairs, "target")]
+        if ctx.reference_model is not None:
+            ref = [r.avg_loss for r in ctx.score(pairs, "reference")]
+        else:
+            ref = _reference_losses(ctx)[split]  # type: ignore[index]
+        return [P.mia_reference(t, r) for t, r in zip(tgt, ref, strict=True)]
 
     return _mia_result(ctx, fn)
+
+
+def _reference_losses(ctx: _Context) -> dict[str, list[float]] | None:
+    """Per-item reference losses from the reference logs (None if unusable)."""
+    return _logged_losses(
+        ctx.reference, {s: len(ctx.items(s)) for s in ("forget", "holdout")}
+    )
+
+
+def _logged_losses(
+    reference: dict | None, sizes: dict[str, int]
+) -> dict[str, list[float]] | None:
+    entry = reference.get("mia_loss") if isinstance(reference, dict) else None
+    if not isinstance(entry, dict):
+        return None
+    out: dict[str, list[float]] = {}
+    for split, n in sizes.items():
+        vbi = (entry.get(split) or {}).get("value_by_index")
+        if not isinstance(vbi, dict) or len(vbi) != n:
+            return None
+        try:
+            out[split] = [float(vbi[str(i)]["score"]) for i in range(n)]
+        except (KeyError, TypeError, ValueError):
+            return None
+    return out
 
 
 @metric(name="privleak", direction="closer_to_reference", splits=_MIA_SPLITS)
@@ -1204,7 +1319,10 @@ def _select_metrics(
             for n in TOFU_METRICS
             if (n != "forget_quality" or reference is not None)
             and (n != "mia_gradnorm" or gradnorm)
-            and (n != "mia_reference" or reference_model is not None)
+            and (
+                n != "mia_reference"
+                or _has_reference_losses(reference_model, reference)
+            )
         ]
         return names
     if isinstance(metrics, str):
@@ -1219,11 +1337,25 @@ def _select_metrics(
             "metric 'forget_quality' was requested but no `reference` (the tofu_eval "
             "dict of the retrained model) was given"
         )
-    if "mia_reference" in names and reference_model is None:
+    if "mia_reference" in names and not _has_reference_losses(
+        reference_model, reference
+    ):
         raise P.MissingReferenceError(
-            "metric 'mia_reference' was requested but no `reference_model` was given"
+            "metric 'mia_reference' was requested but neither a `reference_model` "
+            "nor reference logs with per-item mia_loss scores were given"
         )
     return names
+
+
+def _has_reference_losses(reference_model: Any, reference: dict | None) -> bool:
+    """Whether ``mia_reference`` has a reference model or logged reference losses."""
+    if reference_model is not None:
+        return True
+    entry = reference.get("mia_loss") if isinstance(reference, dict) else None
+    return isinstance(entry, dict) and all(
+        isinstance((entry.get(s) or {}).get("value_by_index"), dict)
+        for s in ("forget", "holdout")
+    )
 
 
 def evaluate(
@@ -1241,6 +1373,8 @@ def evaluate(
     num_samples: int = 5,
     reference_model: Any = None,
     share_prompts: bool = True,
+    gen_batch_size: int | None = None,
+    merge_lora: bool = True,
 ) -> tuple[dict, dict]:
     """Evaluate a causal LM with the TOFU / open-unlearning metric suite.
 
@@ -1273,7 +1407,8 @@ def evaluate(
         :func:`~fed_unlearn.metrics.registry.list_metrics`).  ``None`` = all of
         :data:`TOFU_METRICS` that apply: ``forget_quality`` only with ``reference``,
         ``mia_gradnorm`` only with ``gradnorm=True``, ``mia_reference`` only with
-        ``reference_model``.
+        ``reference_model`` or with ``reference`` logs holding per-item
+        ``mia_loss`` scores (the reference's own answer losses).
     gradnorm : bool
         Also compute ``mia_gradnorm`` (one backward per forget/holdout item;
         zeroes the model's gradients).
@@ -1293,6 +1428,12 @@ def evaluate(
         so does everything when most pairs are such (e.g. a randomly
         initialised model).  ``False`` always uses one full forward pass per
         pair.
+    gen_batch_size : int or None
+        Batch size of greedy generation (default: ``max(batch_size, 64)``).
+    merge_lora : bool
+        Fold a peft LoRA adapter into the base weights while evaluating (see
+        :func:`merged_lora`; the weights are restored bit-exactly). Ignored with
+        ``gradnorm=True`` or a ``reference_model``.
 
     Returns
     -------
@@ -1335,13 +1476,20 @@ def evaluate(
         max_new_tokens,
         max_length,
         share_prompts,
+        gen_batch_size,
     )
     models = [m for m in (model, reference_model) if m is not None]
     modes = [P._module_modes(m) for m in models]
+    # gradnorm needs the adapter's own gradients; a reference model may share the
+    # base weights: evaluate those unmerged
+    merge = merge_lora and not gradnorm and reference_model is None
     try:
         for m in models:
             m.eval()
-        with torch.no_grad():
+        with (
+            torch.no_grad(),
+            merged_lora(model) if merge else contextlib.nullcontext(),
+        ):
             _prefetch(ctx, names)
             tofu_eval = {n: ctx.result(n) for n in names}
             samples = {}
@@ -1365,4 +1513,4 @@ def evaluate(
     return tofu_eval, tofu_summary
 
 
-__all__ = ["METRIC_REGISTRY", "TOFU_METRICS", "EvalSplits", "evaluate"]
+__all__ = ["METRIC_REGISTRY", "TOFU_METRICS", "EvalSplits", "evaluate", "merged_lora"]

@@ -121,7 +121,12 @@ def avg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``[B]`` float32 average losses.
     """
-    vocab_lp, tgt, rows = _shifted_answer_rows(logits, labels)
+    return _avg_loss_rows(*_shifted_answer_rows(logits, labels), labels)
+
+
+def _avg_loss_rows(
+    vocab_lp: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     tok = vocab_lp.gather(-1, tgt[:, None]).squeeze(-1)
     nll = torch.zeros(labels.size(0), dtype=tok.dtype, device=tok.device)
     nll = nll.index_add(0, rows, -tok)
@@ -151,7 +156,33 @@ def token_logprobs(
         For each example ``(tok_lp [n], vocab_lp [n, V], labels [n])`` where
         ``n`` = number of labelled tokens minus one (``0`` allowed).
     """
-    vocab_lp, tgt, rows = _shifted_answer_rows(logits, labels)
+    return _token_rows(*_shifted_answer_rows(logits, labels), labels)
+
+
+def answer_statistics(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """:func:`avg_loss` and :func:`token_logprobs` from one log-softmax.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``[B, T, V]`` model logits.
+    labels : torch.Tensor
+        ``[B, T]`` labels, ``-100`` outside the answer.
+
+    Returns
+    -------
+    tuple
+        ``(avg_loss(logits, labels), token_logprobs(logits, labels))``.
+    """
+    rows = _shifted_answer_rows(logits, labels)
+    return _avg_loss_rows(*rows, labels), _token_rows(*rows, labels)
+
+
+def _token_rows(
+    vocab_lp: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     tok = vocab_lp.gather(-1, tgt[:, None]).squeeze(-1)
     counts = torch.bincount(rows, minlength=labels.size(0)).tolist()
     out = []
@@ -580,10 +611,50 @@ def mia_min_k_plus_plus(tok_lp: Any, vocab_lp: Any, k: float = MIN_K_DEFAULT) ->
         raise ValueError(
             f"vocab_lp must be [n, V] with n = {lp.numel()}, got {tuple(vlp.shape)}"
         )
+    mu, var = vocab_moments(vlp)
+    return min_k_plus_plus_from_moments(lp, mu, var, k)
+
+
+def vocab_moments(vocab_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the log-prob under the model, per position (float64).
+
+    ``mu_t = sum_v p_t(v) l_t(v)`` and ``var_t = sum_v p_t(v) l_t(v)^2 - mu_t^2``
+    (not clamped), the moments Min-K%++ standardises with.
+
+    Parameters
+    ----------
+    vocab_lp : torch.Tensor
+        ``[n, V]`` log-softmax rows.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        ``([n], [n])`` float64 ``mu`` and ``var``.
+    """
+    vlp = vocab_lp.detach().double()
     p = vlp.exp()
     mu = (p * vlp).sum(-1)
-    var = ((p * vlp.square()).sum(-1) - mu.square()).clamp(min=1e-6)
-    z = ((lp - mu) / var.sqrt()).cpu().numpy()
+    var = (p * vlp.square()).sum(-1) - mu.square()
+    return mu, var
+
+
+def min_k_plus_plus_from_moments(
+    tok_lp: Any, mu: torch.Tensor, var: torch.Tensor, k: float = MIN_K_DEFAULT
+) -> float:
+    """Min-K%++ score from the token log-probs and precomputed :func:`vocab_moments`.
+
+    Same quirks as :func:`mia_min_k_plus_plus` (``var`` clamped at ``>= 1e-6``).
+    """
+    _check_k(k)
+    lp = _as_float64_tensor(tok_lp).to(mu.device).ravel()
+    if lp.numel() == 0:
+        return 0.0
+    if mu.numel() != lp.numel() or var.numel() != lp.numel():
+        raise ValueError(
+            f"moments must have one value per token ({lp.numel()}), "
+            f"got {mu.numel()} and {var.numel()}"
+        )
+    z = ((lp - mu.ravel()) / var.ravel().clamp(min=1e-6).sqrt()).cpu().numpy()
     num = max(1, int(z.size * k))
     return float(-np.sort(z)[:num].mean())
 
