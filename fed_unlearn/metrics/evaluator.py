@@ -417,7 +417,8 @@ class _Context:
                     # e.g. a model whose cache API differs: fall back
                     self._refuse_sharing(which, f"{type(exc).__name__}: {exc}")
                     return left_over()
-                counts[0] += len(batch)
+                # the guard only runs on the detailed pairs: count those
+                counts[0] += sum(self._detail[i] for _, i, _ in batch)
                 counts[1] += sum(fragile)
                 keep = [not bad for bad in fragile]  # fragile: full pass
                 if not verified:
@@ -1424,10 +1425,11 @@ def evaluate(
         which falls back with a ``RuntimeWarning`` if its cache cannot reproduce
         the full pass).  fp32/fp64 models only; pairs whose statistics float32
         rounding alone could move (near-tie argmax, Min-K%++ of flat
-        distributions) and prompts with a single answer use the full pass, and
-        so does everything when most pairs are such (e.g. a randomly
-        initialised model).  ``False`` always uses one full forward pass per
-        pair.
+        distributions; checked on the forget / holdout answers, the only pairs
+        whose EM, ES and Min-K%++ a metric reads) and prompts with a single
+        answer use the full pass, and so does everything when most checked
+        pairs are such (e.g. a randomly initialised model).  ``False`` always
+        uses one full forward pass per pair.
     gen_batch_size : int or None
         Batch size of greedy generation (default: ``max(batch_size, 64)``).
     merge_lora : bool
