@@ -102,7 +102,7 @@ def test_config_files_are_read_and_checked(tmp_path, capsys):
         ]
     )
     cfg = build_config(args)
-    assert (cfg.preset, cfg.num_server_rounds, cfg.seed) == ("tiny", 8, 4)  # flags win
+    assert (cfg.preset, cfg.num_server_rounds, cfg.seed) == ("tiny", 4, 4)  # flags win
     bad = tmp_path / "bad.toml"
     bad.write_text('preset = "tiny"\nnum-round = 3\n')
     rc = main(["run", "--config", str(bad), "--out", str(tmp_path / "o")])
