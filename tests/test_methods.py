@@ -169,3 +169,25 @@ def test_list_methods_has_one_line_each():
     assert set(rows) == set(METHOD_REGISTRY)
     assert all(summary and "\n" not in summary for summary, _ in rows.values())
     assert rows["retrain"][1] == ["retrain"]
+
+
+@pytest.mark.parametrize("name", ["local_unlearn", "mpu"])
+def test_recovery_rounds_are_fedavg_of_the_remaining_clients(name):
+    """Two recovery rounds pull the unlearned adapter towards the remaining
+    client's target: theta <- theta + 0.5 (t0 - theta), twice (linear clients)."""
+    trained = _state()
+    opts = {"rounds": 1, "stop": "budget", "seed": 7} if name == "mpu" else {}
+    opts = {**opts, "rounds": 1, "stop": "budget"}
+    ctx0, _, _ = _full_context(trained)
+    plain = get_method(name, opts).unlearn(ctx0).adapter
+    ctx, _, _ = _full_context(trained)
+    res = get_method(name, {**opts, "recovery_rounds": 2}).unlearn(ctx)
+    t0 = ctx.clients.targets[0]
+    for k in trained:
+        want = t0[k] + 0.25 * (plain[k] - t0[k])
+        torch.testing.assert_close(res.adapter[k], want, rtol=1e-5, atol=1e-5)
+    assert res.rounds == 3 and res.info["recovery_rounds"] == 2
+    tail = ctx.clients.calls[-2:]
+    assert all(c == (0,) and cfg["loss"] == "nll" for c, cfg in tail)
+    with pytest.raises(ValueError, match="recovery_rounds"):
+        get_method(name, {"recovery_rounds": -1})

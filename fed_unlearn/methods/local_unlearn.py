@@ -23,7 +23,7 @@ from fed_unlearn.methods.base import (
     UnlearnResult,
 )
 from fed_unlearn.methods.mpu import InnerLossConfig
-from fed_unlearn.methods.rounds import RoundLog, copy_deltas
+from fed_unlearn.methods.rounds import RoundLog, copy_deltas, recovery_rounds
 
 
 @dataclass(kw_only=True)
@@ -62,8 +62,15 @@ class LocalUnlearn(UnlearningMethod):
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))
             if log.end_round(r, theta):
                 break
+        theta = recovery_rounds(
+            ctx, log.result(theta), cfg.recovery_rounds, log, r, "local_unlearn"
+        )
         return UnlearnResult(
-            log.result(theta),
-            rounds=r,
-            info=log.info(inner_loss=cfg.inner_loss, retain=cfg.retain),
+            theta,
+            rounds=r + cfg.recovery_rounds,
+            info=log.info(
+                inner_loss=cfg.inner_loss,
+                retain=cfg.retain,
+                recovery_rounds=cfg.recovery_rounds,
+            ),
         )

@@ -50,6 +50,7 @@ from fed_unlearn.methods.rounds import (
     check_positive,
     check_stop_rule,
     loss_params,
+    recovery_rounds,
 )
 from fed_unlearn.mpu_ops import (
     draw_secrets,
@@ -105,6 +106,9 @@ class InnerLossConfig(UnlearnConfig):
         η_srv (default: 1.0).
     stop : str
         ``"t2f"`` (default) or ``"budget"``.
+    recovery_rounds : int
+        FedAvg rounds of the remaining clients after unlearning (default: 0; see
+        :func:`~fed_unlearn.methods.rounds.recovery_rounds`) [R].
     """
 
     inner_loss: str = "npo"
@@ -116,9 +120,14 @@ class InnerLossConfig(UnlearnConfig):
     lr_scale: float = 0.1
     server_lr: float = 1.0
     stop: str = "t2f"
+    recovery_rounds: int = 0
 
     def __post_init__(self) -> None:
         check_inner(self.inner_loss, self.retain, self.loss_params)
+        if self.recovery_rounds < 0:
+            raise ValueError(
+                f"recovery_rounds must be >= 0, got {self.recovery_rounds}"
+            )
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError("rounds and local_epochs must be >= 1")
         if self.lr < 0:
@@ -239,12 +248,16 @@ class MPU(UnlearningMethod):
             post += time.perf_counter() - t0
             if log.end_round(r, theta, {"step_norm": float(ad.flatten(step).norm())}):  # type: ignore[arg-type]
                 break
+        theta = recovery_rounds(
+            ctx, log.result(theta), cfg.recovery_rounds, log, r, "mpu"
+        )
         return UnlearnResult(
-            log.result(theta),
-            rounds=r,
+            theta,
+            rounds=r + cfg.recovery_rounds,
             info=log.info(
                 inner_loss=cfg.inner_loss,
                 retain=cfg.retain,
+                recovery_rounds=cfg.recovery_rounds,
                 copies=cfg.copies,
                 kappa=cfg.kappa,
                 server_pre_seconds=pre,

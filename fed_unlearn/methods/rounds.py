@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fed_unlearn import adapters as ad
+from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import UnlearnContext
 from fed_unlearn.types import AdapterState, ClientId
 
@@ -75,6 +76,60 @@ def copy_deltas(
         ad.validate_update(delta, like)
         out[cid] = (delta, float(metrics.get("num-examples", 1)))
     return out
+
+
+def recovery_rounds(
+    ctx: Any,
+    theta: AdapterState,
+    rounds: int,
+    log: RoundLog,
+    first_round: int,
+    method: str,
+) -> AdapterState:
+    """Retain recovery [R]: plain FedAvg rounds of the remaining clients.
+
+    Each round sends the unlearned adapter to the remaining clients, which run one
+    epoch of their normal FL loss (``nll``, the run's learning rate) and return
+    their deltas; the server applies the ``num-examples``-weighted mean. The
+    remaining clients never held the forget data, so this restores their own
+    knowledge, which an unlearning step driven by the departed client alone
+    damages, without teaching the forget set back (the post-training of FedOSD
+    and FedEraser's calibration follow the same idea). Logged as rounds
+    ``first_round + 1 ...`` with ``stage = "recovery"``.
+
+    Parameters
+    ----------
+    ctx : UnlearnContext
+        The request's context (its ``clients`` channel and ``remaining`` ids).
+    theta : AdapterState
+        Unlearned adapter.
+    rounds : int
+        Number of recovery rounds (0 returns ``theta`` unchanged).
+    log : RoundLog
+        The method's round log (curve and client compute).
+    first_round : int
+        Rounds already logged.
+    method : str
+        Method name for error messages.
+
+    Returns
+    -------
+    AdapterState
+        The adapter after recovery.
+    """
+    for p in range(1, rounds + 1):
+        replies = ctx.clients.query(
+            list(ctx.remaining),
+            "local-update",
+            {f"copy0.{k}": v for k, v in theta.items()},
+            {"epochs": 1, "loss": "nll", "seed-round": 40_000 + p},
+        )
+        log.add_compute(replies)
+        parts = list(copy_deltas(replies, theta, method).values())
+        step = fedavg([d for d, _ in parts], [w for _, w in parts])
+        theta = ad.add(theta, step)
+        log.end_round(first_round + p, theta, {"stage": "recovery"})
+    return theta
 
 
 def loss_params(text: str) -> dict[str, float]:
