@@ -191,3 +191,19 @@ def test_recovery_rounds_are_fedavg_of_the_remaining_clients(name):
     assert all(c == (0,) and cfg["loss"] == "nll" for c, cfg in tail)
     with pytest.raises(ValueError, match="recovery_rounds"):
         get_method(name, {"recovery_rounds": -1})
+
+
+@pytest.mark.parametrize("name", ["local_unlearn", "mpu"])
+def test_interleaved_recovery_repairs_inside_each_round(name):
+    """With one round, interleaving equals one recovery round after it, but the
+    repaired model is the round's own (evaluated, logged) model."""
+    trained = _state()
+    opts = {"rounds": 1, "stop": "budget", **({"seed": 7} if name == "mpu" else {})}
+    ctx_a, _, _ = _full_context(trained)
+    after = get_method(name, {**opts, "recovery_rounds": 1}).unlearn(ctx_a)
+    ctx_b, _, _ = _full_context(trained)
+    inter = get_method(name, {**opts, "interleave_recovery": True}).unlearn(ctx_b)
+    for k in trained:
+        torch.testing.assert_close(inter.adapter[k], after.adapter[k])
+    assert (after.rounds, inter.rounds) == (2, 1)
+    assert [c for c, _ in ctx_b.clients.calls] == [(1,), (0,)]

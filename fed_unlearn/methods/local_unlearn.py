@@ -23,7 +23,12 @@ from fed_unlearn.methods.base import (
     UnlearnResult,
 )
 from fed_unlearn.methods.mpu import InnerLossConfig
-from fed_unlearn.methods.rounds import RoundLog, copy_deltas, recovery_rounds
+from fed_unlearn.methods.rounds import (
+    RoundLog,
+    copy_deltas,
+    recovery_rounds,
+    recovery_step,
+)
 
 
 @dataclass(kw_only=True)
@@ -60,6 +65,8 @@ class LocalUnlearn(UnlearningMethod):
             parts = list(copy_deltas(replies, theta, "local_unlearn").values())
             step = fedavg([d for d, _ in parts], [w for _, w in parts])
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))
+            if cfg.interleave_recovery:
+                theta = recovery_step(ctx, theta, log, 40_000 + r, "local_unlearn")
             if log.end_round(r, theta):
                 break
         theta = recovery_rounds(
@@ -72,5 +79,6 @@ class LocalUnlearn(UnlearningMethod):
                 inner_loss=cfg.inner_loss,
                 retain=cfg.retain,
                 recovery_rounds=cfg.recovery_rounds,
+                interleave_recovery=cfg.interleave_recovery,
             ),
         )

@@ -51,6 +51,7 @@ from fed_unlearn.methods.rounds import (
     check_stop_rule,
     loss_params,
     recovery_rounds,
+    recovery_step,
 )
 from fed_unlearn.mpu_ops import (
     draw_secrets,
@@ -109,6 +110,9 @@ class InnerLossConfig(UnlearnConfig):
     recovery_rounds : int
         FedAvg rounds of the remaining clients after unlearning (default: 0; see
         :func:`~fed_unlearn.methods.rounds.recovery_rounds`) [R].
+    interleave_recovery : bool
+        One such FedAvg round after every unlearning round, before the round is
+        evaluated, so the T2F stop sees the repaired model (default: False) [R].
     """
 
     inner_loss: str = "npo"
@@ -121,6 +125,7 @@ class InnerLossConfig(UnlearnConfig):
     server_lr: float = 1.0
     stop: str = "t2f"
     recovery_rounds: int = 0
+    interleave_recovery: bool = False
 
     def __post_init__(self) -> None:
         check_inner(self.inner_loss, self.retain, self.loss_params)
@@ -246,6 +251,8 @@ class MPU(UnlearningMethod):
             step = fedavg(merged, weights)
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))  # type: ignore[arg-type]
             post += time.perf_counter() - t0
+            if cfg.interleave_recovery:
+                theta = recovery_step(ctx, theta, log, 40_000 + r, "mpu")
             if log.end_round(r, theta, {"step_norm": float(ad.flatten(step).norm())}):  # type: ignore[arg-type]
                 break
         theta = recovery_rounds(
@@ -258,6 +265,7 @@ class MPU(UnlearningMethod):
                 inner_loss=cfg.inner_loss,
                 retain=cfg.retain,
                 recovery_rounds=cfg.recovery_rounds,
+                interleave_recovery=cfg.interleave_recovery,
                 copies=cfg.copies,
                 kappa=cfg.kappa,
                 server_pre_seconds=pre,

@@ -118,18 +118,43 @@ def recovery_rounds(
         The adapter after recovery.
     """
     for p in range(1, rounds + 1):
-        replies = ctx.clients.query(
-            list(ctx.remaining),
-            "local-update",
-            {f"copy0.{k}": v for k, v in theta.items()},
-            {"epochs": 1, "loss": "nll", "seed-round": 40_000 + p},
-        )
-        log.add_compute(replies)
-        parts = list(copy_deltas(replies, theta, method).values())
-        step = fedavg([d for d, _ in parts], [w for _, w in parts])
-        theta = ad.add(theta, step)
+        theta = recovery_step(ctx, theta, log, 40_000 + p, method)
         log.end_round(first_round + p, theta, {"stage": "recovery"})
     return theta
+
+
+def recovery_step(
+    ctx: Any, theta: AdapterState, log: RoundLog, seed_round: int, method: str
+) -> AdapterState:
+    """One FedAvg round of the remaining clients (see :func:`recovery_rounds`).
+
+    Parameters
+    ----------
+    ctx : UnlearnContext
+        The request's context.
+    theta : AdapterState
+        Current adapter.
+    log : RoundLog
+        Round log (client compute is added; no round is logged).
+    seed_round : int
+        Seed stream of the clients' data order.
+    method : str
+        Method name for error messages.
+
+    Returns
+    -------
+    AdapterState
+        ``theta`` plus the ``num-examples``-weighted mean of the clients' deltas.
+    """
+    replies = ctx.clients.query(
+        list(ctx.remaining),
+        "local-update",
+        {f"copy0.{k}": v for k, v in theta.items()},
+        {"epochs": 1, "loss": "nll", "seed-round": seed_round},
+    )
+    log.add_compute(replies)
+    parts = list(copy_deltas(replies, theta, method).values())
+    return ad.add(theta, fedavg([d for d, _ in parts], [w for _, w in parts]))
 
 
 def loss_params(text: str) -> dict[str, float]:
