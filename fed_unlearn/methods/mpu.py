@@ -112,7 +112,13 @@ class InnerLossConfig(UnlearnConfig):
         :func:`~fed_unlearn.methods.rounds.recovery_rounds`) [R].
     interleave_recovery : bool
         One such FedAvg round after every unlearning round, before the round is
-        evaluated, so the T2F stop sees the repaired model (default: False) [R].
+        evaluated, so the T2F stop sees the repaired model (default: True) [R].
+        The departed client alone cannot repair what its unlearning does to the
+        other clients' knowledge: on tiny, NPO on the departed people cut the
+        retain answers' probability from 0.34 to 0.16 (utility 0.43× the
+        oracle's); interleaved it is 0.59 (1.07×). A recovery only *after*
+        unlearning brought part of the forgotten answers back (67 % of the gap
+        closed instead of 91 %). Set False for MPU exactly as published.
     """
 
     inner_loss: str = "npo"
@@ -125,7 +131,7 @@ class InnerLossConfig(UnlearnConfig):
     server_lr: float = 1.0
     stop: str = "t2f"
     recovery_rounds: int = 0
-    interleave_recovery: bool = False
+    interleave_recovery: bool = True
 
     def __post_init__(self) -> None:
         check_inner(self.inner_loss, self.retain, self.loss_params)
