@@ -137,6 +137,9 @@ class RunConfig:
     eval_curve_items : int
         Items per split of the cheap per-round evaluation (forgetting curves,
         server side, simulation data); 0 = off (default: 10).
+    eval_gradnorm : bool
+        Also compute the GradNorm MIA (``mia_gradnorm``: one backward pass per
+        forget / holdout item; default: False).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
     departed_online : bool
@@ -175,6 +178,7 @@ class RunConfig:
     eval_batch_size: int = 16
     eval_max_items: int = 30
     eval_curve_items: int = 10
+    eval_gradnorm: bool = False
     out_dir: str = "runs/latest"
     departed_online: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -430,6 +434,7 @@ class RunConfig:
                 "out-dir",
                 "eval-max-new-tokens",
                 "eval-batch-size",
+                "eval-gradnorm",
                 "departed-online",
             )
             and not k.startswith(("x-", METHOD_OPTION_PREFIX))

@@ -41,7 +41,9 @@ MISSING = "–"
 REFERENCE_MODELS = ("original", "retrain")
 
 #: Config keys that may differ between runs of one report.
-_IGNORED_CONFIG_KEYS = frozenset({"method", "depart", "out-dir", "departed-online"})
+_IGNORED_CONFIG_KEYS = frozenset(
+    {"method", "depart", "out-dir", "departed-online", "eval-gradnorm"}
+)
 _IGNORED_CONFIG_PREFIXES = ("eval-", "method-", "x-")
 
 #: Metric columns: (key, header).

@@ -270,6 +270,7 @@ def evaluate_adapters(
             batch_size=cfg.eval_batch_size,
             max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
             max_length=int(r.max_length),  # type: ignore[arg-type]
+            gradnorm=cfg.eval_gradnorm,
         )
     return results
 

@@ -86,3 +86,38 @@ def test_fl_key_follows_the_base_model(tmp_path):
     tiny = RunConfig.from_flat({"preset": "tiny"}).fl_key(())
     smol = RunConfig.from_flat({"preset": "smollm2"}).fl_key(())
     assert tiny != smol
+
+
+def test_eval_gradnorm_is_an_evaluation_option_only():
+    on = RunConfig.from_flat({"preset": "tiny", "eval-gradnorm": "true"})
+    off = RunConfig.from_flat({"preset": "tiny"})
+    assert on.eval_gradnorm is True and off.eval_gradnorm is False
+    assert on.fl_key(()) == off.fl_key(())  # cached FL phases are reused
+    with pytest.raises(ConfigError, match="eval-gradnorm"):
+        RunConfig.from_flat({"eval-gradnorm": "sometimes"})
+
+
+def test_runner_passes_eval_gradnorm(monkeypatch):
+    """evaluate_adapters asks for mia_gradnorm exactly when eval-gradnorm is set."""
+    import fed_unlearn.metrics as metrics
+    import fed_unlearn.models as models
+    from simulations import runner
+
+    seen = []
+
+    def fake_evaluate(*args, gradnorm=False, **kwargs):
+        seen.append(gradnorm)
+        return {}, {}
+
+    monkeypatch.setattr(metrics, "evaluate", fake_evaluate)
+    monkeypatch.setattr(models, "load_lora_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(models, "resolve_model_dir", lambda *a, **k: "x")
+    monkeypatch.setattr(models, "prompt_formatter", lambda tok: str)
+    monkeypatch.setattr(models, "set_adapter", lambda m, a: None)
+    import torch
+
+    adapters = {"retrain": {"a": torch.zeros(1)}, "unlearned": {"a": torch.ones(1)}}
+    for flag in (False, True):
+        cfg = RunConfig.from_flat({"preset": "tiny", "eval-gradnorm": flag})
+        runner.evaluate_adapters(cfg, adapters)
+    assert seen == [False, False, True, True]
