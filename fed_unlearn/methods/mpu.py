@@ -116,7 +116,7 @@ class InnerLossConfig(UnlearnConfig):
         The departed client alone cannot repair what its unlearning does to the
         other clients' knowledge: on tiny, NPO on the departed people cut the
         retain answers' probability from 0.34 to 0.16 (utility 0.43× the
-        oracle's); interleaved it is 0.59 (1.07×). A recovery only *after*
+        oracle's); interleaved it is 0.59 (1.05×). A recovery only *after*
         unlearning brought part of the forgotten answers back (67 % of the gap
         closed instead of 91 %). Set False for MPU exactly as published.
     """
