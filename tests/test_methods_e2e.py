@@ -106,7 +106,9 @@ def test_mpu_sends_m_copies_and_moves_the_adapter(cached, tmp_path):
     _common(run, 1)
     full, original = _adapter_bytes(out)
     down = run["bytes"]["unlearn"]["down"]
-    assert 3 * full <= down <= 3 * full + 50_000  # one client, three copies
+    # three copies to the departed client, and the interleaved recovery round's
+    # adapter to each of the two remaining clients
+    assert 5 * full <= down <= 5 * full + 80_000
     from safetensors.torch import load_file
 
     unl = load_file(str(out / "adapters" / "unlearned" / "adapter_model.safetensors"))
