@@ -26,8 +26,6 @@ from fed_unlearn.methods.mpu import InnerLossConfig
 from fed_unlearn.methods.rounds import (
     RoundLog,
     copy_deltas,
-    recovery_rounds,
-    recovery_step,
 )
 
 
@@ -65,20 +63,7 @@ class LocalUnlearn(UnlearningMethod):
             parts = list(copy_deltas(replies, theta, "local_unlearn").values())
             step = fedavg([d for d, _ in parts], [w for _, w in parts])
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))
-            if cfg.interleave_recovery:
-                theta = recovery_step(ctx, theta, log, 40_000 + r, "local_unlearn")
+            theta = cfg.repair(ctx, theta, log, r, "local_unlearn")
             if log.end_round(r, theta):
                 break
-        theta = recovery_rounds(
-            ctx, log.result(theta), cfg.recovery_rounds, log, r, "local_unlearn"
-        )
-        return UnlearnResult(
-            theta,
-            rounds=r + cfg.recovery_rounds,
-            info=log.info(
-                inner_loss=cfg.inner_loss,
-                retain=cfg.retain,
-                recovery_rounds=cfg.recovery_rounds,
-                interleave_recovery=cfg.interleave_recovery,
-            ),
-        )
+        return cfg.finish(ctx, theta, log, r, "local_unlearn")

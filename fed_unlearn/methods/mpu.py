@@ -146,6 +146,84 @@ class InnerLossConfig(UnlearnConfig):
         check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
         check_stop_rule(self.stop)
 
+    def repair(
+        self,
+        ctx: UnlearnContext,
+        theta: AdapterState,
+        log: RoundLog,
+        r: int,
+        method: str,
+    ) -> AdapterState:
+        """Round ``r``'s interleaved recovery step, when ``interleave_recovery``.
+
+        Parameters
+        ----------
+        ctx : UnlearnContext
+            The request's context.
+        theta : AdapterState
+            Adapter after round ``r``'s unlearning step.
+        log : RoundLog
+            The method's round log (client compute).
+        r : int
+            Round number (seeds the clients' data order).
+        method : str
+            Method name for error messages.
+
+        Returns
+        -------
+        AdapterState
+            The repaired adapter, or ``theta`` when the option is off.
+        """
+        if not self.interleave_recovery:
+            return theta
+        return recovery_step(ctx, theta, log, 40_000 + r, method)
+
+    def finish(
+        self,
+        ctx: UnlearnContext,
+        theta: AdapterState,
+        log: RoundLog,
+        r: int,
+        method: str,
+        **info: object,
+    ) -> UnlearnResult:
+        """Apply the T2F rollback and the recovery rounds; build the result.
+
+        Parameters
+        ----------
+        ctx : UnlearnContext
+            The request's context.
+        theta : AdapterState
+            Adapter after the last unlearning round.
+        log : RoundLog
+            The method's round log.
+        r : int
+            Unlearning rounds run.
+        method : str
+            Method name for error messages.
+        **info : object
+            Method-specific entries of ``UnlearnResult.info``.
+
+        Returns
+        -------
+        UnlearnResult
+            Adapter, rounds (recovery included) and info.
+        """
+        theta = recovery_rounds(
+            ctx, log.result(theta), self.recovery_rounds, log, r, method
+        )
+        return UnlearnResult(
+            theta,
+            rounds=r + self.recovery_rounds,
+            info=log.info(
+                inner_loss=self.inner_loss,
+                retain=self.retain,
+                recovery_rounds=self.recovery_rounds,
+                interleave_recovery=self.interleave_recovery,
+                **info,
+            ),
+        )
+
     def request(self) -> dict[str, object]:
         """Return the ``local-update`` request fields of this inner-loss run."""
         req: dict[str, object] = {
@@ -257,24 +335,17 @@ class MPU(UnlearningMethod):
             step = fedavg(merged, weights)
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))  # type: ignore[arg-type]
             post += time.perf_counter() - t0
-            if cfg.interleave_recovery:
-                theta = recovery_step(ctx, theta, log, 40_000 + r, "mpu")
+            theta = cfg.repair(ctx, theta, log, r, "mpu")
             if log.end_round(r, theta, {"step_norm": float(ad.flatten(step).norm())}):  # type: ignore[arg-type]
                 break
-        theta = recovery_rounds(
-            ctx, log.result(theta), cfg.recovery_rounds, log, r, "mpu"
-        )
-        return UnlearnResult(
+        return cfg.finish(
+            ctx,
             theta,
-            rounds=r + cfg.recovery_rounds,
-            info=log.info(
-                inner_loss=cfg.inner_loss,
-                retain=cfg.retain,
-                recovery_rounds=cfg.recovery_rounds,
-                interleave_recovery=cfg.interleave_recovery,
-                copies=cfg.copies,
-                kappa=cfg.kappa,
-                server_pre_seconds=pre,
-                server_post_seconds=post,
-            ),
+            log,
+            r,
+            "mpu",
+            copies=cfg.copies,
+            kappa=cfg.kappa,
+            server_pre_seconds=pre,
+            server_post_seconds=post,
         )

@@ -1108,7 +1108,8 @@ def mia_reference(ctx: _Context) -> dict:
     answer losses on the same forget / holdout items, so the retrain oracle's
     saved evaluation serves as the reference model without loading it again.
     """
-    if ctx.reference_model is None and _reference_losses(ctx) is None:
+    logged = None if ctx.reference_model is not None else _reference_losses(ctx)
+    if ctx.reference_model is None and logged is None:
         raise P.MissingReferenceError(
             "mia_reference needs `reference_model=` or reference logs with per-item "
             "mia_loss scores for the forget and holdout splits; neither was given"
@@ -1117,30 +1118,24 @@ def mia_reference(ctx: _Context) -> dict:
     def fn(split: str) -> list[float]:
         pairs = ctx.answer_pairs(split)
         tgt = [t.avg_loss for t in ctx.score(pairs, "target")]
-        if ctx.reference_model is not None:
-            ref = [r.avg_loss for r in ctx.score(pairs, "reference")]
+        if logged is not None:
+            ref = logged[split]
         else:
-            ref = _reference_losses(ctx)[split]  # type: ignore[index]
+            ref = [r.avg_loss for r in ctx.score(pairs, "reference")]
         return [P.mia_reference(t, r) for t, r in zip(tgt, ref, strict=True)]
 
     return _mia_result(ctx, fn)
 
 
 def _reference_losses(ctx: _Context) -> dict[str, list[float]] | None:
-    """Per-item reference losses from the reference logs (None if unusable)."""
-    return _logged_losses(
-        ctx.reference, {s: len(ctx.items(s)) for s in ("forget", "holdout")}
-    )
-
-
-def _logged_losses(
-    reference: dict | None, sizes: dict[str, int]
-) -> dict[str, list[float]] | None:
-    entry = reference.get("mia_loss") if isinstance(reference, dict) else None
+    """Per-item forget / holdout losses from the reference logs (None if unusable)."""
+    ref = ctx.reference
+    entry = ref.get("mia_loss") if isinstance(ref, dict) else None
     if not isinstance(entry, dict):
         return None
     out: dict[str, list[float]] = {}
-    for split, n in sizes.items():
+    for split in ("forget", "holdout"):
+        n = len(ctx.items(split))
         vbi = (entry.get(split) or {}).get("value_by_index")
         if not isinstance(vbi, dict) or len(vbi) != n:
             return None
