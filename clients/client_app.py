@@ -145,6 +145,10 @@ def _hello(
     msg: Message, context: Context, cfg: RunConfig
 ) -> tuple[None, dict[str, Any]]:
     items = client_items(cfg, context.node_config)
+    # A node is ready when its model is loaded: the cold start then falls in the
+    # discovery, not in the first round of whichever phase runs next (FL,
+    # retrain or unlearning), so their wall times compare like with like.
+    client_model(cfg)
     return None, {
         "client-id": client_id(context.node_config),
         "num-examples": len(items),

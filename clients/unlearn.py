@@ -169,6 +169,12 @@ def local_update(
     arrays = (
         msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
     )
+    # deltas go back in the dtype the copies came in (fp16 wire: fp16 back)
+    wire = (
+        torch.float16
+        if all(v.dtype == torch.float16 for k, v in arrays.items() if k[:4] == "copy")
+        else torch.float32
+    )
     copies, base = split_copies(arrays)
     if not copies:
         raise ValueError("local-update request carries no copy<k>.* arrays")
@@ -229,7 +235,7 @@ def local_update(
                 )
         after = get_adapter(model)
         for name, before in copy.items():
-            out[f"copy{k}.{name}"] = after[name] - before
+            out[f"copy{k}.{name}"] = (after[name] - before).to(wire)
         steps += stats.steps
         tokens += stats.tokens
         seconds += stats.seconds

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_unlearn.config import RunConfig
-from fed_unlearn.methods import METHOD_REGISTRY, Requirement
+from fed_unlearn.methods import Requirement, get_method
 from fed_unlearn.types import AdapterState
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def needs_flower(cfg: RunConfig, steps: tuple[str, ...]) -> bool:
         return False
     if load_phase(cfg, cfg.departed()) is None:
         return True
-    reqs = METHOD_REGISTRY[cfg.method].method_cls.requires
+    reqs = get_method(cfg.method, cfg.method_options).needs()
     return bool(reqs & {Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
 
 
@@ -302,6 +302,39 @@ def client_compute(stats: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def add_method_wall(run: dict[str, Any], out: Any) -> None:
+    """Put each phase's wall time without the per-round curve evaluation in ``run``.
+
+    The simulations evaluate the forget/retain curve after every round (FL phases
+    and unlearning rounds alike); that is a measurement, which a deployment does
+    not run, so cost ratios compare ``wall_time_s.excl_curve_eval``. Phases cached
+    before the evaluation was timed have no entry.
+
+    Parameters
+    ----------
+    run : dict[str, Any]
+        ``run.json`` being built (``wall_time_s`` filled; changed in place).
+    out : PipelineOutput
+        The pipeline's phases and unlearning stats.
+    """
+    walls = run["wall_time_s"]
+    spent: dict[str, float | None] = {
+        "train": out.train.stats.get("curve_eval_s"),
+        "retrain": out.retrain.stats.get("curve_eval_s") if out.retrain else None,
+    }
+    if "unlearn" in walls:
+        info = (out.unlearn_stats or {}).get("info", {})
+        spent["unlearn"] = (
+            spent["retrain"]
+            if run.get("method") == "retrain"
+            else info.get("eval_seconds")
+        )
+    walls["curve_eval"] = spent
+    walls["excl_curve_eval"] = {
+        k: walls[k] - v for k, v in spent.items() if v is not None and k in walls
+    }
+
+
 T2F_DEFINITION = (
     "first unlearning round whose forget_Q_A_Prob (per-round subset) stays within "
     "delta = 10% of the |original - retrain| gap of the retrain oracle's final value "
@@ -472,6 +505,7 @@ def run_all(
         run["bytes"]["unlearn"] = out.unlearn_stats["bytes"]
         run["rounds"]["unlearn"] = out.unlearn_stats["rounds"]
         run["unlearn_info"] = out.unlearn_stats["info"]
+    add_method_wall(run, out)
     if do_eval and out.unlearned is not None and out.retrain is not None:
         te = time.perf_counter()
         results = evaluate_adapters(

@@ -238,3 +238,23 @@ def test_mpu_never_sends_the_clean_adapter(cached, monkeypatch):
         for k in theta:
             avg = (copies[0][k] + copies[1][k]) / 2
             assert not torch.allclose(avg, theta[k], atol=1e-6), k
+
+
+def test_foul_server_mode_runs_without_clients(cached, tmp_path):
+    """mode=server: no Flower message, no byte, a curve, and the cost accounting
+    without the per-round curve evaluation."""
+    out, run = _run(cached, tmp_path, "foul", "mode=server", "rounds=3", "stop=budget")
+    assert run["bytes"]["unlearn"] == {"down": 0, "up": 0, "total": 0}
+    assert run["rounds"]["unlearn"] == 0
+    assert run["unlearn_info"]["server_steps"] == 3
+    assert run["client_compute"]["unlearn"]["local_steps"] == 0
+    curve = run["curves"]["unlearn"]
+    assert [p["round"] for p in curve] == [0, 1, 2, 3]
+    assert curve[3]["forget_Q_A_Prob"] != curve[0]["forget_Q_A_Prob"]
+    wall = run["wall_time_s"]
+    assert wall["curve_eval"]["unlearn"] > 0
+    for phase in ("retrain", "unlearn"):
+        assert wall["excl_curve_eval"][phase] == pytest.approx(
+            wall[phase] - wall["curve_eval"][phase]
+        )
+    assert wall["curve_eval"]["retrain"] > 0  # the fixture's phases were timed

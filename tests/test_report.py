@@ -300,3 +300,17 @@ def test_missing_run_json(tmp_path):
 def test_no_run_dirs(tmp_path):
     with pytest.raises(ValueError, match="no run directories"):
         write_report([], tmp_path / "out")
+
+
+def test_time_ratio_leaves_out_the_curve_evaluation_when_both_timed_it():
+    from fed_unlearn.report import _method_walls
+
+    wt = {
+        "unlearn": 10.0,
+        "retrain": 100.0,
+        "excl_curve_eval": {"unlearn": 2.0, "retrain": 80.0},
+    }
+    assert _method_walls(wt) == (2.0, 80.0)
+    # a retrain phase cached before the timing existed: compare the totals
+    wt["excl_curve_eval"] = {"unlearn": 2.0}
+    assert _method_walls(wt) == (10.0, 100.0)

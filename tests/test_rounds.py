@@ -146,3 +146,70 @@ def test_foul_step_on_linear_clients_moves_away_from_the_forget_target():
     assert dist(res.adapter, tgt_r) < dist(trained, tgt_r)
     for r in res.info["rounds"]:
         assert r["min_retain_inner"] >= -1e-6 and r["max_forget_inner"] <= 1e-6
+
+
+def _scalar_history(tmp_path, deltas, sizes=None):
+    """History of one round over a one-tensor adapter ``{"x": [0.5]}``."""
+    from fed_unlearn.history import HistoryStore, RoundRecord
+
+    trained = {"x": torch.tensor([0.5])}
+    store = HistoryStore(tmp_path / "h")
+    store.append(
+        RoundRecord(
+            round=1,
+            global_state=trained,
+            client_deltas={c: {"x": torch.tensor([d])} for c, d in deltas.items()},
+            num_examples=sizes or dict.fromkeys(deltas, 10),
+            participants=sorted(deltas),
+        )
+    )
+    store.set_final(trained)
+    return trained, store
+
+
+def test_foul_server_mode_contacts_no_client_and_steps_along_g0(tmp_path):
+    """κ = 0: d = g0 = size-weighted mean of the retain clients' cached
+    pseudo-gradients (minus their deltas); the budget walks server_lr·d in all."""
+    from fed_unlearn.methods import MissingRequirementError, Requirement
+
+    trained, store = _scalar_history(
+        tmp_path, {0: 0.4, 1: 0.1, 2: -2.0}, {0: 30, 1: 10, 2: 5}
+    )
+    opts = {"mode": "server", "kappa": 0.0, "subnetwork": "all", "stop": "budget"}
+    method = get_method("foul", {**opts, "rounds": 4, "server_lr": 0.5})
+    assert method.needs() == frozenset({Requirement.HISTORY})
+    ctx = UnlearnContext(
+        trained=trained, departed=(2,), remaining=(0, 1), seed=0, history=store
+    )  # no clients at all
+    res = method.unlearn(ctx)
+    g0 = -(30 * 0.4 + 10 * 0.1) / 40  # = -0.325
+    assert float(res.adapter["x"][0]) == pytest.approx(0.5 - 0.5 * g0)
+    assert res.rounds == 0 and res.info["server_steps"] == 4
+    assert res.info["client_compute"]["local_steps"] == 0
+    steps = [r["step"] for r in res.info["rounds"]]
+    assert steps == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    assert float(trained["x"][0]) == 0.5  # the input is not changed
+    # recovery rounds need the remaining clients again
+    with pytest.raises(MissingRequirementError, match="live_clients"):
+        get_method("foul", {**opts, "recovery_rounds": 1}).unlearn(ctx)
+
+
+def test_foul_rollback_returns_the_earlier_round_not_the_overshoot(tmp_path):
+    """x falls by 0.18 a step: 0.5, 0.32, 0.14, -0.04. Oracle 0.1 ± 0.02: -0.04
+    overshoots, and 0.14 is closer to the oracle, so FOUL must return 0.14."""
+    trained, store = _scalar_history(tmp_path, {0: -1.8, 1: 5.0})
+    ctx = UnlearnContext(
+        trained=trained,
+        departed=(1,),
+        remaining=(0,),
+        seed=0,
+        history=store,
+        evaluate=lambda s: {"forget_Q_A_Prob": float(s["x"][0]), "retain_Q_A_Prob": 0},
+        forget_target=(0.1, 0.02),
+    )
+    opts = {"mode": "server", "kappa": 0.0, "subnetwork": "all", "rounds": 10}
+    res = get_method("foul", opts).unlearn(ctx)
+    assert res.info["stopped_by"] == "overshoot" and res.info["rolled_back"]
+    assert float(res.adapter["x"][0]) == pytest.approx(0.14)
+    assert res.info["server_steps"] == 3
+    assert res.info["curve"][-1]["forget_Q_A_Prob"] == pytest.approx(0.14)

@@ -142,6 +142,14 @@ class UnlearningMethod(ABC):
     def __init__(self, config: UnlearnConfig) -> None:
         self.config = config
 
+    def needs(self) -> frozenset[Requirement]:
+        """Return what this configured instance needs (default: ``requires``).
+
+        A method whose options change what it needs (FOUL's ``mode``) overrides
+        this; ``requires`` stays the needs of the default configuration.
+        """
+        return self.requires
+
     def check(self, ctx: UnlearnContext) -> None:
         """Raise if the context lacks something this method requires.
 
@@ -155,7 +163,7 @@ class UnlearningMethod(ABC):
         MissingRequirementError
             Naming the method and every missing requirement.
         """
-        missing = sorted(r.value for r in self.requires - ctx.available())
+        missing = sorted(r.value for r in self.needs() - ctx.available())
         if missing:
             raise MissingRequirementError(
                 f"method {self.name!r} needs {', '.join(missing)}, which this run "

@@ -20,6 +20,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from fed_unlearn import adapters as ad
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import UnlearnContext
@@ -78,6 +80,32 @@ def copy_deltas(
     return out
 
 
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def wire_dtype(name: str) -> torch.dtype:
+    """Return the torch dtype of a ``wire_dtype`` option.
+
+    Raises
+    ------
+    ValueError
+        Not one of :data:`WIRE_DTYPES`.
+    """
+    if name not in WIRE_DTYPES:
+        allowed = tuple(WIRE_DTYPES)
+        raise ValueError(f"wire_dtype must be one of {allowed}, got {name!r}")
+    return WIRE_DTYPES[name]
+
+
+def to_wire(state: AdapterState, dtype: torch.dtype, prefix: str = "") -> AdapterState:
+    """Cast a state for sending (clients answer in the dtype they receive).
+
+    fp16 halves the bytes of both directions; the server keeps its fp32 copy
+    and applies the returned deltas (cast back to fp32 by the channel) to it.
+    """
+    return {f"{prefix}{k}": v.to(dtype) for k, v in state.items()}
+
+
 def recovery_rounds(
     ctx: Any,
     theta: AdapterState,
@@ -85,6 +113,7 @@ def recovery_rounds(
     log: RoundLog,
     first_round: int,
     method: str,
+    dtype: torch.dtype = torch.float32,
 ) -> AdapterState:
     """Retain recovery [R]: plain FedAvg rounds of the remaining clients.
 
@@ -111,6 +140,8 @@ def recovery_rounds(
         Rounds already logged.
     method : str
         Method name for error messages.
+    dtype : torch.dtype
+        Wire dtype of the adapters and deltas (default: fp32).
 
     Returns
     -------
@@ -118,13 +149,18 @@ def recovery_rounds(
         The adapter after recovery.
     """
     for p in range(1, rounds + 1):
-        theta = recovery_step(ctx, theta, log, 40_000 + p, method)
+        theta = recovery_step(ctx, theta, log, 40_000 + p, method, dtype)
         log.end_round(first_round + p, theta, {"stage": "recovery"})
     return theta
 
 
 def recovery_step(
-    ctx: Any, theta: AdapterState, log: RoundLog, seed_round: int, method: str
+    ctx: Any,
+    theta: AdapterState,
+    log: RoundLog,
+    seed_round: int,
+    method: str,
+    dtype: torch.dtype = torch.float32,
 ) -> AdapterState:
     """One FedAvg round of the remaining clients (see :func:`recovery_rounds`).
 
@@ -140,6 +176,8 @@ def recovery_step(
         Seed stream of the clients' data order.
     method : str
         Method name for error messages.
+    dtype : torch.dtype
+        Wire dtype (default: fp32).
 
     Returns
     -------
@@ -149,7 +187,7 @@ def recovery_step(
     replies = ctx.clients.query(
         list(ctx.remaining),
         "local-update",
-        {f"copy0.{k}": v for k, v in theta.items()},
+        to_wire(theta, dtype, "copy0."),
         {"epochs": 1, "loss": "nll", "seed-round": seed_round},
     )
     log.add_compute(replies)
