@@ -258,3 +258,26 @@ def test_foul_server_mode_runs_without_clients(cached, tmp_path):
             wall[phase] - wall["curve_eval"][phase]
         )
     assert wall["curve_eval"]["retrain"] > 0  # the fixture's phases were timed
+
+
+def test_foul_server_mode_recovery_round_in_fp16_halves_the_bytes(cached, tmp_path):
+    """One recovery round: the whole adapter to each remaining client and a delta
+    back, in fp16 (2 bytes per parameter each way)."""
+    out, run = _run(
+        cached,
+        tmp_path,
+        "foul",
+        "mode=server",
+        "rounds=2",
+        "stop=budget",
+        "recovery_rounds=1",
+        "wire_dtype=float16",
+        evaluate=False,
+    )
+    full, _ = _adapter_bytes(out)  # fp32 bytes of the adapter
+    down, up = run["bytes"]["unlearn"]["down"], run["bytes"]["unlearn"]["up"]
+    assert full <= down <= full + 60_000  # 2 clients x full/2
+    assert full <= up <= full + 40_000
+    assert run["rounds"]["unlearn"] == 1
+    assert run["unlearn_info"]["rounds"][-1]["stage"] == "recovery"
+    assert run["client_compute"]["unlearn"]["local_steps"] > 0

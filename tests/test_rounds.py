@@ -213,3 +213,66 @@ def test_foul_rollback_returns_the_earlier_round_not_the_overshoot(tmp_path):
     assert float(res.adapter["x"][0]) == pytest.approx(0.14)
     assert res.info["server_steps"] == 3
     assert res.info["curve"][-1]["forget_Q_A_Prob"] == pytest.approx(0.14)
+
+
+def test_foul_new_option_errors_name_the_option():
+    with pytest.raises(ValueError, match="wire_dtype must be one of"):
+        get_method("foul", {"wire_dtype": "int8"})
+    with pytest.raises(ValueError, match="recovery_rounds must be >= 0"):
+        get_method("foul", {"recovery_rounds": -1})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        get_method("foul", {"mode": "offline"})
+
+
+def test_foul_rank_granularity_selects_rows_of_a_and_columns_of_b(tmp_path):
+    """Units: rows of A, columns of B. The departed client's update sits on A's
+    row 1 and B's column 0, so the ratio rule (top half of 4 units) picks those
+    two; κ = 0 and one budget step of η = 1 add the retain mean (0.1) there and
+    leave every other entry alone."""
+    from fed_unlearn.history import HistoryStore, RoundRecord
+    from fed_unlearn.methods.foul import SubNetwork, rank_units
+
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    trained = {a: torch.zeros(2, 3), b: torch.zeros(3, 2)}
+    forget = {a: torch.full((2, 3), 0.01), b: torch.full((3, 2), 0.01)}
+    forget[a][1] = 5.0
+    forget[b][:, 0] = 5.0
+    retain = {a: torch.full((2, 3), 0.1), b: torch.full((3, 2), 0.1)}
+    units = rank_units(forget)
+    assert sorted(units) == [f"{a}#0", f"{a}#1", f"{b}#0", f"{b}#1"]
+    assert torch.equal(units[f"{b}#0"], forget[b][:, 0])
+    store = HistoryStore(tmp_path / "h")
+    store.append(
+        RoundRecord(
+            round=1,
+            global_state=trained,
+            client_deltas={0: retain, 1: forget},
+            num_examples={0: 10, 1: 10},
+            participants=[0, 1],
+        )
+    )
+    store.set_final(trained)
+    ctx = UnlearnContext(
+        trained=trained, departed=(1,), remaining=(0,), seed=0, history=store
+    )
+    opts = {
+        "mode": "server",
+        "granularity": "rank",
+        "top_p": 0.5,
+        "kappa": 0.0,
+        "rounds": 1,
+        "stop": "budget",
+    }
+    res = get_method("foul", opts).unlearn(ctx)
+    want_a = torch.zeros(2, 3)
+    want_a[1] = 0.1
+    want_b = torch.zeros(3, 2)
+    want_b[:, 0] = 0.1
+    assert torch.allclose(res.adapter[a], want_a)
+    assert torch.allclose(res.adapter[b], want_b)
+    assert res.info["subnetwork"]["params"] == 6
+    assert res.info["subnetwork"]["tensors"] == 2
+    # SubNetwork.flatten reads exactly the selected entries, A's row then B's column
+    sub = SubNetwork.from_units([f"{a}#1", f"{b}#0"], trained)
+    state = {a: torch.arange(6.0).reshape(2, 3), b: torch.arange(6.0).reshape(3, 2)}
+    assert sub.flatten(state).tolist() == [3.0, 4.0, 5.0, 0.0, 2.0, 4.0]

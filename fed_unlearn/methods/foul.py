@@ -12,7 +12,10 @@ Algorithm (per unlearning request)
    c_j = cos(g_f^j, ḡ_R^j); θ_V = the top-p (25 %) tensors by
    ‖g_f^j‖/‖ḡ_R^j‖ (``subnetwork="ratio"``, default), or {j : c_j < τ}
    (``"conflict"``, falling back to the top-p when no tensor conflicts), or every
-   tensor (``"all"``).
+   tensor (``"all"``). ``granularity="rank"`` [R, A.7(i)-4] scores and selects
+   each row of a LoRA A and each column of a LoRA B on its own; the server then
+   reads and steps only those entries (in ``cached``/``live`` mode the clients
+   still receive and train the tensors that hold them).
    Never re-identified during unlearning (FOUL's efficiency argument).
 2. Each round r [P formula, R derivation as CAGrad's dual]: remaining clients
    upload pseudo-gradients g_u = θ_V - θ_V,u^local after E local epochs of their
@@ -92,6 +95,7 @@ from fed_unlearn.types import AdapterState
 MODES = ("server", "cached", "live")
 SUBNETWORKS = ("conflict", "ratio", "all")
 FORGET_GRADS = ("sum", "last")
+GRANULARITIES = ("tensor", "rank")
 
 
 @dataclass(kw_only=True)
@@ -119,6 +123,10 @@ class FoulConfig(UnlearnConfig):
         tiny testbed every tensor's cumulative departed/retain cosine is below 0,
         so ``"conflict"`` with τ = 0 selects the whole adapter; ``"ratio"`` keeps
         the top-p tensors by ‖g_f^j‖/‖ḡ_R^j‖ (the spec's alternative rule).
+    granularity : str
+        Unit of θ_V: ``"tensor"`` (default; whole LoRA tensors) or ``"rank"``
+        (each row of a LoRA A and each column of a LoRA B scored and selected on
+        its own, A.7(i)-4).
     tau : float
         Conflict threshold τ on the cosine (default: 0.0).
     top_p : float
@@ -146,6 +154,7 @@ class FoulConfig(UnlearnConfig):
     mode: str = "cached"
     forget_grad: str = "sum"
     subnetwork: str = "ratio"
+    granularity: str = "tensor"
     tau: float = 0.0
     top_p: float = 0.25
     rounds: int = 20
@@ -163,6 +172,7 @@ class FoulConfig(UnlearnConfig):
             ("mode", self.mode, MODES),
             ("forget_grad", self.forget_grad, FORGET_GRADS),
             ("subnetwork", self.subnetwork, SUBNETWORKS),
+            ("granularity", self.granularity, GRANULARITIES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -228,6 +238,97 @@ def weighted_mean(
     return fedavg(list(states.values()), [weights[c] for c in states])
 
 
+def rank_units(state: AdapterState) -> AdapterState:
+    """Split LoRA tensors into rank units: rows of ``lora_A``, columns of ``lora_B``.
+
+    Other tensors stay whole. Unit names are ``<key>#<i>``.
+    """
+    out: AdapterState = {}
+    for k, v in state.items():
+        if v.dim() == 2 and "lora_A" in k:
+            out.update({f"{k}#{i}": v[i] for i in range(v.shape[0])})
+        elif v.dim() == 2 and "lora_B" in k:
+            out.update({f"{k}#{i}": v[:, i] for i in range(v.shape[1])})
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass
+class SubNetwork:
+    """θ_V: per adapter tensor, the flat indices of its selected entries.
+
+    Parameters
+    ----------
+    index : dict[str, torch.Tensor | None]
+        Tensor -> flat indices of the selected entries (``None``: all of them).
+    shapes : dict[str, torch.Size]
+        Shapes of those tensors.
+    """
+
+    index: dict[str, torch.Tensor | None]
+    shapes: dict[str, torch.Size]
+
+    @classmethod
+    def from_units(cls, units: list[str], like: AdapterState) -> SubNetwork:
+        """Build θ_V from selected tensor names or ``<key>#<i>`` rank units."""
+        rows: dict[str, list[int]] = {}
+        whole: set[str] = set()
+        for u in units:
+            key, sep, i = u.partition("#")
+            if sep:
+                rows.setdefault(key, []).append(int(i))
+            else:
+                whole.add(key)
+        index: dict[str, torch.Tensor | None] = dict.fromkeys(whole)
+        for key, picked in rows.items():
+            mask = torch.zeros(like[key].shape, dtype=torch.bool)
+            sel = torch.tensor(sorted(picked))
+            if "lora_A" in key:
+                mask[sel, :] = True
+            else:
+                mask[:, sel] = True
+            index[key] = mask.reshape(-1).nonzero().squeeze(1)
+        return cls(
+            {k: index[k] for k in sorted(index)}, {k: like[k].shape for k in index}
+        )
+
+    def keys(self) -> list[str]:
+        """Return the tensors holding a selected entry (sorted)."""
+        return list(self.index)
+
+    def params(self) -> int:
+        """Return the number of selected entries."""
+        return sum(
+            self.shapes[k].numel() if i is None else i.numel()
+            for k, i in self.index.items()
+        )
+
+    def flatten(self, state: AdapterState) -> torch.Tensor:
+        """Return the selected entries of ``state`` as one fp32 vector."""
+        parts = []
+        for k, i in self.index.items():
+            flat = state[k].detach().reshape(-1).float()
+            parts.append(flat if i is None else flat[i])
+        return torch.cat(parts)
+
+    def step(self, theta: AdapterState, vec: torch.Tensor, eta: float) -> AdapterState:
+        """Return a new adapter: ``theta - eta * vec`` on θ_V, the rest unchanged."""
+        out = dict(theta)
+        offset = 0
+        for k, i in self.index.items():
+            flat = theta[k].reshape(-1).clone()
+            n = flat.numel() if i is None else i.numel()
+            part = vec[offset : offset + n].to(flat.dtype)
+            if i is None:
+                flat -= eta * part
+            else:
+                flat[i] -= eta * part
+            out[k] = flat.reshape(theta[k].shape)
+            offset += n
+        return out
+
+
 class Foul(UnlearningMethod):
     """On-server unlearning of θ_V along the conflict-averse direction."""
 
@@ -264,17 +365,19 @@ class Foul(UnlearningMethod):
         weights = {c: float(sizes.get(c, 1)) for c in (*ctx.remaining, *ctx.departed)}
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
         if cfg.subnetwork == "all":
-            sub = sorted(theta)
+            units = sorted(theta)
         else:
-            sub = select_subnetwork(
-                weighted_mean(hist_forget, weights),
-                weighted_mean(hist_retain, weights),
+            split = rank_units if cfg.granularity == "rank" else dict
+            units = select_subnetwork(
+                split(weighted_mean(hist_forget, weights)),
+                split(weighted_mean(hist_retain, weights)),
                 rule=cfg.subnetwork,
                 tau=cfg.tau,
                 top_p=cfg.top_p,
             )
-        if not sub:
+        if not units:
             raise ValueError("foul: the forgettable sub-network θ_V is empty")
+        sub = SubNetwork.from_units(units, theta)
         log = RoundLog(ctx, cfg.stop)
         log.start(theta)
         if cfg.mode == "server":
@@ -304,11 +407,14 @@ class Foul(UnlearningMethod):
                 kappa=cfg.kappa,
                 subnetwork={
                     "rule": cfg.subnetwork,
-                    "tensors": len(sub),
+                    "granularity": cfg.granularity,
+                    "tensors": len(sub.keys()),
                     "of_tensors": len(theta),
-                    "params": sum(theta[k].numel() for k in sub),
+                    "params": sub.params(),
                     "of_params": sum(v.numel() for v in theta.values()),
-                    "bytes": sum(theta[k].numel() * 4 for k in sub),
+                    # what travels per round in cached/live mode: the tensors
+                    # holding θ_V
+                    "bytes": sum(theta[k].numel() * 4 for k in sub.keys()),
                     "adapter_bytes": full_bytes,
                 },
                 **more,
@@ -338,7 +444,7 @@ class Foul(UnlearningMethod):
         self,
         ctx: UnlearnContext,
         theta: AdapterState,
-        sub: list[str],
+        sub: SubNetwork,
         hist_retain: dict[int, AdapterState],
         hist_forget: dict[int, AdapterState],
         weights: dict[int, float],
@@ -353,17 +459,14 @@ class Foul(UnlearningMethod):
         """
         cfg = self.config
         grads = {
-            c: ad.flatten({k: hist[c][k] for k in sub})
-            for hist in (hist_retain, hist_forget)
-            for c in hist
+            c: sub.flatten(hist[c]) for hist in (hist_retain, hist_forget) for c in hist
         }
-        flat, extra = self._step(ctx, grads, weights)
-        d = ad.unflatten(flat, {k: theta[k] for k in sub})
+        d, extra = self._step(ctx, grads, weights)
         eta = cfg.server_lr / cfg.rounds
         r = 0
         for r in range(1, cfg.rounds + 1):
             # a new dict each round: the log may roll back to the previous one
-            theta = {**theta, **{k: theta[k] - eta * d[k] for k in sub}}
+            theta = sub.step(theta, d, eta)
             if log.end_round(r, theta, {**extra, "step": eta * r}):
                 break
         return r
@@ -372,7 +475,7 @@ class Foul(UnlearningMethod):
         self,
         ctx: UnlearnContext,
         theta: AdapterState,
-        sub: list[str],
+        sub: SubNetwork,
         hist_forget: dict[int, AdapterState],
         weights: dict[int, float],
         log: RoundLog,
@@ -386,7 +489,8 @@ class Foul(UnlearningMethod):
         """
         cfg = self.config
         assert ctx.clients is not None
-        frozen = {k: v for k, v in theta.items() if k not in sub}
+        keys = sub.keys()
+        frozen = {k: v for k, v in theta.items() if k not in sub.index}
         live = list(ctx.remaining) + (list(ctx.departed) if cfg.mode == "live" else [])
         request = {"loss": "nll", "epochs": cfg.local_epochs}
         if cfg.lr > 0:
@@ -394,7 +498,7 @@ class Foul(UnlearningMethod):
         r = 0
         for r in range(1, cfg.rounds + 1):
             dtype = wire_dtype(cfg.wire_dtype)
-            arrays = to_wire({k: theta[k] for k in sub}, dtype, "copy0.")
+            arrays = to_wire({k: theta[k] for k in keys}, dtype, "copy0.")
             if r == 1:
                 arrays.update(to_wire(frozen, dtype, "base."))
             replies = ctx.clients.query(
@@ -402,16 +506,15 @@ class Foul(UnlearningMethod):
             )
             log.add_compute(replies)
             grads: dict[int, torch.Tensor] = {}
-            sent = {k: theta[k] for k in sub}
+            sent = {k: theta[k] for k in keys}
             for cid, (delta, n) in copy_deltas(replies, sent, "foul").items():
-                grads[cid] = -ad.flatten({k: delta[k] for k in sub})
+                grads[cid] = -sub.flatten(delta)
                 weights[cid] = n
             if cfg.mode == "cached":
                 for cid in ctx.departed:
-                    grads[cid] = ad.flatten({k: hist_forget[cid][k] for k in sub})
-            flat, extra = self._step(ctx, grads, weights)
-            d = ad.unflatten(flat, {k: theta[k] for k in sub})
-            theta = {**theta, **{k: theta[k] - cfg.server_lr * d[k] for k in sub}}
+                    grads[cid] = sub.flatten(hist_forget[cid])
+            d, extra = self._step(ctx, grads, weights)
+            theta = sub.step(theta, d, cfg.server_lr)
             if log.end_round(r, theta, extra):
                 break
         return r
