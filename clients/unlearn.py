@@ -147,7 +147,8 @@ def local_update(
     ----------
     msg : Message
         The query (``arrays``: copies and optional base; ``q-*`` config keys:
-        ``loss``, ``epochs``, ``lr`` (or ``lr-scale`` x the run's), ``batch-size``,
+        ``loss``, ``epochs``, ``max-steps`` (0 = no cap), ``lr`` (or ``lr-scale``
+        x the run's), ``batch-size``,
         ``retain``,
         ``loss-params`` (JSON), ``seed-round``).
     context : Context
@@ -196,6 +197,7 @@ def local_update(
         if "lr" in req
         else float(r.lr) * float(req.get("lr-scale", 1.0)),  # type: ignore[arg-type]
         max_length=int(r.max_length),  # type: ignore[arg-type]
+        max_steps=int(req.get("max-steps", 0)),
     )
     params = json.loads(str(req.get("loss-params", "{}")))
     retain = _retain_items(str(req.get("retain", "none")), dict(context.node_config))

@@ -36,6 +36,9 @@ class TrainSpec:
         Global gradient-norm clip (default: 1.0).
     max_length : int
         Max tokens per example (default: 128).
+    max_steps : int
+        Stop after this many optimiser steps, mid-epoch if need be (default: 0
+        = no cap; the spec's "E local steps" of a FOUL pseudo-gradient).
     """
 
     epochs: int = 2
@@ -44,13 +47,20 @@ class TrainSpec:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_length: int = 128
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         for name in ("epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def capped(self, steps: int) -> bool:
+        """Return whether ``steps`` optimiser steps reach ``max_steps``."""
+        return 0 < self.max_steps <= steps
 
 
 @dataclass
@@ -203,7 +213,11 @@ def train_steps(
                 count += 1
                 if on_step is not None:
                     on_step(steps, float(out.loss.detach()))
+                if spec.capped(steps):
+                    break
             epoch_loss = total / max(count, 1)
+            if spec.capped(steps):
+                break
     finally:
         model.train(was_training)
     return TrainStats(steps, tokens, epoch_loss, time.perf_counter() - t0)

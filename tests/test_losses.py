@@ -334,6 +334,8 @@ def test_unlearning_lowers_forget_logprob(lora, items, loss):
     assert after < before - 0.1
     assert stats.steps == 3 * -(-len(items) // 4) and stats.tokens > 0
     assert math.isfinite(stats.loss) and not model.training
+    capped = TrainSpec(epochs=3, batch_size=4, lr=5e-2, max_length=64, max_steps=2)
+    assert unlearn_train(model, tok, pf, items, loss, capped, seed=0).steps == 2
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))

@@ -88,3 +88,32 @@ def test_train_spec_validation():
         TrainSpec(epochs=0)
     with pytest.raises(ValueError, match="lr"):
         TrainSpec(lr=0)
+
+
+def test_max_steps_caps_local_training_mid_epoch(lora, items):
+    """3 epochs of ceil(n/2) batches, capped at 3 steps: exactly 3 steps, and the
+    adapter equals the one after the first 3 steps of an uncapped run."""
+    model, tok, pf = lora
+    start = init_adapter(model, 0)
+    n_batches = -(-len(items) // 2)
+    assert n_batches > 3
+    spec = TrainSpec(epochs=3, batch_size=2, lr=1e-2, max_length=64, max_steps=3)
+    set_adapter(model, start)
+    seen: list[int] = []
+    stats = local_train(model, tok, pf, items, spec, 0, lambda s, _v: seen.append(s))
+    assert stats.steps == 3 and seen == [1, 2, 3]
+    capped = get_adapter(model)
+    set_adapter(model, start)
+    full: list[dict[str, torch.Tensor]] = []
+    local_train(
+        model,
+        tok,
+        pf,
+        items,
+        TrainSpec(epochs=1, batch_size=2, lr=1e-2, max_length=64),
+        0,
+        lambda s, _v: full.append(get_adapter(model)) if s == 3 else None,
+    )
+    assert all(torch.allclose(capped[k], full[0][k]) for k in capped)
+    with pytest.raises(ValueError, match="max_steps must be >= 0"):
+        TrainSpec(max_steps=-1)

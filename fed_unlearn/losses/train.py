@@ -177,7 +177,11 @@ def unlearn_train(
                     count += 1
                     if on_step is not None:
                         on_step(steps, step_loss)
+                    if spec.capped(steps):
+                        break
                 epoch_loss = total / max(count, 1)
+                if spec.capped(steps):
+                    break
     finally:
         model.train(was_training)
         if tap is not None:

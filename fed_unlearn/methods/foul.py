@@ -140,6 +140,9 @@ class FoulConfig(UnlearnConfig):
         ``server`` mode the total step, split into ``rounds`` equal steps.
     local_epochs : int
         Local epochs behind each pseudo-gradient (default: 1).
+    local_steps : int
+        Cap on the local steps behind each pseudo-gradient and each recovery
+        round (the spec's E; default: 0 = no cap, ``local_epochs`` epochs).
     lr : float
         Clients' local learning rate; 0 = the run's (default: 0).
     recovery_rounds : int
@@ -161,6 +164,7 @@ class FoulConfig(UnlearnConfig):
     stop: str = "t2f"
     server_lr: float = 1.0
     local_epochs: int = 1
+    local_steps: int = 0
     lr: float = 0.0
     recovery_rounds: int = 0
     wire_dtype: str = "float32"
@@ -184,6 +188,8 @@ class FoulConfig(UnlearnConfig):
         if self.lr < 0:
             raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
         wire_dtype(self.wire_dtype)
+        if self.local_steps < 0:
+            raise ValueError(f"local_steps must be >= 0, got {self.local_steps}")
         if self.recovery_rounds < 0:
             raise ValueError(
                 f"recovery_rounds must be >= 0, got {self.recovery_rounds}"
@@ -396,6 +402,7 @@ class Foul(UnlearningMethod):
                 r,
                 "foul",
                 wire_dtype(cfg.wire_dtype),
+                cfg.local_steps,
             )
             rounds += cfg.recovery_rounds
         full_bytes = sum(v.numel() * 4 for v in theta.values())
@@ -492,7 +499,11 @@ class Foul(UnlearningMethod):
         keys = sub.keys()
         frozen = {k: v for k, v in theta.items() if k not in sub.index}
         live = list(ctx.remaining) + (list(ctx.departed) if cfg.mode == "live" else [])
-        request = {"loss": "nll", "epochs": cfg.local_epochs}
+        request = {
+            "loss": "nll",
+            "epochs": cfg.local_epochs,
+            "max-steps": cfg.local_steps,
+        }
         if cfg.lr > 0:
             request["lr"] = cfg.lr
         r = 0

@@ -114,6 +114,7 @@ def recovery_rounds(
     first_round: int,
     method: str,
     dtype: torch.dtype = torch.float32,
+    max_steps: int = 0,
 ) -> AdapterState:
     """Retain recovery [R]: plain FedAvg rounds of the remaining clients.
 
@@ -142,6 +143,8 @@ def recovery_rounds(
         Method name for error messages.
     dtype : torch.dtype
         Wire dtype of the adapters and deltas (default: fp32).
+    max_steps : int
+        Cap on each client's local steps (default: 0 = one full epoch).
 
     Returns
     -------
@@ -149,7 +152,7 @@ def recovery_rounds(
         The adapter after recovery.
     """
     for p in range(1, rounds + 1):
-        theta = recovery_step(ctx, theta, log, 40_000 + p, method, dtype)
+        theta = recovery_step(ctx, theta, log, 40_000 + p, method, dtype, max_steps)
         log.end_round(first_round + p, theta, {"stage": "recovery"})
     return theta
 
@@ -161,6 +164,7 @@ def recovery_step(
     seed_round: int,
     method: str,
     dtype: torch.dtype = torch.float32,
+    max_steps: int = 0,
 ) -> AdapterState:
     """One FedAvg round of the remaining clients (see :func:`recovery_rounds`).
 
@@ -178,6 +182,8 @@ def recovery_step(
         Method name for error messages.
     dtype : torch.dtype
         Wire dtype (default: fp32).
+    max_steps : int
+        Cap on each client's local steps (default: 0 = one full epoch).
 
     Returns
     -------
@@ -188,7 +194,7 @@ def recovery_step(
         list(ctx.remaining),
         "local-update",
         to_wire(theta, dtype, "copy0."),
-        {"epochs": 1, "loss": "nll", "seed-round": seed_round},
+        {"epochs": 1, "loss": "nll", "seed-round": seed_round, "max-steps": max_steps},
     )
     log.add_compute(replies)
     parts = list(copy_deltas(replies, theta, method).values())
