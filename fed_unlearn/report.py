@@ -32,6 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fed_unlearn.config import METHOD_OPTION_PREFIX  # noqa: E402
+
 __all__ = ["write_report"]
 
 #: Printed for a missing / non-finite value.
@@ -172,16 +174,41 @@ def _check_same_fl_config(runs: Sequence[_Run]) -> None:
             )
 
 
+def _method_options(r: _Run) -> dict[str, str]:
+    """Return the run's ``--opt`` method options (config ``method-<option>``)."""
+    return {
+        k.removeprefix(METHOD_OPTION_PREFIX): str(v)
+        for k, v in r.config.items()
+        if k.startswith(METHOD_OPTION_PREFIX)
+    }
+
+
 def _assign_labels(runs: Sequence[_Run]) -> None:
-    """Label runs by method (and inner loss), disambiguated by directory name."""
+    """Label runs by method (and inner loss).
+
+    Runs of one method are told apart by the method options that differ between
+    them, or by directory name when their options are the same.
+    """
 
     def base(r: _Run) -> str:
         inner = (r.run.get("unlearn_info") or {}).get("inner_loss")
         return f"{r.method}/{inner}" if inner else r.method
 
     names = [base(r) for r in runs]
-    for r, name in zip(runs, names, strict=True):
-        r.label = name if names.count(name) == 1 else f"{name} ({r.path.name})"
+    for name in set(names):
+        group = [r for r, n in zip(runs, names, strict=True) if n == name]
+        if len(group) == 1:
+            group[0].label = name
+            continue
+        opts = [_method_options(r) for r in group]
+        keys = sorted({k for o in opts for k in o})
+        differ = [k for k in keys if len({o.get(k) for o in opts}) > 1]
+        for r, o in zip(group, opts, strict=True):
+            parts = [f"{k}={o[k]}" for k in differ if k in o]
+            if not differ:
+                r.label = f"{name} ({r.path.name})"
+            else:
+                r.label = f"{name} ({', '.join(parts) or 'defaults'})"
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):
         if labels.count(r.label) > 1:

@@ -314,3 +314,29 @@ def test_time_ratio_leaves_out_the_curve_evaluation_when_both_timed_it():
     # a retrain phase cached before the timing existed: compare the totals
     wt["excl_curve_eval"] = {"unlearn": 2.0}
     assert _method_walls(wt) == (10.0, 100.0)
+
+
+def test_runs_of_one_method_are_labelled_by_their_differing_options(tmp_path):
+    a = make_run(tmp_path, "a", "foul", dict(ORIGINAL), wall_unlearn=1, bytes_unlearn=1)
+    b = make_run(
+        tmp_path,
+        "b",
+        "foul",
+        dict(ORIGINAL),
+        wall_unlearn=2,
+        bytes_unlearn=2,
+        config={"method-mode": "server", "method-kappa": "0.5"},
+    )
+    c = make_run(
+        tmp_path,
+        "c",
+        "foul",
+        dict(ORIGINAL),
+        wall_unlearn=3,
+        bytes_unlearn=3,
+        config={"method-kappa": "0.5"},
+    )
+    md = write_report([a, b, c], tmp_path / "out").read_text()
+    assert _table_row(md, "foul (defaults)")[7] == f"{1 / 30:.3g}"
+    assert _table_row(md, "foul (kappa=0.5, mode=server)")[7] == f"{2 / 30:.3g}"
+    assert _table_row(md, "foul (kappa=0.5)")[7] == f"{3 / 30:.3g}"
