@@ -11,6 +11,7 @@ from fed_unlearn.methods.base import (
 )
 from fed_unlearn.methods.fedosd import FedOSD, FedOSDConfig
 from fed_unlearn.methods.foul import Foul, FoulConfig
+from fed_unlearn.methods.foul_server import FoulServer, FoulServerConfig
 from fed_unlearn.methods.local_unlearn import LocalUnlearn, LocalUnlearnConfig
 from fed_unlearn.methods.mpu import MPU, MPUConfig
 from fed_unlearn.methods.none import NoneConfig, NoUnlearning
@@ -25,6 +26,7 @@ from fed_unlearn.methods.retrain import Retrain, RetrainConfig
 register_method(name="none", config_cls=NoneConfig, method_cls=NoUnlearning)
 register_method(name="retrain", config_cls=RetrainConfig, method_cls=Retrain)
 register_method(name="foul", config_cls=FoulConfig, method_cls=Foul)
+register_method(name="foul_server", config_cls=FoulServerConfig, method_cls=FoulServer)
 register_method(name="fedosd", config_cls=FedOSDConfig, method_cls=FedOSD)
 register_method(name="mpu", config_cls=MPUConfig, method_cls=MPU)
 register_method(

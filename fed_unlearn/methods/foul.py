@@ -356,7 +356,7 @@ class Foul(UnlearningMethod):
         super().check(ctx)
         if self.config.mode == "live" and not ctx.departed_cooperates:
             raise MissingRequirementError(
-                "method 'foul' in live mode needs departed_cooperation (the "
+                f"method {self.name!r} in live mode needs departed_cooperation (the "
                 "departed client must still answer); use mode=cached or mode=server"
             )
 
@@ -382,7 +382,7 @@ class Foul(UnlearningMethod):
                 top_p=cfg.top_p,
             )
         if not units:
-            raise ValueError("foul: the forgettable sub-network θ_V is empty")
+            raise ValueError(f"{self.name}: the forgettable sub-network θ_V is empty")
         sub = SubNetwork.from_units(units, theta)
         log = RoundLog(ctx, cfg.stop)
         log.start(theta)
@@ -400,7 +400,7 @@ class Foul(UnlearningMethod):
                 cfg.recovery_rounds,
                 log,
                 r,
-                "foul",
+                self.name,
                 wire_dtype(cfg.wire_dtype),
                 cfg.local_steps,
             )
@@ -518,7 +518,7 @@ class Foul(UnlearningMethod):
             log.add_compute(replies)
             grads: dict[int, torch.Tensor] = {}
             sent = {k: theta[k] for k in keys}
-            for cid, (delta, n) in copy_deltas(replies, sent, "foul").items():
+            for cid, (delta, n) in copy_deltas(replies, sent, self.name).items():
                 grads[cid] = -sub.flatten(delta)
                 weights[cid] = n
             if cfg.mode == "cached":
