@@ -260,19 +260,12 @@ def test_foul_server_mode_runs_without_clients(cached, tmp_path):
     assert wall["curve_eval"]["retrain"] > 0  # the fixture's phases were timed
 
 
-def test_foul_server_mode_recovery_round_in_fp16_halves_the_bytes(cached, tmp_path):
-    """One recovery round: the whole adapter to each remaining client and a delta
-    back, in fp16 (2 bytes per parameter each way)."""
+def test_foul_server_defaults_one_two_step_recovery_round_in_fp16(cached, tmp_path):
+    """foul_server's defaults: the server step, then one recovery round with the
+    whole adapter to each remaining client and a delta back, in fp16 (2 bytes
+    per parameter each way), 2 local steps each."""
     out, run = _run(
-        cached,
-        tmp_path,
-        "foul",
-        "mode=server",
-        "rounds=2",
-        "stop=budget",
-        "recovery_rounds=1",
-        "wire_dtype=float16",
-        evaluate=False,
+        cached, tmp_path, "foul_server", "rounds=2", "stop=budget", evaluate=False
     )
     full, _ = _adapter_bytes(out)  # fp32 bytes of the adapter
     down, up = run["bytes"]["unlearn"]["down"], run["bytes"]["unlearn"]["up"]
@@ -280,4 +273,5 @@ def test_foul_server_mode_recovery_round_in_fp16_halves_the_bytes(cached, tmp_pa
     assert full <= up <= full + 40_000
     assert run["rounds"]["unlearn"] == 1
     assert run["unlearn_info"]["rounds"][-1]["stage"] == "recovery"
-    assert run["client_compute"]["unlearn"]["local_steps"] > 0
+    assert run["unlearn_info"]["server_steps"] == 2
+    assert run["client_compute"]["unlearn"]["local_steps"] == 4
