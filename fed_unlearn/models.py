@@ -380,13 +380,22 @@ def tiny_dir(spec: TinySpec | None = None) -> Path:
             facts,
             dataclasses.replace(spec, pretrain_steps=spec.fact_steps, lr=spec.lr / 3),
         )
-    tmp = out.with_name(out.name + ".part")
+    # a per-process scratch name: SuperNodes on one machine may build at once
+    tmp = out.with_name(f"{out.name}.part{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)  # type: ignore[attr-defined]
     (tmp / "done").write_text(json.dumps(spec.__dict__))
+    if (out / "done").is_file():  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # lost the race between the check and the rename
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "done").is_file():
+            raise
     return out
 
 

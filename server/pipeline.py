@@ -412,13 +412,15 @@ def run_pipeline(
     # fail before any work on an unknown method or option
     method = get_method(cfg.method, cfg.method_options)
     departed, remaining = cfg.departed(), cfg.remaining()
+    # The server's model first: on one machine it builds the tiny base once,
+    # before the SuperNodes load theirs while answering the discovery.
+    model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
+    model, _tok = load_lora_model(model_dir, cfg.lora_spec())
     counting = CountingGrid(grid) if grid is not None else None
     node_map = None
     if counting is not None:
         node_map = discover_clients(counting, cfg)
 
-    model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
-    model, _tok = load_lora_model(model_dir, cfg.lora_spec())
     initial = init_adapter(model, cfg.seed)
 
     def cb(phase: str) -> Callable[[int, dict[str, Any]], None] | None:
