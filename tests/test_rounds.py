@@ -32,6 +32,24 @@ def _drive(log, values):
     return len(values) - 1
 
 
+def _one_round_history(tmp_path, trained, deltas, sizes=None):
+    """A history store of one FL round: ``deltas`` client -> adapter delta."""
+    from fed_unlearn.history import HistoryStore, RoundRecord
+
+    store = HistoryStore(tmp_path / "h")
+    store.append(
+        RoundRecord(
+            round=1,
+            global_state=trained,
+            client_deltas=deltas,
+            num_examples=sizes or dict.fromkeys(deltas, 10),
+            participants=sorted(deltas),
+        )
+    )
+    store.set_final(trained)
+    return store
+
+
 def test_t2f_stops_at_the_first_round_in_the_oracle_band():
     values = [0.5, 0.3, 0.15, 0.11, 0.1, 0.1]
     log = RoundLog(_ctx(values), "t2f")
@@ -94,21 +112,12 @@ def test_option_errors_name_the_option():
 def test_foul_cached_mode_without_departed_history_is_a_clear_error(tmp_path):
     from test_methods import LinearClients, _state
 
-    from fed_unlearn.history import HistoryStore, RoundRecord
     from fed_unlearn.methods import MissingRequirementError
 
     trained = _state()
-    store = HistoryStore(tmp_path / "h")
-    store.append(
-        RoundRecord(
-            round=1,
-            global_state=trained,
-            client_deltas={0: {k: 0.1 * v for k, v in trained.items()}},
-            num_examples={0: 10},
-            participants=[0],
-        )
+    store = _one_round_history(
+        tmp_path, trained, {0: {k: 0.1 * v for k, v in trained.items()}}
     )
-    store.set_final(trained)
     ctx = UnlearnContext(
         trained=trained,
         departed=(1,),
@@ -150,21 +159,9 @@ def test_foul_step_on_linear_clients_moves_away_from_the_forget_target():
 
 def _scalar_history(tmp_path, deltas, sizes=None):
     """History of one round over a one-tensor adapter ``{"x": [0.5]}``."""
-    from fed_unlearn.history import HistoryStore, RoundRecord
-
     trained = {"x": torch.tensor([0.5])}
-    store = HistoryStore(tmp_path / "h")
-    store.append(
-        RoundRecord(
-            round=1,
-            global_state=trained,
-            client_deltas={c: {"x": torch.tensor([d])} for c, d in deltas.items()},
-            num_examples=sizes or dict.fromkeys(deltas, 10),
-            participants=sorted(deltas),
-        )
-    )
-    store.set_final(trained)
-    return trained, store
+    deltas = {c: {"x": torch.tensor([d])} for c, d in deltas.items()}
+    return trained, _one_round_history(tmp_path, trained, deltas, sizes)
 
 
 def test_foul_server_mode_contacts_no_client_and_steps_along_g0(tmp_path):
@@ -229,7 +226,6 @@ def test_foul_rank_granularity_selects_rows_of_a_and_columns_of_b(tmp_path):
     row 1 and B's column 0, so the ratio rule (top half of 4 units) picks those
     two; κ = 0 and one budget step of η = 1 add the retain mean (0.1) there and
     leave every other entry alone."""
-    from fed_unlearn.history import HistoryStore, RoundRecord
     from fed_unlearn.methods.foul import SubNetwork, rank_units
 
     a, b = "m.lora_A.weight", "m.lora_B.weight"
@@ -241,17 +237,7 @@ def test_foul_rank_granularity_selects_rows_of_a_and_columns_of_b(tmp_path):
     units = rank_units(forget)
     assert sorted(units) == [f"{a}#0", f"{a}#1", f"{b}#0", f"{b}#1"]
     assert torch.equal(units[f"{b}#0"], forget[b][:, 0])
-    store = HistoryStore(tmp_path / "h")
-    store.append(
-        RoundRecord(
-            round=1,
-            global_state=trained,
-            client_deltas={0: retain, 1: forget},
-            num_examples={0: 10, 1: 10},
-            participants=[0, 1],
-        )
-    )
-    store.set_final(trained)
+    store = _one_round_history(tmp_path, trained, {0: retain, 1: forget})
     ctx = UnlearnContext(
         trained=trained, departed=(1,), remaining=(0,), seed=0, history=store
     )

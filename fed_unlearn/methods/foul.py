@@ -506,9 +506,15 @@ class Foul(UnlearningMethod):
         }
         if cfg.lr > 0:
             request["lr"] = cfg.lr
+        dtype = wire_dtype(cfg.wire_dtype)
+        # cached mode: the departed clients' gradients do not change between rounds
+        fixed = (
+            {cid: sub.flatten(hist_forget[cid]) for cid in ctx.departed}
+            if cfg.mode == "cached"
+            else {}
+        )
         r = 0
         for r in range(1, cfg.rounds + 1):
-            dtype = wire_dtype(cfg.wire_dtype)
             arrays = to_wire({k: theta[k] for k in keys}, dtype, "copy0.")
             if r == 1:
                 arrays.update(to_wire(frozen, dtype, "base."))
@@ -516,14 +522,11 @@ class Foul(UnlearningMethod):
                 live, "local-update", arrays, {**request, "seed-round": 10_000 + r}
             )
             log.add_compute(replies)
-            grads: dict[int, torch.Tensor] = {}
+            grads: dict[int, torch.Tensor] = dict(fixed)
             sent = {k: theta[k] for k in keys}
             for cid, (delta, n) in copy_deltas(replies, sent, self.name).items():
                 grads[cid] = -sub.flatten(delta)
                 weights[cid] = n
-            if cfg.mode == "cached":
-                for cid in ctx.departed:
-                    grads[cid] = sub.flatten(hist_forget[cid])
             d, extra = self._step(ctx, grads, weights)
             theta = sub.step(theta, d, cfg.server_lr)
             if log.end_round(r, theta, extra):
