@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from clients.task import client_id, client_items, client_model, run_config_from_message
 from clients.unlearn import local_update
 from fed_unlearn.config import RunConfig
+from fed_unlearn.dual import DualRegulariser
 from fed_unlearn.metrics.quick import answer_prob
 from fed_unlearn.models import get_adapter, set_adapter
 from fed_unlearn.training import derive_seed, local_train
@@ -87,7 +88,17 @@ def train(msg: Message, context: Context) -> Message:
     set_adapter(model, msg.content["arrays"].to_torch_state_dict())
     spec = cfg.train_spec()
     total = spec.epochs * -(-len(items) // spec.batch_size)
-    with local_steps_bar(f"client {cid} round {server_round}", total) as on_step:
+    dual = cfg.dual_spec()
+    reg = None
+    if dual is not None:
+        proto = msg.content["config"].get("dual-prototype")
+        reg = DualRegulariser(
+            model, dual, None if proto is None else torch.tensor(list(proto))
+        )
+    with (
+        local_steps_bar(f"client {cid} round {server_round}", total) as on_step,
+        reg if reg is not None else contextlib.nullcontext(),
+    ):
         stats = local_train(
             model,
             tok,
@@ -96,6 +107,7 @@ def train(msg: Message, context: Context) -> Message:
             spec,
             seed=derive_seed(cfg.seed, server_round, cid),
             on_step=on_step,
+            regulariser=reg,
         )
     log.info(
         "client %d round %d: %d steps, loss %.4f, %.0f tok/s",
@@ -105,18 +117,20 @@ def train(msg: Message, context: Context) -> Message:
         stats.loss,
         stats.tokens / max(stats.seconds, 1e-9),
     )
-    return _reply(
-        msg,
-        get_adapter(model),
-        {
-            "num-examples": len(items),
-            "client-id": cid,
-            "train-loss": stats.loss,
-            "local-steps": stats.steps,
-            "tokens": stats.tokens,
-            "train-seconds": stats.seconds,
-        },
-    )
+    metrics: dict[str, Any] = {
+        "num-examples": len(items),
+        "client-id": cid,
+        "train-loss": stats.loss,
+        "local-steps": stats.steps,
+        "tokens": stats.tokens,
+        "train-seconds": stats.seconds,
+    }
+    if reg is not None:
+        # one aggregate vector of the client's data (FOUL-LoRA's K prototype)
+        metrics["dual-prototype"] = reg.client_prototype()
+        metrics["dual-loss-k"] = reg.last["loss_k"]
+        metrics["dual-loss-v"] = reg.last["loss_v"]
+    return _reply(msg, get_adapter(model), metrics)
 
 
 @app.evaluate()

@@ -12,7 +12,7 @@ from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_
 from fed_unlearn.types import QAItem
 
 #: Keys the server adds to a message's config beside the run config.
-PROTOCOL_KEYS = ("server-round", "phase", "kind", "seed-round")
+PROTOCOL_KEYS = ("server-round", "phase", "kind", "seed-round", "dual-prototype")
 #: Prefix of a query's own parameters in a message's config.
 QUERY_PREFIX = "q-"
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fed_unlearn.dual import DualSpec
 from fed_unlearn.models import PRESETS, SYSTEM_PROMPT, LoraSpec, model_identity
 from fed_unlearn.training import TrainSpec
 
@@ -125,6 +126,16 @@ class RunConfig:
         LoRA dropout (default: 0.0).
     aggregation : str
         ``"fedavg"`` (factor space, default) or ``"product_svd"``.
+    dual_adapter : bool
+        FOUL-LoRA's dual adapters (:mod:`fed_unlearn.dual`): the LoRA has rank
+        2·``lora_r`` (alpha 2·``lora_alpha``), ranks [0, r) a shared adapter K and
+        [r, 2r) a client-specific adapter V, trained with the K-invariance and
+        V-variance regularisers; FOUL's ``subnetwork=dual`` then unlearns V alone
+        (default: False).
+    dual_k_weight, dual_v_weight : float
+        λ_K and λ_V of those regularisers (defaults: 0.1, 0.1).
+    dual_layer : int
+        Decoder layer of their features; -1 = the middle one (default: -1).
     history_dtype : str
         ``"float32"`` (default) or ``"float16"`` for the history store.
     eval_max_new_tokens : int, optional
@@ -173,6 +184,10 @@ class RunConfig:
     lora_alpha: int | None = None
     lora_dropout: float = 0.0
     aggregation: str = "fedavg"
+    dual_adapter: bool = False
+    dual_k_weight: float = 0.1
+    dual_v_weight: float = 0.1
+    dual_layer: int = -1
     history_dtype: str = "float32"
     eval_max_new_tokens: int | None = None
     eval_batch_size: int = 16
@@ -310,7 +325,7 @@ class RunConfig:
             from fed_unlearn.methods.registry import get_method
 
             try:
-                get_method(self.method, self.method_options)
+                get_method(self.method, self.method_options).check_run(self.to_flat())
             except (KeyError, ValueError, TypeError) as exc:
                 msg = exc.args[0] if exc.args else str(exc)
                 raise ConfigError(f"method options: {msg}") from exc
@@ -331,6 +346,15 @@ class RunConfig:
             raise ConfigError(
                 "config key 'history-dtype' must be 'float32' or 'float16'"
             )
+        if self.dual_adapter and self.aggregation != "fedavg":
+            raise ConfigError(
+                "config key 'dual-adapter' needs aggregation 'fedavg' (product_svd "
+                "re-factorises the adapter and mixes K and V ranks)"
+            )
+        try:
+            DualSpec(1, self.dual_k_weight, self.dual_v_weight, self.dual_layer)
+        except ValueError as exc:
+            raise ConfigError(f"config key {exc}") from None
         self.departed()  # validates 'depart'
         return self
 
@@ -403,10 +427,22 @@ class RunConfig:
     def lora_spec(self) -> LoraSpec:
         """LoRA hyper-parameters of this (resolved) config."""
         r = self.resolved()
+        k = 2 if self.dual_adapter else 1  # dual: K and V side by side
         return LoraSpec(
-            r=int(r.lora_r),  # type: ignore[arg-type]
-            alpha=int(r.lora_alpha),  # type: ignore[arg-type]
+            r=k * int(r.lora_r),  # type: ignore[arg-type]
+            alpha=k * int(r.lora_alpha),  # type: ignore[arg-type]
             dropout=float(r.lora_dropout),
+        )
+
+    def dual_spec(self) -> DualSpec | None:
+        """Return the dual-adapter settings, or ``None`` for a single adapter."""
+        if not self.dual_adapter:
+            return None
+        return DualSpec(
+            split=int(self.resolved().lora_r),  # type: ignore[arg-type]
+            k_weight=self.dual_k_weight,
+            v_weight=self.dual_v_weight,
+            layer=self.dual_layer,
         )
 
     def fl_key(self, exclude: tuple[int, ...]) -> str:
@@ -438,6 +474,8 @@ class RunConfig:
                 "departed-online",
             )
             and not k.startswith(("x-", METHOD_OPTION_PREFIX))
+            # the dual settings change nothing while the dual adapter is off
+            and (r.dual_adapter or not k.startswith("dual-"))
         }
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fed_unlearn.data.qa import PromptFn, collate, encode_qa
+from fed_unlearn.dual import DualRegulariser
 from fed_unlearn.types import QAItem
 
 
@@ -166,6 +167,7 @@ def train_steps(
     batches_per_epoch: Callable[[int], list[dict[str, torch.Tensor]]],
     spec: TrainSpec,
     on_step: Callable[[int, float], None] | None = None,
+    regulariser: DualRegulariser | None = None,
 ) -> TrainStats:
     """Run ``spec.epochs`` epochs of AdamW on the trainable (adapter) parameters.
 
@@ -179,6 +181,9 @@ def train_steps(
         Hyper-parameters.
     on_step : Callable[[int, float], None], optional
         Called after every step with (step, loss), e.g. for a progress bar.
+    regulariser : DualRegulariser, optional
+        Extra loss added to each batch's NLL (a dual-adapter run's K/V
+        regularisers; its hooks must be active). The reported loss is the NLL.
 
     Returns
     -------
@@ -197,13 +202,18 @@ def train_steps(
     try:
         for epoch in range(spec.epochs):
             total, count = 0.0, 0
+            if regulariser is not None:
+                regulariser.start_epoch()
             for batch in batches_per_epoch(epoch):
                 out = model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     labels=batch["labels"],
                 )
-                out.loss.backward()
+                loss = out.loss
+                if regulariser is not None:
+                    loss = loss + regulariser(model, batch)
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -231,6 +241,7 @@ def local_train(
     spec: TrainSpec,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    regulariser: DualRegulariser | None = None,
 ) -> TrainStats:
     """Train the model's LoRA adapter on a client's items.
 
@@ -250,6 +261,8 @@ def local_train(
         Seed of the data order (derive it from run seed, round and client id).
     on_step : Callable[[int, float], None], optional
         Progress callback.
+    regulariser : DualRegulariser, optional
+        See :func:`train_steps`.
 
     Returns
     -------
@@ -266,6 +279,7 @@ def local_train(
         lambda _epoch: make_batches(encoded, spec.batch_size, pad, gen),
         spec,
         on_step,
+        regulariser,
     )
 
 

@@ -463,6 +463,7 @@ def run_pipeline(
         departed_cooperates=cfg.departed_online,
         evaluate=evaluate,
         forget_target=_forget_target(train, out.retrain),
+        dual_split=dual.split if (dual := cfg.dual_spec()) is not None else 0,
     )
     method.check(ctx)
     down0, up0 = counting.snapshot() if counting is not None else (0, 0)

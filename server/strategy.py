@@ -7,11 +7,17 @@ client id that does not match the node) is rejected and logged, and the round go
 on without it. Client sampling is seeded per round over *all* clients and the
 excluded ones are dropped afterwards, so the retrain oracle sees exactly the
 original participation minus the departed clients.
+
+In a dual-adapter run (FOUL-LoRA, :mod:`fed_unlearn.dual`) every client also
+reports its K-only prototype (one vector, ``dual-prototype`` in its metrics); the
+strategy broadcasts their ``num-examples``-weighted mean in the next round's
+config. A missing, non-finite or wrongly sized prototype rejects the update.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,11 +47,46 @@ def sum_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricReco
     out: dict[str, Any] = {"num-clients": len(contents), weight_key: int(total_n)}
     for key in ("local-steps", "tokens", "train-seconds"):
         out[key] = sum(c["metrics"].get(key, 0) for c in contents)
-    out["train-loss"] = sum(
-        float(c["metrics"].get("train-loss", 0.0)) * float(c["metrics"][weight_key])
-        for c in contents
-    ) / max(total_n, 1.0)
+    for key in ("train-loss", "dual-loss-k", "dual-loss-v"):
+        if all(key in c["metrics"] for c in contents):
+            out[key] = sum(
+                float(c["metrics"][key]) * float(c["metrics"][weight_key])
+                for c in contents
+            ) / max(total_n, 1.0)
     return MetricRecord(out)
+
+
+def check_prototype(value: object, current: list[float] | None) -> None:
+    """Validate a client's ``dual-prototype``: finite floats, the global's size.
+
+    Raises
+    ------
+    ValueError
+        Naming what is wrong.
+    """
+    if not isinstance(value, list) or not value:
+        raise ValueError("dual-adapter run: the reply has no 'dual-prototype' list")
+    if not all(isinstance(x, int | float) and math.isfinite(x) for x in value):
+        raise ValueError("dual-prototype has a non-finite or non-numeric entry")
+    if current is not None and len(value) != len(current):
+        raise ValueError(
+            f"dual-prototype has {len(value)} entries, the global one {len(current)}"
+        )
+
+
+def mean_prototype(protos: list[list[float]], weights: list[float]) -> list[float]:
+    """Weighted mean of the clients' prototypes (equal sizes checked).
+
+    Raises
+    ------
+    ValueError
+        Prototypes of different sizes.
+    """
+    if len({len(p) for p in protos}) != 1:
+        raise ValueError("the clients' dual-prototypes differ in size")
+    t = torch.tensor(protos, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)
+    return ((w[:, None] * t).sum(0) / w.sum()).tolist()
 
 
 def sample_clients(
@@ -127,6 +168,8 @@ class HistoryFedAvg(FedAvg):
         self.aggregation = aggregation
         self.on_round = on_round
         self._global: dict[str, torch.Tensor] = {}
+        self.dual = bool(run_config.get("dual-adapter", False))
+        self.prototype: list[float] | None = None
         self.round_log: list[dict[str, Any]] = []
 
     def summary(self) -> None:
@@ -156,6 +199,11 @@ class HistoryFedAvg(FedAvg):
                 **dict(config),
                 "server-round": server_round,
                 "phase": "train",
+                **(
+                    {"dual-prototype": self.prototype}
+                    if self.prototype is not None
+                    else {}
+                ),
             }
         )
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
@@ -186,6 +234,8 @@ class HistoryFedAvg(FedAvg):
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad update
             raise ValueError(f"arrays cannot be decoded: {exc}") from exc
         ad.validate_update(state, self._global)
+        if self.dual:
+            check_prototype(metrics.get("dual-prototype"), self.prototype)
         return cid, state, n
 
     def aggregate_train(
@@ -226,6 +276,11 @@ class HistoryFedAvg(FedAvg):
             arrays = ArrayRecord(new)
             metrics = sum_train_metrics(
                 [g[1].content for g in good], self.weighted_by_key
+            )
+        if self.dual and good:
+            self.prototype = mean_prototype(
+                [list(g[1].content["metrics"]["dual-prototype"]) for g in good],
+                [float(g[3]) for g in good],
             )
         rec = RoundRecord(
             round=server_round,

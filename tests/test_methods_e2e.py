@@ -275,3 +275,38 @@ def test_foul_server_defaults_one_two_step_recovery_round_in_fp16(cached, tmp_pa
     assert run["unlearn_info"]["rounds"][-1]["stage"] == "recovery"
     assert run["unlearn_info"]["server_steps"] == 2
     assert run["client_compute"]["unlearn"]["local_steps"] == 4
+
+
+def test_foul_dual_adapter_run_from_the_cli(tmp_path_factory):
+    """FOUL-LoRA option A end to end: FL with the dual adapter (rank 2r, the
+    K/V regularisers, the prototype broadcast from round 2), then FOUL on the
+    server with θ_V = V; K leaves unlearning exactly as FL trained it."""
+    from safetensors.torch import load_file
+
+    runs = tmp_path_factory.mktemp("dual_runs")
+    out = tmp_path_factory.mktemp("dual_out") / "foul"
+    args = ["run", *BASE, "--method", "foul_server", "--quiet", "--no-eval"]
+    args += ["--set", "dual-adapter=true", "--opt", "subnetwork=dual"]
+    args += ["--opt", "recovery_rounds=0", "--opt", "rounds=3"]
+    args += ["--opt", "stop=budget", "--out", str(out)]
+    _cli(args, runs)
+    run = json.loads((out / "run.json").read_text())
+    pipe = json.loads((out / "pipeline.json").read_text())
+    for phase in ("train", "retrain"):
+        log = pipe[phase]["round_log"]
+        assert [r["round"] for r in log] == [1, 2]
+        assert all(r["dual-loss-v"] > 0 for r in log)
+        # no prototype in round 1; the broadcast one pulls K from round 2 on
+        assert log[0]["dual-loss-k"] == 0.0 and log[1]["dual-loss-k"] > 0
+    sub = run["unlearn_info"]["subnetwork"]
+    assert sub["rule"] == "dual" and 2 * sub["params"] == sub["of_params"]
+    assert run["unlearn_info"]["server_steps"] == 3
+    before = load_file(str(out / "adapters" / "original" / "adapter_model.safetensors"))
+    after = load_file(str(out / "adapters" / "unlearned" / "adapter_model.safetensors"))
+    r2 = 2 * 8  # tiny: lora-r 8, so rank 16 and V = ranks 8..15
+    for k, v in before.items():
+        assert v.shape[0 if "lora_A" in k else 1] == r2, k
+        k_half = (slice(0, 8), slice(None)) if "lora_A" in k else (..., slice(0, 8))
+        v_half = (slice(8, 16), slice(None)) if "lora_A" in k else (..., slice(8, 16))
+        assert torch.equal(after[k][k_half], v[k_half]), k
+        assert not torch.equal(after[k][v_half], v[v_half]), k

@@ -9,7 +9,7 @@ instead of running on a silent ``None``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
@@ -78,6 +78,9 @@ class UnlearnContext:
     forget_target : tuple[float, float], optional
         ``(oracle forget_Q_A_Prob, delta)`` on that subset, for the T2F stopping
         rule (see ``simulations.runner.T2F_DEFINITION``); simulations only.
+    dual_split : int
+        In a dual-adapter FL run (``dual-adapter``), the first rank of the
+        client-specific adapter V (= ``lora-r``); 0 for a single adapter.
     """
 
     trained: AdapterState
@@ -90,6 +93,7 @@ class UnlearnContext:
     departed_cooperates: bool = False
     evaluate: Callable[[AdapterState], dict[str, float]] | None = None
     forget_target: tuple[float, float] | None = None
+    dual_split: int = 0
 
     def available(self) -> set[Requirement]:
         """Return the requirements this context satisfies."""
@@ -149,6 +153,24 @@ class UnlearningMethod(ABC):
         this; ``requires`` stays the needs of the default configuration.
         """
         return self.requires
+
+    def check_run(self, run: Mapping[str, Any]) -> None:
+        """Raise if the run's flat config cannot serve this method (default: never).
+
+        Called when the run config is validated, before any FL phase runs, so a
+        method option that needs a particular FL recipe fails at once.
+
+        Parameters
+        ----------
+        run : Mapping[str, Any]
+            Flat run config (``dual-adapter``, ``lora-r``, ...).
+
+        Raises
+        ------
+        ValueError
+            Naming the option and the missing run setting.
+        """
+        del run  # no method option of the base class depends on the FL recipe
 
     def check(self, ctx: UnlearnContext) -> None:
         """Raise if the context lacks something this method requires.

@@ -11,10 +11,11 @@ Algorithm (per unlearning request)
    size-weighted retain mean ḡ_R, per LoRA tensor j the conflict score
    c_j = cos(g_f^j, ḡ_R^j); θ_V = the top-p (25 %) tensors by
    ‖g_f^j‖/‖ḡ_R^j‖ (``subnetwork="ratio"``, default), or {j : c_j < τ}
-   (``"conflict"``, falling back to the top-p when no tensor conflicts), or every
-   tensor (``"all"``). ``granularity="rank"`` [R, A.7(i)-4] scores and selects
-   each row of a LoRA A and each column of a LoRA B on its own; the server then
-   reads and steps only those entries (in ``cached``/``live`` mode the clients
+   (``"conflict"``, falling back to the top-p when no tensor conflicts), every
+   tensor (``"all"``), or the V adapter of a dual-adapter run (``"dual"``,
+   below). ``granularity="rank"`` [R, A.7(i)-4] scores and selects each row
+   of a LoRA A and each column of a LoRA B on its own; the server then reads
+   and steps only those entries (in ``cached``/``live`` mode the clients
    still receive and train the tensors that hold them).
    Never re-identified during unlearning (FOUL's efficiency argument).
 2. Each round r [P formula, R derivation as CAGrad's dual]: remaining clients
@@ -58,20 +59,27 @@ Logged every round: min over retain clients of ⟨d, g_r⟩ and max over forget
 clients of ⟨d, g_f⟩ (conflict mitigation wants the first ≥ 0, expression the
 second ≤ 0), Γ*, ‖g0‖.
 
-Left out: the ``dual_adapter`` option of A.7 (a second, client-specific LoRA
-adapter trained with L2U-style regularisers during FL); it needs a different FL
-recipe and is not implemented.
+Option A of A.7, dual adapters [R] (``subnetwork="dual"``): an FL run with
+``dual-adapter=true`` trains a shared adapter K and a client-specific adapter V
+side by side with L2U-style regularisers (:mod:`fed_unlearn.dual`); θ_V is then V
+(the upper ranks of every LoRA A and B) and the step leaves K as trained. The
+run config is checked before any FL phase: ``dual`` on a single-adapter run is
+refused. Measured on tiny (server mode, one 2-step recovery round; README):
+V alone keeps less utility than the whole adapter of the same dual run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fed_unlearn import adapters as ad
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.conflict import cagrad_direction, select_subnetwork
+from fed_unlearn.dual import v_units
 from fed_unlearn.history import HistoryStore
 from fed_unlearn.methods.base import (
     MissingRequirementError,
@@ -93,7 +101,7 @@ from fed_unlearn.methods.rounds import (
 from fed_unlearn.types import AdapterState
 
 MODES = ("server", "cached", "live")
-SUBNETWORKS = ("conflict", "ratio", "all")
+SUBNETWORKS = ("conflict", "ratio", "all", "dual")
 FORGET_GRADS = ("sum", "last")
 GRANULARITIES = ("tensor", "rank")
 
@@ -119,7 +127,8 @@ class FoulConfig(UnlearnConfig):
         Cached g_f (and in ``server`` mode the retain g_u too): ``"sum"`` of all
         the client's updates (default) or ``"last"``.
     subnetwork : str
-        θ_V rule: ``"ratio"`` (default), ``"conflict"`` or ``"all"``. On the
+        θ_V rule: ``"ratio"`` (default), ``"conflict"``, ``"all"`` or ``"dual"``
+        (the client-specific adapter V of a ``dual-adapter`` FL run). On the
         tiny testbed every tensor's cumulative departed/retain cosine is below 0,
         so ``"conflict"`` with τ = 0 selects the whole adapter; ``"ratio"`` keeps
         the top-p tensors by ‖g_f^j‖/‖ḡ_R^j‖ (the spec's alternative rule).
@@ -351,9 +360,22 @@ class Foul(UnlearningMethod):
             return frozenset({Requirement.HISTORY})
         return frozenset({Requirement.HISTORY, Requirement.LIVE_CLIENTS})
 
+    def check_run(self, run: Mapping[str, Any]) -> None:
+        """``subnetwork=dual`` needs an FL run with ``dual-adapter``."""
+        if self.config.subnetwork == "dual" and not run.get("dual-adapter"):
+            raise ValueError(
+                f"{self.name} subnetwork=dual needs the FL run trained with "
+                "dual-adapter=true (its client-specific adapter V is θ_V)"
+            )
+
     def check(self, ctx: UnlearnContext) -> None:
-        """Also require the departed clients' cooperation in ``live`` mode."""
+        """Also require live-mode cooperation and, for ``dual``, a dual run."""
         super().check(ctx)
+        if self.config.subnetwork == "dual" and not ctx.dual_split:
+            raise MissingRequirementError(
+                f"{self.name} subnetwork=dual needs an FL run trained with "
+                "dual-adapter=true (its client-specific adapter V is θ_V)"
+            )
         if self.config.mode == "live" and not ctx.departed_cooperates:
             raise MissingRequirementError(
                 f"method {self.name!r} in live mode needs departed_cooperation (the "
@@ -365,13 +387,19 @@ class Foul(UnlearningMethod):
         self.check(ctx)
         cfg = self.config
         assert ctx.history is not None
-        hist_retain = cached_updates(ctx.history, ctx.remaining, cfg.forget_grad)
-        hist_forget = cached_updates(ctx.history, ctx.departed, cfg.forget_grad)
+        # one pass over the history for both groups
+        hist = cached_updates(
+            ctx.history, (*ctx.remaining, *ctx.departed), cfg.forget_grad
+        )
+        hist_retain = {c: hist[c] for c in ctx.remaining}
+        hist_forget = {c: hist[c] for c in ctx.departed}
         sizes = ctx.history.load(ctx.history.rounds()[-1]).num_examples
         weights = {c: float(sizes.get(c, 1)) for c in (*ctx.remaining, *ctx.departed)}
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
         if cfg.subnetwork == "all":
             units = sorted(theta)
+        elif cfg.subnetwork == "dual":
+            units = v_units(theta, ctx.dual_split)
         else:
             split = rank_units if cfg.granularity == "rank" else dict
             units = select_subnetwork(

@@ -1,0 +1,293 @@
+"""FOUL-LoRA's dual adapters: K/V split, regularisers, prototype exchange, θ_V."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_rounds import _one_round_history
+
+from fed_unlearn.config import ConfigError, RunConfig
+from fed_unlearn.dual import (
+    DualRegulariser,
+    DualSpec,
+    masked_token_mean,
+    prototype_loss,
+    v_units,
+    variance_hinge,
+)
+from fed_unlearn.methods import UnlearnContext, get_method
+from fed_unlearn.methods.base import MissingRequirementError
+
+
+def test_variance_hinge_by_hand():
+    # column 0: values 0, 2 -> unbiased var 2, std sqrt(2.0001) > 1 -> hinge 0
+    # column 1: constant -> std sqrt(1e-4) = 0.01 -> hinge 0.99
+    z = torch.tensor([[0.0, 3.0], [2.0, 3.0]])
+    assert float(variance_hinge(z)) == pytest.approx(0.99 / 2, abs=1e-6)
+    # column 0 values 0, 1: var 0.5, std sqrt(0.5001)
+    z = torch.tensor([[0.0], [1.0]])
+    assert float(variance_hinge(z)) == pytest.approx(1 - math.sqrt(0.5001), abs=1e-6)
+    assert float(variance_hinge(torch.ones(1, 4))) == 0.0  # one example: no variance
+
+
+def test_prototype_loss_and_token_mean_by_hand():
+    p = torch.tensor([0.0, 1.0])
+    assert float(prototype_loss(torch.tensor([1.0, 0.0]), p)) == pytest.approx(1.0)
+    assert float(prototype_loss(torch.tensor([0.0, 3.0]), p)) == pytest.approx(0.0)
+    assert float(prototype_loss(torch.tensor([1.0, 1.0]), p)) == pytest.approx(
+        1 - 1 / math.sqrt(2)
+    )
+    x = torch.tensor([[[1.0], [3.0], [100.0]]])  # the third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    assert masked_token_mean(x, mask).tolist() == [[2.0]]
+
+
+def test_v_units_are_the_upper_ranks_and_a_wrong_rank_is_refused():
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    state = {a: torch.zeros(4, 3), b: torch.zeros(5, 4), "other": torch.zeros(2)}
+    assert v_units(state, 2) == [f"{a}#2", f"{a}#3", f"{b}#2", f"{b}#3"]
+    with pytest.raises(ValueError, match="rank 4; a dual adapter of split 3"):
+        v_units(state, 3)
+
+
+def test_dual_config_doubles_the_lora_and_keeps_old_cache_keys():
+    base = RunConfig.from_flat({"preset": "tiny"})
+    dual = RunConfig.from_flat({"preset": "tiny", "dual-adapter": "true"})
+    assert (dual.lora_spec().r, dual.lora_spec().alpha) == (16, 32)
+    assert (base.lora_spec().r, base.lora_spec().alpha) == (8, 16)
+    assert dual.dual_spec() == DualSpec(split=8, k_weight=0.1, v_weight=0.1)
+    assert base.dual_spec() is None
+    # dual settings are no part of a single-adapter run's cache key ...
+    tuned = RunConfig.from_flat({"preset": "tiny", "dual-k-weight": 0.5})
+    assert tuned.fl_key(()) == base.fl_key(())
+    # ... but they are of a dual run's
+    dual_tuned = RunConfig.from_flat(
+        {"preset": "tiny", "dual-adapter": True, "dual-k-weight": 0.5}
+    )
+    assert len({base.fl_key(()), dual.fl_key(()), dual_tuned.fl_key(())}) == 3
+
+
+@pytest.mark.parametrize(
+    ("flat", "match"),
+    [
+        ({"dual-v-weight": -0.1}, "dual-v-weight must be >= 0"),
+        ({"dual-layer": -2}, "dual-layer must be >= -1"),
+        (
+            {"dual-adapter": True, "aggregation": "product_svd"},
+            "needs aggregation 'fedavg'",
+        ),
+        (
+            {"method": "foul", "method-subnetwork": "dual"},
+            "subnetwork=dual needs the FL run trained with dual-adapter=true",
+        ),
+    ],
+)
+def test_bad_dual_settings_are_clear_errors(flat, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flat({"preset": "tiny", **flat})
+
+
+@pytest.fixture
+def dual_model(tiny_model_dir):
+    from fed_unlearn.models import LoraSpec, init_adapter, load_lora_model
+
+    model, tok = load_lora_model(tiny_model_dir, LoraSpec(r=4, alpha=8), cache=False)
+    state = init_adapter(model, seed=3)
+    # non-zero B so that both halves change the output
+    from fed_unlearn.models import get_adapter, set_adapter
+
+    gen = torch.Generator().manual_seed(1)
+    set_adapter(
+        model,
+        {
+            k: torch.randn(v.shape, generator=gen) * 0.5 if "lora_B" in k else v
+            for k, v in state.items()
+        },
+    )
+    return model, tok, get_adapter(model)
+
+
+def _batch(tok):
+    enc = tok(["Question: who? Answer: a b c", "Question: where?"], padding=True)
+    return {
+        "input_ids": torch.tensor(enc["input_ids"]),
+        "attention_mask": torch.tensor(enc["attention_mask"]),
+    }
+
+
+def test_the_k_only_pass_equals_the_adapter_with_v_zeroed(dual_model):
+    """Independent check of the masking hooks: zero V's rows of every lora_A
+    by hand and compare the hidden states the regulariser's K-only pass sees."""
+    from fed_unlearn.models import set_adapter
+
+    model, tok, state = dual_model
+    batch = _batch(tok)
+    spec = DualSpec(split=2, k_weight=1.0, v_weight=0.0, layer=1)
+    proto = torch.ones(32)
+    with DualRegulariser(model, spec, prototype=proto) as reg:
+        model(**batch)
+        loss = reg(model, batch)
+    k_only = {k: v.clone() for k, v in state.items()}
+    for k, v in k_only.items():
+        if "lora_A" in k:
+            v[2:] = 0.0
+    set_adapter(model, k_only)
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states[2]
+    m = batch["attention_mask"].float().unsqueeze(-1)
+    h = (hidden * m).sum((0, 1)) / m.sum()
+    want = 1 - torch.nn.functional.cosine_similarity(h, proto, dim=0)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)
+    assert reg.client_prototype() == pytest.approx(h.tolist(), rel=1e-4, abs=1e-6)
+    # and V does matter in the normal pass, so the mask is not a no-op
+    set_adapter(model, state)
+    with torch.no_grad():
+        full = model(**batch, output_hidden_states=True).hidden_states[2]
+    assert not torch.allclose(full, hidden, atol=1e-4)
+
+
+def test_the_k_loss_never_reaches_v_and_the_v_loss_does(dual_model):
+    """L_K runs with V masked, so V gets no gradient from it; L_V reads V's
+    features, so V gets one (K may too: V's inputs depend on earlier modules)."""
+    model, tok, _ = dual_model
+    batch = _batch(tok)
+    for k_w, v_w in ((1.0, 0.0), (0.0, 1.0)):
+        model.zero_grad(set_to_none=True)
+        spec = DualSpec(split=2, k_weight=k_w, v_weight=v_w, layer=0)
+        with DualRegulariser(model, spec, prototype=torch.ones(32)) as reg:
+            model(**batch)
+            reg(model, batch).backward()
+        k_half = v_half = 0.0
+        for n, p in model.named_parameters():
+            if p.grad is None or "lora_A" not in n:
+                continue
+            k_half += float(p.grad[:2].abs().sum())
+            v_half += float(p.grad[2:].abs().sum())
+        if k_w:
+            assert k_half > 0 and v_half == 0.0
+        else:
+            assert v_half > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_regulariser_refuses_a_bad_layer_or_a_single_adapter(dual_model):
+    model, _, _ = dual_model
+    with pytest.raises(ValueError, match="dual-layer 5 is not a layer"):
+        DualRegulariser(model, DualSpec(split=2, layer=5))
+    with (
+        pytest.raises(ValueError, match="needs rank 6"),
+        DualRegulariser(model, DualSpec(split=3)),
+    ):
+        pass
+
+
+def test_dual_training_adds_the_regularisers_and_reports_the_nll(dual_model, items):
+    """Same seed, same data: with λ = 0 the dual loop is plain training (the hooks
+    change nothing), with λ > 0 the adapter ends elsewhere; the reported loss is
+    the NLL in both."""
+    from fed_unlearn.models import get_adapter, prompt_formatter, set_adapter
+    from fed_unlearn.training import TrainSpec, local_train
+
+    model, tok, state = dual_model
+    spec = TrainSpec(epochs=1, batch_size=4, lr=1e-2, max_length=48)
+    ends = []
+    for k_w, v_w in ((None, None), (0.0, 0.0), (1.0, 1.0)):
+        set_adapter(model, state)
+        if k_w is None:
+            stats = local_train(model, tok, prompt_formatter(tok), items, spec, 5)
+        else:
+            d = DualSpec(split=2, k_weight=k_w, v_weight=v_w)
+            with DualRegulariser(model, d, prototype=torch.ones(32)) as reg:
+                stats = local_train(
+                    model, tok, prompt_formatter(tok), items, spec, 5, regulariser=reg
+                )
+            assert len(reg.client_prototype()) == 32
+        ends.append((get_adapter(model), stats.loss))
+    for k in state:
+        assert torch.allclose(ends[0][0][k], ends[1][0][k], atol=1e-6), k
+    assert ends[0][1] == pytest.approx(ends[1][1], rel=1e-5)
+    assert any(not torch.allclose(ends[0][0][k], ends[2][0][k]) for k in state)
+
+
+def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_path):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fed_unlearn.history import HistoryStore
+    from server.strategy import HistoryFedAvg
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    s = HistoryFedAvg(
+        run_config={"preset": "tiny", "dual-adapter": True},
+        node_to_client={101: 0, 102: 1, 103: 2},
+        exclude=(),
+        history=HistoryStore(tmp_path / "h"),
+        seed=0,
+    )
+    glob = {"m.lora_A.weight": torch.zeros(2, 3)}
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in s.configure_train(1, ArrayRecord(glob), ConfigRecord(), grid=None)
+    }
+    assert all("dual-prototype" not in m.content["config"] for m in sent.values())
+
+    def reply(node, cid, n, proto):
+        metrics = {"num-examples": n, "client-id": cid, "train-loss": 1.0}
+        metrics["dual-prototype"] = proto
+        content = RecordDict(
+            {"arrays": ArrayRecord(glob), "metrics": MetricRecord(metrics)}
+        )
+        return Message(content=content, reply_to=sent[node])
+
+    s.aggregate_train(
+        1,
+        [
+            reply(101, 0, 10, [1.0, 0.0]),
+            reply(102, 1, 30, [0.0, 2.0]),
+            reply(103, 2, 10, [float("nan"), 0.0]),
+        ],
+    )
+    rec = s.history.load(1)
+    assert rec.participants == [0, 1] and "non-finite" in rec.rejected[2]
+    # (10·[1, 0] + 30·[0, 2]) / 40
+    assert s.prototype == pytest.approx([0.25, 1.5])
+    nxt = list(s.configure_train(2, ArrayRecord(glob), ConfigRecord(), grid=None))
+    assert list(nxt[0].content["config"]["dual-prototype"]) == pytest.approx(
+        [0.25, 1.5]
+    )
+    s.aggregate_train(2, [reply(m.metadata.dst_node_id, 0, 10, [1.0]) for m in nxt])
+    assert "has 1 entries, the global one 2" in s.history.load(2).rejected[0]
+
+
+def test_foul_dual_steps_only_the_client_specific_half(tmp_path):
+    """θ_V = V's rows of A and columns of B: with κ = 0 and one budget step of
+    η = 1 the retain mean (0.1) is added there, and K stays as trained."""
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    trained = {a: torch.ones(4, 3), b: torch.ones(3, 4)}
+    retain = {a: torch.full((4, 3), 0.1), b: torch.full((3, 4), 0.1)}
+    forget = {a: torch.full((4, 3), 0.3), b: torch.full((3, 4), 0.3)}
+    store = _one_round_history(tmp_path, trained, {0: retain, 1: forget})
+    ctx = UnlearnContext(
+        trained=trained,
+        departed=(1,),
+        remaining=(0,),
+        seed=0,
+        history=store,
+        dual_split=2,
+    )
+    opts = {"mode": "server", "subnetwork": "dual", "kappa": 0.0, "rounds": 1}
+    res = get_method("foul", {**opts, "stop": "budget"}).unlearn(ctx)
+    want_a = torch.ones(4, 3)
+    want_a[2:] += 0.1
+    want_b = torch.ones(3, 4)
+    want_b[:, 2:] += 0.1
+    assert torch.allclose(res.adapter[a], want_a)
+    assert torch.allclose(res.adapter[b], want_b)
+    assert res.info["subnetwork"]["params"] == 12
+    single = UnlearnContext(
+        trained=trained, departed=(1,), remaining=(0,), seed=0, history=store
+    )
+    with pytest.raises(MissingRequirementError, match="dual-adapter=true"):
+        get_method("foul", opts).unlearn(single)
