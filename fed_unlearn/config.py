@@ -151,6 +151,17 @@ class RunConfig:
     eval_gradnorm : bool
         Also compute the GradNorm MIA (``mia_gradnorm``: one backward pass per
         forget / holdout item; default: False).
+    eval_relearn_steps : int
+        Relearning attack (:mod:`fed_unlearn.metrics.relearn`): fine-tune the
+        original, retrained and unlearned adapters this many steps on part of the
+        forget set and score the rest; 0 = off (default: 0).
+    eval_relearn_fraction : float
+        Share of each forgotten person's items the attacker trains on
+        (default: 0.5).
+    eval_relearn_lr : float
+        The attack's AdamW learning rate; 0 = a fifth of the run's ``lr``
+        (default: 0; at the run's own rate the attack also disturbs the facts
+        it does not train on, and the original model's probes fall).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
     departed_online : bool
@@ -194,6 +205,9 @@ class RunConfig:
     eval_max_items: int = 30
     eval_curve_items: int = 10
     eval_gradnorm: bool = False
+    eval_relearn_steps: int = 0
+    eval_relearn_fraction: float = 0.5
+    eval_relearn_lr: float = 0.0
     out_dir: str = "runs/latest"
     departed_online: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -321,6 +335,17 @@ class RunConfig:
             )
         if self.eval_max_items < 0:
             raise ConfigError("config key 'eval-max-items' must be >= 0")
+        if self.eval_relearn_steps < 0:
+            raise ConfigError("config key 'eval-relearn-steps' must be >= 0 (0 = off)")
+        if self.eval_relearn_lr < 0:
+            raise ConfigError(
+                "config key 'eval-relearn-lr' must be >= 0 (0 = a fifth of lr)"
+            )
+        if not 0 < self.eval_relearn_fraction < 1:
+            raise ConfigError(
+                "config key 'eval-relearn-fraction' must be in (0, 1), got "
+                f"{self.eval_relearn_fraction}"
+            )
         if self.method_options:
             from fed_unlearn.methods.registry import get_method
 
@@ -471,6 +496,9 @@ class RunConfig:
                 "eval-max-new-tokens",
                 "eval-batch-size",
                 "eval-gradnorm",
+                "eval-relearn-steps",
+                "eval-relearn-fraction",
+                "eval-relearn-lr",
                 "departed-online",
             )
             and not k.startswith(("x-", METHOD_OPTION_PREFIX))

@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fed_unlearn.config import METHOD_OPTION_PREFIX  # noqa: E402
+from fed_unlearn.metrics.relearn import relearn_gap  # noqa: E402
 
 __all__ = ["write_report"]
 
@@ -56,7 +57,7 @@ _METRIC_COLUMNS = (
     ("forget_Q_A_ROUGE", "forget_Q_A_ROUGE ≈"),
     ("privleak", "privleak ≈0"),
 )
-_OTHER_COLUMNS = ("T2F ↓", "time / retrain ↓", "bytes / retrain ↓")
+_OTHER_COLUMNS = ("T2F ↓", "time / retrain ↓", "bytes / retrain ↓", "relearn gap ≈0")
 _HEADERS = ("method", *(h for _, h in _METRIC_COLUMNS), *_OTHER_COLUMNS)
 
 _TABLE_NOTE = (
@@ -67,7 +68,10 @@ _TABLE_NOTE = (
     "the oracle's. time / bytes: unlearning wall time / communicated bytes divided "
     "by those of retraining from scratch; the wall times leave out the per-round "
     "curve evaluation of the simulation (when both runs timed it), which a "
-    "deployment does not run."
+    "deployment does not run. relearn gap (runs with eval-relearn-steps): after "
+    "the relearning attack, the unlearned model's forget_Q_A_Prob on the held-out "
+    "probes minus the attacked oracle's, over the original-oracle gap before the "
+    "attack (0: no more comes back than the oracle learns; 1: the whole gap)."
 )
 
 _NUM_SAMPLES = 3
@@ -75,6 +79,7 @@ _NUM_SAMPLES = 3
 _PALETTE = ("C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9")
 _FORGETTING_PNG = "forgetting_curve.png"
 _UTILITY_PNG = "utility_vs_forgetting.png"
+_RELEARN_PNG = "relearning_attack.png"
 
 
 @dataclass
@@ -148,11 +153,23 @@ def _load_run(path: Path) -> _Run:
 
 
 def _comparable_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    # a key a run does not record (written before the key existed) had its default
+    out = {k: v for k, v in _config_defaults().items() if k not in cfg}
+    out.update(cfg)
     return {
         k: v
-        for k, v in cfg.items()
+        for k, v in out.items()
         if k not in _IGNORED_CONFIG_KEYS and not k.startswith(_IGNORED_CONFIG_PREFIXES)
     }
+
+
+def _config_defaults() -> dict[str, Any]:
+    """Flat defaults of the keys that do not depend on the preset."""
+    from fed_unlearn.config import PRESET_DEFAULTS, RunConfig
+
+    flat = RunConfig().to_flat()
+    preset_keys = {k.replace("_", "-") for k in PRESET_DEFAULTS["tiny"]}
+    return {k: v for k, v in flat.items() if k not in preset_keys | {"preset"}}
 
 
 def _check_same_fl_config(runs: Sequence[_Run]) -> None:
@@ -275,6 +292,7 @@ def _table_rows(runs: Sequence[_Run]) -> tuple[list[list[str]], list[list[str]]]
                 MISSING,
                 rel,
                 rel,
+                _fmt(_reference_relearn_gap(runs, name), 3),
             ]
         )
     run_rows = []
@@ -290,9 +308,27 @@ def _table_rows(runs: Sequence[_Run]) -> tuple[list[list[str]], list[list[str]]]
                 _fmt_int(r.run.get("T2F")),
                 _fmt(t_rel, 3),
                 _fmt(b_rel, 3),
+                _fmt(_dig(r.run, "relearn", "relearn_gap"), 3),
             ]
         )
     return ref_rows, run_rows
+
+
+def _relearn_curves(runs: Sequence[_Run]) -> dict[str, Any] | None:
+    """Relearning curves of the first run that ran the attack."""
+    for r in runs:
+        curves = _dig(r.run, "relearn", "curves")
+        if isinstance(curves, dict) and "original" in curves and "retrain" in curves:
+            return curves
+    return None
+
+
+def _reference_relearn_gap(runs: Sequence[_Run], name: str) -> float | None:
+    """Return a reference model's relearn gap (0 for the oracle by definition)."""
+    curves = _relearn_curves(runs)
+    if curves is None:
+        return None
+    return relearn_gap({**curves, "unlearned": curves[name]})
 
 
 def _method_walls(wt: dict[str, Any]) -> tuple[Any, Any]:
@@ -485,6 +521,56 @@ def _plot_forgetting(runs: Sequence[_Run], path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return caption
+
+
+def _plot_relearn(runs: Sequence[_Run], path: Path) -> str | None:
+    """Write the relearning-attack figure (None when no run ran the attack)."""
+    refs = _relearn_curves(runs)
+    if refs is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    key = "forget_Q_A_Prob"
+    for name, style in (
+        (
+            "retrain",
+            {"color": "tab:green", "linestyle": "--", "label": "retrain oracle"},
+        ),
+        ("original", {"color": "0.3", "linestyle": ":", "label": "before unlearning"}),
+    ):
+        pts = refs[name]
+        ax.plot([p["step"] for p in pts], [p[key] for p in pts], linewidth=1.8, **style)
+    skipped = []
+    for i, r in enumerate(runs):
+        pts = _dig(r.run, "relearn", "curves", "unlearned")
+        if not pts:
+            skipped.append(r.label)
+            continue
+        ax.plot(
+            [p["step"] for p in pts],
+            [p[key] for p in pts],
+            marker="o",
+            markersize=4,
+            linewidth=1.6,
+            color=_color(i),
+            label=r.label,
+        )
+    ax.set_xlabel("relearning-attack steps on part of the forget set")
+    ax.set_ylabel("forget_Q_A_Prob on held-out probes")
+    ax.set_title("Relearning attack")
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=9, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    caption = (
+        "Each model fine-tuned on some forget-set items (the attacker's); "
+        "forget_Q_A_Prob on the forget items it never saw. A curve that climbs "
+        "above the oracle's means the knowledge was hidden, not removed."
+    )
+    if skipped:
+        caption += f" No attack recorded for: {', '.join(skipped)}."
     return caption
 
 
@@ -687,8 +773,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         typically one per unlearning method. A single path is accepted as well.
     out_dir : str | Path
         Output directory (created if needed); receives ``report.md``,
-        ``report.html``, ``forgetting_curve.png`` and
-        ``utility_vs_forgetting.png``.
+        ``report.html``, ``forgetting_curve.png``,
+        ``utility_vs_forgetting.png`` and, when a run ran the relearning attack,
+        ``relearning_attack.png``.
 
     Returns
     -------
@@ -717,6 +804,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         _FORGETTING_PNG: _plot_forgetting(runs, out / _FORGETTING_PNG),
         _UTILITY_PNG: _plot_utility(runs, out / _UTILITY_PNG),
     }
+    relearn = _plot_relearn(runs, out / _RELEARN_PNG)
+    if relearn is not None:
+        captions[_RELEARN_PNG] = relearn
     header = _header_items(runs)
     rows = _table_rows(runs)
     md_path = out / "report.md"

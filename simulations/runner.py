@@ -275,6 +275,72 @@ def evaluate_adapters(
     return results
 
 
+def relearn_adapters(
+    cfg: RunConfig, adapters: dict[str, AdapterState]
+) -> dict[str, Any]:
+    """Run the relearning attack (:mod:`fed_unlearn.metrics.relearn`) on each adapter.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run configuration (``eval-relearn-steps`` > 0, ``eval-relearn-fraction``,
+        ``eval-relearn-lr``; the attack uses the run's batch size and length).
+    adapters : dict[str, AdapterState]
+        ``original``, ``retrain`` and ``unlearned``.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``spec`` (the attack's settings and item counts), ``curves`` (name ->
+        probe ``forget_Q_A_Prob`` per attack step), ``final`` (name -> last
+        value) and ``relearn_gap`` of the unlearned adapter.
+    """
+    from clients.task import dataset
+    from fed_unlearn.metrics.relearn import (
+        RelearnSpec,
+        relearn_curve,
+        relearn_gap,
+        split_attack,
+    )
+    from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
+    from fed_unlearn.training import derive_seed
+
+    r = cfg.resolved()
+    attack, probes = split_attack(
+        dataset(cfg).forget_items(cfg.departed()), cfg.eval_relearn_fraction
+    )
+    spec = RelearnSpec(
+        steps=cfg.eval_relearn_steps,
+        fraction=cfg.eval_relearn_fraction,
+        lr=cfg.eval_relearn_lr or float(r.lr) / 5,  # type: ignore[arg-type]
+        batch_size=int(r.batch_size),  # type: ignore[arg-type]
+        max_length=int(r.max_length),  # type: ignore[arg-type]
+        seed=derive_seed(cfg.seed, 31_337),
+    )
+    model, tok = load_lora_model(
+        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
+    )
+    prompt_fn = prompt_formatter(tok)
+    curves = {
+        name: relearn_curve(model, tok, prompt_fn, state, attack, probes, spec)
+        for name, state in adapters.items()
+    }
+    final = {name: c[-1]["forget_Q_A_Prob"] for name, c in curves.items()}
+    return {
+        "spec": {
+            "steps": spec.steps,
+            "fraction": spec.fraction,
+            "lr": spec.lr,
+            "batch_size": spec.batch_size,
+            "attack_items": len(attack),
+            "probe_items": len(probes),
+        },
+        "curves": curves,
+        "final": final,
+        "relearn_gap": relearn_gap(curves),
+    }
+
+
 def _same(a: AdapterState, b: AdapterState) -> bool:
     import torch
 
@@ -518,6 +584,18 @@ def run_all(
         )
         run["summary"] = write_evals(out_dir, results)
         run["wall_time_s"]["eval"] = time.perf_counter() - te
+        if cfg.eval_relearn_steps:
+            tr = time.perf_counter()
+            run["relearn"] = relearn_adapters(
+                cfg,
+                {
+                    "original": out.train.final,
+                    "retrain": out.retrain.final,
+                    "unlearned": out.unlearned,
+                },
+            )
+            write_json(out_dir / "RELEARN.json", run["relearn"])
+            run["wall_time_s"]["relearn"] = time.perf_counter() - tr
     run["wall_time_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "run.json", run)
     return run

@@ -203,6 +203,7 @@ def test_write_report_files_and_table(runs, tmp_path):
         "3",
         f"{3.0 / 30.0:.3g}",
         f"{200 / 800:.3g}",
+        "–",  # no relearning attack in this run
     ]
     assert ga[7] == "0.1" and ga[8] == "0.25"
     # federaser: no evals/ -> run.json summary, no privleak / T2F
@@ -216,6 +217,7 @@ def test_write_report_files_and_table(runs, tmp_path):
         "–",
         f"{12.0 / 30.0:.3g}",
         f"{1200 / 800:.3g}",
+        "–",
     ]
     # reference rows first; retrain has no forget_quality
     orig = _table_row(md, "*original*")
@@ -340,3 +342,36 @@ def test_runs_of_one_method_are_labelled_by_their_differing_options(tmp_path):
     assert _table_row(md, "foul (defaults)")[7] == f"{1 / 30:.3g}"
     assert _table_row(md, "foul (kappa=0.5, mode=server)")[7] == f"{2 / 30:.3g}"
     assert _table_row(md, "foul (kappa=0.5)")[7] == f"{3 / 30:.3g}"
+
+
+def test_relearning_attack_column_and_figure(runs, tmp_path):
+    """A run with the attack gets its relearn gap in the table, the reference
+    rows get theirs from the same curves, and the figure appears; a report of
+    runs without it has neither."""
+    ga = json.loads((runs[0] / "run.json").read_text())
+
+    def curve(values):
+        return [{"step": 2 * i, "forget_Q_A_Prob": v} for i, v in enumerate(values)]
+
+    ga["relearn"] = {
+        "curves": {
+            "original": curve([0.9, 0.95]),
+            "retrain": curve([0.1, 0.2]),
+            "unlearned": curve([0.15, 0.4]),
+        },
+        "relearn_gap": (0.4 - 0.2) / (0.9 - 0.1),
+    }
+    (runs[0] / "run.json").write_text(json.dumps(ga))
+    out = tmp_path / "with"
+    md = write_report(runs, out).read_text()
+    assert _table_row(md, "gradient_ascent")[-1] == f"{0.25:.3g}"
+    assert _table_row(md, "federaser")[-1] == "–"
+    # original: (0.95 - 0.2) / (0.9 - 0.1); the oracle: 0 by definition
+    assert _table_row(md, "*original*")[-1] == f"{0.75 / 0.8:.3g}"
+    assert _table_row(md, "*retrain*")[-1] == "0"
+    assert (out / "relearning_attack.png").read_bytes()[:8] == PNG_MAGIC
+    assert "no attack recorded for: federaser" in md.lower()
+    ga.pop("relearn")
+    (runs[0] / "run.json").write_text(json.dumps(ga))
+    write_report(runs, tmp_path / "without")
+    assert not (tmp_path / "without" / "relearning_attack.png").exists()

@@ -156,6 +156,8 @@ class FoulConfig(UnlearnConfig):
         Clients' local learning rate; 0 = the run's (default: 0).
     recovery_rounds : int
         FedAvg rounds of the remaining clients after the stop (default: 0).
+    recovery_batch_size : int
+        Examples per local step in those rounds; 0 = the run's (default: 0).
     wire_dtype : str
         ``"float32"`` (default) or ``"float16"``: the dtype of the adapters and
         deltas that clients send and receive (fp16 halves the bytes; the server
@@ -176,6 +178,7 @@ class FoulConfig(UnlearnConfig):
     local_steps: int = 0
     lr: float = 0.0
     recovery_rounds: int = 0
+    recovery_batch_size: int = 0
     wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -199,6 +202,11 @@ class FoulConfig(UnlearnConfig):
         wire_dtype(self.wire_dtype)
         if self.local_steps < 0:
             raise ValueError(f"local_steps must be >= 0, got {self.local_steps}")
+        if self.recovery_batch_size < 0:
+            raise ValueError(
+                "recovery_batch_size must be >= 0 (0 = the run's), got "
+                f"{self.recovery_batch_size}"
+            )
         if self.recovery_rounds < 0:
             raise ValueError(
                 f"recovery_rounds must be >= 0, got {self.recovery_rounds}"
@@ -431,6 +439,7 @@ class Foul(UnlearningMethod):
                 self.name,
                 wire_dtype(cfg.wire_dtype),
                 cfg.local_steps,
+                cfg.recovery_batch_size,
             )
             rounds += cfg.recovery_rounds
         full_bytes = sum(v.numel() * 4 for v in theta.values())

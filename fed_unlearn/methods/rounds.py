@@ -115,6 +115,7 @@ def recovery_rounds(
     method: str,
     dtype: torch.dtype = torch.float32,
     max_steps: int = 0,
+    batch_size: int = 0,
 ) -> AdapterState:
     """Retain recovery [R]: plain FedAvg rounds of the remaining clients.
 
@@ -145,6 +146,8 @@ def recovery_rounds(
         Wire dtype of the adapters and deltas (default: fp32).
     max_steps : int
         Cap on each client's local steps (default: 0 = one full epoch).
+    batch_size : int
+        Examples per local step (default: 0 = the run's).
 
     Returns
     -------
@@ -152,7 +155,9 @@ def recovery_rounds(
         The adapter after recovery.
     """
     for p in range(1, rounds + 1):
-        theta = recovery_step(ctx, theta, log, 40_000 + p, method, dtype, max_steps)
+        theta = recovery_step(
+            ctx, theta, log, 40_000 + p, method, dtype, max_steps, batch_size
+        )
         log.end_round(first_round + p, theta, {"stage": "recovery"})
     return theta
 
@@ -165,6 +170,7 @@ def recovery_step(
     method: str,
     dtype: torch.dtype = torch.float32,
     max_steps: int = 0,
+    batch_size: int = 0,
 ) -> AdapterState:
     """One FedAvg round of the remaining clients (see :func:`recovery_rounds`).
 
@@ -184,6 +190,8 @@ def recovery_step(
         Wire dtype (default: fp32).
     max_steps : int
         Cap on each client's local steps (default: 0 = one full epoch).
+    batch_size : int
+        Examples per local step (default: 0 = the run's).
 
     Returns
     -------
@@ -194,7 +202,13 @@ def recovery_step(
         list(ctx.remaining),
         "local-update",
         to_wire(theta, dtype, "copy0."),
-        {"epochs": 1, "loss": "nll", "seed-round": seed_round, "max-steps": max_steps},
+        {
+            "epochs": 1,
+            "loss": "nll",
+            "seed-round": seed_round,
+            "max-steps": max_steps,
+            **({"batch-size": batch_size} if batch_size else {}),
+        },
     )
     log.add_compute(replies)
     parts = list(copy_deltas(replies, theta, method).values())
