@@ -208,3 +208,21 @@ def test_interleaved_recovery_repairs_inside_each_round(name):
         torch.testing.assert_close(inter.adapter[k], after.adapter[k])
     assert (after.rounds, inter.rounds) == (2, 1)
     assert [c for c, _ in ctx_b.clients.calls] == [(1,), (0,)]
+
+
+def test_foul_recovery_round_asks_for_the_requested_batch_and_step_cap():
+    """recovery_batch_size and local_steps travel in the recovery request (the
+    run's batch when 0); a negative batch is refused."""
+    trained = _state()
+    ctx, _, _ = _full_context(trained)
+    opts = {"mode": "server", "rounds": 1, "stop": "budget", "recovery_rounds": 1}
+    get_method("foul", {**opts, "recovery_batch_size": 12, "local_steps": 2}).unlearn(
+        ctx
+    )
+    clients, config = ctx.clients.calls[-1]
+    assert clients == (0,)
+    assert config["batch-size"] == 12 and config["max-steps"] == 2
+    get_method("foul", opts).unlearn(ctx)
+    assert "batch-size" not in ctx.clients.calls[-1][1]
+    with pytest.raises(ValueError, match="recovery_batch_size must be >= 0"):
+        get_method("foul", {"recovery_batch_size": -1})

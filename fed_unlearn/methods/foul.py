@@ -64,8 +64,10 @@ Option A of A.7, dual adapters [R] (``subnetwork="dual"``): an FL run with
 side by side with L2U-style regularisers (:mod:`fed_unlearn.dual`); θ_V is then V
 (the upper ranks of every LoRA A and B) and the step leaves K as trained. The
 run config is checked before any FL phase: ``dual`` on a single-adapter run is
-refused. Measured on tiny (server mode, one 2-step recovery round; README):
-V alone keeps less utility than the whole adapter of the same dual run.
+refused. Measured in server mode against the dual oracle (README): on SmolLM2
+the step on V alone, with no recovery round, closes 93 % of the gap at 0.83×
+the oracle's utility (the single adapter's step: 84 % at 0.47×); on tiny V
+alone keeps less utility than the whole adapter of the same dual run.
 """
 
 from __future__ import annotations
