@@ -321,10 +321,14 @@ def relearn_adapters(
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
     )
     prompt_fn = prompt_formatter(tok)
-    curves = {
-        name: relearn_curve(model, tok, prompt_fn, state, attack, probes, spec)
-        for name, state in adapters.items()
-    }
+    curves: dict[str, list[dict[str, float]]] = {}
+    for name, state in adapters.items():
+        same = next((o for o in curves if _same(adapters[o], state)), None)
+        curves[name] = (
+            curves[same]  # identical adapter (method none): same attack, same curve
+            if same is not None
+            else relearn_curve(model, tok, prompt_fn, state, attack, probes, spec)
+        )
     final = {name: c[-1]["forget_Q_A_Prob"] for name, c in curves.items()}
     return {
         "spec": {
