@@ -106,6 +106,10 @@ MODES = ("server", "cached", "live")
 SUBNETWORKS = ("conflict", "ratio", "all", "dual")
 FORGET_GRADS = ("sum", "last")
 GRANULARITIES = ("tensor", "rank")
+_NEEDS_DUAL = (
+    "subnetwork=dual needs the FL run trained with dual-adapter=true (its "
+    "client-specific adapter V is θ_V)"
+)
 
 
 @dataclass(kw_only=True)
@@ -373,19 +377,13 @@ class Foul(UnlearningMethod):
     def check_run(self, run: Mapping[str, Any]) -> None:
         """``subnetwork=dual`` needs an FL run with ``dual-adapter``."""
         if self.config.subnetwork == "dual" and not run.get("dual-adapter"):
-            raise ValueError(
-                f"{self.name} subnetwork=dual needs the FL run trained with "
-                "dual-adapter=true (its client-specific adapter V is θ_V)"
-            )
+            raise ValueError(f"{self.name} {_NEEDS_DUAL}")
 
     def check(self, ctx: UnlearnContext) -> None:
         """Also require live-mode cooperation and, for ``dual``, a dual run."""
         super().check(ctx)
         if self.config.subnetwork == "dual" and not ctx.dual_split:
-            raise MissingRequirementError(
-                f"{self.name} subnetwork=dual needs an FL run trained with "
-                "dual-adapter=true (its client-specific adapter V is θ_V)"
-            )
+            raise MissingRequirementError(f"{self.name} {_NEEDS_DUAL}")
         if self.config.mode == "live" and not ctx.departed_cooperates:
             raise MissingRequirementError(
                 f"method {self.name!r} in live mode needs departed_cooperation (the "

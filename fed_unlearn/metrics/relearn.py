@@ -165,46 +165,35 @@ def relearn_curve(
         ``{"step": s, "forget_Q_A_Prob": p}`` from step 0 to ``spec.steps``.
     """
     set_adapter(model, adapter)
-    curve = [
-        {
-            "step": 0,
-            "forget_Q_A_Prob": _score(model, tokenizer, prompt_fn, probes, spec),
-        }
-    ]
+    curve: list[dict[str, float]] = []
+
+    def point(step: int) -> None:
+        prob = answer_prob(model, tokenizer, prompt_fn, probes, spec.max_length)
+        curve.append({"step": step, "forget_Q_A_Prob": prob})
+
+    point(0)
     every = spec.interval()
-    # one optimiser over the whole attack; the probes are scored between steps
+    marks = set(range(every, spec.steps, every)) | {spec.steps}
+    # one optimiser over the whole attack, enough epochs for spec.steps steps;
+    # the probes are scored between steps
+    per_epoch = -(-len(attack) // spec.batch_size)
     train = TrainSpec(
-        epochs=10**6,
+        epochs=-(-spec.steps // per_epoch),
         batch_size=spec.batch_size,
         lr=spec.lr,
         max_length=spec.max_length,
         max_steps=spec.steps,
     )
-    marks = set(range(every, spec.steps, every)) | {spec.steps}
-
-    def on_step(step: int, _loss: float) -> None:
-        if step in marks:
-            curve.append(
-                {
-                    "step": step,
-                    "forget_Q_A_Prob": _score(
-                        model, tokenizer, prompt_fn, probes, spec
-                    ),
-                }
-            )
-
-    local_train(model, tokenizer, prompt_fn, attack, train, spec.seed, on_step)
+    local_train(
+        model,
+        tokenizer,
+        prompt_fn,
+        attack,
+        train,
+        spec.seed,
+        lambda step, _loss: point(step) if step in marks else None,
+    )
     return curve
-
-
-def _score(
-    model: Any,
-    tokenizer: Any,
-    prompt_fn: PromptFn,
-    probes: Sequence[QAItem],
-    spec: RelearnSpec,
-) -> float:
-    return answer_prob(model, tokenizer, prompt_fn, probes, spec.max_length)
 
 
 def relearn_gap(curves: dict[str, list[dict[str, float]]]) -> float | None:
