@@ -33,7 +33,7 @@ from clients.task import client_id, client_items, client_model
 from fed_unlearn.config import RunConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
-from fed_unlearn.training import TrainSpec, derive_seed, local_train
+from fed_unlearn.training import TrainSpec, budget_batches, derive_seed, local_train
 from fed_unlearn.types import AdapterState, QAItem
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,10 @@ def local_update(
     msg : Message
         The query (``arrays``: copies and optional base; ``q-*`` config keys:
         ``loss``, ``epochs``, ``max-steps`` (0 = no cap), ``lr`` (or ``lr-scale``
-        x the run's), ``batch-size``,
-        ``retain``,
+        x the run's), ``batch-size``, ``budget`` (instead of ``epochs`` and
+        ``batch-size``: ``max-steps`` steps that see this share of the examples
+        retraining would show this client,
+        :func:`~fed_unlearn.training.budget_batches`), ``retain``,
         ``loss-params`` (JSON), ``seed-round``).
     context : Context
         Flower context (its ``state`` keeps the base adapter between requests).
@@ -164,6 +166,11 @@ def local_update(
     from fed_unlearn.losses import get_loss, unlearn_train
 
     req = _request(msg)
+    if "budget" in req and ("batch-size" in req or int(req.get("max-steps", 0)) < 1):
+        raise ValueError(
+            "a 'budget' request sizes its own batches: it needs max-steps >= 1 and "
+            "no batch-size"
+        )
     loss = str(req.get("loss", "nll"))
     if loss != "nll":
         get_loss(loss)  # unknown loss -> clear error before any work
@@ -190,14 +197,25 @@ def local_update(
 
     expected = set(get_peft_model_state_dict(model))  # keys only, no copies
     r = cfg.resolved()
+    epochs = int(req.get("epochs", r.local_epochs))  # type: ignore[arg-type]
+    batch_size = int(req.get("batch-size", r.batch_size))  # type: ignore[arg-type]
+    max_steps = int(req.get("max-steps", 0))
+    if "budget" in req:
+        batch_size, epochs = budget_batches(
+            float(req["budget"]),
+            int(r.num_server_rounds),  # type: ignore[arg-type]
+            int(r.local_epochs),  # type: ignore[arg-type]
+            len(items),
+            max_steps,
+        )
     spec = TrainSpec(
-        epochs=int(req.get("epochs", r.local_epochs)),  # type: ignore[arg-type]
-        batch_size=int(req.get("batch-size", r.batch_size)),  # type: ignore[arg-type]
+        epochs=epochs,
+        batch_size=batch_size,
         lr=float(req["lr"])
         if "lr" in req
         else float(r.lr) * float(req.get("lr-scale", 1.0)),  # type: ignore[arg-type]
         max_length=int(r.max_length),  # type: ignore[arg-type]
-        max_steps=int(req.get("max-steps", 0)),
+        max_steps=max_steps,
     )
     params = json.loads(str(req.get("loss-params", "{}")))
     retain = _retain_items(str(req.get("retain", "none")), dict(context.node_config))
@@ -243,11 +261,12 @@ def local_update(
         seconds += stats.seconds
         last_loss = stats.loss
     log.info(
-        "client %d local-update (%s, %d copies): %d steps, %.1f s",
+        "client %d local-update (%s, %d copies): %d steps of %d examples, %.1f s",
         cid,
         loss,
         len(copies),
         steps,
+        spec.batch_size,
         seconds,
     )
     return out, {

@@ -6,6 +6,7 @@ there is exactly one training loop. Only adapter tensors have ``requires_grad``.
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -300,3 +301,52 @@ def derive_seed(*parts: int) -> int:
 
     blob = ",".join(str(int(p)) for p in parts).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+
+def budget_batches(
+    budget: float, fl_rounds: int, fl_epochs: int, n_items: int, steps: int
+) -> tuple[int, int]:
+    """Size a capped local run as a share of what retraining costs the client.
+
+    Retraining from scratch makes a client that takes part in every round see
+    ``fl_rounds * fl_epochs * n_items`` examples. A run of ``steps`` optimiser
+    steps that is to cost ``budget`` of that sees ``ceil(budget * that)``
+    examples, so each step takes ``ceil(examples / steps)`` of them (at most
+    ``n_items``: a step never sees an item twice), and the run needs
+    ``ceil(steps / ceil(n_items / batch))`` epochs to reach its ``steps``.
+
+    Parameters
+    ----------
+    budget : float
+        Share of retraining's examples, > 0 (e.g. 1/12).
+    fl_rounds, fl_epochs : int
+        The FL recipe: server rounds and local epochs per round.
+    n_items : int
+        The client's number of training items.
+    steps : int
+        Optimiser steps of the run (> 0).
+
+    Returns
+    -------
+    tuple[int, int]
+        ``(batch_size, epochs)`` for :class:`TrainSpec` (with ``max_steps=steps``).
+
+    Raises
+    ------
+    ValueError
+        A budget that is not a finite positive number, or a count below 1.
+    """
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a finite number > 0, got {budget}")
+    for name, value in (
+        ("fl_rounds", fl_rounds),
+        ("fl_epochs", fl_epochs),
+        ("n_items", n_items),
+        ("steps", steps),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    # rounded first, so that 1/12 of 360 is 30 and not 31
+    examples = math.ceil(round(budget * fl_rounds * fl_epochs * n_items, 9))
+    batch = min(n_items, max(1, math.ceil(examples / steps)))
+    return batch, math.ceil(steps / math.ceil(n_items / batch))

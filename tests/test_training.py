@@ -13,7 +13,7 @@ from fed_unlearn.models import (
     prompt_formatter,
     set_adapter,
 )
-from fed_unlearn.training import TrainSpec, derive_seed, local_train
+from fed_unlearn.training import TrainSpec, budget_batches, derive_seed, local_train
 
 
 @pytest.fixture
@@ -117,3 +117,45 @@ def test_max_steps_caps_local_training_mid_epoch(lora, items):
     assert all(torch.allclose(capped[k], full[0][k]) for k in capped)
     with pytest.raises(ValueError, match="max_steps must be >= 0"):
         TrainSpec(max_steps=-1)
+
+
+def test_budget_batches_by_hand():
+    """Retraining shows a client rounds x epochs x n examples; the budget's share
+    of that, split over the steps, at most the whole data per step."""
+    # tiny's recipe: 1/12 of 4 x 3 x 30 = 30 examples = 2 steps of 15, 1 epoch
+    assert budget_batches(1 / 12, 4, 3, 30, 2) == (15, 1)
+    # SmolLM2's: 1/12 of 3 x 2 x 30 = 15 examples = 2 steps of ceil(7.5) = 8
+    assert budget_batches(1 / 12, 3, 2, 30, 2) == (8, 1)
+    # 60 examples of 30 items in 2 steps: two full-batch steps, two epochs
+    assert budget_batches(1 / 6, 4, 3, 30, 2) == (30, 2)
+    # 5 examples in 3 steps: batches of 2, 5 batches per epoch, 1 epoch
+    assert budget_batches(0.5, 1, 1, 10, 3) == (2, 1)
+    # 7 examples, 3 steps of 3 items out of 4: 2 batches per epoch, 2 epochs
+    assert budget_batches(7 / 12, 3, 1, 4, 3) == (3, 2)
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="budget must be a finite number > 0"):
+            budget_batches(bad, 4, 3, 30, 2)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        budget_batches(0.1, 4, 3, 30, 0)
+    with pytest.raises(ValueError, match="n_items must be >= 1"):
+        budget_batches(0.1, 4, 3, 0, 2)
+
+
+@pytest.mark.parametrize("budget, passes", [(1 / 4, 1), (1 / 2, 2)])
+def test_budgeted_training_sees_its_share_of_the_data(lora, items, budget, passes):
+    """A 2-step run budgeted at 1/4 (1/2) of 2 rounds x 2 epochs of the items
+    sees every item once (twice): its token count is that many times the sum of
+    the items' encoded lengths, whatever the data order."""
+    from fed_unlearn.data.qa import encode_qa
+
+    model, tok, pf = lora
+    set_adapter(model, init_adapter(model, 0))
+    n = len(items)
+    batch, epochs = budget_batches(budget, 2, 2, n, 2)
+    spec = TrainSpec(
+        epochs=epochs, batch_size=batch, lr=1e-3, max_length=64, max_steps=2
+    )
+    stats = local_train(model, tok, pf, items, spec, seed=3)
+    lengths = [len(encode_qa(tok, pf(it.question), it.answer, 64)[0]) for it in items]
+    assert stats.steps == 2
+    assert stats.tokens == passes * sum(lengths)

@@ -72,6 +72,7 @@ alone keeps less utility than the whole adapter of the same dual run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,11 @@ class FoulConfig(UnlearnConfig):
         FedAvg rounds of the remaining clients after the stop (default: 0).
     recovery_batch_size : int
         Examples per local step in those rounds; 0 = the run's (default: 0).
+    recovery_budget : float
+        When ``recovery_batch_size`` is 0 and ``local_steps`` > 0: each
+        remaining client's ``local_steps`` recovery steps see this share of the
+        examples retraining would show it (FL rounds x local epochs x its items),
+        split evenly over the steps (default: 0 = the run's batch).
     wire_dtype : str
         ``"float32"`` (default) or ``"float16"``: the dtype of the adapters and
         deltas that clients send and receive (fp16 halves the bytes; the server
@@ -185,6 +191,7 @@ class FoulConfig(UnlearnConfig):
     lr: float = 0.0
     recovery_rounds: int = 0
     recovery_batch_size: int = 0
+    recovery_budget: float = 0.0
     wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -216,6 +223,11 @@ class FoulConfig(UnlearnConfig):
         if self.recovery_rounds < 0:
             raise ValueError(
                 f"recovery_rounds must be >= 0, got {self.recovery_rounds}"
+            )
+        if not (math.isfinite(self.recovery_budget) and self.recovery_budget >= 0):
+            raise ValueError(
+                "recovery_budget must be a finite number >= 0 (0 = unused), got "
+                f"{self.recovery_budget}"
             )
         check_stop_rule(self.stop)
 
@@ -440,6 +452,7 @@ class Foul(UnlearningMethod):
                 wire_dtype(cfg.wire_dtype),
                 cfg.local_steps,
                 cfg.recovery_batch_size,
+                cfg.recovery_budget,
             )
             rounds += cfg.recovery_rounds
         full_bytes = sum(v.numel() * 4 for v in theta.values())

@@ -116,6 +116,7 @@ def recovery_rounds(
     dtype: torch.dtype = torch.float32,
     max_steps: int = 0,
     batch_size: int = 0,
+    budget: float = 0.0,
 ) -> AdapterState:
     """Retain recovery [R]: plain FedAvg rounds of the remaining clients.
 
@@ -148,6 +149,11 @@ def recovery_rounds(
         Cap on each client's local steps (default: 0 = one full epoch).
     batch_size : int
         Examples per local step (default: 0 = the run's).
+    budget : float
+        With ``max_steps`` > 0 and no ``batch_size``: each client's
+        ``max_steps`` steps see this share of the examples that retraining
+        would show it, ``budget`` x FL rounds x local epochs x its items
+        (:func:`fed_unlearn.training.budget_batches`; default: 0 = unused).
 
     Returns
     -------
@@ -156,7 +162,7 @@ def recovery_rounds(
     """
     for p in range(1, rounds + 1):
         theta = recovery_step(
-            ctx, theta, log, 40_000 + p, method, dtype, max_steps, batch_size
+            ctx, theta, log, 40_000 + p, method, dtype, max_steps, batch_size, budget
         )
         log.end_round(first_round + p, theta, {"stage": "recovery"})
     return theta
@@ -171,6 +177,7 @@ def recovery_step(
     dtype: torch.dtype = torch.float32,
     max_steps: int = 0,
     batch_size: int = 0,
+    budget: float = 0.0,
 ) -> AdapterState:
     """One FedAvg round of the remaining clients (see :func:`recovery_rounds`).
 
@@ -192,6 +199,8 @@ def recovery_step(
         Cap on each client's local steps (default: 0 = one full epoch).
     batch_size : int
         Examples per local step (default: 0 = the run's).
+    budget : float
+        See :func:`recovery_rounds` (default: 0 = unused).
 
     Returns
     -------
@@ -208,6 +217,7 @@ def recovery_step(
             "seed-round": seed_round,
             "max-steps": max_steps,
             **({"batch-size": batch_size} if batch_size else {}),
+            **({"budget": budget} if budget and max_steps and not batch_size else {}),
         },
     )
     log.add_compute(replies)
