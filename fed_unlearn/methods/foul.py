@@ -53,7 +53,8 @@ model_utility; SmolLM2 with ``"ratio"`` 84 % at 0.47×, at about 1 % of retrain'
 wall time and no bytes. A linear step inside the span of the cached updates can
 remove the departed contribution but cannot re-learn what retraining teaches the
 remaining clients' data, which is why ``cached`` stays the default. One recovery
-round brings tiny to 81 % at 0.97×.
+round brings tiny to 81 % at 0.97× (a whole epoch;
+``foul_server``'s budgeted round: 86 % at 0.96×).
 
 Logged every round: min over retain clients of ⟨d, g_r⟩ and max over forget
 clients of ⟨d, g_f⟩ (conflict mitigation wants the first ≥ 0, expression the
