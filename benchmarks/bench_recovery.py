@@ -20,7 +20,9 @@ A recipe is ``key=value`` pairs: ``steps`` (local steps, 0 = one epoch),
 examples retraining would show the client, e.g. ``1/12``, instead of ``batch``), ``lr_scale``
 (x the run's learning rate). For each it prints model_utility / the retrain
 oracle's per order, their mean and range, the share of the forget-probability
-gap closed (original to oracle) and the clients' training seconds.
+gap closed (original to oracle) and the clients' training seconds; ``--parts``
+adds the six numbers behind model_utility for the oracle, the start and each
+order.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ RECIPE_KEYS = {
 }
 
 
+#: The six numbers behind model_utility (the general triple counts twice).
+PARTS = (
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_Truth_Ratio",
+    "gk_Q_A_Prob",
+    "gk_Q_A_ROUGE",
+    "gk_Truth_Ratio",
+)
+
+
+def _parts(summary: dict[str, Any]) -> str:
+    return " ".join(f"{p}={summary[p]:.3f}" for p in PARTS)
+
+
 def parse_recipe(text: str) -> dict[str, Any]:
     """Parse ``key=value,...`` into a recipe (keys of :data:`RECIPE_KEYS`)."""
     out: dict[str, Any] = {}
@@ -61,6 +78,9 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--recipe", action="append", required=True)
     ap.add_argument("--orders", type=int, default=10)
+    ap.add_argument(
+        "--parts", action="store_true", help="print model_utility's parts per order"
+    )
     args = ap.parse_args()
     recipes = [parse_recipe(t) for t in args.recipe]
 
@@ -109,13 +129,15 @@ def main() -> None:
             batch_size=cfg.eval_batch_size,
             max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
             max_length=int(r.max_length),  # type: ignore[arg-type]
-            metrics=["model_utility", "forget_Q_A_Prob"],
+            metrics=["model_utility", "forget_Q_A_Prob", *PARTS],
         )
         return summary
 
     oracle, original = score(adapter("retrain")), score(adapter("original"))
     start = adapter("unlearned")
     s0 = score(start)
+    if args.parts:
+        print(f"oracle: {_parts(oracle)}\nstart: {_parts(s0)}")
     gap = original["forget_Q_A_Prob"] - oracle["forget_Q_A_Prob"]
     print(
         f"oracle model_utility {oracle['model_utility']:.3f}; start "
@@ -156,6 +178,8 @@ def main() -> None:
                 weights.append(n)
             seconds.append(time.perf_counter() - t0)
             s = score(ad.add(start, fedavg(deltas, weights)))
+            if args.parts:
+                print(f"  order {o}: {_parts(s)}", flush=True)
             utils.append(s["model_utility"] / oracle["model_utility"])
             closed.append((original["forget_Q_A_Prob"] - s["forget_Q_A_Prob"]) / gap)
         print(
