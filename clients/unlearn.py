@@ -30,6 +30,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 
 from clients.task import client_id, client_items, client_model
+from fed_unlearn import adapters as ad
 from fed_unlearn.config import RunConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
@@ -121,6 +122,34 @@ def only_trainable(model: torch.nn.Module, keys: set[str]) -> Iterator[None]:
             param.requires_grad = state[name]
 
 
+@contextlib.contextmanager
+def only_ranks(model: torch.nn.Module, ranks: dict[str, list[int]]) -> Iterator[None]:
+    """Zero the gradient of every rank that ``ranks`` does not select.
+
+    With AdamW and no weight decay, an entry whose gradient is always zero never
+    moves, so only the selected rows of ``lora_A`` / columns of ``lora_B`` train.
+
+    Parameters
+    ----------
+    model : peft.PeftModel
+        Adapted model.
+    ranks : dict[str, list[int]]
+        Adapter key -> selected ranks (see :func:`fed_unlearn.adapters.check_ranks`).
+    """
+    handles = []
+    for name, param in model.named_parameters():
+        key = name.replace(".default", "")
+        if key in ranks:
+            mask = torch.zeros_like(param)
+            mask.index_fill_(ad.rank_axis(key), torch.tensor(ranks[key]), 1.0)
+            handles.append(param.register_hook(lambda g, m=mask: g * m))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _retain_items(source: str, node_config: dict[str, Any]) -> list[QAItem] | None:
     if source in ("", "none"):
         return None
@@ -151,7 +180,10 @@ def local_update(
         x the run's), ``batch-size``, ``budget`` (instead of ``epochs`` and
         ``batch-size``: ``max-steps`` steps that see this share of the examples
         retraining would show this client,
-        :func:`~fed_unlearn.training.budget_batches`), ``retain``,
+        :func:`~fed_unlearn.training.budget_batches`), ``ranks`` (JSON
+        ``{tensor: [rank, ...]}``: the copies carry only these rows of
+        ``lora_A`` / columns of ``lora_B`` of those tensors, the base holds them
+        whole, only those ranks train and their deltas come back), ``retain``,
         ``loss-params`` (JSON), ``seed-round``).
     context : Context
         Flower context (its ``state`` keeps the base adapter between requests).
@@ -195,7 +227,12 @@ def local_update(
     model, tok, prompt_fn = client_model(cfg)
     from peft import get_peft_model_state_dict
 
-    expected = set(get_peft_model_state_dict(model))  # keys only, no copies
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    expected = set(shapes)
+    try:
+        ranks = ad.check_ranks(json.loads(str(req.get("ranks", "{}"))), shapes)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"ranks is not JSON: {exc}") from exc
     r = cfg.resolved()
     epochs = int(req.get("epochs", r.local_epochs))  # type: ignore[arg-type]
     batch_size = int(req.get("batch-size", r.batch_size))  # type: ignore[arg-type]
@@ -236,9 +273,17 @@ def local_update(
                     "holds no base adapter with them; send base.* arrays first"
                 )
             full.update({n: base[n] for n in missing})
+        for n, picked in ranks.items():
+            # this copy carries only these ranks of n: write them into the base
+            if n not in copy or n not in base:
+                raise ValueError(
+                    f"copy {k}: ranks of {n} need that slice in the copy and the "
+                    "whole tensor in the base adapter"
+                )
+            full[n] = ad.put_ranks(base[n], n, picked, copy[n])
         set_adapter(model, full)
         seed = derive_seed(cfg.seed, seed_round, cid, k)
-        with only_trainable(model, set(copy)):
+        with only_trainable(model, set(copy)), only_ranks(model, ranks):
             if loss == "nll":
                 stats = local_train(model, tok, prompt_fn, items, spec, seed=seed)
             else:
@@ -255,7 +300,10 @@ def local_update(
                 )
         after = get_adapter(model)
         for name, before in copy.items():
-            out[f"copy{k}.{name}"] = (after[name] - before).to(wire)
+            now = after[name]
+            if name in ranks:
+                now = ad.take_ranks(now, name, ranks[name])
+            out[f"copy{k}.{name}"] = (now - before).to(wire)
         steps += stats.steps
         tokens += stats.tokens
         seconds += stats.seconds

@@ -323,3 +323,91 @@ def validate_update(update: AdapterState, reference: AdapterState) -> None:
         raise InvalidUpdateError(
             f"invalid update ({len(problems)} problem(s)): {shown}{tail}"
         )
+
+
+def rank_axis(key: str) -> int:
+    """Return the axis that indexes LoRA ranks in tensor ``key``.
+
+    Rows of ``lora_A`` (r x in), columns of ``lora_B`` (out x r).
+
+    Raises
+    ------
+    ValueError
+        ``key`` is neither a ``lora_A`` nor a ``lora_B`` tensor.
+    """
+    if "lora_A" in key:
+        return 0
+    if "lora_B" in key:
+        return 1
+    raise ValueError(f"{key} is not a lora_A / lora_B tensor: it has no ranks")
+
+
+def check_ranks(
+    ranks: object, shapes: Mapping[str, torch.Size]
+) -> dict[str, list[int]]:
+    """Validate a ``{tensor: [rank, ...]}`` selection against adapter shapes.
+
+    Parameters
+    ----------
+    ranks : object
+        The selection (e.g. a parsed JSON object).
+    shapes : Mapping[str, torch.Size]
+        The adapter's tensor shapes.
+
+    Returns
+    -------
+    dict[str, list[int]]
+        The selection, each list sorted.
+
+    Raises
+    ------
+    ValueError
+        Not a mapping of known 2-D LoRA tensors to non-empty lists of distinct
+        in-range integer ranks.
+    """
+    if not isinstance(ranks, Mapping):
+        raise ValueError(f"ranks must map tensor names to rank lists, got {ranks!r}")
+    out: dict[str, list[int]] = {}
+    for key, picked in ranks.items():
+        if key not in shapes:
+            raise ValueError(f"ranks name an unknown adapter tensor {key!r}")
+        axis = rank_axis(str(key))
+        size = shapes[key][axis]
+        if (
+            not isinstance(picked, list)
+            or not picked
+            or not all(type(i) is int and 0 <= i < size for i in picked)
+            or len(set(picked)) != len(picked)
+        ):
+            raise ValueError(
+                f"ranks of {key} must be distinct integers in [0, {size}), "
+                f"got {picked!r}"
+            )
+        out[str(key)] = sorted(picked)
+    return out
+
+
+def take_ranks(tensor: torch.Tensor, key: str, ranks: list[int]) -> torch.Tensor:
+    """Return the selected ranks of ``tensor`` (rows of A, columns of B)."""
+    return tensor.index_select(rank_axis(key), torch.tensor(ranks))
+
+
+def put_ranks(
+    tensor: torch.Tensor, key: str, ranks: list[int], part: torch.Tensor
+) -> torch.Tensor:
+    """Return a copy of ``tensor`` with its selected ranks replaced by ``part``.
+
+    Raises
+    ------
+    ValueError
+        ``part`` does not have the shape of :func:`take_ranks`'s slice.
+    """
+    axis = rank_axis(key)
+    want = list(tensor.shape)
+    want[axis] = len(ranks)
+    if list(part.shape) != want:
+        raise ValueError(
+            f"{key}: a slice of ranks {ranks} has shape {tuple(want)}, "
+            f"got {tuple(part.shape)}"
+        )
+    return tensor.index_copy(axis, torch.tensor(ranks), part.to(tensor.dtype))

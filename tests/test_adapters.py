@@ -231,3 +231,46 @@ def test_validate_update_reports_all_problems():
 
 def test_invalid_update_error_is_value_error():
     assert issubclass(InvalidUpdateError, ValueError)
+
+
+def test_rank_slices_by_hand():
+    """Ranks are rows of lora_A and columns of lora_B; put_ranks writes a slice
+    back into a copy and leaves the rest (and the input) as they were."""
+    from fed_unlearn.adapters import put_ranks, take_ranks
+
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    ta, tb = torch.arange(6.0).reshape(2, 3), torch.arange(6.0).reshape(3, 2)
+    assert take_ranks(ta, a, [1]).tolist() == [[3.0, 4.0, 5.0]]
+    assert take_ranks(tb, b, [0]).tolist() == [[0.0], [2.0], [4.0]]
+    new_a = put_ranks(ta, a, [1], torch.full((1, 3), -1.0))
+    assert new_a.tolist() == [[0.0, 1.0, 2.0], [-1.0, -1.0, -1.0]]
+    new_b = put_ranks(tb, b, [1], torch.tensor([[7.0], [8.0], [9.0]]))
+    assert new_b.tolist() == [[0.0, 7.0], [2.0, 8.0], [4.0, 9.0]]
+    assert ta.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]  # input untouched
+    with pytest.raises(ValueError, match=r"slice of ranks \[1\] has shape \(1, 3\)"):
+        put_ranks(ta, a, [1], torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="has no ranks"):
+        take_ranks(ta, "m.bias", [0])
+
+
+@pytest.mark.parametrize(
+    ("ranks", "needle"),
+    [
+        ([1], "must map tensor names"),
+        ({"m.lora_C.weight": [0]}, "unknown adapter tensor"),
+        ({"m.lora_A.weight": [2]}, r"distinct integers in \[0, 2\)"),
+        ({"m.lora_B.weight": [0, 0]}, "distinct integers"),
+        ({"m.lora_A.weight": []}, "distinct integers"),
+        ({"m.lora_A.weight": [True]}, "distinct integers"),
+        ({"m.lora_A.weight": "0"}, "distinct integers"),
+    ],
+)
+def test_check_ranks_refuses_a_bad_selection(ranks, needle):
+    from fed_unlearn.adapters import check_ranks
+
+    shapes = {"m.lora_A.weight": torch.Size([2, 3]), "m.lora_B.weight": (3, 2)}
+    with pytest.raises(ValueError, match=needle):
+        check_ranks(ranks, shapes)
+    assert check_ranks({"m.lora_B.weight": [1, 0]}, shapes) == {
+        "m.lora_B.weight": [0, 1]
+    }

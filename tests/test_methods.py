@@ -34,16 +34,25 @@ class LinearClients:
     Client ``c`` pulls every tensor it receives towards its own target ``t_c``
     (``nll``: delta = 0.5 (t_c - x)) or pushes it away (any unlearning loss:
     delta = -0.5 (t_c - x)), for every ``copy<k>.*`` tensor, filling the rest
-    from ``base.*``. Enough to exercise a method's contract without Flower.
+    from ``base.*`` (a tensor named in the request's ``ranks`` travels as those
+    ranks of it, and so does its target). Enough to exercise a method's
+    contract without Flower.
     """
 
     def __init__(self, targets):
         self.targets = targets
         self.calls = []
+        self.arrays = []
 
     def query(self, clients, kind, arrays, config):
+        import json
+
+        from fed_unlearn.adapters import take_ranks
+
         assert kind == "local-update"
         self.calls.append((tuple(clients), dict(config)))
+        self.arrays.append(arrays)
+        ranks = json.loads(config.get("ranks", "{}"))
         out = {}
         for cid in clients:
             state = arrays[cid] if cid in arrays else arrays
@@ -53,7 +62,10 @@ class LinearClients:
                 if key.startswith("base."):
                     continue
                 name = key.split(".", 1)[1]
-                got[key] = sign * 0.5 * (self.targets[cid][name] - x)
+                target = self.targets[cid][name]
+                if name in ranks:  # the copy is a slice of these ranks
+                    target = take_ranks(target, name, ranks[name])
+                got[key] = sign * 0.5 * (target - x)
             out[cid] = (got, {"num-examples": 10, "local-steps": 1, "tokens": 5})
         return out
 

@@ -75,6 +75,29 @@ def test_foul_cached_sends_only_the_subnetwork(cached, tmp_path):
     assert "forget_Q_A_Prob" in unl
 
 
+def test_foul_cached_rank_mode_sends_only_the_selected_ranks(cached, tmp_path):
+    """granularity=rank through Flower: θ_V is rows of A / columns of B, and only
+    those travel (θ_V's bytes are exactly its entries); round 1 also sends the
+    whole adapter as the clients' base, into which they write the ranks."""
+    out, run = _run(
+        cached,
+        tmp_path,
+        "foul",
+        "rounds=2",
+        "stop=budget",
+        "granularity=rank",
+        evaluate=False,
+    )
+    _common(run, 2)
+    sub = run["unlearn_info"]["subnetwork"]
+    full, _ = _adapter_bytes(out)
+    v = sub["bytes"]
+    assert v == 4 * sub["params"] and 0 < v < full / 2
+    down, up = run["bytes"]["unlearn"]["down"], run["bytes"]["unlearn"]["up"]
+    assert 2 * (full + 2 * v) <= down <= 2 * (full + 2 * v) + 200_000
+    assert 4 * v <= up <= 4 * v + 50_000
+
+
 def test_fedosd_runs_unlearning_and_post_training(cached, tmp_path):
     out, run = _run(
         cached,

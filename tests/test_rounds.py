@@ -262,3 +262,54 @@ def test_foul_rank_granularity_selects_rows_of_a_and_columns_of_b(tmp_path):
     sub = SubNetwork.from_units([f"{a}#1", f"{b}#0"], trained)
     state = {a: torch.arange(6.0).reshape(2, 3), b: torch.arange(6.0).reshape(3, 2)}
     assert sub.flatten(state).tolist() == [3.0, 4.0, 5.0, 0.0, 2.0, 4.0]
+    # what travels: A's row 1 (1 x 3) and B's column 0 (3 x 1), in that order
+    assert sub.ranks == {a: [1], b: [0]}
+    sent = sub.gather(state)
+    assert sent[a].tolist() == [[3.0, 4.0, 5.0]]
+    assert sent[b].tolist() == [[0.0], [2.0], [4.0]]
+    assert sub.flatten_gathered(sent).tolist() == sub.flatten(state).tolist()
+    # two of three columns of B: row-major slices keep flatten's order
+    wide = {b: torch.arange(9.0).reshape(3, 3)}
+    sub2 = SubNetwork.from_units([f"{b}#2", f"{b}#0"], wide)
+    assert sub2.gather(wide)[b].tolist() == [[0.0, 2.0], [3.0, 5.0], [6.0, 8.0]]
+    assert sub2.flatten(wide).tolist() == [0.0, 2.0, 3.0, 5.0, 6.0, 8.0]
+
+
+def test_foul_cached_rank_mode_sends_only_the_selected_ranks(tmp_path):
+    """granularity=rank in cached mode: the request names the ranks, the copy
+    holds only A's row 1 and B's column 0, round 1's base holds both tensors
+    whole; with κ = 0 and one step of η = 1 the retain client's linear pull
+    (0.5 (t - x)) lands on exactly those entries; info counts θ_V's bytes."""
+    import json
+
+    from test_methods import LinearClients
+
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    trained = {a: torch.zeros(2, 3), b: torch.zeros(3, 2)}
+    forget = {a: torch.full((2, 3), 0.01), b: torch.full((3, 2), 0.01)}
+    forget[a][1] = 5.0
+    forget[b][:, 0] = 5.0
+    retain = {a: torch.full((2, 3), 0.1), b: torch.full((3, 2), 0.1)}
+    target = {a: torch.arange(6.0).reshape(2, 3), b: torch.arange(6.0).reshape(3, 2)}
+    clients = LinearClients({0: target})
+    ctx = UnlearnContext(
+        trained=trained,
+        departed=(1,),
+        remaining=(0,),
+        seed=0,
+        history=_one_round_history(tmp_path, trained, {0: retain, 1: forget}),
+        clients=clients,
+    )
+    opts = {"granularity": "rank", "top_p": 0.5, "kappa": 0.0, "rounds": 1}
+    res = get_method("foul", {**opts, "stop": "budget"}).unlearn(ctx)
+    (_, config), arrays = clients.calls[0], clients.arrays[0]
+    assert json.loads(config["ranks"]) == {a: [1], b: [0]}
+    assert arrays[f"copy0.{a}"].shape == (1, 3)
+    assert arrays[f"copy0.{b}"].shape == (3, 1)
+    assert arrays[f"base.{a}"].shape == (2, 3) and arrays[f"base.{b}"].shape == (3, 2)
+    want_a, want_b = torch.zeros(2, 3), torch.zeros(3, 2)
+    want_a[1] = 0.5 * target[a][1]
+    want_b[:, 0] = 0.5 * target[b][:, 0]
+    assert torch.allclose(res.adapter[a], want_a)
+    assert torch.allclose(res.adapter[b], want_b)
+    assert res.info["subnetwork"]["bytes"] == 6 * 4

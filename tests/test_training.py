@@ -159,3 +159,35 @@ def test_budgeted_training_sees_its_share_of_the_data(lora, items, budget, passe
     lengths = [len(encode_qa(tok, pf(it.question), it.answer, 64)[0]) for it in items]
     assert stats.steps == 2
     assert stats.tokens == passes * sum(lengths)
+
+
+def test_only_ranks_trains_just_the_selected_rows_of_a_and_columns_of_b(lora, items):
+    """Under the client's rank masks, AdamW moves row 1 of one lora_A and column
+    0 of one lora_B and leaves every other entry of the adapter exactly alone."""
+    from clients.unlearn import only_ranks, only_trainable
+
+    model, tok, pf = lora
+    g = torch.Generator().manual_seed(5)
+    start = {
+        k: 0.1 * torch.randn(v.shape, generator=g)
+        for k, v in get_adapter(model).items()
+    }
+    a = next(k for k in sorted(start) if "lora_A" in k)
+    b = a.replace("lora_A", "lora_B")
+    ranks = {a: [1], b: [0]}
+    set_adapter(model, start)
+    spec = TrainSpec(epochs=1, batch_size=4, lr=1e-2, max_length=64, max_steps=3)
+    with only_trainable(model, {a, b}), only_ranks(model, ranks):
+        local_train(model, tok, pf, items, spec, seed=0)
+    after = get_adapter(model)
+    for k in start:
+        if k not in ranks:
+            assert torch.equal(after[k], start[k]), k
+    moved_a = (after[a] != start[a]).any(dim=1)
+    moved_b = (after[b] != start[b]).any(dim=0)
+    assert moved_a.tolist() == [i == 1 for i in range(start[a].shape[0])]
+    assert moved_b.tolist() == [i == 0 for i in range(start[b].shape[1])]
+    # the hooks are gone afterwards: a plain step moves the other rows too
+    with only_trainable(model, {a}):
+        local_train(model, tok, pf, items, spec, seed=0)
+    assert (get_adapter(model)[a] != after[a]).any(dim=1).all()

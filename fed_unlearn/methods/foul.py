@@ -15,8 +15,9 @@ Algorithm (per unlearning request)
    tensor (``"all"``), or the V adapter of a dual-adapter run (``"dual"``,
    below). ``granularity="rank"`` [R, A.7(i)-4] scores and selects each row
    of a LoRA A and each column of a LoRA B on its own; the server then reads
-   and steps only those entries (in ``cached``/``live`` mode the clients
-   still receive and train the tensors that hold them).
+   and steps only those entries, and in ``cached``/``live`` mode only those
+   ranks travel and train (the request's ``ranks``; the clients mask the
+   gradients of the others).
    Never re-identified during unlearning (FOUL's efficiency argument).
 2. Each round r [P formula, R derivation as CAGrad's dual]: remaining clients
    upload pseudo-gradients g_u = θ_V - θ_V,u^local after E local epochs of their
@@ -44,8 +45,9 @@ Algorithm (per unlearning request)
 
 Only θ_V travels during unlearning (``cached``/``live``), except once: in round 1
 the frozen rest of the adapter is sent so clients can build the full adapter (they
-keep it in their Flower context state). ``info`` reports θ_V's bytes against the
-whole adapter's.
+keep it in their Flower context state; a tensor of which θ_V holds only some
+ranks goes whole in that base, and each round's ranks are written into it).
+``info`` reports θ_V's bytes against the whole adapter's.
 
 Measured in ``server`` mode (3 clients, one departs, T2F stop; README): tiny with
 ``subnetwork=all`` closes 93 % of the forget gap at 0.89× the oracle's
@@ -73,9 +75,10 @@ alone keeps less utility than the whole adapter of the same dual run.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -306,10 +309,14 @@ class SubNetwork:
         Tensor -> flat indices of the selected entries (``None``: all of them).
     shapes : dict[str, torch.Size]
         Shapes of those tensors.
+    ranks : dict[str, list[int]]
+        For the tensors selected by rank units only: their selected ranks (rows
+        of ``lora_A``, columns of ``lora_B``), sorted.
     """
 
     index: dict[str, torch.Tensor | None]
     shapes: dict[str, torch.Size]
+    ranks: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def from_units(cls, units: list[str], like: AdapterState) -> SubNetwork:
@@ -324,6 +331,8 @@ class SubNetwork:
                 whole.add(key)
         index: dict[str, torch.Tensor | None] = dict.fromkeys(whole)
         for key, picked in rows.items():
+            if key in whole:
+                continue
             mask = torch.zeros(like[key].shape, dtype=torch.bool)
             sel = torch.tensor(sorted(picked))
             if "lora_A" in key:
@@ -332,8 +341,28 @@ class SubNetwork:
                 mask[:, sel] = True
             index[key] = mask.reshape(-1).nonzero().squeeze(1)
         return cls(
-            {k: index[k] for k in sorted(index)}, {k: like[k].shape for k in index}
+            {k: index[k] for k in sorted(index)},
+            {k: like[k].shape for k in index},
+            {k: sorted(set(v)) for k, v in rows.items() if k not in whole},
         )
+
+    def gather(self, state: AdapterState) -> AdapterState:
+        """Return what travels of θ_V: whole tensors, and rank slices.
+
+        A tensor selected by rank units travels as its selected rows
+        (``lora_A``) or columns (``lora_B``). Flattened in row-major order, the
+        slices hold θ_V's entries in :meth:`flatten`'s order, so
+        ``flatten_gathered(gather(s)) == flatten(s)``.
+        """
+        out = {}
+        for k in self.index:
+            ranks = self.ranks.get(k)
+            out[k] = state[k] if ranks is None else ad.take_ranks(state[k], k, ranks)
+        return out
+
+    def flatten_gathered(self, gathered: AdapterState) -> torch.Tensor:
+        """Return θ_V as one fp32 vector from :meth:`gather`'s tensors."""
+        return torch.cat([gathered[k].detach().reshape(-1).float() for k in self.index])
 
     def keys(self) -> list[str]:
         """Return the tensors holding a selected entry (sorted)."""
@@ -470,9 +499,9 @@ class Foul(UnlearningMethod):
                     "of_tensors": len(theta),
                     "params": sub.params(),
                     "of_params": sum(v.numel() for v in theta.values()),
-                    # what travels per round in cached/live mode: the tensors
-                    # holding θ_V
-                    "bytes": sum(theta[k].numel() * 4 for k in sub.keys()),
+                    # what travels per round in cached/live mode: θ_V (whole
+                    # tensors and rank slices)
+                    "bytes": sum(v.numel() * 4 for v in sub.gather(theta).values()),
                     "adapter_bytes": full_bytes,
                 },
                 **more,
@@ -547,8 +576,11 @@ class Foul(UnlearningMethod):
         """
         cfg = self.config
         assert ctx.clients is not None
-        keys = sub.keys()
-        frozen = {k: v for k, v in theta.items() if k not in sub.index}
+        # the tensors outside θ_V, and whole the ones θ_V takes only ranks of:
+        # the client keeps them and writes each round's θ_V slices into them
+        frozen = {
+            k: v for k, v in theta.items() if k not in sub.index or k in sub.ranks
+        }
         live = list(ctx.remaining) + (list(ctx.departed) if cfg.mode == "live" else [])
         request = {
             "loss": "nll",
@@ -557,6 +589,8 @@ class Foul(UnlearningMethod):
         }
         if cfg.lr > 0:
             request["lr"] = cfg.lr
+        if sub.ranks:
+            request["ranks"] = json.dumps(sub.ranks, sort_keys=True)
         dtype = wire_dtype(cfg.wire_dtype)
         # cached mode: the departed clients' gradients do not change between rounds
         fixed = (
@@ -566,7 +600,8 @@ class Foul(UnlearningMethod):
         )
         r = 0
         for r in range(1, cfg.rounds + 1):
-            arrays = to_wire({k: theta[k] for k in keys}, dtype, "copy0.")
+            sent = sub.gather(theta)
+            arrays = to_wire(sent, dtype, "copy0.")
             if r == 1:
                 arrays.update(to_wire(frozen, dtype, "base."))
             replies = ctx.clients.query(
@@ -574,9 +609,8 @@ class Foul(UnlearningMethod):
             )
             log.add_compute(replies)
             grads: dict[int, torch.Tensor] = dict(fixed)
-            sent = {k: theta[k] for k in keys}
             for cid, (delta, n) in copy_deltas(replies, sent, self.name).items():
-                grads[cid] = -sub.flatten(delta)
+                grads[cid] = -sub.flatten_gathered(delta)
                 weights[cid] = n
             d, extra = self._step(ctx, grads, weights)
             theta = sub.step(theta, d, cfg.server_lr)
