@@ -75,7 +75,7 @@ def main() -> None:
     from clients.unlearn import proxy_retain_items
     from fed_unlearn.config import RunConfig
     from fed_unlearn.losses import unlearn_train
-    from fed_unlearn.metrics import EvalSplits, evaluate, spread_items
+    from fed_unlearn.metrics import evaluate
     from fed_unlearn.models import (
         get_adapter,
         load_lora_model,
@@ -86,6 +86,7 @@ def main() -> None:
     from fed_unlearn.mpu_ops import draw_secrets, merge_returned, prepare_copies
     from fed_unlearn.training import derive_seed
     from server.pipeline import load_phase
+    from simulations.runner import eval_options, eval_splits
 
     cfg = RunConfig.from_flat({"preset": args.preset})
     phase = load_phase(cfg, ())
@@ -95,7 +96,6 @@ def main() -> None:
             f"no cached FL phases for the default {args.preset} run; run "
             f"'fed-unlearn run --preset {args.preset} --out DIR' first"
         )
-    r = cfg.resolved()
     spec = cfg.train_spec()
     spec = type(spec)(
         epochs=args.epochs,
@@ -108,25 +108,11 @@ def main() -> None:
     data = dataset(cfg)
     forget = data.forget_items(cfg.departed())
     retain_items = proxy_retain_items() if args.retain == "proxy" else None
-    splits = EvalSplits(
-        forget=spread_items(forget, cfg.eval_max_items),
-        retain=spread_items(data.retain_items(cfg.departed()), cfg.eval_max_items),
-        holdout=spread_items(list(data.holdout), cfg.eval_max_items),
-        general=spread_items(list(data.general), cfg.eval_max_items),
-    )
+    splits = eval_splits(cfg)
 
     def score(state: dict[str, torch.Tensor]) -> dict[str, float]:
         set_adapter(model, state)
-        _, summary = evaluate(
-            model,
-            tok,
-            pf,
-            splits,
-            reference,
-            batch_size=cfg.eval_batch_size,
-            max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
-            max_length=int(r.max_length),  # type: ignore[arg-type]
-        )
+        _, summary = evaluate(model, tok, pf, splits, reference, **eval_options(cfg))
         out = {
             k: float(summary[k])
             for k in (
@@ -208,16 +194,7 @@ def main() -> None:
     reference = None
     print("retrain:", json.dumps(score(retrain.final)))
     set_adapter(model, retrain.final)
-    reference, _ = evaluate(
-        model,
-        tok,
-        pf,
-        splits,
-        None,
-        batch_size=cfg.eval_batch_size,
-        max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
-        max_length=int(r.max_length),  # type: ignore[arg-type]
-    )
+    reference, _ = evaluate(model, tok, pf, splits, None, **eval_options(cfg))
     print("before:", json.dumps(score(phase.final)))
     rows = [run(None, 1)]
     clean_mu = rows[0].get("utility")

@@ -45,19 +45,10 @@ RECIPE_KEYS = {
 }
 
 
-#: The six numbers behind model_utility (the general triple counts twice).
-PARTS = (
-    "retain_Q_A_Prob",
-    "retain_Q_A_ROUGE",
-    "retain_Truth_Ratio",
-    "gk_Q_A_Prob",
-    "gk_Q_A_ROUGE",
-    "gk_Truth_Ratio",
-)
-
-
 def _parts(summary: dict[str, Any]) -> str:
-    return " ".join(f"{p}={summary[p]:.3f}" for p in PARTS)
+    from fed_unlearn.metrics import MODEL_UTILITY_PARTS
+
+    return " ".join(f"{p}={summary[p]:.3f}" for p in MODEL_UTILITY_PARTS)
 
 
 def parse_recipe(text: str) -> dict[str, Any]:
@@ -86,11 +77,11 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
-    from clients.task import client_items, dataset
+    from clients.task import client_items
     from fed_unlearn import adapters as ad
     from fed_unlearn.aggregation import fedavg
     from fed_unlearn.config import RunConfig
-    from fed_unlearn.metrics import EvalSplits, evaluate, spread_items
+    from fed_unlearn.metrics import MODEL_UTILITY_PARTS, evaluate
     from fed_unlearn.models import (
         get_adapter,
         load_lora_model,
@@ -99,6 +90,7 @@ def main() -> None:
         set_adapter,
     )
     from fed_unlearn.training import TrainSpec, budget_batches, derive_seed, local_train
+    from simulations.runner import eval_options, eval_splits
 
     run = json.loads((args.run_dir / "run.json").read_text())
     cfg = RunConfig.from_flat(run["config"])
@@ -107,13 +99,8 @@ def main() -> None:
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
     )
     pf = prompt_formatter(tok)
-    data, departed, cap = dataset(cfg), cfg.departed(), cfg.eval_max_items
-    splits = EvalSplits(
-        forget=spread_items(data.forget_items(departed), cap),
-        retain=spread_items(data.retain_items(departed), cap),
-        holdout=spread_items(list(data.holdout), cap),
-        general=spread_items(list(data.general), cap),
-    )
+    splits, departed = eval_splits(cfg), cfg.departed()
+    metrics = ["model_utility", "forget_Q_A_Prob", *MODEL_UTILITY_PARTS]
 
     def adapter(name: str) -> dict[str, torch.Tensor]:
         path = args.run_dir / "adapters" / name / "adapter_model.safetensors"
@@ -122,14 +109,7 @@ def main() -> None:
     def score(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         set_adapter(model, state)
         _, summary = evaluate(
-            model,
-            tok,
-            pf,
-            splits,
-            batch_size=cfg.eval_batch_size,
-            max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
-            max_length=int(r.max_length),  # type: ignore[arg-type]
-            metrics=["model_utility", "forget_Q_A_Prob", *PARTS],
+            model, tok, pf, splits, metrics=metrics, **eval_options(cfg)
         )
         return summary
 

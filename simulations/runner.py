@@ -206,6 +206,42 @@ class _RoundBar:
         self.progress.update(self.tasks[phase], completed=server_round, info=text)
 
 
+def eval_splits(cfg: RunConfig) -> Any:
+    """Return the run's evaluation splits (each capped at ``eval-max-items``).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run configuration (data and departed clients).
+
+    Returns
+    -------
+    fed_unlearn.metrics.EvalSplits
+        Forget (the departed clients' items), retain, holdout and general.
+    """
+    from clients.task import dataset
+    from fed_unlearn.metrics import EvalSplits, spread_items
+
+    data, departed, cap = dataset(cfg), cfg.departed(), cfg.eval_max_items
+    return EvalSplits(
+        forget=spread_items(data.forget_items(departed), cap),
+        retain=spread_items(data.retain_items(departed), cap),
+        holdout=spread_items(list(data.holdout), cap),
+        general=spread_items(list(data.general), cap),
+    )
+
+
+def eval_options(cfg: RunConfig) -> dict[str, Any]:
+    """Return the run's keyword arguments of :func:`fed_unlearn.metrics.evaluate`."""
+    r = cfg.resolved()
+    return {
+        "batch_size": cfg.eval_batch_size,
+        "max_new_tokens": int(r.eval_max_new_tokens),  # type: ignore[arg-type]
+        "max_length": int(r.max_length),  # type: ignore[arg-type]
+        "gradnorm": cfg.eval_gradnorm,
+    }
+
+
 def evaluate_adapters(
     cfg: RunConfig, adapters: dict[str, AdapterState], reference_name: str = "retrain"
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -225,8 +261,7 @@ def evaluate_adapters(
     dict[str, tuple[dict, dict]]
         Name -> ``(TOFU_EVAL, TOFU_SUMMARY)``.
     """
-    from clients.task import dataset
-    from fed_unlearn.metrics import EvalSplits, evaluate, spread_items
+    from fed_unlearn.metrics import evaluate
     from fed_unlearn.models import (
         load_lora_model,
         prompt_formatter,
@@ -234,16 +269,7 @@ def evaluate_adapters(
         set_adapter,
     )
 
-    r = cfg.resolved()
-    data = dataset(cfg)
-    departed = cfg.departed()
-    cap = cfg.eval_max_items
-    splits = EvalSplits(
-        forget=spread_items(data.forget_items(departed), cap),
-        retain=spread_items(data.retain_items(departed), cap),
-        holdout=spread_items(list(data.holdout), cap),
-        general=spread_items(list(data.general), cap),
-    )
+    splits = eval_splits(cfg)
     model, tok = load_lora_model(
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
     )
@@ -262,15 +288,7 @@ def evaluate_adapters(
             else None
         )
         results[name] = evaluate(
-            model,
-            tok,
-            prompt_fn,
-            splits,
-            reference,
-            batch_size=cfg.eval_batch_size,
-            max_new_tokens=int(r.eval_max_new_tokens),  # type: ignore[arg-type]
-            max_length=int(r.max_length),  # type: ignore[arg-type]
-            gradnorm=cfg.eval_gradnorm,
+            model, tok, prompt_fn, splits, reference, **eval_options(cfg)
         )
     return results
 

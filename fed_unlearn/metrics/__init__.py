@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from fed_unlearn.metrics.evaluator import (
+    MODEL_UTILITY_PARTS,
     TOFU_METRICS,
     EvalSplits,
     evaluate,
@@ -58,6 +59,7 @@ __all__ = [
     "EvalSplits",
     "METRIC_REGISTRY",
     "MetricSpec",
+    "MODEL_UTILITY_PARTS",
     "MissingReferenceError",
     "TOFU_METRICS",
     "avg_loss",

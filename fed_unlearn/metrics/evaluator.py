@@ -1020,7 +1020,8 @@ def gk_truth_ratio(ctx: _Context) -> dict:
     return _tr_result(ctx, "general", "para_or_answer", P.tr_true_better)
 
 
-_MU_PARTS = (
+#: The six numbers behind ``model_utility`` (the general triple counts twice).
+MODEL_UTILITY_PARTS = (
     "retain_Q_A_Prob",
     "retain_Q_A_ROUGE",
     "retain_Truth_Ratio",
@@ -1033,12 +1034,13 @@ _MU_PARTS = (
 @metric(name="model_utility", direction="higher", splits=("retain", "general"))
 def model_utility(ctx: _Context) -> dict:
     """Harmonic mean of 9 utility numbers (general triple used for RA and WF)."""
-    parts = {name: float(ctx.result(name)["agg_value"]) for name in _MU_PARTS}
+    parts = {name: float(ctx.result(name)["agg_value"]) for name in MODEL_UTILITY_PARTS}
     nine = [
         parts["retain_Q_A_Prob"],
         parts["retain_Q_A_ROUGE"],
         parts["retain_Truth_Ratio"],
-        *[parts[n] for n in _MU_PARTS[3:]] * 2,  # real-authors + world-facts slots
+        *[parts[n] for n in MODEL_UTILITY_PARTS[3:]]
+        * 2,  # real-authors + world-facts slots
     ]
     return {
         "agg_value": P.model_utility(nine),
@@ -1231,7 +1233,7 @@ TOFU_METRICS: tuple[str, ...] = (
 # Dependencies between metrics (for the prefetch plan).
 _DEPS: dict[str, tuple[str, ...]] = {
     "forget_quality": ("forget_truth_ratio",),
-    "model_utility": _MU_PARTS,
+    "model_utility": MODEL_UTILITY_PARTS,
     "privleak": ("mia_min_k",),
 }
 # What each metric reads: (kind, split) with kind in answer / tr_para / tr_answer /
