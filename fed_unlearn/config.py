@@ -66,6 +66,10 @@ AGGREGATIONS = ("fedavg", "product_svd")
 #: of the cache key of FL phases).
 FL_RECIPE_VERSION = 2
 
+#: Data settings that only the evaluation reads (the cap on items per split and
+#: the number of general-knowledge probes): no FL phase depends on them.
+EVAL_ONLY_DATA_KEYS = ("eval-max-items", "general-probes")
+
 #: Flat keys ``method-<option>`` carry the unlearning method's options.
 METHOD_OPTION_PREFIX = "method-"
 
@@ -505,6 +509,12 @@ class RunConfig:
             # the dual settings change nothing while the dual adapter is off
             and (r.dual_adapter or not k.startswith("dual-"))
         }
+        # evaluation-only data settings: no FL phase reads them, so any value
+        # reuses the phase; they stay in the hash at their defaults, which keeps
+        # the keys of phases cached before they were known to be evaluation-only
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in EVAL_ONLY_DATA_KEYS:
+            keep[key] = defaults[key.replace("-", "_")]
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]
         keep["model"] = model_identity(self.preset, self.model_path or None)

@@ -71,6 +71,23 @@ def test_fl_key_ignores_method_and_output_but_not_training_or_exclusions():
     assert d.fl_key(()) == a.fl_key(())
 
 
+def test_fl_key_ignores_evaluation_only_data_settings():
+    """The evaluation's item cap and probe count change no FL phase: any value
+    reuses the default run's phases; the people a client trains on do not
+    change with them, while a training-data setting changes the key."""
+    from clients.task import dataset
+
+    a = RunConfig.from_flat({"preset": "tiny"})
+    b = RunConfig.from_flat(
+        {"preset": "tiny", "eval-max-items": 50, "general-probes": 40}
+    )
+    assert a.fl_key(()) == b.fl_key(()) and a.fl_key((2,)) == b.fl_key((2,))
+    assert dataset(a).clients == dataset(b).clients
+    assert len(dataset(b).general) == 40 != len(dataset(a).general)
+    c = RunConfig.from_flat({"preset": "tiny", "qa-per-person": 12})
+    assert c.fl_key(()) != a.fl_key(())
+
+
 def test_fl_key_follows_the_base_model(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
