@@ -221,6 +221,18 @@ def test_foul_new_option_errors_name_the_option():
         get_method("foul", {"mode": "offline"})
 
 
+def _rank_case():
+    """A 2 x 3 lora_A and a 3 x 2 lora_B at zero; the departed client's update
+    sits on A's row 1 and B's column 0, the retain client's is 0.1 everywhere."""
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    trained = {a: torch.zeros(2, 3), b: torch.zeros(3, 2)}
+    forget = {a: torch.full((2, 3), 0.01), b: torch.full((3, 2), 0.01)}
+    forget[a][1] = 5.0
+    forget[b][:, 0] = 5.0
+    retain = {a: torch.full((2, 3), 0.1), b: torch.full((3, 2), 0.1)}
+    return a, b, trained, forget, retain
+
+
 def test_foul_rank_granularity_selects_rows_of_a_and_columns_of_b(tmp_path):
     """Units: rows of A, columns of B. The departed client's update sits on A's
     row 1 and B's column 0, so the ratio rule (top half of 4 units) picks those
@@ -228,12 +240,7 @@ def test_foul_rank_granularity_selects_rows_of_a_and_columns_of_b(tmp_path):
     leave every other entry alone."""
     from fed_unlearn.methods.foul import SubNetwork, rank_units
 
-    a, b = "m.lora_A.weight", "m.lora_B.weight"
-    trained = {a: torch.zeros(2, 3), b: torch.zeros(3, 2)}
-    forget = {a: torch.full((2, 3), 0.01), b: torch.full((3, 2), 0.01)}
-    forget[a][1] = 5.0
-    forget[b][:, 0] = 5.0
-    retain = {a: torch.full((2, 3), 0.1), b: torch.full((3, 2), 0.1)}
+    a, b, trained, forget, retain = _rank_case()
     units = rank_units(forget)
     assert sorted(units) == [f"{a}#0", f"{a}#1", f"{b}#0", f"{b}#1"]
     assert torch.equal(units[f"{b}#0"], forget[b][:, 0])
@@ -284,12 +291,7 @@ def test_foul_cached_rank_mode_sends_only_the_selected_ranks(tmp_path):
 
     from test_methods import LinearClients
 
-    a, b = "m.lora_A.weight", "m.lora_B.weight"
-    trained = {a: torch.zeros(2, 3), b: torch.zeros(3, 2)}
-    forget = {a: torch.full((2, 3), 0.01), b: torch.full((3, 2), 0.01)}
-    forget[a][1] = 5.0
-    forget[b][:, 0] = 5.0
-    retain = {a: torch.full((2, 3), 0.1), b: torch.full((3, 2), 0.1)}
+    a, b, trained, forget, retain = _rank_case()
     target = {a: torch.arange(6.0).reshape(2, 3), b: torch.arange(6.0).reshape(3, 2)}
     clients = LinearClients({0: target})
     ctx = UnlearnContext(
