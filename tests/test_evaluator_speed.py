@@ -270,6 +270,20 @@ def test_mismatch_falls_back(gqa_model, tiny_tokenizer, splits, monkeypatch):
     assert_same_eval(shared, full)  # (the checked pairs ran in other batches)
 
 
+def test_missing_cache_argument_warns(gqa_model, tiny_tokenizer, splits, monkeypatch):
+    """A forward with no KV-cache argument (a renamed API) is a loud fallback."""
+    params = dict(E._forward_params(gqa_model))
+    assert E._cache_kwarg(gqa_model) in params  # the installed API is supported
+    for name in ("cache", "past_key_values"):
+        params.pop(name, None)
+    monkeypatch.setattr(E, "_forward_params", lambda model: params)
+    kw = {"metrics": ["forget_truth_ratio"], "num_samples": 0}
+    spy = _Spy(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="forward takes no past_key_values"):
+        evaluate(gqa_model, tiny_tokenizer, chat_prompt, splits, batch_size=3, **kw)
+    assert spy.shared == 0 and spy.full > 0
+
+
 def _benchmark(n_items: int = 40, batch_size: int = 16, repeats: int = 5) -> None:
     """Wall time of both paths (hidden 128, 4 layers, 40 items); not a test."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -377,12 +377,14 @@ class _Context:
         randomly initialised model, where it would not pay.
         """
         model = self._model(which)
-        tol = _share_tol(model)
+        tol, why = _share_tol(model)
 
         def left_over() -> list[int]:
             return [i for i, p in enumerate(todo) if (which, *p) not in self._scores]
 
         if tol is None:
+            if why:  # an API gap, not a design choice: say so
+                self._refuse_sharing(which, why)
             self._share_ok[which] = False
             return left_over()
         groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
@@ -485,7 +487,7 @@ class _Context:
             use_cache=True,
             **kwargs,
         )
-        cache = out.past_key_values
+        cache = _output_cache(out)
         if not _cache_supported(cache, width + self.max_length):
             raise TypeError(
                 f"its {type(cache).__name__} is not a growable full-attention cache "
@@ -541,9 +543,9 @@ class _Context:
                 input_ids=ids,
                 attention_mask=attn,
                 position_ids=pos,
-                past_key_values=_select_cache(cache, rows),
                 use_cache=True,
                 **kwargs,
+                **{_cache_kwarg(model): _select_cache(cache, rows)},
             ).logits
             pieces.append(logits.to(first.dtype))
         # position t predicts label t + 1: [prompt's last | answer tokens but the
@@ -770,15 +772,21 @@ def _check_subset(
     return [first[r] for r in rows[:limit]]
 
 
-def _share_tol(model: Any) -> float | None:
-    """Tolerance for ``model``, or ``None`` if it cannot share prompts."""
-    if not _sharing_supported(model):
-        return None
+def _share_tol(model: Any) -> tuple[float | None, str]:
+    """Tolerance for ``model``, or ``(None, why)`` if it cannot share prompts.
+
+    ``why`` is empty where not sharing is by design (half precision, an
+    encoder-decoder, virtual-token adapters) and names the missing forward
+    argument where the model's API would need it: the caller warns then.
+    """
+    expected, missing = _sharing_blockers(model)
+    if expected or missing:
+        return None, missing
     try:
         dtype = next(model.parameters()).dtype
     except StopIteration:  # pragma: no cover - parameterless model
-        return None
-    return _SHARE_TOL.get(dtype)
+        return None, ""
+    return _SHARE_TOL.get(dtype), ""
 
 
 def _prompt_len(labels: Sequence[int]) -> int:
@@ -798,19 +806,43 @@ def _accepts(model: Any, name: str) -> bool:
     return name in _forward_params(model)
 
 
-def _sharing_supported(model: Any) -> bool:
-    """Whether ``model`` can score answers as continuations of a prompt KV cache."""
+def _sharing_blockers(model: Any) -> tuple[bool, str]:
+    """Why ``model`` cannot score answers as continuations of a prompt KV cache.
+
+    Returns ``(by_design, missing)``: ``by_design`` for an encoder-decoder or a
+    virtual-token / input-dependent adapter (not a prefix cache), ``missing``
+    naming the forward arguments the model lacks (``""`` when it has them).
+    """
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
+        return True, ""
     peft_cfg = getattr(model, "active_peft_config", None)
     if peft_cfg is not None and (
         getattr(peft_cfg, "is_prompt_learning", False)
         or getattr(peft_cfg, "alora_invocation_tokens", None)
     ):
-        return False  # virtual tokens / input-dependent adapters: not a prefix cache
+        return True, ""
     params = _forward_params(model)
-    return "past_key_values" in params and "position_ids" in params
+    need = [_cache_kwarg(model), "position_ids"]
+    missing = [n for n in need if n not in params]
+    if not missing:
+        return False, ""
+    return False, "its forward takes no " + " / ".join(missing)
+
+
+def _cache_kwarg(model: Any) -> str:
+    """Name of the forward argument that takes a KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is
+    a deprecated alias, in the forward's kwargs and in its outputs).
+    """
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    """Return the KV cache of a forward's output, under either of its names."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
 
 
 def _cache_supported(cache: Any, width: int) -> bool:
