@@ -115,7 +115,8 @@ class RunConfig:
     depart : str
         Comma-separated client ids that leave (default: ``"2"``).
     method : str
-        Unlearning method from the registry (default: ``"none"``).
+        Unlearning method from the registry (default: ``"foul_server"``, the
+        recommended oracle-free method).
     num_server_rounds : int, optional
         FL rounds (default: preset).
     fraction_train : float
@@ -188,7 +189,7 @@ class RunConfig:
     qa_per_person: int = 10
     general_probes: int = 24
     depart: str = "2"
-    method: str = "none"
+    method: str = "foul_server"
     num_server_rounds: int | None = None
     fraction_train: float = 1.0
     local_epochs: int | None = None

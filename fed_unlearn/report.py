@@ -226,6 +226,9 @@ def _assign_labels(runs: Sequence[_Run]) -> None:
                 r.label = f"{name} ({r.path.name})"
             else:
                 r.label = f"{name} ({', '.join(parts) or 'defaults'})"
+    for r in runs:
+        if r.run.get("oracle_stopped"):
+            r.label = f"{r.label} — oracle-stopped (upper bound)"
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):
         if labels.count(r.label) > 1:

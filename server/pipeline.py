@@ -33,6 +33,7 @@ from fed_unlearn import adapters as ad
 from fed_unlearn.config import RunConfig
 from fed_unlearn.history import HistoryError, HistoryStore
 from fed_unlearn.methods import UnlearnContext, get_method
+from fed_unlearn.methods.rounds import uses_oracle
 from fed_unlearn.models import (
     cache_root,
     init_adapter,
@@ -444,8 +445,12 @@ def run_pipeline(
             )
         return out.retrain.final
 
-    retrain()  # the oracle first (cached): its curve gives the T2F target
+    # The oracle is a measurement: computed (or loaded from the cache) here for
+    # the evaluation, handed to the method only for the research-only
+    # stop="oracle" (flagged in run.json, its cost added to the method's).
+    retrain()
     assert out.retrain is not None
+    oracle_stop = uses_oracle(method.config)
     channel = (
         FlowerChannel(counting, cfg, node_map)
         if counting is not None and node_map is not None
@@ -462,7 +467,7 @@ def run_pipeline(
         clients=channel,
         departed_cooperates=cfg.departed_online,
         evaluate=evaluate,
-        forget_target=_forget_target(train, out.retrain),
+        forget_target=_forget_target(train, out.retrain) if oracle_stop else None,
         dual_split=dual.split if (dual := cfg.dual_spec()) is not None else 0,
     )
     method.check(ctx)
@@ -494,6 +499,7 @@ def run_pipeline(
         },
         "rounds": rounds,
         "info": res.info,
+        "oracle_stopped": oracle_stop,
     }
     return out
 

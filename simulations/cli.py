@@ -242,6 +242,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``bench SUITE --out DIR``: methods x scenarios x seeds, mean and 95 % CI."""
+    from simulations import bench
+
+    if args.list:
+        for name in bench.list_suites():
+            print(f"  {name:12s} {bench.load_suite(name).description}")
+        return 0
+    if not args.suite or not args.out:
+        raise UsageError("bench needs SUITE and --out DIR (or --list)")
+    try:
+        suite = bench.load_suite(args.suite)
+    except bench.SuiteError as exc:
+        raise UsageError(str(exc)) from None
+    out = Path(args.out)
+    bench.run_suite(suite, out, progress=not args.quiet)
+    print(f"bench {suite.name}: {out}/report.md, {out}/results.json")
+    if args.publish:
+        print(f"published: {bench.publish(suite, out)}")
+    return 0
+
+
 def cmd_methods(_args: argparse.Namespace) -> int:
     """``methods``: list registered methods, one line each."""
     from fed_unlearn.losses import list_losses
@@ -325,6 +347,16 @@ def parser() -> argparse.ArgumentParser:
     p_rep.add_argument("run_dirs", nargs="+")
     p_rep.add_argument("--out", required=True, help="report directory")
     sub.add_parser("methods", help="list unlearning methods")
+    p_b = sub.add_parser(
+        "bench", help="run a suite: methods x scenarios x seeds, mean and 95% CI"
+    )
+    p_b.add_argument("suite", nargs="?", help="suite name (--list) or .toml path")
+    p_b.add_argument("--out", help="bench directory (resumable)")
+    p_b.add_argument(
+        "--publish", action="store_true", help="also copy the report to docs/results/"
+    )
+    p_b.add_argument("--list", action="store_true", help="list the shipped suites")
+    p_b.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
 
@@ -366,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.cmd == "report":
             return cmd_report(args)
+        if args.cmd == "bench":
+            return cmd_bench(args)
     except (UsageError, ConfigError, DataFormatError) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 2

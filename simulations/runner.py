@@ -423,6 +423,28 @@ def add_method_wall(run: dict[str, Any], out: Any) -> None:
     }
 
 
+def add_oracle_cost(run: dict[str, Any], oracle_stopped: bool) -> None:
+    """Flag an oracle-stopped run and charge it the oracle's cost (in place).
+
+    A method run with ``stop="oracle"`` consumed the retrain oracle, so its
+    unlearning wall time (with and without the curve evaluation) and bytes
+    include the retrain phase's; the method's own cost stays in
+    ``*.unlearn_method_only``.
+    """
+    run["oracle_stopped"] = oracle_stopped
+    if not oracle_stopped or "retrain" not in run["wall_time_s"]:
+        return
+    walls, by = run["wall_time_s"], run["bytes"]
+    walls["unlearn_method_only"] = walls["unlearn"]
+    walls["unlearn"] += walls["retrain"]
+    excl = walls.get("excl_curve_eval") or {}
+    if "unlearn" in excl and "retrain" in excl:
+        excl["unlearn_method_only"] = excl["unlearn"]
+        excl["unlearn"] += excl["retrain"]
+    by["unlearn_method_only"] = dict(by["unlearn"])
+    by["unlearn"] = {k: by["unlearn"][k] + by["retrain"][k] for k in by["unlearn"]}
+
+
 T2F_DEFINITION = (
     "first unlearning round whose forget_Q_A_Prob (per-round subset) stays within "
     "delta = 10% of the |original - retrain| gap of the retrain oracle's final value "
@@ -594,6 +616,8 @@ def run_all(
         run["rounds"]["unlearn"] = out.unlearn_stats["rounds"]
         run["unlearn_info"] = out.unlearn_stats["info"]
     add_method_wall(run, out)
+    if out.unlearned is not None:
+        add_oracle_cost(run, bool(out.unlearn_stats.get("oracle_stopped")))
     if do_eval and out.unlearned is not None and out.retrain is not None:
         te = time.perf_counter()
         results = evaluate_adapters(

@@ -50,18 +50,18 @@ def _one_round_history(tmp_path, trained, deltas, sizes=None):
     return store
 
 
-def test_t2f_stops_at_the_first_round_in_the_oracle_band():
+def test_oracle_stops_at_the_first_round_in_the_oracle_band():
     values = [0.5, 0.3, 0.15, 0.11, 0.1, 0.1]
-    log = RoundLog(_ctx(values), "t2f")
+    log = RoundLog(_ctx(values), "oracle")
     assert _drive(log, values) == 3  # |0.11 - 0.1| <= 0.02
-    assert log.stopped_by == "t2f" and not log.rolled_back
+    assert log.stopped_by == "oracle" and not log.rolled_back
     assert float(log.result({})["x"][0]) == pytest.approx(0.11)
     assert [p["round"] for p in log.curve] == [0, 1, 2, 3]
 
 
 def test_overshoot_rolls_back_to_the_closer_round():
     values = [0.5, 0.3, 0.13, 0.0]  # 0.13 is 0.03 away, 0.0 is 0.1 away
-    log = RoundLog(_ctx(values), "t2f")
+    log = RoundLog(_ctx(values), "oracle")
     assert _drive(log, values) == 3
     assert log.stopped_by == "overshoot" and log.rolled_back
     assert float(log.result({})["x"][0]) == pytest.approx(0.13)
@@ -71,18 +71,21 @@ def test_overshoot_rolls_back_to_the_closer_round():
 
 def test_overshoot_keeps_the_last_round_when_it_is_closer():
     values = [0.5, 0.3, 0.075]  # below 0.08 but closer than 0.3
-    log = RoundLog(_ctx(values), "t2f")
+    log = RoundLog(_ctx(values), "oracle")
     _drive(log, values)
     assert log.stopped_by == "overshoot" and not log.rolled_back
     assert float(log.result({})["x"][0]) == pytest.approx(0.075)
 
 
-def test_budget_rule_and_missing_oracle_run_every_round():
+def test_budget_runs_every_round_and_oracle_needs_a_simulation():
     values = [0.5, 0.1, 0.1, 0.1]
     assert _drive(RoundLog(_ctx(values), "budget"), values) == 3
     ctx = _ctx(values)
     ctx.forget_target = None
-    assert _drive(RoundLog(ctx, "t2f"), values) == 3
+    with pytest.raises(ValueError, match="only a simulation has; use stop='budget'"):
+        RoundLog(ctx, "oracle")
+    with pytest.raises(ValueError, match="now stop='oracle'"):
+        RoundLog(ctx, "t2f")
 
 
 def test_client_compute_is_summed_over_replies():
@@ -191,6 +194,27 @@ def test_foul_server_mode_contacts_no_client_and_steps_along_g0(tmp_path):
         get_method("foul", {**opts, "recovery_rounds": 1}).unlearn(ctx)
 
 
+def test_foul_share_step_is_as_long_as_the_departed_contribution(tmp_path):
+    """server_step=share, κ = 0: the step along d = g0 is as long as the
+    departed client's FedAvg share p_f·|g_f| of the update, times server_lr."""
+    trained, store = _scalar_history(
+        tmp_path, {0: 0.4, 1: 0.1, 2: -2.0}, {0: 30, 1: 10, 2: 5}
+    )
+    opts = {"mode": "server", "kappa": 0.0, "subnetwork": "all", "stop": "budget"}
+    method = get_method("foul", {**opts, "server_step": "share", "server_lr": 0.5})
+    ctx = UnlearnContext(
+        trained=trained, departed=(2,), remaining=(0, 1), seed=0, history=store
+    )
+    res = method.unlearn(ctx)
+    g0 = -(30 * 0.4 + 10 * 0.1) / 40  # -0.325, the retain clients' mean
+    share = 5 / 45 * 2.0  # p_f |g_f|: g_f = -(-2.0) = 2.0
+    eta = 0.5 * share / abs(g0)
+    assert float(res.adapter["x"][0]) == pytest.approx(0.5 - eta * g0)
+    assert res.info["rounds"][0]["total_step"] == pytest.approx(eta)
+    with pytest.raises(ValueError, match="server_step must be one of"):
+        get_method("foul", {"server_step": "oracle"})
+
+
 def test_foul_rollback_returns_the_earlier_round_not_the_overshoot(tmp_path):
     """x falls by 0.18 a step: 0.5, 0.32, 0.14, -0.04. Oracle 0.1 ± 0.02: -0.04
     overshoots, and 0.14 is closer to the oracle, so FOUL must return 0.14."""
@@ -205,7 +229,7 @@ def test_foul_rollback_returns_the_earlier_round_not_the_overshoot(tmp_path):
         forget_target=(0.1, 0.02),
     )
     opts = {"mode": "server", "kappa": 0.0, "subnetwork": "all", "rounds": 10}
-    res = get_method("foul", opts).unlearn(ctx)
+    res = get_method("foul", {**opts, "stop": "oracle"}).unlearn(ctx)
     assert res.info["stopped_by"] == "overshoot" and res.info["rolled_back"]
     assert float(res.adapter["x"][0]) == pytest.approx(0.14)
     assert res.info["server_steps"] == 3

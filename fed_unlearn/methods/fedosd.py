@@ -26,7 +26,8 @@ projection), then they are averaged with uniform weights [V] and applied.
 
 The whole adapter travels (FedOSD has no sub-network). Our defaults are far
 fewer rounds than the paper's CIFAR-10 schedule (UR = 100): the unlearning stage
-stops on T2F (:mod:`fed_unlearn.methods.rounds`) or its budget [R].
+stops after its round budget, or for research on the oracle
+(:mod:`fed_unlearn.methods.rounds`) [R].
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class FedOSDConfig(UnlearnConfig):
     tol : float
         Relative cut-off of the pseudo-inverse's eigenvalues (default: 1e-6).
     stop : str
-        ``"t2f"`` (default) or ``"budget"`` for the unlearning stage.
+        ``"budget"`` (default, oracle-free) or ``"oracle"`` (research only),
+        for the unlearning stage.
     """
 
     unlearn_rounds: int = 10
@@ -89,7 +91,7 @@ class FedOSDConfig(UnlearnConfig):
     lr_scale: float = 0.1
     post_lr: float = 0.0
     tol: float = 1e-6
-    stop: str = "t2f"
+    stop: str = "budget"
 
     def __post_init__(self) -> None:
         if self.unlearn_rounds < 1 or self.local_epochs < 1:

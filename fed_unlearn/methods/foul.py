@@ -34,10 +34,21 @@ Algorithm (per unlearning request)
    gradients" (A.3 step 2), R for the rest] is the strict on-server reading: the
    retain pseudo-gradients come from the history too (same ``forget_grad`` rule),
    so no client is contacted and nothing crosses the wire. The gradients do not
-   change, so d is solved once and the rounds are ``rounds`` equal steps of
-   ``server_lr / rounds`` along it (a line search that the T2F rule stops; under
-   the budget rule the total step is ``server_lr``).
-4. Stop on T2F (see :mod:`fed_unlearn.methods.rounds`) or the round budget.
+   change, so d is solved once and the rounds are ``rounds`` equal steps along
+   it. Their total length [R] is ``server_lr`` with ``server_step="fixed"``, or
+   with ``"share"`` (``foul_server``'s default) the length of what the
+   departed clients added to the global adapter, from the history alone:
+   under FedAvg with full participation the global adapter's change is
+   θ_T - θ_0 = -Σ_t Σ_u p_u (θ_t - θ_t,u), so the departed clients added
+   C = -Σ_f p_f g_f (p_f = n_f / Σ_u n_u, the last round's sizes), and the
+   step is η = ``server_lr`` · ‖C‖ / ‖d‖ (on θ_V), i.e. a step along d exactly
+   as long as the contribution to remove. Under partial participation p_f
+   varies by round and this is an approximation. No oracle and no forget data
+   enter it; ``server_lr`` scales it and is calibrated on the ``calibration``
+   bench suite.
+4. Stop after the round budget (``stop="budget"``, the default), or for
+   research on the retrain oracle (``stop="oracle"``, an upper bound; see
+   :mod:`fed_unlearn.methods.rounds`).
 5. Optional ``recovery_rounds`` [R] (default 0): FedAvg rounds of the remaining
    clients on their own data after the stop (see
    :func:`fed_unlearn.methods.rounds.recovery_rounds`); they need live clients,
@@ -49,14 +60,10 @@ keep it in their Flower context state; a tensor of which θ_V holds only some
 ranks goes whole in that base, and each round's ranks are written into it).
 ``info`` reports θ_V's bytes against the whole adapter's.
 
-Measured in ``server`` mode (3 clients, one departs, T2F stop; README): tiny with
-``subnetwork=all`` closes 93 % of the forget gap at 0.89× the oracle's
-model_utility; SmolLM2 with ``"ratio"`` 84 % at 0.47×, at about 1 % of retrain's
-wall time and no bytes. A linear step inside the span of the cached updates can
-remove the departed contribution but cannot re-learn what retraining teaches the
-remaining clients' data, which is why ``cached`` stays the default. One recovery
-round brings tiny to 81 % at 0.97× (a whole epoch;
-``foul_server``'s budgeted round: 86 % at 0.96×).
+In ``server`` mode a linear step inside the span of the cached updates can
+remove the departed contribution but cannot re-learn what retraining teaches
+the remaining clients' data; ``foul_server`` therefore adds one short recovery
+round. Figures: the README and ``docs/results/``.
 
 Logged every round: min over retain clients of ⟨d, g_r⟩ and max over forget
 clients of ⟨d, g_f⟩ (conflict mitigation wants the first ≥ 0, expression the
@@ -67,10 +74,7 @@ Option A of A.7, dual adapters [R] (``subnetwork="dual"``): an FL run with
 side by side with L2U-style regularisers (:mod:`fed_unlearn.dual`); θ_V is then V
 (the upper ranks of every LoRA A and B) and the step leaves K as trained. The
 run config is checked before any FL phase: ``dual`` on a single-adapter run is
-refused. Measured in server mode against the dual oracle (README): on SmolLM2
-the step on V alone, with no recovery round, closes 93 % of the gap at 0.83×
-the oracle's utility (the single adapter's step: 84 % at 0.47×); on tiny V
-alone keeps less utility than the whole adapter of the same dual run.
+refused.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ from fed_unlearn.methods.rounds import (
 from fed_unlearn.types import AdapterState
 
 MODES = ("server", "cached", "live")
+SERVER_STEPS = ("fixed", "share")
 SUBNETWORKS = ("conflict", "ratio", "all", "dual")
 FORGET_GRADS = ("sum", "last")
 GRANULARITIES = ("tensor", "rank")
@@ -125,12 +130,7 @@ class FoulConfig(UnlearnConfig):
     ----------
     kappa : float
         Conflict radius κ ≥ 0 (default: 0.75; the paper's value is unknown and
-        CAGrad uses 0.2-0.5). Measured here (3 clients, one departs): κ = 0.75
-        closes 91 % of SmolLM2's forget gap in 4 rounds with every retain
-        statistic above the retrain oracle's, and 79.9 % of tiny's in 10 rounds
-        with model_utility 1.01× the oracle's (91 % and 0.85× at the T2F
-        stop, 16 rounds); κ = 1.5 forgets faster but costs the tiny model's
-        retain knowledge (0.72× utility); κ = 0.5 needs 19 rounds on tiny.
+        CAGrad uses 0.2-0.5) [R].
     mode : str
         ``"cached"`` (default) or ``"live"`` source of the forget gradient, or
         ``"server"``: every gradient from the history, no client contacted.
@@ -154,10 +154,16 @@ class FoulConfig(UnlearnConfig):
     rounds : int
         Round budget (default: 20).
     stop : str
-        ``"t2f"`` (default) or ``"budget"``.
+        ``"budget"`` (default, oracle-free) or ``"oracle"`` (research only).
     server_lr : float
         Server step η on d (default: 1.0: d is made of pseudo-gradients); in
-        ``server`` mode the total step, split into ``rounds`` equal steps.
+        ``server`` mode with ``server_step="fixed"`` the total step, split into
+        ``rounds`` equal steps.
+    server_step : str
+        ``server`` mode's total step: ``"fixed"`` (default; ``server_lr``) or
+        ``"share"``: from the history alone, the step whose length is
+        ``server_lr`` times that of the departed clients' FedAvg-weighted
+        share of the cumulative update on θ_V (see the module docstring).
     local_epochs : int
         Local epochs behind each pseudo-gradient (default: 1).
     local_steps : int
@@ -188,8 +194,9 @@ class FoulConfig(UnlearnConfig):
     tau: float = 0.0
     top_p: float = 0.25
     rounds: int = 20
-    stop: str = "t2f"
+    stop: str = "budget"
     server_lr: float = 1.0
+    server_step: str = "fixed"
     local_epochs: int = 1
     local_steps: int = 0
     lr: float = 0.0
@@ -206,6 +213,7 @@ class FoulConfig(UnlearnConfig):
             ("forget_grad", self.forget_grad, FORGET_GRADS),
             ("subnetwork", self.subnetwork, SUBNETWORKS),
             ("granularity", self.granularity, GRANULARITIES),
+            ("server_step", self.server_step, SERVER_STEPS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -281,6 +289,23 @@ def weighted_mean(
 ) -> AdapterState:
     """Σ w_u s_u / Σ w_u over the clients of ``states`` (FedAvg's average)."""
     return fedavg(list(states.values()), [weights[c] for c in states])
+
+
+def departed_share_norm(
+    grads: dict[int, torch.Tensor],
+    weights: dict[int, float],
+    departed: tuple[int, ...],
+) -> float:
+    """‖Σ_f p_f g_f‖: the length of the departed clients' share of the update.
+
+    ``grads`` are the flattened cumulative pseudo-gradients g_c = Σ_t (θ_t -
+    θ_t,c) of every client, ``weights`` their FedAvg weights n_c; p_f = n_f /
+    Σ_c n_c. Under FedAvg with full participation, -Σ_f p_f g_f is exactly
+    what the departed clients' local updates added to the global adapter.
+    """
+    total = sum(weights[c] for c in grads)
+    share = sum(weights[f] / total * grads[f] for f in departed)
+    return float(torch.as_tensor(share).norm())
 
 
 def rank_units(state: AdapterState) -> AdapterState:
@@ -433,7 +458,7 @@ class Foul(UnlearningMethod):
             )
 
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
-        """Run FOUL rounds until T2F or the budget; see the module docstring."""
+        """Run FOUL rounds (budget or oracle stop); see the module docstring."""
         self.check(ctx)
         cfg = self.config
         assert ctx.history is not None
@@ -549,7 +574,13 @@ class Foul(UnlearningMethod):
             c: sub.flatten(hist[c]) for hist in (hist_retain, hist_forget) for c in hist
         }
         d, extra = self._step(ctx, grads, weights)
-        eta = cfg.server_lr / cfg.rounds
+        total = cfg.server_lr
+        if cfg.server_step == "share":
+            total *= departed_share_norm(grads, weights, ctx.departed) / max(
+                float(d.norm()), 1e-12
+            )
+        extra["total_step"] = total
+        eta = total / cfg.rounds
         r = 0
         for r in range(1, cfg.rounds + 1):
             # a new dict each round: the log may roll back to the previous one

@@ -106,19 +106,16 @@ class InnerLossConfig(UnlearnConfig):
     server_lr : float
         η_srv (default: 1.0).
     stop : str
-        ``"t2f"`` (default) or ``"budget"``.
+        ``"budget"`` (default, oracle-free) or ``"oracle"`` (research only).
     recovery_rounds : int
         FedAvg rounds of the remaining clients after unlearning (default: 0; see
         :func:`~fed_unlearn.methods.rounds.recovery_rounds`) [R].
     interleave_recovery : bool
         One such FedAvg round after every unlearning round, before the round is
-        evaluated, so the T2F stop sees the repaired model (default: True) [R].
-        The departed client alone cannot repair what its unlearning does to the
-        other clients' knowledge: on tiny, NPO on the departed people cut the
-        retain answers' probability from 0.34 to 0.16 (utility 0.43× the
-        oracle's); interleaved it is 0.59 (1.05×). A recovery only *after*
-        unlearning brought part of the forgotten answers back (67 % of the gap
-        closed instead of 91 %). Set False for MPU exactly as published.
+        evaluated (default: True) [R]. The departed client alone cannot repair
+        what its unlearning does to the other clients' knowledge, and a
+        recovery only *after* unlearning brings part of the forgotten answers
+        back (README). Set False for MPU exactly as published.
     """
 
     inner_loss: str = "npo"
@@ -129,7 +126,7 @@ class InnerLossConfig(UnlearnConfig):
     lr: float = 0.0
     lr_scale: float = 0.1
     server_lr: float = 1.0
-    stop: str = "t2f"
+    stop: str = "budget"
     recovery_rounds: int = 0
     interleave_recovery: bool = True
 

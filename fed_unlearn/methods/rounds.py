@@ -4,14 +4,24 @@ Every method that talks to clients over several rounds logs the same things: the
 cheap per-round forget/retain evaluation (``info["curve"]``, round 0 = the trained
 adapter), the clients' local work (``info["client_compute"]``) and why it stopped.
 
-Stopping rule ``"t2f"`` [R] (built on our operationalisation of FOUL's T2F, see
-``simulations.runner.T2F_DEFINITION``): stop at the first round whose per-round
-``forget_Q_A_Prob`` is within ``delta`` of the retrain oracle's level (the band
-T2F measures), and when a round overshoots below ``oracle - delta``, roll back to
-whichever of that round and the previous one is closer to the oracle (forgetting
-further only costs utility). ``patience > 1`` waits for that many rounds in the
-band instead. Without an evaluator or an oracle level (deployments), the round
-budget applies.
+Stopping rules (:data:`STOP_RULES`):
+
+* ``"budget"`` (every method's default): the method's fixed rounds, steps and
+  step sizes, stated relative to the FL run. Nothing is read from the retrain
+  oracle or from forget data held by the server: the per-round curve is
+  evaluated in simulations, but as a measurement only. This is what a
+  deployment runs.
+* ``"oracle"`` [R], research only, never a default: the upper bound of an
+  oracle-guided stop (our operationalisation of FOUL's T2F, see
+  ``simulations.runner.T2F_DEFINITION``). Stop at the first round whose
+  per-round ``forget_Q_A_Prob`` is within ``delta`` of the retrain oracle's
+  level, and when a round overshoots below ``oracle - delta``, roll back to
+  whichever of that round and the previous one is closer to the oracle.
+  ``patience > 1`` waits for that many rounds in the band. It reads the
+  oracle and the forget data, which a deployment has neither of: the pipeline
+  hands it the oracle's level only when a method asks for this rule, marks the
+  run ``oracle_stopped`` in ``run.json`` and adds the oracle's cost to the
+  method's.
 """
 
 from __future__ import annotations
@@ -27,13 +37,23 @@ from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import UnlearnContext
 from fed_unlearn.types import AdapterState, ClientId
 
-STOP_RULES = ("t2f", "budget")
+STOP_RULES = ("budget", "oracle")
 
 
 def check_stop_rule(stop: str) -> None:
     """Raise ``ValueError`` for an unknown stopping rule."""
+    if stop == "t2f":
+        raise ValueError(
+            "stop='t2f' is now stop='oracle' (an oracle-guided upper bound, for "
+            "research only; the oracle-free default is stop='budget')"
+        )
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+
+
+def uses_oracle(options: Any) -> bool:
+    """Whether a method config asks for the oracle-guided stop (``stop="oracle"``)."""
+    return getattr(options, "stop", None) == "oracle"
 
 
 def check_positive(**values: float) -> None:
@@ -254,13 +274,19 @@ class RoundLog:
     ctx : UnlearnContext
         The method's context (``evaluate`` and ``forget_target`` may be None).
     stop : str
-        ``"t2f"`` or ``"budget"``.
+        ``"budget"`` or ``"oracle"`` (see the module docstring).
     patience : int
-        Rounds in the oracle band before ``"t2f"`` stops.
+        Rounds in the oracle band before ``"oracle"`` stops.
     """
 
     def __init__(self, ctx: UnlearnContext, stop: str, patience: int = 1) -> None:
         check_stop_rule(stop)
+        if stop == "oracle" and (ctx.evaluate is None or ctx.forget_target is None):
+            raise ValueError(
+                "stop='oracle' needs the retrain oracle's forget level and the "
+                "server-side forget evaluation, which only a simulation has; use "
+                "stop='budget'"
+            )
         self.ctx = ctx
         self.stop = stop
         self.patience = patience
@@ -311,8 +337,8 @@ class RoundLog:
         point = {"round": r, **self.ctx.evaluate(state)}
         self.curve.append(point)
         target = self.ctx.forget_target
-        if self.stop != "t2f" or target is None:
-            return False
+        if self.stop != "oracle" or target is None:
+            return False  # the curve is a measurement: it decides nothing
         oracle, delta = target
         value = point["forget_Q_A_Prob"]
         if value < oracle - delta:
@@ -326,7 +352,7 @@ class RoundLog:
             return True
         self.in_band = self.in_band + 1 if abs(value - oracle) <= delta else 0
         if self.in_band >= self.patience:
-            self.stopped_by = "t2f"
+            self.stopped_by = "oracle"
             return True
         return False
 

@@ -1,0 +1,570 @@
+"""``fed-unlearn bench SUITE --out DIR``: methods x scenarios x seeds, with CIs.
+
+A suite is a TOML file in ``simulations/suites/`` (or any path)::
+
+    description = "what it measures"
+    seeds = [1, 2]                 # evaluation seeds
+    purpose = "evaluation"         # or "calibration": seeds no evaluation uses
+
+    [defaults]                     # flat run-config keys of every scenario
+    preset = "tiny"
+
+    [[scenario]]
+    name = "tiny-3c"
+    departs = 1                    # how many clients depart (the seed picks them)
+    num-clients = 3                # more flat run-config keys
+
+    [[method]]
+    name = "foul_server"
+    label = "foul_server"          # optional; default: the name
+    options = { kappa = 0.75 }     # optional method options (--opt)
+
+A seed changes the data, the LoRA init, the data order and which clients
+depart (:func:`departing_clients`). Each cell (scenario, seed, method) is one
+``run_all`` into ``DIR/<scenario>/seed-<s>/<label>/``; FL phases come from the
+cache by config hash, so the methods of one (scenario, seed) share them, and a
+cell whose ``run.json`` exists is skipped (the bench is resumable; a cell
+left half-written is run again).
+
+Per cell, from ``run.json`` (unlearned model against the retrain oracle of the
+same cell): ``gap_closed`` = (original - unlearned) / (original - retrain) on
+``forget_Q_A_Prob``; ``forget_quality``; ``utility_ratio`` = model_utility /
+retrain's; ``privleak``; ``relearn_gap`` (with ``eval-relearn-steps``);
+``wall_ratio`` and ``bytes_ratio`` = the method's wall time (without the
+simulation's per-round curve evaluation) and bytes over the retrain's, counting
+the oracle for an oracle-stopped run. Aggregated per (scenario, method) as the
+mean and a 95 % Student-t confidence interval over seeds. Writes
+``results.json``, ``report.md`` and PNG plots (bars with error bars, and the
+forgetting curve against the oracle with the seed spread) into ``DIR``, and
+with ``publish`` also into ``docs/results/<suite>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fed_unlearn.config import METHOD_OPTION_PREFIX, ConfigError, RunConfig
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+DOCS_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+#: (key, heading, digits) of the aggregated metrics, in report order.
+METRICS: tuple[tuple[str, str, int], ...] = (
+    ("gap_closed", "gap closed", 2),
+    ("forget_quality", "forget_quality", 3),
+    ("utility_ratio", "model_utility × retrain", 2),
+    ("privleak", "privleak", 1),
+    ("relearn_gap", "relearn gap", 2),
+    ("wall_ratio", "wall × retrain", 3),
+    ("bytes_ratio", "bytes × retrain", 3),
+)
+_SUITE_KEYS = {"description", "seeds", "purpose", "defaults", "scenario", "method"}
+_SCENARIO_KEYS = {"name", "departs"}
+_METHOD_KEYS = {"name", "label", "options"}
+PURPOSES = ("evaluation", "calibration")
+
+
+class SuiteError(ValueError):
+    """A malformed suite file (the message names the file and the key)."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One federation: flat run-config keys and how many clients depart."""
+
+    name: str
+    departs: int | str  #: a number of clients, or "domain": one whole domain
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method row: registry name, row label and options."""
+
+    name: str
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A parsed suite file."""
+
+    name: str
+    description: str
+    purpose: str
+    seeds: tuple[int, ...]
+    scenarios: tuple[Scenario, ...]
+    methods: tuple[MethodSpec, ...]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the bench."""
+
+    scenario: Scenario
+    seed: int
+    method: MethodSpec
+    config: RunConfig
+
+    def path(self, out: Path) -> Path:
+        """Run directory of the cell under ``out``."""
+        return out / self.scenario.name / f"seed-{self.seed}" / self.method.label
+
+
+def list_suites() -> list[str]:
+    """Names of the suites shipped in ``simulations/suites/``."""
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def _unknown(where: str, keys: Sequence[str], allowed: set[str]) -> None:
+    bad = sorted(set(keys) - allowed)
+    if bad:
+        raise SuiteError(f"{where}: unknown key(s) {bad} (allowed: {sorted(allowed)})")
+
+
+def load_suite(name: str) -> Suite:
+    """Parse and validate a suite (a name in ``simulations/suites/`` or a path).
+
+    Raises
+    ------
+    SuiteError
+        Naming the file and what is wrong, before any run starts.
+    """
+    path = Path(name)
+    if not path.suffix:
+        path = SUITES_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise SuiteError(
+            f"no suite {name!r} (known: {', '.join(list_suites())}; or a .toml path)"
+        )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(f"{path}: not TOML ({exc})") from None
+    _unknown(str(path), list(raw), _SUITE_KEYS)
+    seeds = raw.get("seeds")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise SuiteError(f"{path}: seeds must be a non-empty list of distinct ints")
+    purpose = raw.get("purpose", "evaluation")
+    if purpose not in PURPOSES:
+        raise SuiteError(f"{path}: purpose must be one of {PURPOSES}, got {purpose!r}")
+    defaults = raw.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise SuiteError(f"{path}: [defaults] must be a table of run-config keys")
+    scenarios = []
+    for i, sc in enumerate(raw.get("scenario", [])):
+        where = f"{path}: scenario #{i + 1}"
+        if not isinstance(sc.get("name"), str) or not sc["name"]:
+            raise SuiteError(f"{where}: needs a name")
+        departs = sc.get("departs", 1)
+        if departs != "domain" and (
+            not isinstance(departs, int) or isinstance(departs, bool) or departs < 1
+        ):
+            raise SuiteError(
+                f'{where}: departs must be an int >= 1 or "domain", got {departs!r}'
+            )
+        conf = {**defaults, **{k: v for k, v in sc.items() if k not in _SCENARIO_KEYS}}
+        for k in ("depart", "method", "seed", "out-dir"):
+            if k in conf:
+                raise SuiteError(f"{where}: {k!r} is set by the bench, not the suite")
+        scenarios.append(Scenario(sc["name"], departs, conf))
+    methods = []
+    for i, m in enumerate(raw.get("method", [])):
+        where = f"{path}: method #{i + 1}"
+        _unknown(where, list(m), _METHOD_KEYS)
+        if not isinstance(m.get("name"), str):
+            raise SuiteError(f"{where}: needs a name")
+        opts = m.get("options", {})
+        if not isinstance(opts, dict):
+            raise SuiteError(f"{where}: options must be a table")
+        methods.append(MethodSpec(m["name"], m.get("label", m["name"]), dict(opts)))
+    if not scenarios or not methods:
+        raise SuiteError(f"{path}: needs at least one [[scenario]] and one [[method]]")
+    for what, names in (
+        ("scenario", [s.name for s in scenarios]),
+        ("method label", [m.label for m in methods]),
+    ):
+        if len(set(names)) != len(names):
+            raise SuiteError(f"{path}: {what}s must be unique, got {names}")
+    suite = Suite(
+        path.stem,
+        str(raw.get("description", "")),
+        purpose,
+        tuple(seeds),
+        tuple(scenarios),
+        tuple(methods),
+    )
+    cells(suite)  # every cell's config validates before anything runs
+    return suite
+
+
+def departing_clients(
+    seed: int, num_clients: int, departs: int | str, domains: int = 0
+) -> tuple[int, ...]:
+    """Return the clients that depart in a cell, drawn from the seed.
+
+    ``departs`` clients, or with ``departs="domain"`` every client of one of
+    the ``domains`` domains (:func:`fed_unlearn.data.synthetic.client_domain`).
+    """
+    rng = random.Random(f"fed_unlearn.bench.depart:{seed}")
+    if departs == "domain":
+        from fed_unlearn.data.synthetic import client_domain
+
+        if domains < 2:
+            raise SuiteError('departs="domain" needs domains >= 2')
+        d = rng.randrange(domains)
+        return tuple(
+            c for c in range(num_clients) if client_domain(c, num_clients, domains) == d
+        )
+    assert isinstance(departs, int)
+    if not 1 <= departs < num_clients:
+        raise SuiteError(
+            f"departs={departs} needs 1 <= departs < num-clients ({num_clients})"
+        )
+    return tuple(sorted(rng.sample(range(num_clients), departs)))
+
+
+def cells(suite: Suite) -> list[Cell]:
+    """Every (scenario, seed, method) cell with its validated run config."""
+    out = []
+    for sc in suite.scenarios:
+        for seed in suite.seeds:
+            for m in suite.methods:
+                try:
+                    cfg = _cell_config(sc, seed, m)
+                except (ConfigError, ValueError, KeyError) as exc:
+                    raise SuiteError(
+                        f"suite {suite.name}, scenario {sc.name}, method {m.label}: "
+                        f"{exc}"
+                    ) from None
+                out.append(Cell(sc, seed, m, cfg))
+    return out
+
+
+def _cell_config(sc: Scenario, seed: int, m: MethodSpec) -> RunConfig:
+    """Return the validated run config of a cell (method and options too)."""
+    from fed_unlearn.methods import get_method
+
+    flat = dict(sc.config)
+    base = RunConfig.from_flat(flat)
+    gone = departing_clients(
+        seed, base.num_clients, sc.departs, getattr(base, "domains", 0)
+    )
+    flat.update(
+        seed=seed,
+        depart=",".join(map(str, gone)),
+        method=m.name,
+        **{f"{METHOD_OPTION_PREFIX}{k}": v for k, v in m.options.items()},
+    )
+    cfg = RunConfig.from_flat(flat)
+    get_method(cfg.method, cfg.method_options)
+    return cfg
+
+
+def _done(path: Path) -> bool:
+    run = path / "run.json"
+    if not run.is_file():
+        return False
+    try:
+        return "summary" in json.loads(run.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def run_suite(
+    suite: Suite,
+    out: Path,
+    run_cell: Callable[[Cell, Path], Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every unfinished cell of ``suite`` into ``out``; aggregate all of them.
+
+    Parameters
+    ----------
+    suite : Suite
+        The parsed suite.
+    out : Path
+        Bench directory (created; finished cells in it are skipped).
+    run_cell : Callable, optional
+        ``(cell, run_dir) -> None``; default: the simulation's ``run_all``.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict[str, Any]
+        The ``results.json`` content.
+    """
+    if run_cell is None:
+        from simulations.runner import run_all
+
+        def run_cell(cell: Cell, path: Path) -> None:
+            run_all(cell.config, path, progress=False)
+
+    todo = cells(suite)
+    out.mkdir(parents=True, exist_ok=True)
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"bench {suite.name}", total=len(todo))
+        for cell in todo:
+            path = cell.path(out)
+            if not _done(path):
+                if path.exists():
+                    shutil.rmtree(path)  # a cell left half-written: run it again
+                bar.update(
+                    task,
+                    description=f"{cell.scenario.name} s{cell.seed} "
+                    f"{cell.method.label}",
+                )
+                run_cell(cell, path)
+            bar.advance(task)
+    results = aggregate(suite, out)
+    write_results(suite, results, out)
+    return results
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return float(a) / float(b)
+
+
+def cell_metrics(run_dir: Path) -> dict[str, Any]:
+    """Return the bench metrics of a finished run directory (module docstring)."""
+    run = json.loads((run_dir / "run.json").read_text())
+    summ = run["summary"]
+    orig, unl, ret = summ["original"], summ["unlearned"], summ["retrain"]
+    full = json.loads(
+        (run_dir / "evals" / "unlearned" / "TOFU_SUMMARY.json").read_text()
+    )
+    gap = orig["forget_Q_A_Prob"] - ret["forget_Q_A_Prob"]
+    walls = run.get("wall_time_s", {})
+    excl = walls.get("excl_curve_eval") or {}
+    if excl.get("unlearn") is not None and excl.get("retrain") is not None:
+        wall = _ratio(excl["unlearn"], excl["retrain"])
+    else:
+        wall = _ratio(walls.get("unlearn"), walls.get("retrain"))
+    by = run.get("bytes", {})
+    return {
+        "gap_closed": (orig["forget_Q_A_Prob"] - unl["forget_Q_A_Prob"]) / gap
+        if gap
+        else None,
+        "forget_quality": unl.get("forget_quality"),
+        "utility_ratio": _ratio(unl.get("model_utility"), ret.get("model_utility")),
+        "privleak": full.get("privleak"),
+        "relearn_gap": (run.get("relearn") or {}).get("relearn_gap"),
+        "wall_ratio": wall,
+        "bytes_ratio": _ratio(
+            (by.get("unlearn") or {}).get("total"),
+            (by.get("retrain") or {}).get("total"),
+        ),
+        "oracle_stopped": bool(run.get("oracle_stopped")),
+        "departed": run.get("departed"),
+        "curve": [
+            (p["round"], p["forget_Q_A_Prob"])
+            for p in run.get("curves", {}).get("unlearn", [])
+        ],
+        "oracle_curve_level": (run.get("curves", {}).get("retrain") or [{}])[-1].get(
+            "forget_Q_A_Prob"
+        ),
+    }
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and the half-width of its 95 % Student-t interval (None for n < 2)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = sum(xs) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None, "n": 1}
+    from scipy import stats
+
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return {
+        "mean": mean,
+        "ci95": float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n),
+        "n": n,
+    }
+
+
+def aggregate(suite: Suite, out: Path) -> dict[str, Any]:
+    """``results.json``: per-cell metrics and per (scenario, method) mean ± CI."""
+    per_cell, agg = [], {}
+    for sc in suite.scenarios:
+        agg[sc.name] = {}
+        for m in suite.methods:
+            rows = []
+            for seed in suite.seeds:
+                path = out / sc.name / f"seed-{seed}" / m.label
+                if _done(path):
+                    vals = cell_metrics(path)
+                    rows.append(vals)
+                    per_cell.append(
+                        {"scenario": sc.name, "seed": seed, "method": m.label, **vals}
+                    )
+            entry = {k: mean_ci([r[k] for r in rows]) for k, _, _ in METRICS}
+            entry["seeds"] = len(rows)
+            entry["oracle_stopped"] = any(r["oracle_stopped"] for r in rows)
+            agg[sc.name][m.label] = entry
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        "purpose": suite.purpose,
+        "seeds": list(suite.seeds),
+        "scenarios": {
+            s.name: {"departs": s.departs, **s.config} for s in suite.scenarios
+        },
+        "methods": {
+            m.label: {"name": m.name, "options": m.options} for m in suite.methods
+        },
+        "aggregate": agg,
+        "cells": per_cell,
+    }
+
+
+def _fmt(entry: dict[str, Any], digits: int) -> str:
+    if entry["mean"] is None:
+        return "–"
+    if entry["ci95"] is None:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['ci95']:.{digits}f}"
+
+
+def render_markdown(results: dict[str, Any], plots: dict[str, list[str]]) -> str:
+    """Render the report: a table per scenario (mean ± 95 % CI), the plots."""
+    lines = [
+        f"# Bench `{results['suite']}`",
+        "",
+        results["description"],
+        "",
+        f"Purpose: {results['purpose']}. Seeds: {results['seeds']} (a seed sets the "
+        "data, the LoRA init, the data order and which clients depart). Values: "
+        "mean ± half-width of the 95 % Student-t interval over seeds. Oracle-stopped "
+        "rows are upper bounds that read the retrain oracle; their cost includes it.",
+        "",
+        "Regenerate: `fed-unlearn bench " + results["suite"] + " --out DIR --publish`.",
+    ]
+    for sc, rows in results["aggregate"].items():
+        conf = results["scenarios"][sc]
+        lines += ["", f"## {sc}", "", "`" + json.dumps(conf, sort_keys=True) + "`", ""]
+        lines.append(
+            "| method | seeds | " + " | ".join(h for _, h, _ in METRICS) + " |"
+        )
+        lines.append("|---|---:|" + "---:|" * len(METRICS))
+        for label, e in rows.items():
+            name = label + (
+                " — oracle-stopped (upper bound)" if e["oracle_stopped"] else ""
+            )
+            cells_ = " | ".join(_fmt(e[k], d) for k, _, d in METRICS)
+            lines.append(f"| {name} | {e['seeds']} | {cells_} |")
+        for png in plots.get(sc, []):
+            lines += ["", f"![{png}]({png})"]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    made: dict[str, list[str]] = {}
+    for sc, rows in results["aggregate"].items():
+        labels = list(rows)
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        for ax, (key, head) in zip(
+            axes,
+            (
+                ("gap_closed", "gap closed"),
+                ("utility_ratio", "model_utility × retrain"),
+                ("forget_quality", "forget_quality"),
+            ),
+            strict=True,
+        ):
+            means = [rows[m][key]["mean"] or 0.0 for m in labels]
+            errs = [rows[m][key]["ci95"] or 0.0 for m in labels]
+            ax.bar(range(len(labels)), means, yerr=errs, capsize=3, color="#4c72b0")
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+            ax.set_title(head)
+            if key != "forget_quality":
+                ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        fig.tight_layout()
+        bars = f"{sc}_bars.png"
+        fig.savefig(out / bars, dpi=110)
+        plt.close(fig)
+        # forgetting curves: mean over seeds with the seed spread, oracle level
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        oracle = []
+        for i, label in enumerate(labels):
+            curves = [
+                c["curve"]
+                for c in results["cells"]
+                if c["scenario"] == sc and c["method"] == label and c["curve"]
+            ]
+            oracle += [
+                c["oracle_curve_level"]
+                for c in results["cells"]
+                if c["scenario"] == sc
+                and c["method"] == label
+                and c["oracle_curve_level"] is not None
+            ]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            ys = np.array([[y for _, y in c[:length]] for c in curves])
+            xs = [x for x, _ in curves[0][:length]]
+            color = f"C{i % 10}"
+            ax.plot(xs, ys.mean(0), color=color, label=label, marker="o", ms=3)
+            if len(curves) > 1:
+                ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.15)
+        if oracle:
+            ax.axhline(
+                float(np.mean(oracle)), color="k", ls="--", lw=1, label="retrain oracle"
+            )
+        ax.set_xlabel("unlearning round")
+        ax.set_ylabel("forget_Q_A_Prob (curve subset)")
+        ax.set_title(f"{sc}: forgetting curve (mean, band = seed range)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        curve = f"{sc}_curve.png"
+        fig.savefig(out / curve, dpi=110)
+        plt.close(fig)
+        made[sc] = [bars, curve]
+    return made
+
+
+def write_results(suite: Suite, results: dict[str, Any], out: Path) -> None:
+    """Write ``results.json``, ``report.md`` and the plots into ``out``."""
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plots = _plots(results, out)
+    (out / "report.md").write_text(render_markdown(results, plots))
+
+
+def publish(suite: Suite, out: Path, dest: Path = DOCS_RESULTS) -> Path:
+    """Copy a bench's report, plots and results into ``docs/results/<suite>/``."""
+    target = dest / suite.name
+    target.mkdir(parents=True, exist_ok=True)
+    for p in [out / "report.md", out / "results.json", *out.glob("*.png")]:
+        shutil.copy2(p, target / p.name)
+    return target

@@ -1,0 +1,202 @@
+"""fed-unlearn bench: suite parsing, departures, aggregation (hand-computed)."""
+
+import json
+
+import pytest
+
+from simulations import bench
+from simulations.cli import main
+
+
+def _suite(tmp_path, text, name="s"):
+    p = tmp_path / f"{name}.toml"
+    p.write_text(text)
+    return p
+
+
+GOOD = """
+description = "d"
+seeds = [1, 2, 3]
+[defaults]
+preset = "tiny"
+[[scenario]]
+name = "a"
+departs = 1
+num-clients = 3
+[[method]]
+name = "foul_server"
+[[method]]
+name = "mpu"
+label = "mpu-x"
+options = { rounds = 2 }
+"""
+
+
+def test_shipped_suites_parse():
+    names = bench.list_suites()
+    assert {"ci", "calibration", "standard", "foul_paper", "smollm2"} <= set(names)
+    for name in names:
+        suite = bench.load_suite(name)
+        assert bench.cells(suite)
+
+
+def test_calibration_seeds_are_used_by_no_evaluation_suite():
+    cal = set(bench.load_suite("calibration").seeds)
+    assert bench.load_suite("calibration").purpose == "calibration"
+    for name in bench.list_suites():
+        suite = bench.load_suite(name)
+        if suite.purpose == "evaluation":
+            assert not cal & set(suite.seeds), name
+
+
+def test_cells_carry_seed_departure_and_options(tmp_path):
+    suite = bench.load_suite(str(_suite(tmp_path, GOOD)))
+    cells = bench.cells(suite)
+    assert len(cells) == 3 * 2
+    c = next(c for c in cells if c.method.label == "mpu-x" and c.seed == 2)
+    assert c.config.seed == 2 and c.config.method == "mpu"
+    assert c.config.method_options == {"rounds": 2}
+    assert c.config.departed() == bench.departing_clients(2, 3, 1)
+    assert c.path(tmp_path) == tmp_path / "a" / "seed-2" / "mpu-x"
+
+
+def test_departures_follow_the_seed():
+    picks = {bench.departing_clients(s, 10, 2) for s in range(20)}
+    assert len(picks) > 5  # the seed changes who departs
+    for p in picks:
+        assert len(p) == 2 and len(set(p)) == 2 and all(0 <= c < 10 for c in p)
+    assert bench.departing_clients(7, 10, 2) == bench.departing_clients(7, 10, 2)
+    with pytest.raises(bench.SuiteError, match="departs=3 needs"):
+        bench.departing_clients(0, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (GOOD.replace("seeds = [1, 2, 3]", "seeds = []"), "seeds must be"),
+        (
+            GOOD.replace('description = "d"', 'colour = "red"'),
+            r"unknown key\(s\) \['colour'\]",
+        ),
+        (GOOD.replace('name = "mpu"', 'name = "nope"'), "method mpu-x"),
+        (
+            GOOD.replace("num-clients = 3", "num-clients = 3\nseed = 4"),
+            "'seed' is set by the bench",
+        ),
+        (GOOD.replace("departs = 1", "departs = 0"), "departs must be"),
+        (GOOD.replace("{ rounds = 2 }", "{ no_such_option = 2 }"), "method mpu-x"),
+    ],
+)
+def test_bad_suites_are_refused_naming_the_problem(tmp_path, text, match):
+    with pytest.raises(bench.SuiteError, match=match):
+        bench.load_suite(str(_suite(tmp_path, text)))
+
+
+def test_unknown_suite_is_a_usage_error(capsys):
+    assert main(["bench", "no_such_suite", "--out", "x"]) == 2
+    assert "no suite 'no_such_suite'" in capsys.readouterr().err
+
+
+def test_mean_ci_matches_hand_computation():
+    # mean 2, sd 1, t(0.975, 2) = 4.302653 (tables): 4.302653 / sqrt(3) = 2.484138
+    e = bench.mean_ci([1.0, 2.0, 3.0])
+    assert e["mean"] == pytest.approx(2.0) and e["n"] == 3
+    assert e["ci95"] == pytest.approx(2.484138, rel=1e-5)
+    assert bench.mean_ci([5.0]) == {"mean": 5.0, "ci95": None, "n": 1}
+    assert bench.mean_ci([None, float("nan")])["mean"] is None
+
+
+def _fake_run(path, forget, utility, oracle_stopped=False):
+    """A finished run directory with hand-chosen values."""
+    (path / "evals" / "unlearned").mkdir(parents=True)
+    run = {
+        "summary": {
+            "original": {"forget_Q_A_Prob": 0.3, "model_utility": 0.6},
+            "unlearned": {
+                "forget_Q_A_Prob": forget,
+                "model_utility": utility,
+                "forget_quality": 0.2,
+            },
+            "retrain": {"forget_Q_A_Prob": 0.05, "model_utility": 0.625},
+        },
+        "wall_time_s": {
+            "unlearn": 5.0,
+            "retrain": 20.0,
+            "excl_curve_eval": {"unlearn": 1.0, "retrain": 10.0},
+        },
+        "bytes": {"unlearn": {"total": 20}, "retrain": {"total": 100}},
+        "oracle_stopped": oracle_stopped,
+        "curves": {"unlearn": [{"round": 0, "forget_Q_A_Prob": 0.3}], "retrain": []},
+    }
+    (path / "run.json").write_text(json.dumps(run))
+    (path / "evals" / "unlearned" / "TOFU_SUMMARY.json").write_text(
+        json.dumps({"privleak": -10.0})
+    )
+
+
+def test_cell_metrics_from_a_hand_made_run(tmp_path):
+    _fake_run(tmp_path, forget=0.1, utility=0.5)
+    m = bench.cell_metrics(tmp_path)
+    assert m["gap_closed"] == pytest.approx((0.3 - 0.1) / (0.3 - 0.05))  # 0.8
+    assert m["utility_ratio"] == pytest.approx(0.8)
+    assert m["wall_ratio"] == pytest.approx(0.1)  # without the curve evaluation
+    assert m["bytes_ratio"] == pytest.approx(0.2)
+    assert m["privleak"] == -10.0 and m["relearn_gap"] is None
+
+
+def test_run_suite_skips_finished_cells_and_reruns_half_written_ones(tmp_path):
+    suite = bench.load_suite(str(_suite(tmp_path, GOOD)))
+    out = tmp_path / "out"
+    ran = []
+    forgets = {1: 0.05, 2: 0.1, 3: 0.3}
+
+    def run_cell(cell, path):
+        ran.append((cell.seed, cell.method.label))
+        _fake_run(
+            path, forgets[cell.seed], 0.5, oracle_stopped=cell.method.label == "mpu-x"
+        )
+
+    res = bench.run_suite(suite, out, run_cell, progress=False)
+    assert len(ran) == 6
+    agg = res["aggregate"]["a"]["foul_server"]
+    # gap closed per seed: 1.0, 0.8, 0.0 -> mean 0.6
+    assert agg["gap_closed"]["mean"] == pytest.approx(0.6) and agg["seeds"] == 3
+    assert res["aggregate"]["a"]["mpu-x"]["oracle_stopped"] is True
+    md = (out / "report.md").read_text()
+    assert "mpu-x — oracle-stopped (upper bound)" in md
+    assert "| foul_server | 3 | 0.60 ± " in md
+    assert (out / "a_bars.png").is_file() and (out / "results.json").is_file()
+    # resumable: nothing reruns; a half-written cell (no run.json) does
+    ran.clear()
+    half = out / "a" / "seed-2" / "mpu-x"
+    (half / "run.json").unlink()
+    bench.run_suite(suite, out, run_cell, progress=False)
+    assert ran == [(2, "mpu-x")]
+
+
+def test_oracle_stopped_run_is_flagged_and_charged_the_oracle():
+    from simulations.runner import add_oracle_cost
+
+    def run():
+        return {
+            "wall_time_s": {
+                "unlearn": 2.0,
+                "retrain": 10.0,
+                "excl_curve_eval": {"unlearn": 1.0, "retrain": 8.0},
+            },
+            "bytes": {
+                "unlearn": {"down": 1, "up": 2, "total": 3},
+                "retrain": {"down": 10, "up": 20, "total": 30},
+            },
+        }
+
+    free = run()
+    add_oracle_cost(free, False)
+    assert free["oracle_stopped"] is False and free["wall_time_s"]["unlearn"] == 2.0
+    r = run()
+    add_oracle_cost(r, True)
+    assert r["oracle_stopped"] is True
+    assert r["wall_time_s"]["unlearn"] == 12.0
+    assert r["wall_time_s"]["excl_curve_eval"]["unlearn"] == 9.0
+    assert r["bytes"]["unlearn"] == {"down": 11, "up": 22, "total": 33}
+    assert r["bytes"]["unlearn_method_only"]["total"] == 3
