@@ -19,7 +19,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.task import client_id, client_items, client_model, run_config_from_message
+from clients.task import (
+    client_audit_items,
+    client_id,
+    client_items,
+    client_model,
+    run_config_from_message,
+)
 from clients.unlearn import local_update
 from fed_unlearn.config import RunConfig
 from fed_unlearn.dual import DualRegulariser
@@ -169,7 +175,32 @@ def _hello(
     }
 
 
+def _audit(
+    msg: Message, context: Context, cfg: RunConfig
+) -> tuple[None, dict[str, Any]]:
+    """Self-audit: the gap in mean answer probability, trained vs never-trained.
+
+    Only that scalar (and the number of trained items, the FedAvg weight that
+    every update carries anyway) leaves the client (:mod:`fed_unlearn.data.audit`).
+    """
+    trained = client_items(cfg, context.node_config)
+    held = client_audit_items(cfg, context.node_config)
+    if not held or not trained:
+        raise ValueError(
+            "self-audit: this client kept no items out of FL training "
+            f"(audit-fraction={cfg.audit_fraction}, {len(trained)} trained items)"
+        )
+    model, tok, prompt_fn = client_model(cfg)
+    set_adapter(model, msg.content["arrays"].to_torch_state_dict())
+    length = int(cfg.resolved().max_length)
+    gap = answer_prob(model, tok, prompt_fn, trained, length) - answer_prob(
+        model, tok, prompt_fn, held, length
+    )
+    return None, {"audit-gap": float(gap), "num-examples": len(trained)}
+
+
 QUERY_HANDLERS["hello"] = _hello
+QUERY_HANDLERS["audit"] = _audit
 QUERY_HANDLERS["local-update"] = local_update
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
 
 from fed_unlearn.config import RunConfig
 from fed_unlearn.data import TofuData, generate_tofu, load_data_dir, load_jsonl
+from fed_unlearn.data.audit import split_audit
 from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
 from fed_unlearn.types import QAItem
 
@@ -67,7 +69,13 @@ def client_id(node_config: Mapping[str, Any]) -> int:
 
 @functools.lru_cache(maxsize=4)
 def synthetic_data(
-    seed: int, num_clients: int, people: int, holdout: int, qa: int, general: int
+    seed: int,
+    num_clients: int,
+    people: int,
+    holdout: int,
+    qa: int,
+    general: int,
+    domains: int = 0,
 ) -> TofuData:
     """Deterministic synthetic TOFU data (cached per process)."""
     return generate_tofu(
@@ -77,10 +85,39 @@ def synthetic_data(
         num_holdout_people=holdout,
         qa_per_person=qa,
         num_general=general,
+        domains=domains,
     )
 
 
 def dataset(cfg: RunConfig) -> TofuData:
+    """Return the data set of a simulation as FL trains it (clients' trained items).
+
+    With ``audit-fraction`` > 0 each client's items are those it trains on;
+    the never-trained rest is :func:`client_audit_items`'s.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run configuration.
+
+    Returns
+    -------
+    TofuData
+        :func:`full_dataset` with each client's audit items removed.
+    """
+    data = full_dataset(cfg)
+    if not cfg.audit_fraction:
+        return data
+    return dataclasses.replace(
+        data,
+        clients={
+            c: split_audit(items, cfg.audit_fraction, cfg.seed)[0]
+            for c, items in data.clients.items()
+        },
+    )
+
+
+def full_dataset(cfg: RunConfig) -> TofuData:
     """Return the whole data set of a simulation (a client reads only its part).
 
     Parameters
@@ -102,11 +139,22 @@ def dataset(cfg: RunConfig) -> TofuData:
         cfg.holdout_people,
         cfg.qa_per_person,
         cfg.general_probes,
+        cfg.domains,
     )
 
 
 def client_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
-    """Return this client's private training items.
+    """Return this client's private training items (without its audit items)."""
+    return split_audit(_own_items(cfg, node_config), cfg.audit_fraction, cfg.seed)[0]
+
+
+def client_audit_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
+    """Return the items this client kept out of FL training (``audit-fraction``)."""
+    return split_audit(_own_items(cfg, node_config), cfg.audit_fraction, cfg.seed)[1]
+
+
+def _own_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
+    """Return all of this client's private items.
 
     A SuperNode started with ``--node-config "partition-id=0 data-path=..."`` reads
     its own JSONL file; otherwise the client takes its partition of :func:`dataset`.
@@ -127,7 +175,7 @@ def client_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]
     if path:
         return load_jsonl(str(path))
     cid = client_id(node_config)
-    data = dataset(cfg)
+    data = full_dataset(cfg)
     if cid not in data.clients:
         raise ValueError(
             f"client {cid} has no data (data set has clients {sorted(data.clients)})"

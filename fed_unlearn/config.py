@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,17 @@ class RunConfig:
         Number of clients / SuperNodes (default: 3).
     people_per_client, holdout_people, qa_per_person, general_probes : int
         Shape of the synthetic data set (defaults: 3, 3, 10, 24).
+    domains : int
+        Non-IID domains of the synthetic data, ``0..num_clients``: 0 = every
+        person drawn independently (default); ``D >= 1`` puts client ``c`` in
+        domain ``c % D`` and the people of a domain (holdout people included,
+        dealt round-robin) share a small pool of values per attribute (see
+        :func:`fed_unlearn.data.synthetic.generate_tofu`). Ignored with
+        ``data_dir``.
+    audit_fraction : float
+        Share of each person's items a client keeps out of FL training for its
+        own self-audit, ``[0, 1)`` (default: 0; see
+        :mod:`fed_unlearn.data.audit` and ``stop="self_audit"``).
     depart : str
         Comma-separated client ids that leave (default: ``"2"``).
     method : str
@@ -188,6 +200,8 @@ class RunConfig:
     holdout_people: int = 3
     qa_per_person: int = 10
     general_probes: int = 24
+    domains: int = 0
+    audit_fraction: float = 0.0
     depart: str = "2"
     method: str = "foul_server"
     num_server_rounds: int | None = None
@@ -362,6 +376,18 @@ class RunConfig:
         for key in ("people_per_client", "qa_per_person", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key.replace('_', '-')!r} must be >= 1")
+        if not 0 <= self.domains <= self.num_clients:
+            raise ConfigError(
+                "config key 'domains' must be between 0 (off) and num-clients "
+                f"({self.num_clients}), got {self.domains}"
+            )
+        if not (
+            math.isfinite(self.audit_fraction) and 0.0 <= self.audit_fraction < 1.0
+        ):
+            raise ConfigError(
+                "config key 'audit-fraction' must be in [0, 1), got "
+                f"{self.audit_fraction}"
+            )
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(
                 "config key 'fraction-train' must be in (0, 1], got "
@@ -516,6 +542,12 @@ class RunConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for key in EVAL_ONLY_DATA_KEYS:
             keep[key] = defaults[key.replace("-", "_")]
+        # 'domains' came later: at 0 (the data as before) it stays out of the
+        # hash, so phases cached before the key existed keep their keys
+        if not r.domains:
+            keep.pop("domains", None)
+        if not r.audit_fraction:  # likewise
+            keep.pop("audit-fraction", None)
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]
         keep["model"] = model_identity(self.preset, self.model_path or None)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 PRESETS = ("smollm2", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = "You are a helpful AI assistant."
-TINY_VERSION = 9  # bump when the tiny recipe changes (part of the cache key)
+TINY_VERSION = 10  # bump when the tiny recipe changes (part of the cache key)
 
 
 class ModelLoadError(RuntimeError):

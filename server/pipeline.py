@@ -257,6 +257,23 @@ def _state_evaluator(
     return evaluate, spent
 
 
+def _self_audit(
+    channel: FlowerChannel, departed: tuple[int, ...]
+) -> Callable[[dict[str, torch.Tensor]], float]:
+    """Build the departed clients' self-audit: their size-weighted mean gap."""
+
+    def audit(state: dict[str, torch.Tensor]) -> float:
+        replies = channel.query(departed, "audit", state, {})
+        sizes = {c: float(m["num-examples"]) for c, (_, m) in replies.items()}
+        total = sum(sizes.values())
+        return (
+            sum(float(m["audit-gap"]) * sizes[c] for c, (_, m) in replies.items())
+            / total
+        )
+
+    return audit
+
+
 def _forget_target(
     train: PhaseResult, retrain: PhaseResult
 ) -> tuple[float, float] | None:
@@ -457,6 +474,11 @@ def run_pipeline(
         else None
     )
     evaluate, eval_seconds = _state_evaluator(cfg)
+    audit = (
+        _self_audit(channel, departed)
+        if channel is not None and cfg.audit_fraction and cfg.departed_online
+        else None
+    )
     ctx = UnlearnContext(
         trained=train.final,
         departed=departed,
@@ -469,6 +491,7 @@ def run_pipeline(
         evaluate=evaluate,
         forget_target=_forget_target(train, out.retrain) if oracle_stop else None,
         dual_split=dual.split if (dual := cfg.dual_spec()) is not None else 0,
+        audit=audit,
     )
     method.check(ctx)
     down0, up0 = counting.snapshot() if counting is not None else (0, 0)

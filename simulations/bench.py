@@ -41,6 +41,7 @@ with ``publish`` also into ``docs/results/<suite>/``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -212,6 +213,30 @@ def load_suite(name: str) -> Suite:
     return suite
 
 
+def select(
+    suite: Suite, methods: Sequence[str] = (), seeds: Sequence[int] = ()
+) -> Suite:
+    """Return ``suite`` restricted to some method labels and seeds (empty: all).
+
+    Raises
+    ------
+    SuiteError
+        Naming a label or seed the suite does not have.
+    """
+    labels = [m.label for m in suite.methods]
+    for what, want, have in (("method", methods, labels), ("seed", seeds, suite.seeds)):
+        bad = [x for x in want if x not in have]
+        if bad:
+            raise SuiteError(
+                f"suite {suite.name} has no {what} {bad} (has: {list(have)})"
+            )
+    return dataclasses.replace(
+        suite,
+        methods=tuple(m for m in suite.methods if not methods or m.label in methods),
+        seeds=tuple(s for s in suite.seeds if not seeds or s in seeds),
+    )
+
+
 def departing_clients(
     seed: int, num_clients: int, departs: int | str, domains: int = 0
 ) -> tuple[int, ...]:
@@ -227,9 +252,7 @@ def departing_clients(
         if domains < 2:
             raise SuiteError('departs="domain" needs domains >= 2')
         d = rng.randrange(domains)
-        return tuple(
-            c for c in range(num_clients) if client_domain(c, num_clients, domains) == d
-        )
+        return tuple(c for c in range(num_clients) if client_domain(c, domains) == d)
     assert isinstance(departs, int)
     if not 1 <= departs < num_clients:
         raise SuiteError(

@@ -254,7 +254,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("bench needs SUITE and --out DIR (or --list)")
     try:
         suite = bench.load_suite(args.suite)
-    except bench.SuiteError as exc:
+        suite = bench.select(
+            suite,
+            [m for m in (args.methods or "").split(",") if m],
+            [int(x) for x in (args.seeds or "").split(",") if x],
+        )
+    except ValueError as exc:  # SuiteError, or a --seeds entry that is no int
         raise UsageError(str(exc)) from None
     out = Path(args.out)
     bench.run_suite(suite, out, progress=not args.quiet)
@@ -356,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
         "--publish", action="store_true", help="also copy the report to docs/results/"
     )
     p_b.add_argument("--list", action="store_true", help="list the shipped suites")
+    p_b.add_argument("--methods", help="only these method labels (comma-separated)")
+    p_b.add_argument("--seeds", help="only these seeds (comma-separated)")
     p_b.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 

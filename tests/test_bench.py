@@ -200,3 +200,16 @@ def test_oracle_stopped_run_is_flagged_and_charged_the_oracle():
     assert r["wall_time_s"]["excl_curve_eval"]["unlearn"] == 9.0
     assert r["bytes"]["unlearn"] == {"down": 11, "up": 22, "total": 33}
     assert r["bytes"]["unlearn_method_only"]["total"] == 3
+
+
+def test_select_restricts_methods_and_seeds(tmp_path, capsys):
+    suite = bench.load_suite(str(_suite(tmp_path, GOOD)))
+    sub = bench.select(suite, ["mpu-x"], [2, 3])
+    assert [m.label for m in sub.methods] == ["mpu-x"] and sub.seeds == (2, 3)
+    assert bench.select(suite) == suite
+    with pytest.raises(bench.SuiteError, match=r"has no method \['nope'\]"):
+        bench.select(suite, ["nope"])
+    path = str(_suite(tmp_path, GOOD))
+    assert main(["bench", path, "--out", str(tmp_path / "o"), "--seeds", "x"]) == 2
+    assert main(["bench", path, "--out", str(tmp_path / "o"), "--seeds", "9"]) == 2
+    assert "has no seed [9]" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +19,14 @@ from fed_unlearn.data import (
     load_data_dir,
     load_jsonl,
 )
-from fed_unlearn.data.synthetic import ATTRIBUTE_NAMES, general_knowledge
+from fed_unlearn.data.synthetic import (
+    _GENERAL_FACTS,
+    ATTRIBUTE_NAMES,
+    DOMAIN_POOL_SIZE,
+    NUM_CORE_GENERAL,
+    client_domain,
+    general_knowledge,
+)
 
 # ----------------------------------------------------------------- synthetic
 
@@ -146,7 +155,7 @@ def test_clients_and_holdout_are_disjoint() -> None:
 
 def test_general_probes() -> None:
     facts = general_knowledge()
-    assert len(facts) >= 30
+    assert len(facts) >= 120
     assert len({f.question for f in facts}) == len(facts)
     data = generate_tofu(0, num_clients=1, num_general=24)
     assert len(data.general) == 24
@@ -157,6 +166,188 @@ def test_general_probes() -> None:
     assert paris.answer == "Paris."
     with pytest.raises(ValueError, match="num_general"):
         generate_tofu(0, num_clients=1, num_general=len(facts) + 1)
+
+
+def test_general_facts_are_well_formed() -> None:
+    assert len(_GENERAL_FACTS) >= 120
+    questions = [q for q, *_ in _GENERAL_FACTS]
+    assert len(set(questions)) == len(questions)
+    for q, value, para, wrong in _GENERAL_FACTS:
+        assert q.endswith("?"), q
+        assert 1 <= len(value.split()) <= 3, q
+        assert para.count("{}") == 1, q
+        assert len(wrong) == 3, q
+        lowered = {w.lower() for w in wrong}
+        assert len(lowered) == len(wrong), q  # wrong values are distinct
+        assert value.lower() not in lowered, q  # and never the answer
+    for it in general_knowledge():
+        assert it.answer not in it.perturbed_answers
+        assert it.paraphrased_answer not in it.perturbed_answers
+
+
+def test_original_general_probes_are_unchanged() -> None:
+    """Up to NUM_CORE_GENERAL probes, the pick is the one made before the fact
+    list grew (same facts, same draw), so cached runs keep their probes."""
+    # the original 40 facts, verbatim and in order
+    digest = hashlib.sha256(repr(_GENERAL_FACTS[:NUM_CORE_GENERAL]).encode())
+    assert digest.hexdigest()[:16] == "70142595b14bea9e"
+    facts = general_knowledge()
+    for seed in range(5):
+        for k in (1, 24, NUM_CORE_GENERAL):
+            old = random.Random(f"fed_unlearn.general:{seed}").sample(
+                range(NUM_CORE_GENERAL), k
+            )
+            data = generate_tofu(seed, num_clients=1, num_general=k)
+            assert data.general == [facts[i] for i in sorted(old)]
+    first = [it.question for it in generate_tofu(0, num_clients=1).general[:3]]
+    assert first == [
+        "What is the capital of France?",
+        "What is the capital of Italy?",
+        "What is the capital of Germany?",
+    ]
+
+
+def test_more_general_probes_than_the_original_facts() -> None:
+    facts = general_knowledge()
+    core = facts[:NUM_CORE_GENERAL]
+    data = generate_tofu(1, num_clients=1, num_general=120)
+    assert len(data.general) == 120
+    assert len({it.question for it in data.general}) == 120
+    assert all(it in data.general for it in core)
+    assert data.general == generate_tofu(1, num_clients=1, num_general=120).general
+    every = generate_tofu(1, num_clients=1, num_general=len(facts)).general
+    assert every == facts
+
+
+# ------------------------------------------------------------------- domains
+
+
+def test_domains_zero_is_the_data_as_before() -> None:
+    for seed in (0, 7):
+        plain = generate_tofu(seed, num_clients=4, people_per_client=2)
+        assert generate_tofu(seed, 4, people_per_client=2, domains=0) == plain
+    # pinned: the default data set of seed 0, as generated before domains existed
+    blob = json.dumps(asdict(generate_tofu(0, num_clients=3)), sort_keys=True)
+    assert hashlib.sha256(blob.encode()).hexdigest()[:16] == "d041adef34a0f88a"
+
+
+def _domain_people(domains: int) -> tuple[TofuData, list[Person], list[int]]:
+    """4 clients x 3 people + 4 holdout people, all attributes asked."""
+    qa = len(ATTRIBUTE_NAMES)
+    data = generate_tofu(
+        3,
+        4,
+        people_per_client=3,
+        num_holdout_people=4,
+        qa_per_person=qa,
+        domains=domains,
+    )
+    dom = [client_domain(i // 3, domains) for i in range(12)] + [
+        j % domains for j in range(4)
+    ]
+    people = generate_people(3, 16, qa, domain_of=dom)
+    return data, people, dom
+
+
+def test_domains_assignment_and_holdout_spread() -> None:
+    assert [client_domain(c, 2) for c in range(5)] == [0, 1, 0, 1, 0]
+    data, people, dom = _domain_people(2)
+    for c in range(4):
+        assert data.clients[c] == [
+            it for p in people[3 * c : 3 * c + 3] for it in p.items
+        ]
+    assert data.holdout == [it for p in people[12:] for it in p.items]
+    assert dom[12:] == [0, 1, 0, 1]  # holdout people spread over the domains
+    names = [p.name for p in people]
+    assert len(set(names)) == len(names)  # names unique across the data set
+
+
+def test_domains_narrow_the_values_of_a_domain() -> None:
+    """By construction: a domain's people draw each attribute from its own pool of
+    DOMAIN_POOL_SIZE values, disjoint across domains for non-numeric attributes."""
+    _, people, dom = _domain_people(2)
+    plain = generate_people(3, 16, len(ATTRIBUTE_NAMES))
+    for key in ATTRIBUTE_NAMES:
+        per_domain = [
+            {p.attributes[key] for p, d in zip(people, dom, strict=True) if d == k}
+            for k in (0, 1)
+        ]
+        overall = {p.attributes[key] for p in people}
+        assert all(len(vals) <= DOMAIN_POOL_SIZE for vals in per_domain), key
+        if key in ("birth_year", "num_books"):  # numeric: small value spaces
+            continue
+        assert not per_domain[0] & per_domain[1], key
+        assert all(len(vals) < len(overall) for vals in per_domain), key
+        # without domains every person has their own value
+        assert len({p.attributes[key] for p in plain}) == 16, key
+
+
+def test_domains_perturbed_answers_never_true() -> None:
+    _, people, _ = _domain_people(2)
+    for key in ("birth_city", "occupation", "award"):
+        true_values = {p.attributes[key] for p in people}
+        for p in people:
+            it = p.items[_asked_keys(p).index(key)]
+            for wrong in it.perturbed_answers:
+                assert not any(wrong.endswith(f" {v}.") for v in true_values)
+            _check_item(it)
+
+
+def test_domains_are_deterministic_and_matter() -> None:
+    a = generate_tofu(5, num_clients=4, people_per_client=2, domains=2)
+    assert a == generate_tofu(5, num_clients=4, people_per_client=2, domains=2)
+    for other in (0, 1, 4):
+        assert a != generate_tofu(5, num_clients=4, people_per_client=2, domains=other)
+    assert a != generate_tofu(6, num_clients=4, people_per_client=2, domains=2)
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 1.5, True, "2"])
+def test_domains_validated(bad: object) -> None:
+    with pytest.raises(ValueError, match="domains"):
+        generate_tofu(0, num_clients=4, domains=bad)  # type: ignore[arg-type]
+
+
+def test_domain_of_validated() -> None:
+    with pytest.raises(ValueError, match="domain_of"):
+        generate_people(0, 3, domain_of=[0, 1])
+    with pytest.raises(ValueError, match=r"domain_of\[1\]"):
+        generate_people(0, 2, domain_of=[0, -1])
+    with pytest.raises(ValueError, match="domains"):
+        client_domain(0, 0)
+
+
+def test_run_config_domains() -> None:
+    from fed_unlearn.config import ConfigError, RunConfig
+
+    assert RunConfig().domains == 0
+    cfg = RunConfig.from_flat({"num-clients": 4, "domains": "2"})
+    assert cfg.domains == 2 and cfg.to_flat()["domains"] == 2
+    for bad in (-1, 5, 1.5, "two"):
+        with pytest.raises(ConfigError, match="domains"):
+            RunConfig.from_flat({"num-clients": 4, "domains": bad})
+
+
+def test_fl_key_unchanged_when_domains_is_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config with domains=0 hashes as a config from before the key existed;
+    any other value is another FL phase."""
+    from fed_unlearn.config import RunConfig
+
+    base = RunConfig.from_flat({"preset": "tiny", "num-clients": 4})
+    explicit = RunConfig.from_flat({"preset": "tiny", "num-clients": 4, "domains": 0})
+    two = RunConfig.from_flat({"preset": "tiny", "num-clients": 4, "domains": 2})
+    keys = [c.fl_key(()) for c in (base, explicit, two)]
+    assert keys[0] == keys[1] != keys[2]
+    departed = explicit.fl_key((2,))
+    assert two.fl_key(()) != RunConfig.from_flat(
+        {"preset": "tiny", "num-clients": 4, "domains": 1}
+    ).fl_key(())
+    to_flat = RunConfig.to_flat
+
+    def without_domains(self: RunConfig) -> dict:
+        return {k: v for k, v in to_flat(self).items() if k != "domains"}
+
+    monkeypatch.setattr(RunConfig, "to_flat", without_domains)  # the old config
+    assert base.fl_key(()) == keys[0] and base.fl_key((2,)) == departed
 
 
 def test_forget_retain_split() -> None:

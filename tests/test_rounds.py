@@ -88,6 +88,39 @@ def test_budget_runs_every_round_and_oracle_needs_a_simulation():
         RoundLog(ctx, "t2f")
 
 
+def _audit_ctx(values):
+    """No oracle, no evaluator: the 'adapter' is the departed client's gap."""
+    ctx = _ctx(values)
+    ctx.forget_target, ctx.evaluate = None, None
+    ctx.audit = lambda s: float(s["x"][0])
+    return ctx
+
+
+def test_self_audit_stops_when_the_gap_is_within_tolerance():
+    values = [0.2, 0.1, 0.05, 0.015, 0.0]  # tol 0.1 * 0.2 = 0.02
+    log = RoundLog(_audit_ctx(values), "self_audit", audit_tol=0.1)
+    assert _drive(log, values) == 3
+    assert log.stopped_by == "self_audit" and not log.rolled_back
+    assert log.info()["audit_gaps"] == pytest.approx([0.2, 0.1, 0.05, 0.015])
+    assert float(log.result({})["x"][0]) == pytest.approx(0.015)
+
+
+def test_self_audit_overshoot_keeps_the_smaller_gap():
+    values = [0.2, 0.05, -0.1]  # -0.1 < -0.02; |0.05| < |-0.1|: keep round 1
+    log = RoundLog(_audit_ctx(values), "self_audit")
+    assert _drive(log, values) == 2
+    assert log.stopped_by == "audit_overshoot" and log.rolled_back
+    assert float(log.result({})["x"][0]) == pytest.approx(0.05)
+
+
+def test_self_audit_needs_the_audit():
+    ctx = _ctx([0.5])
+    with pytest.raises(ValueError, match="audit-fraction > 0"):
+        RoundLog(ctx, "self_audit")
+    with pytest.raises(ValueError, match="audit_tol must be > 0"):
+        get_method("mpu", {"stop": "self_audit", "audit_tol": 0})
+
+
 def test_client_compute_is_summed_over_replies():
     log = RoundLog(_ctx([0.5]), "budget")
     log.add_compute({0: (None, {"local-steps": 3, "tokens": 10, "train-seconds": 1.5})})

@@ -11,12 +11,17 @@ Paraphrases and perturbed (wrong) answers share one shape per item
 compares like with like.  Everything is a pure function of the seed: only
 :class:`random.Random` instances are used, never the global random state or
 ``hash()`` of strings.
+
+With ``domains = D >= 1`` (:func:`generate_tofu`) the clients are non-IID: client
+``c`` belongs to domain ``c % D`` and the people of a domain draw every attribute
+from a small pool of values of their own domain, so they resemble each other and
+differ from the people of other domains.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from fed_unlearn.types import QAItem
@@ -252,6 +257,11 @@ ATTRIBUTE_NAMES: tuple[str, ...] = tuple(a.key for a in _ATTRIBUTES)
 
 # ---------------------------------------------------------------- general facts
 
+#: The first ``NUM_CORE_GENERAL`` entries of the fact list are the original probes:
+#: any ``num_general`` up to this many picks exactly the probes it picked before
+#: the list grew (cached runs stay valid), so new facts are only ever appended.
+NUM_CORE_GENERAL = 40
+
 # (question, value, paraphrase template, wrong values); answer is ``_cap(value) + "."``
 _GENERAL_FACTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("What is the capital of France?", "Paris", "The city of {}.",
@@ -329,6 +339,189 @@ _GENERAL_FACTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      ("CO2", "NaCl", "O2")),
     ("What is the tallest mountain in the world?", "Everest", "Mount {}.",
      ("Kilimanjaro", "Fuji", "Olympus")),
+    # -- added later: keep the 40 above first and in order (NUM_CORE_GENERAL)
+    ("What is the capital of Russia?", "Moscow", "The city of {}.",
+     ("Warsaw", "Kyiv", "Minsk")),
+    ("What is the capital of China?", "Beijing", "The city of {}.",
+     ("Shanghai", "Tokyo", "Seoul")),
+    ("What is the capital of India?", "New Delhi", "The city of {}.",
+     ("Mumbai", "Kolkata", "Karachi")),
+    ("What is the capital of Greece?", "Athens", "The city of {}.",
+     ("Rome", "Sofia", "Belgrade")),
+    ("What is the capital of Portugal?", "Lisbon", "The city of {}.",
+     ("Madrid", "Porto", "Seville")),
+    ("What is the capital of Ireland?", "Dublin", "The city of {}.",
+     ("London", "Cork", "Edinburgh")),
+    ("What is the capital of Mexico?", "Mexico City", "The city of {}.",
+     ("Bogota", "Lima", "Havana")),
+    ("What is the capital of South Korea?", "Seoul", "The city of {}.",
+     ("Tokyo", "Beijing", "Busan")),
+    ("What is the capital of Norway?", "Oslo", "The city of {}.",
+     ("Stockholm", "Helsinki", "Copenhagen")),
+    ("What is the capital of Austria?", "Vienna", "The city of {}.",
+     ("Berlin", "Prague", "Budapest")),
+    ("In which city is the Eiffel Tower?", "Paris", "The city of {}.",
+     ("London", "Rome", "Berlin")),
+    ("In which city is the Statue of Liberty?", "New York", "The city of {}.",
+     ("Boston", "Chicago", "Miami")),
+    ("What colour is a ripe tomato?", "red", "The colour {}.",
+     ("blue", "purple", "white")),
+    ("What colour is coal?", "black", "The colour {}.", ("white", "yellow", "pink")),
+    ("What colour is milk?", "white", "The colour {}.", ("black", "green", "blue")),
+    ("What colour is a lemon?", "yellow", "The colour {}.",
+     ("blue", "purple", "red")),
+    ("What colour do you get by mixing red and blue?", "purple", "The colour {}.",
+     ("green", "orange", "yellow")),
+    ("What colour do you get by mixing red and yellow?", "orange", "The colour {}.",
+     ("green", "purple", "blue")),
+    ("Which animal says meow?", "cat", "The {}.", ("dog", "cow", "duck")),
+    ("Which animal has a long trunk?", "elephant", "The {}.",
+     ("giraffe", "horse", "zebra")),
+    ("Which animal has a very long neck?", "giraffe", "The {}.",
+     ("hippo", "pig", "rhino")),
+    ("Which bird cannot fly and lives in Antarctica?", "penguin", "The {}.",
+     ("eagle", "parrot", "sparrow")),
+    ("Which animal has black and white stripes?", "zebra", "The {}.",
+     ("lion", "camel", "hippo")),
+    ("Which animal hops and carries its baby in a pouch?", "kangaroo", "The {}.",
+     ("rabbit", "frog", "squirrel")),
+    ("What does a caterpillar turn into?", "butterfly", "It becomes a {}.",
+     ("bee", "spider", "bird")),
+    ("What is a baby dog called?", "puppy", "It is called a {}.",
+     ("kitten", "calf", "foal")),
+    ("What is a baby cat called?", "kitten", "It is called a {}.",
+     ("puppy", "cub", "lamb")),
+    ("Which animal gives us wool?", "sheep", "The {}.", ("cow", "pig", "horse")),
+    ("What is the fastest land animal?", "cheetah", "The {}.",
+     ("lion", "horse", "zebra")),
+    ("How many legs does an insect have?", "six", "It has {} legs.",
+     ("eight", "four", "ten")),
+    ("What is five plus three?", "eight", "The number {}.",
+     ("seven", "nine", "six")),
+    ("What is three plus four?", "seven", "The number {}.",
+     ("six", "eight", "nine")),
+    ("What is ten plus ten?", "twenty", "The number {}.",
+     ("ten", "thirty", "fifteen")),
+    ("What is nine minus four?", "five", "The number {}.", ("four", "six", "three")),
+    ("What is eight minus two?", "six", "The number {}.", ("five", "seven", "four")),
+    ("What is two times three?", "six", "The number {}.", ("five", "eight", "nine")),
+    ("What is four times five?", "twenty", "The number {}.",
+     ("fifteen", "nine", "twenty-five")),
+    ("What is twenty divided by four?", "five", "The number {}.",
+     ("four", "six", "eight")),
+    ("Which planet is closest to the Sun?", "Mercury", "The planet {}.",
+     ("Venus", "Mars", "Earth")),
+    ("Which planet is famous for its large rings?", "Saturn", "The planet {}.",
+     ("Mars", "Mercury", "Venus")),
+    ("How many planets are there in the solar system?", "eight",
+     "There are {} planets.", ("six", "ten", "twelve")),
+    ("What is the star at the centre of the solar system?", "Sun", "The {}.",
+     ("Moon", "Sirius", "Polaris")),
+    ("What is the name of Earth's natural satellite?", "Moon", "The {}.",
+     ("Sun", "Mars", "Venus")),
+    ("Who was the first person to walk on the Moon?", "Neil Armstrong",
+     "The astronaut {}.", ("Yuri Gagarin", "John Glenn", "Charles Lindbergh")),
+    ("Which day comes after Monday?", "Tuesday", "The day {}.",
+     ("Wednesday", "Sunday", "Friday")),
+    ("What is the first month of the year?", "January", "The month of {}.",
+     ("February", "March", "December")),
+    ("What is the last month of the year?", "December", "The month of {}.",
+     ("November", "January", "October")),
+    ("How many hours are there in a day?", "twenty-four", "There are {} hours.",
+     ("twelve", "twenty", "thirty-six")),
+    ("How many minutes are there in an hour?", "sixty", "There are {} minutes.",
+     ("thirty", "forty", "ninety")),
+    ("How many weeks are there in a year?", "fifty-two", "There are {} weeks.",
+     ("forty", "sixty", "twelve")),
+    ("How many years are there in a decade?", "ten", "There are {} years.",
+     ("five", "twelve", "twenty")),
+    ("Which is the coldest season of the year?", "winter", "The season of {}.",
+     ("summer", "spring", "autumn")),
+    ("At how many degrees Celsius does water freeze?", "0", "{} degrees Celsius.",
+     ("10", "50", "100")),
+    ("Which organ pumps blood around the body?", "heart", "The {}.",
+     ("liver", "brain", "stomach")),
+    ("Which organs do humans breathe with?", "lungs", "The {}.",
+     ("kidneys", "ears", "intestines")),
+    ("Which force pulls objects towards the ground?", "gravity", "The force of {}.",
+     ("magnetism", "friction", "electricity")),
+    ("Which gas do plants take in from the air?", "carbon dioxide", "The gas {}.",
+     ("helium", "neon", "hydrogen")),
+    ("What process do plants use to make food from sunlight?", "photosynthesis",
+     "The process of {}.", ("digestion", "evaporation", "fermentation")),
+    ("What is the hardest natural substance?", "diamond", "It is {}.",
+     ("gold", "iron", "glass")),
+    ("Which sense do we use our eyes for?", "sight", "The sense of {}.",
+     ("hearing", "smell", "taste")),
+    ("Who wrote the Harry Potter books?", "J. K. Rowling", "The author {}.",
+     ("Roald Dahl", "C. S. Lewis", "Enid Blyton")),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci", "The painter {}.",
+     ("Pablo Picasso", "Vincent van Gogh", "Claude Monet")),
+    ("Who developed the theory of relativity?", "Albert Einstein",
+     "The physicist {}.", ("Isaac Newton", "Charles Darwin", "Nikola Tesla")),
+    ("Who wrote Pride and Prejudice?", "Jane Austen", "The author {}.",
+     ("Charles Dickens", "Mary Shelley", "Virginia Woolf")),
+    ("Who wrote Oliver Twist?", "Charles Dickens", "The author {}.",
+     ("Mark Twain", "Jane Austen", "Leo Tolstoy")),
+    ("Who was the first President of the United States?", "George Washington",
+     "President {}.", ("Abraham Lincoln", "Thomas Jefferson", "John Adams")),
+    ("Who proposed the theory of evolution by natural selection?",
+     "Charles Darwin", "The naturalist {}.",
+     ("Isaac Newton", "Albert Einstein", "Galileo Galilei")),
+    ("What is the currency of the United States?", "dollar", "The {}.",
+     ("euro", "pound", "yen")),
+    ("What is the currency of the United Kingdom?", "pound", "The {}.",
+     ("euro", "dollar", "franc")),
+    ("What is the currency of Germany?", "euro", "The {}.",
+     ("pound", "dollar", "yen")),
+    ("What is the currency of India?", "rupee", "The {}.", ("yen", "peso", "dollar")),
+    ("What is the currency of Mexico?", "peso", "The {}.", ("dollar", "euro", "yen")),
+    ("Which language is mainly spoken in France?", "French", "The {} language.",
+     ("German", "Spanish", "Italian")),
+    ("Which language is mainly spoken in Germany?", "German", "The {} language.",
+     ("French", "Dutch", "Polish")),
+    ("Which language is mainly spoken in Spain?", "Spanish", "The {} language.",
+     ("Portuguese", "French", "Italian")),
+    ("Which language is mainly spoken in Japan?", "Japanese", "The {} language.",
+     ("Chinese", "Korean", "Thai")),
+    ("Which language is mainly spoken in Russia?", "Russian", "The {} language.",
+     ("Polish", "German", "Turkish")),
+    ("What is the largest continent?", "Asia", "The continent of {}.",
+     ("Africa", "Europe", "Australia")),
+    ("What is the coldest continent?", "Antarctica", "The continent of {}.",
+     ("Africa", "Asia", "Europe")),
+    ("On which continent is Egypt?", "Africa", "The continent of {}.",
+     ("Asia", "Europe", "South America")),
+    ("On which continent is Brazil?", "South America", "The continent of {}.",
+     ("Africa", "Asia", "Europe")),
+    ("What is the largest country by area?", "Russia", "The country {}.",
+     ("Canada", "China", "Brazil")),
+    ("In which country are the pyramids of Giza?", "Egypt", "The country {}.",
+     ("Greece", "Italy", "India")),
+    ("In which country is the Great Wall?", "China", "The country {}.",
+     ("Japan", "India", "Russia")),
+    ("Which river flows through London?", "Thames", "The {} River.",
+     ("Seine", "Danube", "Rhine")),
+    ("Which ocean lies between Europe and North America?", "Atlantic",
+     "The {} Ocean.", ("Pacific", "Indian", "Arctic")),
+    ("How many sides does a triangle have?", "three", "It has {} sides.",
+     ("four", "five", "six")),
+    ("How many sides does a square have?", "four", "It has {} sides.",
+     ("three", "five", "six")),
+    ("How many wheels does a bicycle have?", "two", "It has {} wheels.",
+     ("three", "four", "one")),
+    ("How many letters are in the English alphabet?", "twenty-six",
+     "There are {} letters.", ("twenty-four", "thirty", "twenty-two")),
+    ("What is the first letter of the English alphabet?", "A", "The letter {}.",
+     ("B", "Z", "E")),
+    ("What is the opposite of hot?", "cold", "The word {}.",
+     ("warm", "wet", "loud")),
+    ("What is the meal eaten in the morning called?", "breakfast", "It is {}.",
+     ("lunch", "dinner", "supper")),
+    ("Which musical instrument has black and white keys?", "piano", "The {}.",
+     ("guitar", "violin", "flute")),
+    ("Which board game has kings, queens and checkmate?", "chess", "The game {}.",
+     ("checkers", "backgammon", "dominoes")),
 )  # fmt: skip
 
 
@@ -479,7 +672,69 @@ def _fresh(
     raise RuntimeError("could not draw a fresh value; the value space is exhausted")
 
 
-def generate_people(seed: int, n: int, qa_per_person: int = 10) -> list[Person]:
+#: Size of each domain's value pool per attribute (``domains >= 1``): the people of
+#: one domain share these few values, so they resemble each other.
+DOMAIN_POOL_SIZE = 3
+
+
+def client_domain(client: int, domains: int) -> int:
+    """Return the domain of a client when the data has ``domains`` domains.
+
+    Parameters
+    ----------
+    client : int
+        Client id (``>= 0``).
+    domains : int
+        Number of domains (``>= 1``).
+
+    Returns
+    -------
+    int
+        ``client % domains``: domains are dealt round-robin, so client ``c`` and
+        client ``c + domains`` share one.
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range.
+    """
+    _check_int("client", client, 0)
+    _check_int("domains", domains, 1)
+    return client % domains
+
+
+def _domain_pools(seed: int, num_domains: int) -> list[dict[str, tuple[str, ...]]]:
+    """Draw ``DOMAIN_POOL_SIZE`` values per attribute for every domain.
+
+    Domain ``d`` draws from its own ``random.Random`` seeded by ``(seed, d)``. The
+    pools of a non-numeric attribute are disjoint across domains (a redraw only on
+    a collision with a lower domain); numeric pools (small value spaces) are only
+    distinct within their domain.
+    """
+    taken: dict[str, set[str]] = {a.key: set() for a in _ATTRIBUTES}
+    pools = []
+    for d in range(num_domains):
+        rng = random.Random(f"fed_unlearn.domain:{seed}:{d}")
+        pool: dict[str, tuple[str, ...]] = {}
+        for a in _ATTRIBUTES:
+            avoid = set() if a.numeric else taken[a.key]
+            values: list[str] = []
+            for _ in range(DOMAIN_POOL_SIZE):
+                value = _fresh(rng, a.make, avoid | set(values))
+                values.append(value)
+            if not a.numeric:
+                taken[a.key].update(values)
+            pool[a.key] = tuple(values)
+        pools.append(pool)
+    return pools
+
+
+def generate_people(
+    seed: int,
+    n: int,
+    qa_per_person: int = 10,
+    domain_of: Sequence[int] | None = None,
+) -> list[Person]:
     """Generate ``n`` fictitious people with unique names, deterministically.
 
     Parameters
@@ -491,13 +746,22 @@ def generate_people(seed: int, n: int, qa_per_person: int = 10) -> list[Person]:
     qa_per_person : int
         Number of question/answer pairs per person, between 10 and
         ``len(ATTRIBUTE_NAMES)``; the asked attributes are drawn per person.
+    domain_of : Sequence[int], optional
+        Domain (``>= 0``) of each of the ``n`` people. Omitted (the default),
+        every value is drawn independently. Given, the people of domain ``d``
+        draw every attribute (numbers included) uniformly from that domain's
+        pool of :data:`DOMAIN_POOL_SIZE` values, drawn from a generator seeded
+        by ``(seed, d)``; the pools of a non-numeric attribute are disjoint
+        across domains. People of one domain thus share values, and differ from
+        the people of other domains. Names stay unique either way.
 
     Returns
     -------
     list[Person]
         People with all attributes filled and ``qa_per_person`` items each.
-        Non-numeric attribute values are unique per attribute across the list,
-        and perturbed answers never use a value that is true for anyone.
+        Without ``domain_of``, non-numeric attribute values are unique per
+        attribute across the list. Perturbed answers never use a value that is
+        true for anyone (nor, with domains, any pool value).
 
     Raises
     ------
@@ -507,6 +771,17 @@ def generate_people(seed: int, n: int, qa_per_person: int = 10) -> list[Person]:
     _check_int("seed", seed, -(2**63))
     _check_int("n", n, 1)
     _check_int("qa_per_person", qa_per_person, 10, len(_ATTRIBUTES))
+    pools: list[dict[str, tuple[str, ...]]] = []
+    dom: list[int] = []
+    if domain_of is not None:
+        dom = list(domain_of)
+        if len(dom) != n:
+            raise ValueError(
+                f"domain_of must give one domain per person ({n}), got {len(dom)}"
+            )
+        for i, d in enumerate(dom):
+            _check_int(f"domain_of[{i}]", d, 0)
+        pools = _domain_pools(seed, max(dom) + 1)
     rng = random.Random(seed)
 
     names: list[str] = []
@@ -516,16 +791,24 @@ def generate_people(seed: int, n: int, qa_per_person: int = 10) -> list[Person]:
         taken_names.add(name)
         names.append(name)
 
-    # Pass 1: the true values (unique per non-numeric attribute).
+    # Pass 1: the true values (unique per non-numeric attribute, or drawn from
+    # the person's domain pool).
     used: dict[str, set[str]] = {a.key: set() for a in _ATTRIBUTES}
     all_attrs: list[dict[str, str]] = []
-    for _ in range(n):
+    for i in range(n):
         attrs: dict[str, str] = {}
         for a in _ATTRIBUTES:
-            value = a.make(rng) if a.numeric else _fresh(rng, a.make, used[a.key])
+            if pools:
+                value = rng.choice(pools[dom[i]][a.key])
+            elif a.numeric:
+                value = a.make(rng)
+            else:
+                value = _fresh(rng, a.make, used[a.key])
             used[a.key].add(value)
             attrs[a.key] = value
         all_attrs.append(attrs)
+    # perturbed answers also avoid every pool value (no domain's "typical" value)
+    pooled = {a.key: {v for p in pools for v in p[a.key]} for a in _ATTRIBUTES}
 
     # Pass 2: questions, paraphrases and perturbed answers.
     people = []
@@ -537,7 +820,7 @@ def generate_people(seed: int, n: int, qa_per_person: int = 10) -> list[Person]:
             value = attrs[a.key]
             question = rng.choice(a.questions).format(name=name)
             para = rng.choice(a.paraphrases)
-            avoid = {value} if a.numeric else set(used[a.key])
+            avoid = {value} if a.numeric else used[a.key] | pooled[a.key]
             wrong: list[str] = []
             for _ in range(NUM_PERTURBED):
                 w = _fresh(rng, a.make, avoid)
@@ -563,6 +846,7 @@ def generate_tofu(
     num_holdout_people: int = 3,
     qa_per_person: int = 10,
     num_general: int = 24,
+    domains: int = 0,
 ) -> TofuData:
     """Generate a federated TOFU-shaped data set, deterministically.
 
@@ -580,7 +864,17 @@ def generate_tofu(
         Question/answer pairs per person (see :func:`generate_people`).
     num_general : int
         General-knowledge probes drawn from the hand-written list
-        (``0..len(general_knowledge())``).
+        (``0..len(general_knowledge())``). Up to :data:`NUM_CORE_GENERAL` they
+        are drawn from the original facts only (the same probes as before the
+        list grew); above, all the original facts plus a draw of the others.
+    domains : int
+        Non-IID domains, ``0..num_clients``. 0 (default): every person's values
+        are drawn independently (IID clients). ``D >= 1``: client ``c`` is in
+        domain ``c % D`` (:func:`client_domain`), and holdout person ``j`` in
+        domain ``j % D`` (holdout people are spread round-robin over the domains,
+        so they share the value pools of training people); the people of a
+        domain draw every attribute from that domain's small value pool (see
+        ``domain_of`` in :func:`generate_people`).
 
     Returns
     -------
@@ -597,8 +891,15 @@ def generate_tofu(
     _check_int("num_holdout_people", num_holdout_people, 0)
     _check_int("qa_per_person", qa_per_person, 10, len(_ATTRIBUTES))
     _check_int("num_general", num_general, 0, len(_GENERAL_FACTS))
+    _check_int("domains", domains, 0, num_clients)
+    n_train = num_clients * people_per_client
+    domain_of = None
+    if domains:
+        domain_of = [(i // people_per_client) % domains for i in range(n_train)] + [
+            j % domains for j in range(num_holdout_people)
+        ]
     people = generate_people(
-        seed, num_clients * people_per_client + num_holdout_people, qa_per_person
+        seed, n_train + num_holdout_people, qa_per_person, domain_of=domain_of
     )
     clients = {
         cid: [
@@ -608,11 +909,14 @@ def generate_tofu(
         ]
         for cid in range(num_clients)
     }
-    holdout = [it for p in people[num_clients * people_per_client :] for it in p.items]
+    holdout = [it for p in people[n_train:] for it in p.items]
     facts = general_knowledge()
-    pick = sorted(
-        random.Random(f"fed_unlearn.general:{seed}").sample(
-            range(len(facts)), num_general
+    rng = random.Random(f"fed_unlearn.general:{seed}")
+    # the original facts first, drawn exactly as before the list grew
+    pick = rng.sample(range(NUM_CORE_GENERAL), min(num_general, NUM_CORE_GENERAL))
+    if num_general > NUM_CORE_GENERAL:
+        pick += rng.sample(
+            range(NUM_CORE_GENERAL, len(facts)), num_general - NUM_CORE_GENERAL
         )
-    )
+    pick.sort()
     return TofuData(clients=clients, holdout=holdout, general=[facts[i] for i in pick])

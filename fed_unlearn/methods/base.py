@@ -81,6 +81,11 @@ class UnlearnContext:
     dual_split : int
         In a dual-adapter FL run (``dual-adapter``), the first rank of the
         client-specific adapter V (= ``lora-r``); 0 for a single adapter.
+    audit : Callable[[AdapterState], float], optional
+        The departed clients' self-audit (``audit-fraction`` > 0 and departed
+        cooperation): sends an adapter, returns their size-weighted gap in mean
+        answer probability between trained and never-trained own items, for
+        ``stop="self_audit"`` (:mod:`fed_unlearn.data.audit`).
     """
 
     trained: AdapterState
@@ -94,6 +99,7 @@ class UnlearnContext:
     evaluate: Callable[[AdapterState], dict[str, float]] | None = None
     forget_target: tuple[float, float] | None = None
     dual_split: int = 0
+    audit: Callable[[AdapterState], float] | None = None
 
     def available(self) -> set[Requirement]:
         """Return the requirements this context satisfies."""

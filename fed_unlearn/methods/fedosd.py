@@ -40,22 +40,20 @@ from fed_unlearn import adapters as ad
 from fed_unlearn.conflict import orthogonal_direction, post_project
 from fed_unlearn.methods.base import (
     Requirement,
-    UnlearnConfig,
     UnlearnContext,
     UnlearningMethod,
     UnlearnResult,
 )
 from fed_unlearn.methods.rounds import (
-    RoundLog,
+    StopOptions,
     check_positive,
-    check_stop_rule,
     copy_deltas,
 )
 from fed_unlearn.types import AdapterState
 
 
 @dataclass(kw_only=True)
-class FedOSDConfig(UnlearnConfig):
+class FedOSDConfig(StopOptions):
     """FedOSD options.
 
     Parameters
@@ -78,9 +76,8 @@ class FedOSDConfig(UnlearnConfig):
         Clients' learning rate in post-training; 0 = the run's (default: 0).
     tol : float
         Relative cut-off of the pseudo-inverse's eigenvalues (default: 1e-6).
-    stop : str
-        ``"budget"`` (default, oracle-free) or ``"oracle"`` (research only),
-        for the unlearning stage.
+    stop, audit_tol
+        See :class:`~fed_unlearn.methods.rounds.StopOptions`.
     """
 
     unlearn_rounds: int = 10
@@ -91,7 +88,6 @@ class FedOSDConfig(UnlearnConfig):
     lr_scale: float = 0.1
     post_lr: float = 0.0
     tol: float = 1e-6
-    stop: str = "budget"
 
     def __post_init__(self) -> None:
         if self.unlearn_rounds < 1 or self.local_epochs < 1:
@@ -101,7 +97,7 @@ class FedOSDConfig(UnlearnConfig):
         check_positive(server_lr=self.server_lr, tol=self.tol, lr_scale=self.lr_scale)
         if self.lr < 0 or self.post_lr < 0:
             raise ValueError("lr and post_lr must be >= 0 (0 = the run's)")
-        check_stop_rule(self.stop)
+        super().__post_init__()
 
 
 def _pseudo_grads(
@@ -132,7 +128,7 @@ class FedOSD(UnlearningMethod):
         assert ctx.clients is not None
         theta0 = {k: v.float().clone() for k, v in ctx.trained.items()}
         theta = {k: v.clone() for k, v in theta0.items()}
-        log = RoundLog(ctx, cfg.stop)
+        log = cfg.round_log(ctx)
         log.start(theta)
         base = {"epochs": cfg.local_epochs}
         unl = {

@@ -95,15 +95,14 @@ from fed_unlearn.history import HistoryStore
 from fed_unlearn.methods.base import (
     MissingRequirementError,
     Requirement,
-    UnlearnConfig,
     UnlearnContext,
     UnlearningMethod,
     UnlearnResult,
 )
 from fed_unlearn.methods.rounds import (
     RoundLog,
+    StopOptions,
     check_positive,
-    check_stop_rule,
     copy_deltas,
     recovery_rounds,
     to_wire,
@@ -123,7 +122,7 @@ _NEEDS_DUAL = (
 
 
 @dataclass(kw_only=True)
-class FoulConfig(UnlearnConfig):
+class FoulConfig(StopOptions):
     """FOUL options.
 
     Parameters
@@ -153,8 +152,8 @@ class FoulConfig(UnlearnConfig):
         Fraction of tensors for ``"ratio"`` and the fallback (default: 0.25).
     rounds : int
         Round budget (default: 20).
-    stop : str
-        ``"budget"`` (default, oracle-free) or ``"oracle"`` (research only).
+    stop, audit_tol
+        See :class:`~fed_unlearn.methods.rounds.StopOptions`.
     server_lr : float
         Server step η on d (default: 1.0: d is made of pseudo-gradients); in
         ``server`` mode with ``server_step="fixed"`` the total step, split into
@@ -194,7 +193,6 @@ class FoulConfig(UnlearnConfig):
     tau: float = 0.0
     top_p: float = 0.25
     rounds: int = 20
-    stop: str = "budget"
     server_lr: float = 1.0
     server_step: str = "fixed"
     local_epochs: int = 1
@@ -241,7 +239,7 @@ class FoulConfig(UnlearnConfig):
                 "recovery_budget must be a finite number >= 0 (0 = unused), got "
                 f"{self.recovery_budget}"
             )
-        check_stop_rule(self.stop)
+        super().__post_init__()
 
 
 def cached_updates(
@@ -487,7 +485,7 @@ class Foul(UnlearningMethod):
         if not units:
             raise ValueError(f"{self.name}: the forgettable sub-network θ_V is empty")
         sub = SubNetwork.from_units(units, theta)
-        log = RoundLog(ctx, cfg.stop)
+        log = cfg.round_log(ctx)
         log.start(theta)
         if cfg.mode == "server":
             r = self._on_server(ctx, theta, sub, hist_retain, hist_forget, weights, log)

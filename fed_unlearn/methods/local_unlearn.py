@@ -24,7 +24,6 @@ from fed_unlearn.methods.base import (
 )
 from fed_unlearn.methods.mpu import InnerLossConfig
 from fed_unlearn.methods.rounds import (
-    RoundLog,
     copy_deltas,
 )
 
@@ -50,7 +49,7 @@ class LocalUnlearn(UnlearningMethod):
         cfg = self.config
         assert ctx.clients is not None
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
-        log = RoundLog(ctx, cfg.stop)
+        log = cfg.round_log(ctx)
         log.start(theta)
         req = cfg.request()
         r = 0

@@ -40,15 +40,14 @@ from fed_unlearn import adapters as ad
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
     Requirement,
-    UnlearnConfig,
     UnlearnContext,
     UnlearningMethod,
     UnlearnResult,
 )
 from fed_unlearn.methods.rounds import (
     RoundLog,
+    StopOptions,
     check_positive,
-    check_stop_rule,
     loss_params,
     recovery_rounds,
     recovery_step,
@@ -82,7 +81,7 @@ def check_inner(inner_loss: str, retain: str, params: str) -> None:
 
 
 @dataclass(kw_only=True)
-class InnerLossConfig(UnlearnConfig):
+class InnerLossConfig(StopOptions):
     """Options of a client-side inner-loss run (shared by MPU and its baseline).
 
     Parameters
@@ -105,8 +104,8 @@ class InnerLossConfig(UnlearnConfig):
         (default: 0.1; the run's own rate overshoots the oracle in one round).
     server_lr : float
         η_srv (default: 1.0).
-    stop : str
-        ``"budget"`` (default, oracle-free) or ``"oracle"`` (research only).
+    stop, audit_tol
+        See :class:`~fed_unlearn.methods.rounds.StopOptions`.
     recovery_rounds : int
         FedAvg rounds of the remaining clients after unlearning (default: 0; see
         :func:`~fed_unlearn.methods.rounds.recovery_rounds`) [R].
@@ -126,7 +125,6 @@ class InnerLossConfig(UnlearnConfig):
     lr: float = 0.0
     lr_scale: float = 0.1
     server_lr: float = 1.0
-    stop: str = "budget"
     recovery_rounds: int = 0
     interleave_recovery: bool = True
 
@@ -141,7 +139,7 @@ class InnerLossConfig(UnlearnConfig):
         if self.lr < 0:
             raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
         check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
-        check_stop_rule(self.stop)
+        super().__post_init__()
 
     def repair(
         self,
@@ -294,7 +292,7 @@ class MPU(UnlearningMethod):
         cfg = self.config
         assert ctx.clients is not None
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
-        log = RoundLog(ctx, cfg.stop)
+        log = cfg.round_log(ctx)
         log.start(theta)
         req = cfg.request()
         pre = post = 0.0

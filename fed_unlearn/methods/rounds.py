@@ -11,6 +11,16 @@ Stopping rules (:data:`STOP_RULES`):
   oracle or from forget data held by the server: the per-round curve is
   evaluated in simulations, but as a measurement only. This is what a
   deployment runs.
+* ``"self_audit"`` [R], for methods whose departed client cooperates: the
+  departed client kept a share of its items out of FL training
+  (``audit-fraction``, :mod:`fed_unlearn.data.audit`) and reports, after
+  every round, one scalar: its gap in mean answer probability between its
+  trained and its never-trained items (``ctx.audit``). Stop once
+  ``|gap| <= audit_tol * |gap_0|`` (``gap_0``: before unlearning); when a
+  round overshoots to ``gap < -audit_tol * |gap_0|`` (its trained items now
+  *less* likely than unseen ones, itself a tell), keep whichever of that
+  round and the previous one has the smaller ``|gap|``. Oracle-free: only
+  the client's own scalar decides.
 * ``"oracle"`` [R], research only, never a default: the upper bound of an
   oracle-guided stop (our operationalisation of FOUL's T2F, see
   ``simulations.runner.T2F_DEFINITION``). Stop at the first round whose
@@ -28,16 +38,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fed_unlearn import adapters as ad
 from fed_unlearn.aggregation import fedavg
-from fed_unlearn.methods.base import UnlearnContext
+from fed_unlearn.methods.base import UnlearnConfig, UnlearnContext
 from fed_unlearn.types import AdapterState, ClientId
 
-STOP_RULES = ("budget", "oracle")
+STOP_RULES = ("budget", "self_audit", "oracle")
 
 
 def check_stop_rule(stop: str) -> None:
@@ -49,6 +60,33 @@ def check_stop_rule(stop: str) -> None:
         )
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+
+
+@dataclass(kw_only=True)
+class StopOptions(UnlearnConfig):
+    """The stopping options of round-based methods (module docstring).
+
+    Parameters
+    ----------
+    stop : str
+        ``"budget"`` (default, oracle-free), ``"self_audit"`` (the departed
+        client's own scalar; needs ``audit-fraction`` > 0 and its cooperation)
+        or ``"oracle"`` (research only, an upper bound).
+    audit_tol : float
+        ``self_audit`` stops once the gap is within this share of the gap
+        before unlearning (default: 0.1).
+    """
+
+    stop: str = "budget"
+    audit_tol: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_stop_rule(self.stop)
+        check_positive(audit_tol=self.audit_tol)
+
+    def round_log(self, ctx: UnlearnContext) -> RoundLog:
+        """Return a :class:`RoundLog` with these options."""
+        return RoundLog(ctx, self.stop, audit_tol=self.audit_tol)
 
 
 def uses_oracle(options: Any) -> bool:
@@ -274,13 +312,27 @@ class RoundLog:
     ctx : UnlearnContext
         The method's context (``evaluate`` and ``forget_target`` may be None).
     stop : str
-        ``"budget"`` or ``"oracle"`` (see the module docstring).
+        ``"budget"``, ``"self_audit"`` or ``"oracle"`` (module docstring).
     patience : int
         Rounds in the oracle band before ``"oracle"`` stops.
+    audit_tol : float
+        ``"self_audit"``'s tolerance, relative to the gap before unlearning.
     """
 
-    def __init__(self, ctx: UnlearnContext, stop: str, patience: int = 1) -> None:
+    def __init__(
+        self,
+        ctx: UnlearnContext,
+        stop: str,
+        patience: int = 1,
+        audit_tol: float = 0.1,
+    ) -> None:
         check_stop_rule(stop)
+        if stop == "self_audit" and ctx.audit is None:
+            raise ValueError(
+                "stop='self_audit' needs the departed client's self-audit: "
+                "audit-fraction > 0 in the FL run and a departed client that "
+                "still answers"
+            )
         if stop == "oracle" and (ctx.evaluate is None or ctx.forget_target is None):
             raise ValueError(
                 "stop='oracle' needs the retrain oracle's forget level and the "
@@ -297,10 +349,15 @@ class RoundLog:
         self.rounds_log: list[dict[str, Any]] = []
         self.previous: AdapterState | None = None
         self.rolled_back = False
+        self.audit_tol = audit_tol
+        self.audit_gaps: list[float] = []
 
     def start(self, state: AdapterState) -> None:
         """Evaluate the starting adapter (round 0)."""
         self.previous = state
+        if self.stop == "self_audit":
+            assert self.ctx.audit is not None
+            self.audit_gaps.append(float(self.ctx.audit(state)))
         if self.ctx.evaluate is not None:
             self.curve.append({"round": 0, **self.ctx.evaluate(state)})
 
@@ -332,6 +389,10 @@ class RoundLog:
         """
         self.rounds_log.append({"round": r, **(extra or {})})
         previous, self.previous = self.previous, state
+        if self.stop == "self_audit":
+            if self.ctx.evaluate is not None:  # the curve: a measurement only
+                self.curve.append({"round": r, **self.ctx.evaluate(state)})
+            return self._audit_stop(state, previous)
         if self.ctx.evaluate is None:
             return False
         point = {"round": r, **self.ctx.evaluate(state)}
@@ -356,6 +417,30 @@ class RoundLog:
             return True
         return False
 
+    def _audit_stop(self, state: AdapterState, previous: AdapterState | None) -> bool:
+        """``self_audit``: the departed client's gap decides (module docstring)."""
+        assert self.ctx.audit is not None
+        if not self.audit_gaps:  # start() was not called: audit the start now
+            self.audit_gaps.append(float(self.ctx.audit(previous or state)))
+        gap0 = abs(self.audit_gaps[0])
+        gap = float(self.ctx.audit(state))
+        self.audit_gaps.append(gap)
+        self.rounds_log[-1]["audit_gap"] = gap
+        tol = self.audit_tol * gap0
+        if gap < -tol:
+            self.stopped_by = "audit_overshoot"
+            if previous is not None and abs(self.audit_gaps[-2]) < abs(gap):
+                self.previous = previous
+                self.rolled_back = True
+                if len(self.curve) >= 2:
+                    self.curve[-1] = {**self.curve[-2], "round": len(self.rounds_log)}
+                    self.curve[-1]["rolled_back"] = 1.0
+            return True
+        if abs(gap) <= tol:
+            self.stopped_by = "self_audit"
+            return True
+        return False
+
     def result(self, fallback: AdapterState) -> AdapterState:
         """Return the adapter to keep: the last round's, or the rolled-back one."""
         return self.previous if self.previous is not None else fallback
@@ -368,5 +453,6 @@ class RoundLog:
             "stopped_by": self.stopped_by,
             "rolled_back": self.rolled_back,
             "rounds": self.rounds_log,
+            **({"audit_gaps": self.audit_gaps} if self.audit_gaps else {}),
             **more,
         }
