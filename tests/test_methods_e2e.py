@@ -339,3 +339,42 @@ def test_foul_dual_adapter_run_from_the_cli(tmp_path_factory):
         v_half = (slice(8, 16), slice(None)) if "lora_A" in k else (..., slice(8, 16))
         assert torch.equal(after[k][k_half], v[k_half]), k
         assert not torch.equal(after[k][v_half], v[v_half]), k
+
+
+def test_default_run_is_oracle_free_and_an_oracle_stop_is_flagged(cached, tmp_path):
+    out, run = _run(cached, tmp_path, "foul_server", "rounds=3", evaluate=False)
+    assert run["oracle_stopped"] is False
+    assert run["unlearn_info"]["stopped_by"] == "budget"
+    assert "unlearn_method_only" not in run["wall_time_s"]
+    out2, run2 = _run(
+        cached, tmp_path / "o", "foul_server", "rounds=3", "stop=oracle", evaluate=False
+    )
+    assert run2["oracle_stopped"] is True
+    walls, by = run2["wall_time_s"], run2["bytes"]
+    assert walls["unlearn"] == pytest.approx(
+        walls["unlearn_method_only"] + walls["retrain"]
+    )
+    assert by["unlearn"]["total"] == (
+        by["unlearn_method_only"]["total"] + by["retrain"]["total"]
+    )
+
+
+def test_mpu_self_audit_stop(tmp_path):
+    """The departed client keeps 30 % of its items out of training; MPU stops on
+    its one scalar per round, with no oracle level handed to the method."""
+    runs = tmp_path / "runs"
+    out = tmp_path / "audit"
+    args = ["run", *BASE, "--method", "mpu", "--quiet", "--no-eval", "--out", str(out)]
+    args += ["--set", "audit-fraction=0.3", "--opt", "stop=self_audit"]
+    args += ["--opt", "rounds=3"]
+    _cli(args, runs)
+    run = json.loads((out / "run.json").read_text())
+    info = run["unlearn_info"]
+    gaps = info["audit_gaps"]
+    assert 2 <= len(gaps) <= 4  # round 0 and one per round until the stop
+    assert gaps[0] > 0  # trained items are more likely than never-trained ones
+    assert info["stopped_by"] in {"self_audit", "audit_overshoot", "budget"}
+    if info["stopped_by"] == "self_audit":
+        assert abs(gaps[-1]) <= 0.1 * abs(gaps[0])
+    assert run["oracle_stopped"] is False
+    assert [r["audit_gap"] for r in info["rounds"] if "audit_gap" in r] == gaps[1:]
