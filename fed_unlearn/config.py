@@ -75,6 +75,45 @@ EVAL_ONLY_DATA_KEYS = ("eval-max-items", "general-probes")
 METHOD_OPTION_PREFIX = "method-"
 
 
+#: One string of ``OPTION=VALUE`` pairs (comma-separated): method options where
+#: keys cannot be added, e.g. ``flwr run . --run-config "method-options='seed=7'"``
+#: (Flower accepts only the keys ``[tool.flwr.app.config]`` declares).
+METHOD_OPTIONS_KEY = "method-options"
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value: int, float, ``true``/``false``, else a string."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text.strip('"')
+
+
+def parse_method_options(text: str) -> dict[str, Any]:
+    """Parse ``"kappa=0.5, rounds=3"`` into method options.
+
+    Raises
+    ------
+    ConfigError
+        Naming a pair that is not ``OPTION=VALUE``.
+    """
+    out: dict[str, Any] = {}
+    for pair in (p.strip() for p in text.split(",")):
+        if not pair:
+            continue
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
+            raise ConfigError(
+                f"config key {METHOD_OPTIONS_KEY!r}: {pair!r} is not OPTION=VALUE"
+            )
+        key, value = pair.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
 def _as_bool(value: object) -> bool:
     """Accept real bools and the strings true/false/1/0/yes/no."""
     if isinstance(value, bool):
@@ -266,6 +305,9 @@ class RunConfig:
         for key, value in flat.items():
             if key.startswith("x-"):
                 extra[key] = value
+                continue
+            if key == METHOD_OPTIONS_KEY:
+                options.update(parse_method_options(str(value)))
                 continue
             if key.startswith(METHOD_OPTION_PREFIX):
                 options[key[len(METHOD_OPTION_PREFIX) :]] = value

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn.config import ConfigError, RunConfig
+from fed_unlearn.config import ConfigError, RunConfig, parse_value
 
 log = logging.getLogger("fed_unlearn")
 
@@ -53,24 +53,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if "=" not in item:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        flat[key.strip()] = _parse_value(value.strip())
+        flat[key.strip()] = parse_value(value.strip())
     for item in getattr(args, "opt", None) or []:
         if "=" not in item:
             raise UsageError(f"--opt {item!r}: expected OPTION=VALUE")
         key, value = item.split("=", 1)
-        flat[f"method-{key.strip()}"] = _parse_value(value.strip())
+        flat[f"method-{key.strip()}"] = parse_value(value.strip())
     return flat
-
-
-def _parse_value(text: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text.strip('"')
 
 
 def _config_file(path: str | None) -> dict[str, Any]:

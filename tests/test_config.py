@@ -138,3 +138,19 @@ def test_runner_passes_eval_gradnorm(monkeypatch):
         cfg = RunConfig.from_flat({"preset": "tiny", "eval-gradnorm": flag})
         runner.evaluate_adapters(cfg, adapters)
     assert seen == [False, False, True, True]
+
+
+def test_method_options_string_for_deployments():
+    from fed_unlearn.config import parse_method_options
+
+    assert parse_method_options(" seed=7, kappa=0.5,stop=budget ,") == {
+        "seed": 7,
+        "kappa": 0.5,
+        "stop": "budget",
+    }
+    cfg = RunConfig.from_flat(
+        {"method": "mpu", "method-options": "seed=7", "method-rounds": 2}
+    )
+    assert cfg.method_options == {"seed": 7, "rounds": 2}
+    with pytest.raises(ConfigError, match="'method-options': 'kappa' is not"):
+        RunConfig.from_flat({"method-options": "kappa"})

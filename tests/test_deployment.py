@@ -4,19 +4,63 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+from test_simulation import _cli
 
-def test_local_deployment_engine_runs_the_pipeline(tmp_path, monkeypatch):
+RUN = (
+    "preset='tiny' num-clients=2 depart='1' num-server-rounds=1 local-epochs=1 seed=11"
+)
+
+
+def _adapters(out):
+    from safetensors.torch import load_file
+
+    return {
+        name: load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
+        for name in ("original", "unlearned", "retrain")
+    }
+
+
+def _deploy_and_simulate(tmp_path, monkeypatch, method, opts=()):
+    """The same cell on the Deployment Engine and on the Simulation Engine, each
+    with its own empty FL cache (nothing computed by one is reused by the other)."""
     from simulations.deployment import run_local_deployment
 
     monkeypatch.setenv("FED_UNLEARN_RUNS", str(tmp_path / "runs"))
     out = tmp_path / "out"
     rc, log = run_local_deployment(
         2,
-        f"preset='tiny' num-clients=2 depart='1' num-server-rounds=1 local-epochs=1 "
-        f"seed=11 out-dir='{out}'",
+        f"{RUN} method='{method}' out-dir='{out}'"
+        + (" method-options='" + ",".join(f"{k}={v}" for k, v in opts) + "'"),
         workdir=tmp_path / "work",
     )
     assert rc == 0, log[-3000:]
+    sim = tmp_path / "sim"
+    args = ["run", "--preset", "tiny", "--clients", "2", "--depart", "1"]
+    args += ["--rounds", "1", "--local-epochs", "1", "--seed", "11"]
+    args += ["--method", method, "--quiet", "--no-eval", "--out", str(sim)]
+    for k, v in opts:
+        args += ["--opt", f"{k}={v}"]
+    _cli(args, tmp_path / "sim-runs")
+    return out, sim
+
+
+def _assert_parity(out, sim):
+    """Deployment and simulation give the same adapters: bit-identical.
+
+    Both engines run the same ClientApp code on the same CPU with the same seeds
+    (LoRA init, data order, per-round derive_seed) and aggregate in the same order
+    (by client id), so no tolerance is needed."""
+    dep, simu = _adapters(out), _adapters(sim)
+    for name in dep:
+        assert dep[name].keys() == simu[name].keys()
+        for k in dep[name]:
+            assert torch.equal(dep[name][k], simu[name][k]), (name, k)
+
+
+def test_local_deployment_engine_runs_the_pipeline(tmp_path, monkeypatch):
+    out, sim = _deploy_and_simulate(tmp_path, monkeypatch, "foul_server")
     pipeline = json.loads((out / "pipeline.json").read_text())
     assert pipeline["train"]["rounds"] == 1 and not pipeline["train"]["cached"]
     assert pipeline["train"]["round_log"][0]["participants"] == [0, 1]
@@ -30,5 +74,12 @@ def test_local_deployment_engine_runs_the_pipeline(tmp_path, monkeypatch):
     for res in fed.values():
         assert {"client-0", "client-1"} <= set(res)
         assert res["forget_Q_A_Prob"] == res["client-1"]
-    for name in ("original", "unlearned", "retrain"):
-        assert (out / "adapters" / name / "adapter_model.safetensors").is_file()
+    _assert_parity(out, sim)  # the default method, foul_server
+
+
+@pytest.mark.slow
+def test_mpu_deployment_matches_the_simulation(tmp_path, monkeypatch):
+    """MPU draws its secrets from ``secrets`` by default, so two runs of either
+    engine differ by their noise; with its test seed both are bit-identical."""
+    out, sim = _deploy_and_simulate(tmp_path, monkeypatch, "mpu", [("seed", 7)])
+    _assert_parity(out, sim)
