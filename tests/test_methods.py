@@ -241,7 +241,7 @@ def test_foul_recovery_round_asks_for_the_requested_batch_and_step_cap():
 
 
 def test_foul_server_recovery_asks_for_a_budget_unless_told_a_batch_or_an_epoch():
-    """foul_server's recovery request carries its 1/12 budget and 2-step cap and
+    """foul_server's recovery request carries its 1/6 budget and 2-step cap and
     no batch (the client sizes its batches); an explicit recovery_batch_size or a
     whole epoch (local_steps=0) sends no budget; a bad budget is refused."""
     trained = _state()
@@ -249,7 +249,7 @@ def test_foul_server_recovery_asks_for_a_budget_unless_told_a_batch_or_an_epoch(
     ctx, _, _ = _full_context(trained)
     get_method("foul_server", opts).unlearn(ctx)
     config = ctx.clients.calls[-1][1]
-    assert config["budget"] == pytest.approx(1 / 12) and config["max-steps"] == 2
+    assert config["budget"] == pytest.approx(1 / 6) and config["max-steps"] == 2
     assert "batch-size" not in config
     get_method("foul_server", {**opts, "recovery_batch_size": 12}).unlearn(ctx)
     config = ctx.clients.calls[-1][1]
