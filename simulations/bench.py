@@ -284,9 +284,7 @@ def _cell_config(sc: Scenario, seed: int, m: MethodSpec) -> RunConfig:
 
     flat = dict(sc.config)
     base = RunConfig.from_flat(flat)
-    gone = departing_clients(
-        seed, base.num_clients, sc.departs, getattr(base, "domains", 0)
-    )
+    gone = departing_clients(seed, base.num_clients, sc.departs, base.domains)
     flat.update(
         seed=seed,
         depart=",".join(map(str, gone)),

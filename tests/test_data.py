@@ -123,17 +123,22 @@ def test_answer_is_the_value_not_a_sentence() -> None:
             assert it.answer.rstrip(".").lower() in values
 
 
+def _assert_perturbed_never_true(people, keys) -> None:
+    """No perturbed answer to ``key`` ends with any person's true value of it."""
+    for key in keys:
+        true_values = {p.attributes[key] for p in people}
+        for p in people:
+            it = p.items[_asked_keys(p).index(key)]
+            for wrong in it.perturbed_answers:
+                assert not any(wrong.endswith(f" {v}.") for v in true_values), key
+
+
 def test_values_unique_and_perturbed_never_true() -> None:
     people = generate_people(9, 30, qa_per_person=len(ATTRIBUTE_NAMES))
     for key in ("birth_city", "occupation", "father_name", "debut_title"):
         vals = [p.attributes[key] for p in people]
         assert len(set(vals)) == len(vals), key
-    for key in ("birth_city", "spouse_name", "instrument"):
-        true_values = {p.attributes[key] for p in people}
-        for p in people:
-            it = p.items[_asked_keys(p).index(key)]
-            for wrong in it.perturbed_answers:
-                assert not any(wrong.endswith(f" {v}.") for v in true_values)
+    _assert_perturbed_never_true(people, ("birth_city", "spouse_name", "instrument"))
 
 
 def test_clients_and_holdout_are_disjoint() -> None:
@@ -284,12 +289,9 @@ def test_domains_narrow_the_values_of_a_domain() -> None:
 
 def test_domains_perturbed_answers_never_true() -> None:
     _, people, _ = _domain_people(2)
-    for key in ("birth_city", "occupation", "award"):
-        true_values = {p.attributes[key] for p in people}
-        for p in people:
-            it = p.items[_asked_keys(p).index(key)]
-            for wrong in it.perturbed_answers:
-                assert not any(wrong.endswith(f" {v}.") for v in true_values)
+    _assert_perturbed_never_true(people, ("birth_city", "occupation", "award"))
+    for p in people:
+        for it in p.items:
             _check_item(it)
 
 

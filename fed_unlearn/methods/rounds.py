@@ -419,9 +419,7 @@ class RoundLog:
 
     def _audit_stop(self, state: AdapterState, previous: AdapterState | None) -> bool:
         """``self_audit``: the departed client's gap decides (module docstring)."""
-        assert self.ctx.audit is not None
-        if not self.audit_gaps:  # start() was not called: audit the start now
-            self.audit_gaps.append(float(self.ctx.audit(previous or state)))
+        assert self.ctx.audit is not None and self.audit_gaps, "start() first"
         gap0 = abs(self.audit_gaps[0])
         gap = float(self.ctx.audit(state))
         self.audit_gaps.append(gap)
