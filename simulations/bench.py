@@ -13,6 +13,7 @@ A suite is a TOML file in ``simulations/suites/`` (or any path)::
     name = "tiny-3c"
     departs = 1                    # how many clients depart (the seed picks them)
     num-clients = 3                # more flat run-config keys
+    methods = ["foul_server"]      # optional: only these method labels here
 
     [[method]]
     name = "foul_server"
@@ -68,7 +69,7 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("bytes_ratio", "bytes × retrain", 3),
 )
 _SUITE_KEYS = {"description", "seeds", "purpose", "defaults", "scenario", "method"}
-_SCENARIO_KEYS = {"name", "departs"}
+_SCENARIO_KEYS = {"name", "departs", "methods"}
 _METHOD_KEYS = {"name", "label", "options"}
 PURPOSES = ("evaluation", "calibration")
 
@@ -84,6 +85,11 @@ class Scenario:
     name: str
     departs: int | str  #: a number of clients, or "domain": one whole domain
     config: dict[str, Any]
+    methods: tuple[str, ...] = ()  #: method labels run here (empty: all)
+
+    def runs(self, m: MethodSpec) -> bool:
+        """Whether method row ``m`` runs in this scenario."""
+        return not self.methods or m.label in self.methods
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,10 @@ def load_suite(name: str) -> Suite:
         for k in ("depart", "method", "seed", "out-dir"):
             if k in conf:
                 raise SuiteError(f"{where}: {k!r} is set by the bench, not the suite")
-        scenarios.append(Scenario(sc["name"], departs, conf))
+        only = sc.get("methods", [])
+        if not isinstance(only, list) or not all(isinstance(x, str) for x in only):
+            raise SuiteError(f"{where}: methods must be a list of method labels")
+        scenarios.append(Scenario(sc["name"], departs, conf, tuple(only)))
     methods = []
     for i, m in enumerate(raw.get("method", [])):
         where = f"{path}: method #{i + 1}"
@@ -201,6 +210,14 @@ def load_suite(name: str) -> Suite:
     ):
         if len(set(names)) != len(names):
             raise SuiteError(f"{path}: {what}s must be unique, got {names}")
+    labels = {m.label for m in methods}
+    for sc in scenarios:
+        bad = sorted(set(sc.methods) - labels)
+        if bad:
+            raise SuiteError(
+                f"{path}: scenario {sc.name} names method labels {bad} that no "
+                f"[[method]] has (have: {sorted(labels)})"
+            )
     suite = Suite(
         path.stem,
         str(raw.get("description", "")),
@@ -214,9 +231,14 @@ def load_suite(name: str) -> Suite:
 
 
 def select(
-    suite: Suite, methods: Sequence[str] = (), seeds: Sequence[int] = ()
+    suite: Suite,
+    methods: Sequence[str] = (),
+    seeds: Sequence[int] = (),
+    scenarios: Sequence[str] = (),
 ) -> Suite:
-    """Return ``suite`` restricted to some method labels and seeds (empty: all).
+    """Return ``suite`` restricted to some method labels, seeds and scenarios.
+
+    An empty selection keeps all.
 
     Raises
     ------
@@ -224,7 +246,12 @@ def select(
         Naming a label or seed the suite does not have.
     """
     labels = [m.label for m in suite.methods]
-    for what, want, have in (("method", methods, labels), ("seed", seeds, suite.seeds)):
+    names = [sc.name for sc in suite.scenarios]
+    for what, want, have in (
+        ("method", methods, labels),
+        ("seed", seeds, suite.seeds),
+        ("scenario", scenarios, names),
+    ):
         bad = [x for x in want if x not in have]
         if bad:
             raise SuiteError(
@@ -234,6 +261,9 @@ def select(
         suite,
         methods=tuple(m for m in suite.methods if not methods or m.label in methods),
         seeds=tuple(s for s in suite.seeds if not seeds or s in seeds),
+        scenarios=tuple(
+            sc for sc in suite.scenarios if not scenarios or sc.name in scenarios
+        ),
     )
 
 
@@ -266,7 +296,7 @@ def cells(suite: Suite) -> list[Cell]:
     out = []
     for sc in suite.scenarios:
         for seed in suite.seeds:
-            for m in suite.methods:
+            for m in filter(sc.runs, suite.methods):
                 try:
                     cfg = _cell_config(sc, seed, m)
                 except (ConfigError, ValueError, KeyError) as exc:
@@ -433,7 +463,7 @@ def aggregate(suite: Suite, out: Path) -> dict[str, Any]:
     per_cell, agg = [], {}
     for sc in suite.scenarios:
         agg[sc.name] = {}
-        for m in suite.methods:
+        for m in filter(sc.runs, suite.methods):
             rows = []
             for seed in suite.seeds:
                 path = out / sc.name / f"seed-{seed}" / m.label

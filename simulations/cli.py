@@ -247,6 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             suite,
             [m for m in (args.methods or "").split(",") if m],
             [int(x) for x in (args.seeds or "").split(",") if x],
+            [x for x in (args.scenarios or "").split(",") if x],
         )
     except ValueError as exc:  # SuiteError, or a --seeds entry that is no int
         raise UsageError(str(exc)) from None
@@ -352,6 +353,7 @@ def parser() -> argparse.ArgumentParser:
     p_b.add_argument("--list", action="store_true", help="list the shipped suites")
     p_b.add_argument("--methods", help="only these method labels (comma-separated)")
     p_b.add_argument("--seeds", help="only these seeds (comma-separated)")
+    p_b.add_argument("--scenarios", help="only these scenarios (comma-separated)")
     p_b.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 

@@ -213,3 +213,40 @@ def test_select_restricts_methods_and_seeds(tmp_path, capsys):
     assert main(["bench", path, "--out", str(tmp_path / "o"), "--seeds", "x"]) == 2
     assert main(["bench", path, "--out", str(tmp_path / "o"), "--seeds", "9"]) == 2
     assert "has no seed [9]" in capsys.readouterr().err
+
+
+TWO_SCENARIOS = (
+    GOOD
+    + """
+[[scenario]]
+name = "b"
+departs = 1
+num-clients = 4
+methods = ["mpu-x"]
+"""
+)
+
+
+def test_a_scenario_may_run_only_some_methods(tmp_path):
+    suite = bench.load_suite(str(_suite(tmp_path, TWO_SCENARIOS)))
+    got = {(c.scenario.name, c.method.label) for c in bench.cells(suite)}
+    # scenario a runs both rows, b only the one it names; 3 seeds each
+    assert got == {("a", "foul_server"), ("a", "mpu-x"), ("b", "mpu-x")}
+    assert len(bench.cells(suite)) == 3 * 3
+    res = bench.aggregate(suite, tmp_path / "empty")
+    assert set(res["aggregate"]["b"]) == {"mpu-x"}
+    bad = TWO_SCENARIOS.replace('methods = ["mpu-x"]', 'methods = ["mpu-y"]')
+    with pytest.raises(
+        bench.SuiteError, match=r"scenario b names method labels \['mpu-y'\]"
+    ):
+        bench.load_suite(str(_suite(tmp_path, bad, "bad")))
+
+
+def test_select_restricts_scenarios(tmp_path, capsys):
+    suite = bench.load_suite(str(_suite(tmp_path, TWO_SCENARIOS)))
+    sub = bench.select(suite, scenarios=["b"])
+    assert [s.name for s in sub.scenarios] == ["b"]
+    assert {c.scenario.name for c in bench.cells(sub)} == {"b"}
+    path = str(_suite(tmp_path, TWO_SCENARIOS))
+    assert main(["bench", path, "--out", str(tmp_path / "o"), "--scenarios", "z"]) == 2
+    assert "has no scenario ['z']" in capsys.readouterr().err
