@@ -248,6 +248,34 @@ def test_foul_share_step_is_as_long_as_the_departed_contribution(tmp_path):
         get_method("foul", {"server_step": "oracle"})
 
 
+@pytest.mark.parametrize("server_step", ["fixed", "share"])
+def test_foul_remove_direction_subtracts_the_departed_share(tmp_path, server_step):
+    """server_direction=remove: the departed client added p_f·Δ_f = 5/45·(-2.0)
+    to the global adapter; a total step of server_lr = 0.5 takes back half of
+    that, whatever κ and whichever server_step."""
+    trained, store = _scalar_history(
+        tmp_path, {0: 0.4, 1: 0.1, 2: -2.0}, {0: 30, 1: 10, 2: 5}
+    )
+    opts = {"mode": "server", "subnetwork": "all", "stop": "budget", "kappa": 0.9}
+    method = get_method(
+        "foul",
+        {
+            **opts,
+            "server_direction": "remove",
+            "server_step": server_step,
+            "server_lr": 0.5,
+        },
+    )
+    ctx = UnlearnContext(
+        trained=trained, departed=(2,), remaining=(0, 1), seed=0, history=store
+    )
+    res = method.unlearn(ctx)
+    assert float(res.adapter["x"][0]) == pytest.approx(0.5 - 0.5 * (5 / 45) * -2.0)
+    assert res.info["rounds"][0]["direction"] == "remove"
+    with pytest.raises(ValueError, match="server_direction must be one of"):
+        get_method("foul", {"server_direction": "sideways"})
+
+
 def test_foul_rollback_returns_the_earlier_round_not_the_overshoot(tmp_path):
     """x falls by 0.18 a step: 0.5, 0.32, 0.14, -0.04. Oracle 0.1 ± 0.02: -0.04
     overshoots, and 0.14 is closer to the oracle, so FOUL must return 0.14."""

@@ -36,7 +36,7 @@ Algorithm (per unlearning request)
    so no client is contacted and nothing crosses the wire. The gradients do not
    change, so d is solved once and the rounds are ``rounds`` equal steps along
    it. Their total length [R] is ``server_lr`` with ``server_step="fixed"``, or
-   with ``"share"`` (``foul_server``'s default) the length of what the
+   with ``"share"`` the length of what the
    departed clients added to the global adapter, from the history alone:
    under FedAvg with full participation the global adapter's change is
    θ_T - θ_0 = -Σ_t Σ_u p_u (θ_t - θ_t,u), so the departed clients added
@@ -45,7 +45,10 @@ Algorithm (per unlearning request)
    as long as the contribution to remove. Under partial participation p_f
    varies by round and this is an approximation. No oracle and no forget data
    enter it; ``server_lr`` scales it and is calibrated on the ``calibration``
-   bench suite.
+   bench suite. ``server_direction="remove"`` [R] takes d = C = -Σ_f p_f g_f,
+   so that a total step of 1 subtracts C exactly (``foul_server``'s default,
+   at 1/2: the other clients' later updates were computed on a model that
+   held C and carry part of it, so removing all of C over-forgets).
 4. Stop after the round budget (``stop="budget"``, the default), or for
    research on the retrain oracle (``stop="oracle"``, an upper bound; see
    :mod:`fed_unlearn.methods.rounds`).
@@ -112,6 +115,7 @@ from fed_unlearn.types import AdapterState
 
 MODES = ("server", "cached", "live")
 SERVER_STEPS = ("fixed", "share")
+SERVER_DIRECTIONS = ("foul", "remove")
 SUBNETWORKS = ("conflict", "ratio", "all", "dual")
 FORGET_GRADS = ("sum", "last")
 GRANULARITIES = ("tensor", "rank")
@@ -163,6 +167,11 @@ class FoulConfig(StopOptions):
         ``"share"``: from the history alone, the step whose length is
         ``server_lr`` times that of the departed clients' FedAvg-weighted
         share of the cumulative update on θ_V (see the module docstring).
+    server_direction : str
+        ``server`` mode's direction: ``"foul"`` (default; the conflict-averse
+        d) or ``"remove"`` [R]: d = -Σ_f p_f g_f, the departed clients' FedAvg
+        share itself, so a total step of 1 subtracts exactly what they added
+        (first order; ``server_step`` then scales that share).
     local_epochs : int
         Local epochs behind each pseudo-gradient (default: 1).
     local_steps : int
@@ -195,6 +204,7 @@ class FoulConfig(StopOptions):
     rounds: int = 20
     server_lr: float = 1.0
     server_step: str = "fixed"
+    server_direction: str = "foul"
     local_epochs: int = 1
     local_steps: int = 0
     lr: float = 0.0
@@ -212,6 +222,7 @@ class FoulConfig(StopOptions):
             ("subnetwork", self.subnetwork, SUBNETWORKS),
             ("granularity", self.granularity, GRANULARITIES),
             ("server_step", self.server_step, SERVER_STEPS),
+            ("server_direction", self.server_direction, SERVER_DIRECTIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -301,9 +312,17 @@ def departed_share_norm(
     Σ_c n_c. Under FedAvg with full participation, -Σ_f p_f g_f is exactly
     what the departed clients' local updates added to the global adapter.
     """
+    return float(departed_share(grads, weights, departed).norm())
+
+
+def departed_share(
+    grads: dict[int, torch.Tensor],
+    weights: dict[int, float],
+    departed: tuple[int, ...],
+) -> torch.Tensor:
+    """Σ_f p_f g_f, with p_f = n_f / Σ_c n_c (see :func:`departed_share_norm`)."""
     total = sum(weights[c] for c in grads)
-    share = sum(weights[f] / total * grads[f] for f in departed)
-    return float(torch.as_tensor(share).norm())
+    return torch.as_tensor(sum(weights[f] / total * grads[f] for f in departed))
 
 
 def rank_units(state: AdapterState) -> AdapterState:
@@ -571,7 +590,11 @@ class Foul(UnlearningMethod):
         grads = {
             c: sub.flatten(hist[c]) for hist in (hist_retain, hist_forget) for c in hist
         }
-        d, extra = self._step(ctx, grads, weights)
+        if cfg.server_direction == "remove":
+            d = -departed_share(grads, weights, ctx.departed)
+            extra: dict[str, object] = {"direction": "remove"}
+        else:
+            d, extra = self._step(ctx, grads, weights)
         total = cfg.server_lr
         if cfg.server_step == "share":
             total *= departed_share_norm(grads, weights, ctx.departed) / max(
