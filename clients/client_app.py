@@ -31,6 +31,7 @@ from fed_unlearn.config import RunConfig
 from fed_unlearn.dual import DualRegulariser
 from fed_unlearn.metrics.quick import answer_prob
 from fed_unlearn.models import get_adapter, set_adapter
+from fed_unlearn.privacy import ClientPolicy, examples_behind
 from fed_unlearn.training import derive_seed, local_train
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
+    spec = cfg.train_spec()
+    ClientPolicy.from_node_config(context.node_config).check(
+        f"FL training in round {server_round}",
+        examples_behind(len(items), spec.epochs, spec.batch_size, spec.max_steps),
+    )
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, msg.content["arrays"].to_torch_state_dict())
-    spec = cfg.train_spec()
     total = spec.epochs * -(-len(items) // spec.batch_size)
     dual = cfg.dual_spec()
     reg = None
@@ -145,6 +150,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = run_config_from_message(msg.content["config"])
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
+    ClientPolicy.from_node_config(context.node_config).check(
+        "federated evaluation", len(items)
+    )
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, msg.content["arrays"].to_torch_state_dict())
     t0 = time.perf_counter()
@@ -190,6 +198,9 @@ def _audit(
             "self-audit: this client kept no items out of FL training "
             f"(audit-fraction={cfg.audit_fraction}, {len(trained)} trained items)"
         )
+    ClientPolicy.from_node_config(context.node_config).check(
+        "the self-audit", min(len(trained), len(held))
+    )
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, msg.content["arrays"].to_torch_state_dict())
     length = int(cfg.resolved().max_length)

@@ -34,6 +34,7 @@ from fed_unlearn import adapters as ad
 from fed_unlearn.config import RunConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
+from fed_unlearn.privacy import ClientPolicy, examples_behind
 from fed_unlearn.training import TrainSpec, budget_batches, derive_seed, local_train
 from fed_unlearn.types import AdapterState, QAItem
 
@@ -218,21 +219,8 @@ def local_update(
     copies, base = split_copies(arrays)
     if not copies:
         raise ValueError("local-update request carries no copy<k>.* arrays")
-    if base:
-        context.state[_BASE_STATE] = ArrayRecord(base)
-    elif _BASE_STATE in context.state:
-        base = context.state[_BASE_STATE].to_torch_state_dict()  # type: ignore[union-attr]
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
-    model, tok, prompt_fn = client_model(cfg)
-    from peft import get_peft_model_state_dict
-
-    shapes = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
-    expected = set(shapes)
-    try:
-        ranks = ad.check_ranks(json.loads(str(req.get("ranks", "{}"))), shapes)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"ranks is not JSON: {exc}") from exc
     r = cfg.resolved()
     epochs = int(req.get("epochs", r.local_epochs))  # type: ignore[arg-type]
     batch_size = int(req.get("batch-size", r.batch_size))  # type: ignore[arg-type]
@@ -254,6 +242,24 @@ def local_update(
         max_length=int(r.max_length),  # type: ignore[arg-type]
         max_steps=max_steps,
     )
+    ClientPolicy.from_node_config(context.node_config).check(
+        f"a {loss} local-update",
+        examples_behind(len(items), spec.epochs, spec.batch_size, spec.max_steps),
+    )
+    # a refused request changes nothing: the base is kept only from here on
+    if base:
+        context.state[_BASE_STATE] = ArrayRecord(base)
+    elif _BASE_STATE in context.state:
+        base = context.state[_BASE_STATE].to_torch_state_dict()  # type: ignore[union-attr]
+    model, tok, prompt_fn = client_model(cfg)
+    from peft import get_peft_model_state_dict
+
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    expected = set(shapes)
+    try:
+        ranks = ad.check_ranks(json.loads(str(req.get("ranks", "{}"))), shapes)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"ranks is not JSON: {exc}") from exc
     params = json.loads(str(req.get("loss-params", "{}")))
     retain = _retain_items(str(req.get("retain", "none")), dict(context.node_config))
     seed_round = int(req.get("seed-round", 0))
