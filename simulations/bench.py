@@ -543,7 +543,10 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
     made: dict[str, list[str]] = {}
     for sc, rows in results["aggregate"].items():
         labels = list(rows)
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        # horizontal bars: the method labels stay readable however many rows
+        fig, axes = plt.subplots(
+            1, 3, figsize=(13, 1.2 + 0.32 * len(labels)), sharey=True
+        )
         for ax, (key, head) in zip(
             axes,
             (
@@ -555,11 +558,12 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
         ):
             means = [rows[m][key]["mean"] or 0.0 for m in labels]
             errs = [rows[m][key]["ci95"] or 0.0 for m in labels]
-            ax.bar(range(len(labels)), means, yerr=errs, capsize=3, color="#4c72b0")
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+            ax.barh(range(len(labels)), means, xerr=errs, capsize=3, color="#4c72b0")
+            ax.set_yticks(range(len(labels)), labels)
+            ax.invert_yaxis()
             ax.set_title(head)
             if key != "forget_quality":
-                ax.axhline(1.0, color="k", lw=0.8, ls="--")
+                ax.axvline(1.0, color="k", lw=0.8, ls="--")
         fig.tight_layout()
         bars = f"{sc}_bars.png"
         fig.savefig(out / bars, dpi=110)
