@@ -377,6 +377,10 @@ class RunConfig:
                 elif want.startswith("float"):
                     value = float(value)
                 elif want.startswith("str"):
+                    # `--set depart=1` or `depart = 1` in TOML: digits typed
+                    # where a string goes are that string
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        value = str(value)
                     if not isinstance(value, str):
                         raise ValueError(f"a {type(value).__name__}")
             except (TypeError, ValueError) as exc:

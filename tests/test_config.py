@@ -154,3 +154,15 @@ def test_method_options_string_for_deployments():
     assert cfg.method_options == {"seed": 7, "rounds": 2}
     with pytest.raises(ConfigError, match="'method-options': 'kappa' is not"):
         RunConfig.from_flat({"method-options": "kappa"})
+
+
+def test_a_single_departing_client_given_as_a_number_is_accepted():
+    """`--set depart=1` parses to the int 1 (and `depart = 1` in TOML is one):
+    it is the client id "1", not a type error; a float or bool still is."""
+    from fed_unlearn.config import parse_value
+
+    c = RunConfig.from_flat({"depart": parse_value("1"), "num-clients": 3})
+    assert c.depart == "1" and c.departed() == (1,)
+    for bad in (1.5, True):
+        with pytest.raises(ConfigError, match="config key 'depart': bad value"):
+            RunConfig.from_flat({"depart": bad, "num-clients": 3})
