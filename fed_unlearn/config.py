@@ -419,6 +419,25 @@ class RunConfig:
             except (KeyError, ValueError, TypeError) as exc:
                 msg = exc.args[0] if exc.args else str(exc)
                 raise ConfigError(f"method options: {msg}") from exc
+        for key in (
+            "num_server_rounds",
+            "local_epochs",
+            "batch_size",
+            "max_length",
+            "lr",
+            "lora_r",
+            "lora_alpha",
+        ):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"config key {key.replace('_', '-')!r} must be >= 0 (0 = the "
+                    f"preset's default), got {value}"
+                )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(
+                f"config key 'lora-dropout' must be in [0, 1), got {self.lora_dropout}"
+            )
         for key in ("people_per_client", "qa_per_person", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key.replace('_', '-')!r} must be >= 1")
@@ -488,6 +507,9 @@ class RunConfig:
             )
         if not ids:
             raise ConfigError("--depart: at least one client id is needed")
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ConfigError(f"--depart: client(s) {twice} listed more than once")
         if len(set(ids)) >= self.num_clients:
             raise ConfigError("--depart: at least one client must remain")
         return tuple(sorted(set(ids)))

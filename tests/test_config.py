@@ -166,3 +166,21 @@ def test_a_single_departing_client_given_as_a_number_is_accepted():
     for bad in (1.5, True):
         with pytest.raises(ConfigError, match="config key 'depart': bad value"):
             RunConfig.from_flat({"depart": bad, "num-clients": 3})
+
+
+@pytest.mark.parametrize(
+    ("flat", "match"),
+    [
+        ({"num-server-rounds": -1}, "'num-server-rounds' must be >= 0"),
+        ({"lr": -1.0}, "'lr' must be >= 0"),
+        ({"local-epochs": -2}, "'local-epochs' must be >= 0"),
+        ({"batch-size": -1}, "'batch-size' must be >= 0"),
+        ({"lora-r": -1}, "'lora-r' must be >= 0"),
+        ({"lr": float("nan")}, "'lr' must be >= 0"),
+        ({"lora-dropout": 1.0}, "'lora-dropout' must be in"),
+        ({"depart": "1,1", "num-clients": 3}, r"client\(s\) \[1\] listed more than"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_before_training(flat, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flat({"preset": "tiny", **flat})
