@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     from fed_unlearn.history import HistoryError
     from fed_unlearn.methods import MissingRequirementError
     from fed_unlearn.models import ModelLoadError
+    from server.channel import ChannelError
+    from server.pipeline import PipelineError
     from simulations.runner import RunError
 
     try:
@@ -401,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, DataFormatError) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 2
-    except (RunError, ModelLoadError, HistoryError, MissingRequirementError) as exc:
+    except (
+        RunError,
+        ModelLoadError,
+        HistoryError,
+        MissingRequirementError,
+        PipelineError,
+        ChannelError,
+    ) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 1
     return 2

@@ -216,6 +216,7 @@ def test_corrupt_cached_history_is_a_clear_error_and_writes_nothing(
     )
     assert proc.returncode == 1
     assert "corrupt history" in proc.stderr and victim.name in proc.stderr
+    assert "Traceback" not in proc.stderr  # one readable line, not a stack
     assert not out.exists()
 
 
