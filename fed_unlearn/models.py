@@ -381,8 +381,9 @@ def tiny_dir(spec: TinySpec | None = None) -> Path:
             dataclasses.replace(spec, pretrain_steps=spec.fact_steps, lr=spec.lr / 3),
         )
     # a per-process scratch name: SuperNodes on one machine may build at once
-    tmp = out.with_name(f"{out.name}.part{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from fed_unlearn.scratch import scratch_dir
+
+    tmp = scratch_dir(out)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)  # type: ignore[attr-defined]
     (tmp / "done").write_text(json.dumps(spec.__dict__))

@@ -41,6 +41,7 @@ from fed_unlearn.models import (
     resolve_model_dir,
     set_adapter,
 )
+from fed_unlearn.scratch import scratch_dir
 from server.channel import FlowerChannel
 from server.grid import CountingGrid
 from server.strategy import HistoryFedAvg
@@ -325,8 +326,7 @@ def run_fl_phase(
         )
     r = cfg.resolved()
     final_dir = phase_dir(cfg, exclude)
-    tmp = final_dir.with_name(f"{final_dir.name}.part{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = scratch_dir(final_dir)  # and stale ones of killed runs are removed
     store = HistoryStore(tmp / "history", dtype=cfg.history_dtype)
     strategy = HistoryFedAvg(
         run_config=cfg.to_flat(),
