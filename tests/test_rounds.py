@@ -400,3 +400,59 @@ def test_foul_cached_rank_mode_sends_only_the_selected_ranks(tmp_path):
     assert torch.allclose(res.adapter[a], want_a)
     assert torch.allclose(res.adapter[b], want_b)
     assert res.info["subnetwork"]["bytes"] == 6 * 4
+
+
+def _replies(deltas):
+    return {
+        cid: ({f"copy0.{k}": v for k, v in d.items()}, {"num-examples": n})
+        for cid, (d, n) in deltas.items()
+    }
+
+
+def test_an_invalid_update_names_its_client():
+    from fed_unlearn.adapters import InvalidUpdateError
+    from fed_unlearn.methods.rounds import copy_deltas
+
+    like = {"w": torch.zeros(2)}
+    replies = _replies(
+        {
+            0: ({"w": torch.ones(2)}, 10),
+            3: ({"w": torch.tensor([1.0, float("nan")])}, 5),
+        }
+    )
+    with pytest.raises(
+        InvalidUpdateError, match="mpu: client 3's update is rejected.*NaN"
+    ):
+        copy_deltas(replies, like, "mpu")
+    with pytest.raises(InvalidUpdateError, match="client 4's .*returned no update"):
+        copy_deltas({4: (None, {})}, like, "mpu")
+
+
+def test_a_recovery_round_goes_on_without_an_invalid_update():
+    """Clients 0 and 1 send deltas 1 and 3 (sizes 10, 30), client 2 a NaN: the
+    round is FedAvg of the valid two, (10·1 + 30·3)/40 = 2.5, and the log says
+    whom it left out and why."""
+    from types import SimpleNamespace
+
+    from fed_unlearn.methods.rounds import RoundLog, recovery_step
+
+    theta = {"w": torch.zeros(1)}
+    sent = {0: (1.0, 10), 1: (3.0, 30), 2: (float("nan"), 20)}
+
+    class Clients:
+        def query(self, clients, kind, arrays, config):
+            return _replies(
+                {c: ({"w": torch.tensor([sent[c][0]])}, sent[c][1]) for c in clients}
+            )
+
+    ctx = SimpleNamespace(remaining=(0, 1, 2), clients=Clients())
+    log = RoundLog(
+        SimpleNamespace(evaluate=None, audit=None, forget_target=None), "budget"
+    )
+    out = recovery_step(ctx, theta, log, 1, "foul_server")
+    assert float(out["w"][0]) == pytest.approx(2.5)
+    assert list(log.info()["rejected_updates"]) == ["2"]
+    assert "NaN" in log.info()["rejected_updates"]["2"]
+    sent[0] = sent[1] = (float("inf"), 10)
+    with pytest.raises(ValueError, match="every remaining client's recovery update"):
+        recovery_step(ctx, theta, log, 2, "foul_server")

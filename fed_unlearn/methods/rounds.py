@@ -37,6 +37,7 @@ Stopping rules (:data:`STOP_RULES`):
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,8 @@ from fed_unlearn.methods.base import UnlearnConfig, UnlearnContext
 from fed_unlearn.types import AdapterState, ClientId
 
 STOP_RULES = ("budget", "self_audit", "oracle")
+
+_logger = logging.getLogger(__name__)
 
 
 def check_stop_rule(stop: str) -> None:
@@ -105,6 +108,7 @@ def copy_deltas(
     replies: Mapping[ClientId, tuple[AdapterState | None, Mapping[str, Any]]],
     like: AdapterState,
     method: str,
+    rejected: dict[ClientId, str] | None = None,
 ) -> dict[ClientId, tuple[AdapterState, float]]:
     """Return validated single-copy ``local-update`` deltas and client weights.
 
@@ -116,6 +120,9 @@ def copy_deltas(
         The tensors that were sent (keys and shapes the deltas must have).
     method : str
         Method name for error messages.
+    rejected : dict, optional
+        When given, an invalid update is left out and recorded here (client ->
+        reason) instead of raising: for steps that can go on without it.
 
     Returns
     -------
@@ -126,14 +133,23 @@ def copy_deltas(
     ------
     ValueError
         A client returned nothing; ``InvalidUpdateError`` for wrong keys or
-        shapes or non-finite values.
+        shapes or non-finite values. Both name the client.
     """
     out: dict[ClientId, tuple[AdapterState, float]] = {}
     for cid, (got, metrics) in replies.items():
-        if got is None:
-            raise ValueError(f"{method}: client {cid} returned no update")
-        delta = {k.removeprefix("copy0."): v for k, v in got.items()}
-        ad.validate_update(delta, like)
+        try:
+            if got is None:
+                raise ad.InvalidUpdateError("it returned no update")
+            delta = {k.removeprefix("copy0."): v for k, v in got.items()}
+            ad.validate_update(delta, like)
+        except ad.InvalidUpdateError as exc:
+            if rejected is None:
+                raise ad.InvalidUpdateError(
+                    f"{method}: client {cid}'s update is rejected: {exc}"
+                ) from None
+            rejected[cid] = str(exc)
+            _logger.warning("%s: client %s's update is rejected: %s", method, cid, exc)
+            continue
         out[cid] = (delta, float(metrics.get("num-examples", 1)))
     return out
 
@@ -279,7 +295,16 @@ def recovery_step(
         },
     )
     log.add_compute(replies)
-    parts = list(copy_deltas(replies, theta, method).values())
+    # a recovery round goes on without a client whose update is invalid
+    rejected: dict[ClientId, str] = {}
+    parts = list(copy_deltas(replies, theta, method, rejected).values())
+    if rejected:
+        log.rejected.update({str(c): why for c, why in rejected.items()})
+    if not parts:
+        raise ad.InvalidUpdateError(
+            f"{method}: every remaining client's recovery update was rejected: "
+            f"{rejected}"
+        )
     return ad.add(theta, fedavg([d for d, _ in parts], [w for _, w in parts]))
 
 
@@ -351,6 +376,7 @@ class RoundLog:
         self.rolled_back = False
         self.audit_tol = audit_tol
         self.audit_gaps: list[float] = []
+        self.rejected: dict[str, str] = {}  #: client -> why its update was left out
 
     def start(self, state: AdapterState) -> None:
         """Evaluate the starting adapter (round 0)."""
@@ -452,5 +478,6 @@ class RoundLog:
             "rolled_back": self.rolled_back,
             "rounds": self.rounds_log,
             **({"audit_gaps": self.audit_gaps} if self.audit_gaps else {}),
+            **({"rejected_updates": self.rejected} if self.rejected else {}),
             **more,
         }
