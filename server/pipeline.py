@@ -113,7 +113,15 @@ def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
             f"cached FL phase {path} has a corrupt history ({exc}); delete that "
             "directory to recompute it"
         ) from exc
-    stats = json.loads((path / "phase.json").read_text())
+    try:
+        stats = json.loads((path / "phase.json").read_text())
+        if not isinstance(stats, dict):
+            raise ValueError(f"a JSON {type(stats).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PipelineError(
+            f"cached FL phase {path}: {path / 'phase.json'} is unreadable ({exc}); "
+            "delete that directory to recompute it"
+        ) from exc
     return PhaseResult(final, stats, path, cached=True)
 
 

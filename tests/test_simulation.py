@@ -220,6 +220,26 @@ def test_corrupt_cached_history_is_a_clear_error_and_writes_nothing(
     assert not out.exists()
 
 
+def test_truncated_cached_phase_json_is_a_clear_error_naming_it(first_run, tmp_path):
+    runs, _, run, _ = first_run
+    import shutil
+
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    hist = Path(str(run["history"]["path"]).replace(str(runs), str(copy)))
+    victim = hist.parent / "phase.json"
+    victim.write_text(victim.read_text()[:20])
+    out = tmp_path / "bad"
+    args = ["run", "--preset", "tiny", "--clients", "3", "--rounds", "2"]
+    proc = _cli(
+        [*args, "--depart", "2", "--quiet", "--out", str(out)], copy, check=False
+    )
+    assert proc.returncode == 1
+    assert "phase.json is unreadable" in proc.stderr and str(victim) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
 def test_bad_client_update_is_rejected_and_the_round_goes_on(tmp_path, monkeypatch):
     from clients.faulty import app as faulty_app
     from fed_unlearn.config import RunConfig
