@@ -274,6 +274,8 @@ def test_foul_remove_direction_subtracts_the_departed_share(tmp_path, server_ste
     assert res.info["rounds"][0]["direction"] == "remove"
     with pytest.raises(ValueError, match="server_direction must be one of"):
         get_method("foul", {"server_direction": "sideways"})
+    with pytest.raises(ValueError, match="is a step of mode='server'"):
+        get_method("foul", {"server_direction": "remove", "mode": "cached"})
 
 
 def test_foul_rollback_returns_the_earlier_round_not_the_overshoot(tmp_path):

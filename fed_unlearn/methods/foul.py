@@ -36,8 +36,8 @@ Algorithm (per unlearning request)
    so no client is contacted and nothing crosses the wire. The gradients do not
    change, so d is solved once and the rounds are ``rounds`` equal steps along
    it. Their total length [R] is ``server_lr`` with ``server_step="fixed"``, or
-   with ``"share"`` the length of what the
-   departed clients added to the global adapter, from the history alone:
+   with ``"share"`` the length of what the departed clients added to the
+   global adapter, from the history alone:
    under FedAvg with full participation the global adapter's change is
    θ_T - θ_0 = -Σ_t Σ_u p_u (θ_t - θ_t,u), so the departed clients added
    C = -Σ_f p_f g_f (p_f = n_f / Σ_u n_u, the last round's sizes), and the
@@ -226,6 +226,11 @@ class FoulConfig(StopOptions):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.server_direction != "foul" and self.mode != "server":
+            raise ValueError(
+                f"server_direction={self.server_direction!r} is a step of "
+                f"mode='server'; mode={self.mode!r} steps along FOUL's direction"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.rounds < 1 or self.local_epochs < 1:
