@@ -225,6 +225,7 @@ def local_update(
     epochs = int(req.get("epochs", r.local_epochs))  # type: ignore[arg-type]
     batch_size = int(req.get("batch-size", r.batch_size))  # type: ignore[arg-type]
     max_steps = int(req.get("max-steps", 0))
+    policy = ClientPolicy.from_node_config(context.node_config)
     if "budget" in req:
         batch_size, epochs = budget_batches(
             float(req["budget"]),
@@ -232,6 +233,11 @@ def local_update(
             int(r.local_epochs),  # type: ignore[arg-type]
             len(items),
             max_steps,
+        )
+        # a budget lets the client size its batches: it sizes them up to its
+        # own floor rather than refuse (a step never sees an item twice)
+        batch_size = max(
+            batch_size, min(len(items), -(-policy.min_examples // max_steps))
         )
     spec = TrainSpec(
         epochs=epochs,
@@ -242,7 +248,7 @@ def local_update(
         max_length=int(r.max_length),  # type: ignore[arg-type]
         max_steps=max_steps,
     )
-    ClientPolicy.from_node_config(context.node_config).check(
+    policy.check(
         f"a {loss} local-update",
         examples_behind(len(items), spec.epochs, spec.batch_size, spec.max_steps),
     )

@@ -90,3 +90,36 @@ def test_client_with_too_few_items_refuses_fl_training_and_evaluation():
         train(msg, context)
     with pytest.raises(PolicyError, match="federated evaluation.*rest on 10"):
         evaluate(msg, context)
+
+
+def test_a_budget_request_is_sized_up_to_the_floor_not_refused(monkeypatch):
+    """A budget of 1/6 over 1 round x 1 epoch x 30 items is 5 examples in 2
+    steps (batches of 3): below the floor. A budget lets the client size its
+    batches, so it takes batches of 4 (8 examples) and goes on to the model."""
+    import clients.unlearn as unlearn
+
+    class Reached(Exception):
+        pass
+
+    def no_model(cfg):
+        raise Reached
+
+    monkeypatch.setattr(unlearn, "client_model", no_model)
+    msg = SimpleNamespace(
+        content=RecordDict(
+            {
+                "config": ConfigRecord(
+                    {"q-loss": "nll", "q-budget": 1 / 6, "q-max-steps": 2}
+                ),
+                "arrays": ArrayRecord({"copy0.w": torch.zeros(2)}),
+            }
+        )
+    )
+    cfg = RunConfig(preset="tiny", num_clients=3, num_server_rounds=1, local_epochs=1)
+    with pytest.raises(Reached):  # past the policy check, at the model
+        unlearn.local_update(msg, _context({"partition-id": 0}), cfg)
+    # with a floor above the client's 30 items there is nothing to size up to
+    with pytest.raises(PolicyError, match="rest on 30 example.*floor of 40"):
+        unlearn.local_update(
+            msg, _context({"partition-id": 0, "min-examples": 40}), cfg
+        )
