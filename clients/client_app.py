@@ -48,6 +48,11 @@ QUERY_HANDLERS: dict[
 ] = {}
 
 
+def _floor(context: Context, what: str, examples: int) -> None:
+    """Refuse ``what`` below this node's privacy floor (:mod:`fed_unlearn.privacy`)."""
+    ClientPolicy.from_node_config(context.node_config).check(what, examples)
+
+
 def _reply(
     msg: Message, arrays: dict[str, torch.Tensor] | None, metrics: dict[str, Any]
 ) -> Message:
@@ -92,7 +97,8 @@ def train(msg: Message, context: Context) -> Message:
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
     spec = cfg.train_spec()
-    ClientPolicy.from_node_config(context.node_config).check(
+    _floor(
+        context,
         f"FL training in round {server_round}",
         examples_behind(len(items), spec.epochs, spec.batch_size, spec.max_steps),
     )
@@ -150,9 +156,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = run_config_from_message(msg.content["config"])
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
-    ClientPolicy.from_node_config(context.node_config).check(
-        "federated evaluation", len(items)
-    )
+    _floor(context, "federated evaluation", len(items))
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, msg.content["arrays"].to_torch_state_dict())
     t0 = time.perf_counter()
@@ -198,9 +202,7 @@ def _audit(
             "self-audit: this client kept no items out of FL training "
             f"(audit-fraction={cfg.audit_fraction}, {len(trained)} trained items)"
         )
-    ClientPolicy.from_node_config(context.node_config).check(
-        "the self-audit", min(len(trained), len(held))
-    )
+    _floor(context, "the self-audit", min(len(trained), len(held)))
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, msg.content["arrays"].to_torch_state_dict())
     length = int(cfg.resolved().max_length)
