@@ -458,3 +458,43 @@ def test_a_recovery_round_goes_on_without_an_invalid_update():
     sent[0] = sent[1] = (float("inf"), 10)
     with pytest.raises(ValueError, match="every remaining client's recovery update"):
         recovery_step(ctx, theta, log, 2, "foul_server")
+
+
+@pytest.mark.parametrize(("merge", "want"), [("mean", 2.5), ("sum", 10.0)])
+def test_departed_steps_are_averaged_or_summed(merge, want):
+    """Departed clients 1 and 2 step by +1 (10 examples) and +3 (30 examples)
+    from θ = 0: ``mean`` applies their FedAvg, (10·1 + 30·3)/40 = 2.5; ``sum``
+    applies both, 1 + 3 = 4, here with server_lr 2.5: 10."""
+    steps = {1: (1.0, 10), 2: (3.0, 30)}
+
+    class Clients:
+        def query(self, clients, kind, arrays, config):
+            assert kind == "local-update" and sorted(clients) == [1, 2]
+            base = arrays["copy0.w"]
+            return _replies(
+                {c: ({"w": base + steps[c][0]}, steps[c][1]) for c in clients}
+            )
+
+    ctx = UnlearnContext(
+        trained={"w": torch.zeros(1)},
+        departed=(1, 2),
+        remaining=(0,),
+        seed=0,
+        clients=Clients(),
+        departed_cooperates=True,
+    )
+    method = get_method(
+        "local_unlearn",
+        {
+            "rounds": 1,
+            "interleave_recovery": False,
+            "departed_merge": merge,
+            "server_lr": 2.5 if merge == "sum" else 1.0,
+        },
+    )
+    res = method.unlearn(ctx)
+    # mean: 1.0 · 2.5 = 2.5; sum: 2.5 · (1 + 3) = 10
+    assert float(res.adapter["w"][0]) == pytest.approx(want)
+    assert res.info["departed_merge"] == merge
+    with pytest.raises(ValueError, match="departed_merge must be one of"):
+        get_method("mpu", {"departed_merge": "max"})

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fed_unlearn import adapters as ad
-from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
     Requirement,
     UnlearnContext,
@@ -60,7 +59,7 @@ class LocalUnlearn(UnlearningMethod):
             )
             log.add_compute(replies)
             parts = list(copy_deltas(replies, theta, "local_unlearn").values())
-            step = fedavg([d for d, _ in parts], [w for _, w in parts])
+            step = cfg.merge([d for d, _ in parts], [w for _, w in parts])
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))
             theta = cfg.repair(ctx, theta, log, r, "local_unlearn")
             if log.end_round(r, theta):

@@ -34,6 +34,7 @@ the copies (hence secret α and the gauge). No formal guarantee is claimed.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fed_unlearn import adapters as ad
@@ -63,6 +64,7 @@ from fed_unlearn.training import derive_seed
 from fed_unlearn.types import AdapterState
 
 RETAIN_SOURCES = ("none", "proxy", "local")
+DEPARTED_MERGES = ("mean", "sum")
 
 
 def check_inner(inner_loss: str, retain: str, params: str) -> None:
@@ -106,6 +108,12 @@ class InnerLossConfig(StopOptions):
         (default: 0.1; the run's own rate overshoots the oracle in one round).
     server_lr : float
         η_srv (default: 1.0).
+    departed_merge : str
+        How the steps of several departed clients combine into the round's
+        step: ``"mean"`` (FedAvg over the departed, by ``num-examples``) or
+        ``"sum"`` (each client's step is applied whole: their forget sets are
+        disjoint, so each unlearns its own data at full strength) (default:
+        ``"mean"``) [R]. With one departed client both are the same.
     stop, audit_tol
         See :class:`~fed_unlearn.methods.rounds.StopOptions`.
     recovery_rounds : int
@@ -127,6 +135,7 @@ class InnerLossConfig(StopOptions):
     lr: float = 0.0
     lr_scale: float = 0.1
     server_lr: float = 1.0
+    departed_merge: str = "mean"
     recovery_rounds: int = 0
     interleave_recovery: bool = True
 
@@ -141,7 +150,36 @@ class InnerLossConfig(StopOptions):
         if self.lr < 0:
             raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
         check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
+        if self.departed_merge not in DEPARTED_MERGES:
+            raise ValueError(
+                f"departed_merge must be one of {DEPARTED_MERGES}, "
+                f"got {self.departed_merge!r}"
+            )
         super().__post_init__()
+
+    def merge(
+        self, steps: Sequence[AdapterState], weights: Sequence[float]
+    ) -> AdapterState:
+        """Combine the departed clients' steps by ``departed_merge``.
+
+        Parameters
+        ----------
+        steps : Sequence[AdapterState]
+            One step per departed client.
+        weights : Sequence[float]
+            Their ``num-examples`` (used by ``"mean"``).
+
+        Returns
+        -------
+        AdapterState
+            The round's step, before ``server_lr``.
+        """
+        if self.departed_merge == "mean" or len(steps) == 1:
+            return fedavg(steps, weights)
+        total = steps[0]
+        for step in steps[1:]:
+            total = ad.add(total, step)
+        return total
 
     def repair(
         self,
@@ -217,6 +255,7 @@ class InnerLossConfig(StopOptions):
                 retain=self.retain,
                 recovery_rounds=self.recovery_rounds,
                 interleave_recovery=self.interleave_recovery,
+                departed_merge=self.departed_merge,
                 **info,
             ),
         )
@@ -329,7 +368,7 @@ class MPU(UnlearningMethod):
                 returned = unpack_copies(got, cfg.copies)
                 merged.append(merge_returned(returned, rounds[cid], theta))
                 weights.append(float(metrics.get("num-examples", 1)))
-            step = fedavg(merged, weights)
+            step = cfg.merge(merged, weights)
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))  # type: ignore[arg-type]
             post += time.perf_counter() - t0
             theta = cfg.repair(ctx, theta, log, r, "mpu")
