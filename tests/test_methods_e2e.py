@@ -283,11 +283,17 @@ def test_foul_server_mode_runs_without_clients(cached, tmp_path):
     assert curve[3]["forget_Q_A_Prob"] != curve[0]["forget_Q_A_Prob"]
     wall = run["wall_time_s"]
     assert wall["curve_eval"]["unlearn"] > 0
-    for phase in ("retrain", "unlearn"):
-        assert wall["excl_curve_eval"][phase] == pytest.approx(
-            wall[phase] - wall["curve_eval"][phase]
-        )
     assert wall["curve_eval"]["retrain"] > 0  # the fixture's phases were timed
+    for phase in ("retrain", "unlearn"):
+        # the curve evaluation is part of the phase, and not all of it
+        assert 0 < wall["excl_curve_eval"][phase] < wall[phase]
+        assert wall["curve_eval"][phase] < wall[phase]
+    # a cached phase reports the times measured when it ran (the fixture's run),
+    # not this run's: the cache hit took no evaluation time of its own
+    _, first = cached
+    for key in ("retrain", "train"):
+        assert wall[key] == first["wall_time_s"][key]
+        assert wall["curve_eval"][key] == first["wall_time_s"]["curve_eval"][key]
 
 
 def test_foul_server_defaults_one_two_step_recovery_round_in_fp16(cached, tmp_path):
