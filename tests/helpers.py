@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from fed_unlearn.methods import UnlearnContext
-
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The tiny CLI federation of the end-to-end tests (3 clients, 2 rounds, client 2
@@ -96,6 +94,7 @@ def full_context(trained, tmp_path=None):
     import tempfile
 
     from fed_unlearn.history import HistoryStore, RoundRecord
+    from fed_unlearn.methods import UnlearnContext
 
     retrained = {k: v * 0.5 for k, v in trained.items()}
     calls = []
