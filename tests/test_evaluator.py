@@ -505,3 +505,111 @@ def test_merged_lora_is_exact_and_restores_weights(tokenizer):
     with merged_lora(peft_model):
         torch.testing.assert_close(layer.get_base_layer().weight, w0 + delta)
     assert torch.equal(layer.get_base_layer().weight, w0)
+
+
+# ------------------------------------------------------------- metric declarations
+#: The evaluator's hand-written tables before the needs moved into the ``@metric``
+#: declarations (golden values: the derived tables must equal them).
+_OLD_DEPS = {
+    "forget_quality": ("forget_truth_ratio",),
+    "model_utility": (
+        "retain_Q_A_Prob",
+        "retain_Q_A_ROUGE",
+        "retain_Truth_Ratio",
+        "gk_Q_A_Prob",
+        "gk_Q_A_ROUGE",
+        "gk_Truth_Ratio",
+    ),
+    "privleak": ("mia_min_k",),
+}
+_OLD_NEEDS = {
+    "forget_Q_A_Prob": (("answer", "forget"),),
+    "forget_Q_A_ROUGE": (("gen", "forget"),),
+    "forget_truth_ratio": (("tr_para", "forget"),),
+    "retain_Q_A_Prob": (("answer", "retain"),),
+    "retain_Q_A_ROUGE": (("gen", "retain"),),
+    "retain_Truth_Ratio": (("tr_para", "retain"),),
+    "gk_Q_A_Prob": (("tr_answer", "general"),),
+    "gk_Q_A_ROUGE": (("gen", "general"),),
+    "gk_Truth_Ratio": (("tr_answer", "general"),),
+    "mia_loss": (("answer", "forget"), ("answer", "holdout")),
+    "mia_zlib": (("answer", "forget"), ("answer", "holdout")),
+    "mia_min_k": (("answer", "forget"), ("answer", "holdout")),
+    "mia_min_k_plus_plus": (("answer", "forget"), ("answer", "holdout")),
+    "mia_reference": (
+        ("answer", "forget"),
+        ("answer", "holdout"),
+        ("ref_answer", "forget"),
+        ("ref_answer", "holdout"),
+    ),
+    "exact_memorization": (("answer", "forget"),),
+    "extraction_strength": (("answer", "forget"),),
+    "forget_fluency": (("gen", "forget"),),
+    "retain_fluency": (("gen", "retain"),),
+}
+
+
+def test_derived_tables_equal_the_old_hand_tables():
+    from fed_unlearn.metrics import MODEL_UTILITY_PARTS, metric_deps, metric_needs
+
+    assert metric_deps() == _OLD_DEPS
+    assert metric_needs() == _OLD_NEEDS
+    assert metric_deps()["model_utility"] == MODEL_UTILITY_PARTS
+
+
+def test_metric_declarations_are_consistent():
+    """Every dependency is registered, every need reads a split the metric declares."""
+    from fed_unlearn.metrics import METRIC_REGISTRY
+    from fed_unlearn.metrics.context import SPLIT_NAMES
+
+    assert set(TOFU_METRICS) <= set(METRIC_REGISTRY)
+    for name, spec in METRIC_REGISTRY.items():
+        assert set(spec.deps) <= set(METRIC_REGISTRY), name
+        assert name not in spec.deps, name
+        for kind, split in spec.needs:
+            assert split in SPLIT_NAMES, (name, split)
+            assert split in spec.splits, (name, kind, split)
+        for split in spec.splits:
+            assert split in SPLIT_NAMES, (name, split)
+
+
+def test_metric_declaration_rejects_bad_needs():
+    from fed_unlearn.metrics import metric
+
+    with pytest.raises(ValueError, match="kind"):
+        metric(name="_bad_need", direction="higher", needs=(("answers", "forget"),))
+    with pytest.raises(ValueError, match="kind"):
+        metric(name="_bad_need", direction="higher", needs=("answer",))
+
+
+@pytest.mark.parametrize("name", TOFU_METRICS)
+def test_declared_needs_are_what_each_metric_reads(name, result, model, tokenizer):
+    """A metric (with its deps) reads exactly the pairs / generations its declared
+    needs make the evaluator prefetch: no fewer (an undeclared read is scored
+    one pair at a time) and no more (a stale need wastes work)."""
+    from fed_unlearn.metrics import evaluator as E
+    from fed_unlearn.metrics.context import EvalContext
+
+    ref_eval, _ = result
+    ctx = EvalContext(model, tokenizer, prompt_fn, SPLITS, ref_eval, model, 4, 2, 256)
+    pairs, ref_pairs, gens = E._plan(ctx, [name])
+    planned = {("target", *p) for p in pairs} | {("reference", *p) for p in ref_pairs}
+    scored: set[tuple[str, str, str]] = set()
+    generated: set[tuple[str, int]] = set()
+    score, generations = ctx.score, ctx.generations
+
+    def spy_score(pairs, which="target"):
+        scored.update((which, *p) for p in pairs)
+        return score(pairs, which)
+
+    def spy_generations(split, indices=None):
+        idx = range(len(ctx.items(split))) if indices is None else list(indices)
+        generated.update((split, i) for i in idx)
+        return generations(split, idx)
+
+    ctx.score, ctx.generations = spy_score, spy_generations
+    grad = torch.enable_grad() if name == "mia_gradnorm" else torch.no_grad()
+    with grad:
+        ctx.result(name)
+    assert scored == planned
+    assert generated == set(gens)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from fed_unlearn.metrics import EvalSplits, evaluate
-from fed_unlearn.metrics import evaluator as E
+from fed_unlearn.metrics import model_api as A
+from fed_unlearn.metrics import scoring as S
 from fed_unlearn.types import QAItem
 
 TOL = 1e-4
@@ -159,7 +160,7 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.shared = self.full = 0
-        answer_pass, score_full = E._Context._answer_pass, E._Context._score_full
+        answer_pass, score_full = S.Scorer._answer_pass, S.Scorer._score_full
 
         def spy_answer(ctx, model, state, batch, *args):
             self.shared += len(batch)
@@ -169,8 +170,8 @@ class _Spy:
             self.full += len(indices)
             return score_full(ctx, todo, enc, indices, *args)
 
-        monkeypatch.setattr(E._Context, "_answer_pass", spy_answer)
-        monkeypatch.setattr(E._Context, "_score_full", spy_full)
+        monkeypatch.setattr(S.Scorer, "_answer_pass", spy_answer)
+        monkeypatch.setattr(S.Scorer, "_score_full", spy_full)
 
 
 def _evaluate(model, tok, splits, batch_size, share, **kw):
@@ -202,7 +203,7 @@ def test_shared_equals_full_forward(
             request.getfixturevalue("gqa_model"),
             request.getfixturevalue("bos_tokenizer"),
         )
-        assert E.encode_qa(tok, "x", "y")[0][0] == tok.bos_token_id
+        assert S.encode_qa(tok, "x", "y")[0][0] == tok.bos_token_id
     full = _evaluate(model, tok, splits, batch_size, share=False)
     spy = _Spy(monkeypatch)
     shared = _evaluate(model, tok, splits, batch_size, share=True)
@@ -234,7 +235,7 @@ def test_flat_random_model_is_not_shared(
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
     full = _evaluate(model, tiny_tokenizer, splits, 3, share=False)
     scored = {"full": 0, "all": 0}  # forget / holdout answers (the checked pairs)
-    score_full, score_uncached = E._Context._score_full, E._Context._score_uncached
+    score_full, score_uncached = S.Scorer._score_full, S.Scorer._score_uncached
 
     def count_full(ctx, todo, enc, indices, *args):
         scored["full"] += sum(ctx._detail[i] for i in indices)
@@ -245,8 +246,8 @@ def test_flat_random_model_is_not_shared(
         scored["all"] += sum(ctx._detail)
         return out
 
-    monkeypatch.setattr(E._Context, "_score_full", count_full)
-    monkeypatch.setattr(E._Context, "_score_uncached", count_all)
+    monkeypatch.setattr(S.Scorer, "_score_full", count_full)
+    monkeypatch.setattr(S.Scorer, "_score_uncached", count_all)
     shared = _evaluate(model, tiny_tokenizer, splits, 3, share=True)
     assert_same_eval(shared, full)
     assert scored["full"] > 0.5 * scored["all"], scored
@@ -254,13 +255,13 @@ def test_flat_random_model_is_not_shared(
 
 def test_mismatch_falls_back(gqa_model, tiny_tokenizer, splits, monkeypatch):
     """A continuation that is not the full pass is detected and not used."""
-    answer_pass = E._Context._answer_pass
+    answer_pass = S.Scorer._answer_pass
 
     def wrong_positions(ctx, model, state, *args):
         cache, last, mask, lengths = state
         return answer_pass(ctx, model, (cache, last, mask, lengths + 1), *args)
 
-    monkeypatch.setattr(E._Context, "_answer_pass", wrong_positions)
+    monkeypatch.setattr(S.Scorer, "_answer_pass", wrong_positions)
     kw = {"metrics": ["forget_truth_ratio", "mia_min_k_plus_plus"], "num_samples": 0}
     full = _evaluate(gqa_model, tiny_tokenizer, splits, 3, share=False, **kw)
     with pytest.warns(RuntimeWarning, match="full forward pass per pair"):
@@ -272,11 +273,11 @@ def test_mismatch_falls_back(gqa_model, tiny_tokenizer, splits, monkeypatch):
 
 def test_missing_cache_argument_warns(gqa_model, tiny_tokenizer, splits, monkeypatch):
     """A forward with no KV-cache argument (a renamed API) is a loud fallback."""
-    params = dict(E._forward_params(gqa_model))
-    assert E._cache_kwarg(gqa_model) in params  # the installed API is supported
+    params = dict(A.forward_params(gqa_model))
+    assert A.cache_kwarg(gqa_model) in params  # the installed API is supported
     for name in ("cache", "past_key_values"):
         params.pop(name, None)
-    monkeypatch.setattr(E, "_forward_params", lambda model: params)
+    monkeypatch.setattr(A, "forward_params", lambda model: params)
     kw = {"metrics": ["forget_truth_ratio"], "num_samples": 0}
     spy = _Spy(monkeypatch)
     with pytest.warns(RuntimeWarning, match="forward takes no past_key_values"):
@@ -326,8 +327,8 @@ def _benchmark(n_items: int = 40, batch_size: int = 16, repeats: int = 5) -> Non
         "mia_min_k_plus_plus",
         "exact_memorization",
     ]
-    enc = [E.encode_qa(tok, chat_prompt(it.question), it.answer) for it in items]
-    prompt = sum(E._prompt_len(lab) for _, lab in enc) / len(enc)
+    enc = [S.encode_qa(tok, chat_prompt(it.question), it.answer) for it in items]
+    prompt = sum(S._prompt_len(lab) for _, lab in enc) / len(enc)
     total = sum(len(ids) for ids, _ in enc) / len(enc)
     print(f"{len(items)} items, prompt {prompt:.1f} of {total:.1f} tokens per pair")
     times: dict[bool, list[float]] = {True: [], False: []}

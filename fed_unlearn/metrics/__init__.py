@@ -1,9 +1,18 @@
 """Evaluation metrics (TOFU / MUSE as implemented by open-unlearning).
 
 * :mod:`~fed_unlearn.metrics.primitives` -- pure metric functions on tensors.
-* :mod:`~fed_unlearn.metrics.registry` -- the typed metric registry.
+* :mod:`~fed_unlearn.metrics.registry` -- the typed metric registry (what each
+  metric reads is declared there, once).
+* :mod:`~fed_unlearn.metrics.definitions` -- the TOFU / MUSE metrics (importing it
+  registers them).
 * :mod:`~fed_unlearn.metrics.evaluator` -- :func:`evaluate`, the batched TOFU-style
-  evaluation of a causal LM (importing it registers the metrics).
+  evaluation of a causal LM, built on :mod:`~fed_unlearn.metrics.context` (the
+  state metrics read), :mod:`~fed_unlearn.metrics.scoring` (teacher-forced
+  scores, KV-sharing and plain passes), :mod:`~fed_unlearn.metrics.model_api`,
+  :mod:`~fed_unlearn.metrics.generation` and
+  :mod:`~fed_unlearn.metrics.lora_merge`.
+* :mod:`~fed_unlearn.metrics.quick` / :mod:`~fed_unlearn.metrics.relearn` --
+  cheap per-round probes and the relearning attack.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ from fed_unlearn.metrics.registry import (
     get_metric,
     list_metrics,
     metric,
+    metric_deps,
+    metric_needs,
 )
 
 __all__ = [
@@ -72,6 +83,8 @@ __all__ = [
     "gradnorm_score",
     "list_metrics",
     "metric",
+    "metric_deps",
+    "metric_needs",
     "mia_loss",
     "mia_min_k",
     "mia_min_k_plus_plus",
