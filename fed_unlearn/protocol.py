@@ -133,10 +133,11 @@ class ProtocolError(ValueError):
 
 # ------------------------------------------------------------------ field codecs
 def _wire(key: str, codec: str, **kw: Any) -> Any:
-    """A dataclass field travelling as ``key`` (a family ``key.<name>`` for dicts).
+    """Declare a dataclass field travelling as ``key``.
 
-    ``codec`` is ``int``, ``float``, ``str``, ``floats`` (list[float]), ``ranks``
-    (dict[str, list[int]]) or ``params`` (dict[str, float]).
+    A dict field travels as the family ``key.<name>``. ``codec`` is ``int``,
+    ``float``, ``str``, ``floats`` (list[float]), ``ranks`` (dict[str,
+    list[int]]) or ``params`` (dict[str, float]).
     """
     return field(metadata={"key": key, "codec": codec}, **kw)
 
@@ -154,7 +155,9 @@ def _check(where: str, key: str, codec: str, value: object) -> Any:
     if codec in ("float", "params"):
         if type(value) in (int, float):
             return float(value)  # type: ignore[arg-type]
-        raise ProtocolError(f"{where}: {key!r} must be a number, got {_type_name(value)}")
+        raise ProtocolError(
+            f"{where}: {key!r} must be a number, got {_type_name(value)}"
+        )
     if codec == "str":
         if type(value) is str:
             return value
@@ -225,7 +228,9 @@ def _scalars_from_fields(
     """Keyword arguments of ``cls`` from wire fields; refuse unknown/ill-typed."""
     plain = {key: (f, codec) for f, key, codec in _specs(cls)}
     families = {
-        f"{key}.": (f, codec) for key, (f, codec) in plain.items() if codec in ("ranks", "params")
+        f"{key}.": (f, codec)
+        for key, (f, codec) in plain.items()
+        if codec in ("ranks", "params")
     }
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
@@ -352,9 +357,7 @@ def unpack_copies(
 
 # -------------------------------------------------------------------- run config
 def _is_method_key(key: str) -> bool:
-    return key in ("method", METHOD_OPTIONS_KEY) or key.startswith(
-        METHOD_OPTION_PREFIX
-    )
+    return key in ("method", METHOD_OPTIONS_KEY) or key.startswith(METHOD_OPTION_PREFIX)
 
 
 def encode_run(cfg: RunConfig) -> dict[str, Value]:
@@ -615,7 +618,9 @@ class LocalUpdateRequest(_Message):
         return {"copies": copies, "base": base}
 
 
-Request = HelloRequest | TrainRequest | EvaluateRequest | AuditRequest | LocalUpdateRequest
+Request = (
+    HelloRequest | TrainRequest | EvaluateRequest | AuditRequest | LocalUpdateRequest
+)
 #: kind -> request class.
 REQUESTS: dict[str, type[Request]] = {
     c.kind: c
