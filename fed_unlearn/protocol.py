@@ -659,7 +659,7 @@ def decode_request(
     kind = fields.get(KIND_KEY)
     if kind not in REQUESTS:
         raise ProtocolError(f"unknown request kind {kind!r}; known: {sorted(REQUESTS)}")
-    return REQUESTS[str(kind)].from_fields(fields, arrays)  # type: ignore[no-any-return]
+    return REQUESTS[str(kind)].from_fields(fields, arrays)
 
 
 # ----------------------------------------------------------------------- replies
@@ -788,4 +788,4 @@ def decode_reply(
     """
     if kind not in REPLIES:
         raise ProtocolError(f"unknown reply kind {kind!r}; known: {sorted(REPLIES)}")
-    return REPLIES[kind].from_fields(fields, arrays)  # type: ignore[no-any-return]
+    return REPLIES[kind].from_fields(fields, arrays)

@@ -14,9 +14,10 @@ Per round r, for each departed client (server side in :mod:`fed_unlearn.mpu_ops`
    [R, B.8]: the adapted function is unchanged. α_k, the noise and gauge seeds are
    drawn with ``secrets`` fresh every round and never leave the server [R, B.7-4/8]
    (``alpha_schedule="linear"`` = the paper's public 1 → 2 [V]).
-2. The m copies travel in one Flower message (``copy<k>.*``). The client runs the
-   inner loss (:mod:`fed_unlearn.losses`) on each copy from a fresh AdamW for E
-   epochs on its own data with gradient clipping 1.0 [V]; its reference model
+2. The m copies travel in one ``local-update`` request (``copy<k>.*`` arrays,
+   :mod:`fed_unlearn.protocol`). The client runs the inner loss
+   (:mod:`fed_unlearn.losses`) on each copy from a fresh AdamW for E epochs on
+   its own data with gradient clipping 1.0 [V]; its reference model
    (NPO, IdkDPO, UnDIAL, RMU) is the received copy, not the clean adapter [R,
    B.7-2]; retain term from ``retain`` = none | proxy | local [R, B.7-3].
 3. Post-process [V]: Δ_k = T_k⁻¹(Δ'_k); Δ̄ = Σ_k Δ_k/α_k / Σ_k 1/α_k;
