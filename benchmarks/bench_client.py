@@ -18,17 +18,17 @@ import time
 import torch
 
 
-def _message(state, cfg_flat, server_round):
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+def _message(state, cfg, server_round):
+    from flwr.app import Message, MessageType
     from flwr.supercore.task_identity import TaskIdentity
+
+    from fed_unlearn.protocol import TrainRequest
+    from server.channel import encode_request, run_record
 
     # Outside a SuperNode no task identity is set; the benchmark plays the SuperNode.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(state),
-            "config": ConfigRecord({**cfg_flat, "server-round": server_round}),
-        }
+    content = encode_request(
+        TrainRequest(state, server_round=server_round), run_record(cfg)
     )
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
@@ -55,7 +55,7 @@ def bench_training(preset: str, repeats: int) -> None:
     app_tps, bare_tps = [], []
 
     def run_app() -> tuple[int, float]:
-        msg = _message(init, cfg.to_flat(), server_round=1)
+        msg = _message(init, cfg, server_round=1)
         t0 = time.perf_counter()
         reply = train(msg, ctx)
         return int(reply.content["metrics"]["tokens"]), time.perf_counter() - t0

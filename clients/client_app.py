@@ -1,9 +1,10 @@
 """Flower ClientApp: local LoRA training, local evaluation, method-specific queries.
 
 Only adapter tensors, scalar metrics and configs leave the client: no text, no
-tokens, no per-example gradients. Every handler rebuilds the run config from the
-message (the server is the single source of truth) and reads its private data
-locally (:mod:`clients.task`).
+tokens, no per-example gradients (:mod:`fed_unlearn.protocol`). Every handler
+gets its typed request and the run config the message carries (the server is
+the single source of truth; :mod:`clients.wire` decodes both), reads its private
+data locally (:mod:`clients.task`) and returns a typed reply.
 """
 
 from __future__ import annotations
@@ -13,39 +14,42 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.task import (
-    client_audit_items,
-    client_id,
-    client_items,
-    client_model,
-    run_config_from_message,
-)
+from clients.task import client_audit_items, client_id, client_items, client_model
 from clients.unlearn import local_update
+from clients.wire import decode_request, encode_reply
 from fed_unlearn.config import RunConfig
 from fed_unlearn.dual import DualRegulariser
 from fed_unlearn.metrics.quick import answer_prob
 from fed_unlearn.models import get_adapter, set_adapter
 from fed_unlearn.privacy import ClientPolicy, examples_behind
+from fed_unlearn.protocol import (
+    AuditReply,
+    AuditRequest,
+    EvaluateReply,
+    EvaluateRequest,
+    HelloReply,
+    HelloRequest,
+    ProtocolError,
+    Reply,
+    Request,
+    TrainReply,
+    TrainRequest,
+)
 from fed_unlearn.training import derive_seed, local_train
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+R = TypeVar("R", bound=Request)
 
-#: Query kinds -> handler(msg, context, cfg) -> (arrays | None, metrics). Methods
-#: that need client cooperation register their handlers here.
-QUERY_HANDLERS: dict[
-    str,
-    Callable[
-        [Message, Context, RunConfig],
-        tuple[dict[str, torch.Tensor] | None, dict[str, Any]],
-    ],
-] = {}
+#: Query kinds -> handler(request, context, cfg) -> reply. Methods that need
+#: client cooperation register their handlers here.
+QUERY_HANDLERS: dict[str, Callable[[Any, Context, RunConfig], Reply]] = {}
 
 
 def _floor(context: Context, what: str, examples: int) -> None:
@@ -53,13 +57,15 @@ def _floor(context: Context, what: str, examples: int) -> None:
     ClientPolicy.from_node_config(context.node_config).check(what, examples)
 
 
-def _reply(
-    msg: Message, arrays: dict[str, torch.Tensor] | None, metrics: dict[str, Any]
-) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if arrays is not None:
-        content["arrays"] = ArrayRecord(arrays)
-    return Message(content=content, reply_to=msg)
+def _decode(msg: Message, want: type[R]) -> tuple[R, RunConfig]:
+    """Decode ``msg``, refusing a request of another kind than the handler's."""
+    request, cfg = decode_request(msg)
+    if not isinstance(request, want):
+        raise ProtocolError(
+            f"this handler answers {getattr(want, 'kind', want)!r} requests, got "
+            f"{request.kind!r}"
+        )
+    return request, cfg
 
 
 @contextlib.contextmanager
@@ -92,8 +98,8 @@ def local_steps_bar(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this client's private items."""
-    cfg = run_config_from_message(msg.content["config"])
-    server_round = int(msg.content["config"]["server-round"])
+    request, cfg = _decode(msg, TrainRequest)
+    server_round = request.server_round
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
     spec = cfg.train_spec()
@@ -103,14 +109,14 @@ def train(msg: Message, context: Context) -> Message:
         examples_behind(len(items), spec.epochs, spec.batch_size, spec.max_steps),
     )
     model, tok, prompt_fn = client_model(cfg)
-    set_adapter(model, msg.content["arrays"].to_torch_state_dict())
+    set_adapter(model, request.adapter)
     total = spec.epochs * -(-len(items) // spec.batch_size)
     dual = cfg.dual_spec()
     reg = None
     if dual is not None:
-        proto = msg.content["config"].get("dual-prototype")
+        proto = request.dual_prototype
         reg = DualRegulariser(
-            model, dual, None if proto is None else torch.tensor(list(proto))
+            model, dual, None if proto is None else torch.tensor(proto)
         )
     with (
         local_steps_bar(f"client {cid} round {server_round}", total) as on_step,
@@ -134,62 +140,59 @@ def train(msg: Message, context: Context) -> Message:
         stats.loss,
         stats.tokens / max(stats.seconds, 1e-9),
     )
-    metrics: dict[str, Any] = {
-        "num-examples": len(items),
-        "client-id": cid,
-        "train-loss": stats.loss,
-        "local-steps": stats.steps,
-        "tokens": stats.tokens,
-        "train-seconds": stats.seconds,
-    }
+    dual_figures: dict[str, Any] = {}
     if reg is not None:
         # one aggregate vector of the client's data (FOUL-LoRA's K prototype)
-        metrics["dual-prototype"] = reg.client_prototype()
-        metrics["dual-loss-k"] = reg.last["loss_k"]
-        metrics["dual-loss-v"] = reg.last["loss_v"]
-    return _reply(msg, get_adapter(model), metrics)
+        dual_figures = {
+            "dual_prototype": reg.client_prototype(),
+            "dual_loss_k": reg.last["loss_k"],
+            "dual_loss_v": reg.last["loss_v"],
+        }
+    reply = TrainReply(
+        get_adapter(model),
+        num_examples=len(items),
+        client_id=cid,
+        train_loss=stats.loss,
+        local_steps=stats.steps,
+        tokens=stats.tokens,
+        train_seconds=stats.seconds,
+        **dual_figures,
+    )
+    return encode_reply(msg, reply)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation: answer probability of the adapter on local items."""
-    cfg = run_config_from_message(msg.content["config"])
+    request, cfg = _decode(msg, EvaluateRequest)
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
     _floor(context, "federated evaluation", len(items))
     model, tok, prompt_fn = client_model(cfg)
-    set_adapter(model, msg.content["arrays"].to_torch_state_dict())
+    set_adapter(model, request.adapter)
     t0 = time.perf_counter()
     prob = answer_prob(model, tok, prompt_fn, items, int(cfg.resolved().max_length))
-    return _reply(
-        msg,
-        None,
-        {
-            "num-examples": len(items),
-            "client-id": cid,
-            "Q_A_Prob": prob,
-            "eval-seconds": time.perf_counter() - t0,
-        },
+    reply = EvaluateReply(
+        q_a_prob=prob,
+        eval_seconds=time.perf_counter() - t0,
+        num_examples=len(items),
+        client_id=cid,
     )
+    return encode_reply(msg, reply)
 
 
-def _hello(
-    msg: Message, context: Context, cfg: RunConfig
-) -> tuple[None, dict[str, Any]]:
+def _hello(request: HelloRequest, context: Context, cfg: RunConfig) -> HelloReply:
+    """Discovery: this node's client id and number of items."""
+    del request  # a hello has no fields
     items = client_items(cfg, context.node_config)
     # A node is ready when its model is loaded: the cold start then falls in the
     # discovery, not in the first round of whichever phase runs next (FL,
     # retrain or unlearning), so their wall times compare like with like.
     client_model(cfg)
-    return None, {
-        "client-id": client_id(context.node_config),
-        "num-examples": len(items),
-    }
+    return HelloReply(client_id=client_id(context.node_config), num_examples=len(items))
 
 
-def _audit(
-    msg: Message, context: Context, cfg: RunConfig
-) -> tuple[None, dict[str, Any]]:
+def _audit(request: AuditRequest, context: Context, cfg: RunConfig) -> AuditReply:
     """Self-audit: the gap in mean answer probability, trained vs never-trained.
 
     Only that scalar (and the number of trained items, the FedAvg weight that
@@ -204,12 +207,12 @@ def _audit(
         )
     _floor(context, "the self-audit", min(len(trained), len(held)))
     model, tok, prompt_fn = client_model(cfg)
-    set_adapter(model, msg.content["arrays"].to_torch_state_dict())
+    set_adapter(model, request.adapter)
     length = int(cfg.resolved().max_length)
     gap = answer_prob(model, tok, prompt_fn, trained, length) - answer_prob(
         model, tok, prompt_fn, held, length
     )
-    return None, {"audit-gap": float(gap), "num-examples": len(trained)}
+    return AuditReply(audit_gap=float(gap), num_examples=len(trained))
 
 
 QUERY_HANDLERS["hello"] = _hello
@@ -219,13 +222,10 @@ QUERY_HANDLERS["local-update"] = local_update
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Dispatch a method-specific request (``config['kind']``) to its handler."""
-    config = msg.content["config"]
-    kind = str(config.get("kind", ""))
-    if kind not in QUERY_HANDLERS:
-        raise ValueError(
-            f"unknown query kind {kind!r}; known: {sorted(QUERY_HANDLERS)}"
+    """Dispatch a method-specific request (its ``kind``) to its handler."""
+    request, cfg = decode_request(msg)
+    if request.kind not in QUERY_HANDLERS:
+        raise ProtocolError(
+            f"unknown query kind {request.kind!r}; known: {sorted(QUERY_HANDLERS)}"
         )
-    cfg = run_config_from_message(config)
-    arrays, metrics = QUERY_HANDLERS[kind](msg, context, cfg)
-    return _reply(msg, arrays, metrics)
+    return encode_reply(msg, QUERY_HANDLERS[request.kind](request, context, cfg))

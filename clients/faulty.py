@@ -2,7 +2,8 @@
 
 It runs the real :mod:`clients.client_app` handlers and then corrupts the update of
 one client, chosen by the run config keys ``x-fault-client`` (client id) and
-``x-fault-kind`` (``nan`` | ``shape`` | ``keys`` | ``num-examples``). Use it to check
+``x-fault-kind`` (``nan`` | ``shape`` | ``keys`` | ``num-examples``), which the
+run record carries (``RunConfig.extra``). Use it to check
 that the server rejects and logs the bad update and that the round goes on:
 ``simulations.runner.simulate(cfg, steps, client_app=clients.faulty.app)``.
 """
@@ -14,6 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from clients import client_app as real
+from clients.wire import decode_request
 
 app = ClientApp()
 
@@ -43,11 +45,11 @@ def corrupt(msg: Message, reply: Message, kind: str) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Real training, then corruption for the configured client."""
     reply = real.train(msg, context)
-    config = msg.content["config"]
-    if int(config.get("x-fault-client", -1)) == int(
+    _, cfg = decode_request(msg)
+    if int(cfg.extra.get("x-fault-client", -1)) == int(
         context.node_config["partition-id"]
     ):
-        return corrupt(msg, reply, str(config.get("x-fault-kind", "nan")))
+        return corrupt(msg, reply, str(cfg.extra.get("x-fault-kind", "nan")))
     return reply
 
 

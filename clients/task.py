@@ -13,33 +13,6 @@ from fed_unlearn.data.audit import split_audit
 from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
 from fed_unlearn.types import QAItem
 
-#: Keys the server adds to a message's config beside the run config.
-PROTOCOL_KEYS = ("server-round", "phase", "kind", "seed-round", "dual-prototype")
-#: Prefix of a query's own parameters in a message's config.
-QUERY_PREFIX = "q-"
-
-
-def run_config_from_message(config: Mapping[str, Any]) -> RunConfig:
-    """Rebuild the run config a server sent (protocol keys stripped).
-
-    Parameters
-    ----------
-    config : Mapping[str, Any]
-        The message's ConfigRecord.
-
-    Returns
-    -------
-    RunConfig
-        The validated run configuration.
-    """
-    return RunConfig.from_flat(
-        {
-            k: v
-            for k, v in config.items()
-            if k not in PROTOCOL_KEYS and not k.startswith(QUERY_PREFIX)
-        }
-    )
-
 
 def client_id(node_config: Mapping[str, Any]) -> int:
     """Return this node's client id (its ``partition-id``).

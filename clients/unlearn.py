@@ -1,18 +1,19 @@
 """Client side of the unlearning methods: one ``local-update`` query handler.
 
-A request carries one or more adapter *copies* (``copy<k>.<tensor>`` arrays) and
-asks the client to run a local objective on each, from a fresh AdamW, and to
-return ``copy<k>.<tensor>`` = (after - before) for the tensors it received:
+A :class:`~fed_unlearn.protocol.LocalUpdateRequest` carries one or more adapter
+*copies* and asks the client to run a local objective on each, from a fresh
+AdamW, and to return one delta (after - before) per copy, of the tensors it
+received:
 
-- ``q-loss = "nll"``: the ordinary FL objective on the client's own items
+- ``loss = "nll"``: the ordinary FL objective on the client's own items
   (pseudo-gradients for FOUL / FedOSD's remaining clients);
 - any inner unlearning loss of :mod:`fed_unlearn.losses` (``ga``, ``npo``,
   ``uce``, ...) on the client's own items, which are its forget set once it has
   asked to be forgotten (MPU, FedOSD's target, FOUL ``live``).
 
 Tensors a copy does not carry are frozen and taken from a *base* adapter: the
-request's ``base.<tensor>`` arrays, which the client also keeps in its Flower
-``context.state`` so later rounds can send only the sub-network (FOUL's θ_V).
+request's ``base``, which the client also keeps in its Flower ``context.state``
+so later rounds can send only the sub-network (FOUL's θ_V).
 
 Only adapter deltas and scalar metrics leave the client; its items never do.
 """
@@ -20,14 +21,12 @@ Only adapter deltas and scalar metrics leave the client; its items never do.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context
 
 from clients.task import client_id, client_items, client_model
 from fed_unlearn import adapters as ad
@@ -35,12 +34,12 @@ from fed_unlearn.config import RunConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
 from fed_unlearn.privacy import ClientPolicy, examples_behind
+from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
 from fed_unlearn.training import TrainSpec, budget_batches, derive_seed, local_train
 from fed_unlearn.types import AdapterState, QAItem
 
 log = logging.getLogger(__name__)
 
-_COPY = re.compile(r"^copy(\d+)\.(.+)$")
 _BASE_STATE = "fed-unlearn-base"
 #: Seed of the public proxy retain set (fictitious people outside every client).
 PROXY_SEED = 987_654
@@ -60,45 +59,6 @@ def proxy_retain_items(n_people: int = 6) -> list[QAItem]:
         Their Q/A items (disjoint from the federation's and the evaluation's).
     """
     return [it for p in generate_people(PROXY_SEED, n_people) for it in p.items]
-
-
-def _request(msg: Message) -> dict[str, Any]:
-    return {k[2:]: v for k, v in msg.content["config"].items() if k.startswith("q-")}
-
-
-def split_copies(
-    arrays: dict[str, torch.Tensor],
-) -> tuple[list[AdapterState], AdapterState]:
-    """Split a request's arrays into copies ``copy<k>.*`` and ``base.*``.
-
-    Parameters
-    ----------
-    arrays : dict[str, torch.Tensor]
-        The message's arrays.
-
-    Returns
-    -------
-    tuple[list[AdapterState], AdapterState]
-        Copies in index order and the base tensors.
-
-    Raises
-    ------
-    ValueError
-        Keys of neither kind, or copy indices with gaps.
-    """
-    copies: dict[int, AdapterState] = {}
-    base: AdapterState = {}
-    for key, value in arrays.items():
-        if key.startswith("base."):
-            base[key[5:]] = value.float()
-            continue
-        m = _COPY.match(key)
-        if m is None:
-            raise ValueError(f"unexpected array {key!r} (want copy<k>.* or base.*)")
-        copies.setdefault(int(m[1]), {})[m[2]] = value.float()
-    if sorted(copies) != list(range(len(copies))):
-        raise ValueError(f"copy indices {sorted(copies)} are not 0..m-1")
-    return [copies[k] for k in range(len(copies))], base
 
 
 @contextlib.contextmanager
@@ -169,23 +129,19 @@ def _retain_items(source: str, node_config: dict[str, Any]) -> list[QAItem] | No
 
 
 def local_update(
-    msg: Message, context: Context, cfg: RunConfig
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    req: LocalUpdateRequest, context: Context, cfg: RunConfig
+) -> LocalUpdateReply:
     """Run the requested local objective on each received copy; return deltas.
 
     Parameters
     ----------
-    msg : Message
-        The query (``arrays``: copies and optional base; ``q-*`` config keys:
-        ``loss``, ``epochs``, ``max-steps`` (0 = no cap), ``lr`` (or ``lr-scale``
-        x the run's), ``batch-size``, ``budget`` (instead of ``epochs`` and
-        ``batch-size``: ``max-steps`` steps that see this share of the examples
-        retraining would show this client,
-        :func:`~fed_unlearn.training.budget_batches`), ``ranks`` (JSON
-        ``{tensor: [rank, ...]}``: the copies carry only these rows of
+    req : LocalUpdateRequest
+        The request (its fields: :mod:`fed_unlearn.protocol`). ``epochs`` and
+        ``batch_size`` default to the run's; ``budget`` sizes batches instead
+        (:func:`~fed_unlearn.training.budget_batches`), up to this client's
+        privacy floor; ``ranks``: the copies carry only these rows of
         ``lora_A`` / columns of ``lora_B`` of those tensors, the base holds them
-        whole, only those ranks train and their deltas come back), ``retain``,
-        ``loss-params`` (JSON), ``seed-round``).
+        whole, only those ranks train and their deltas come back.
     context : Context
         Flower context (its ``state`` keeps the base adapter between requests).
     cfg : RunConfig
@@ -193,42 +149,32 @@ def local_update(
 
     Returns
     -------
-    tuple[dict[str, torch.Tensor], dict[str, Any]]
-        ``copy<k>.<tensor>`` deltas and the client's metrics.
+    LocalUpdateReply
+        One delta per copy, in the copies' dtype, and the client's figures.
     """
     from fed_unlearn.losses import get_loss, unlearn_train
 
-    req = _request(msg)
-    if "budget" in req and ("batch-size" in req or int(req.get("max-steps", 0)) < 1):
-        raise ValueError(
-            "a 'budget' request sizes its own batches: it needs max-steps >= 1 and "
-            "no batch-size"
-        )
-    loss = str(req.get("loss", "nll"))
+    loss = req.loss
     if loss != "nll":
         get_loss(loss)  # unknown loss -> clear error before any work
-    arrays = (
-        msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
-    )
     # deltas go back in the dtype the copies came in (fp16 wire: fp16 back)
     wire = (
         torch.float16
-        if all(v.dtype == torch.float16 for k, v in arrays.items() if k[:4] == "copy")
+        if all(v.dtype == torch.float16 for c in req.copies for v in c.values())
         else torch.float32
     )
-    copies, base = split_copies(arrays)
-    if not copies:
-        raise ValueError("local-update request carries no copy<k>.* arrays")
+    copies = [{k: v.float() for k, v in c.items()} for c in req.copies]
+    base = {k: v.float() for k, v in req.base.items()}
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
     r = cfg.resolved()
-    epochs = int(req.get("epochs", r.local_epochs))  # type: ignore[arg-type]
-    batch_size = int(req.get("batch-size", r.batch_size))  # type: ignore[arg-type]
-    max_steps = int(req.get("max-steps", 0))
+    epochs = int(r.local_epochs if req.epochs is None else req.epochs)  # type: ignore[arg-type]
+    batch_size = int(r.batch_size if req.batch_size is None else req.batch_size)  # type: ignore[arg-type]
+    max_steps = req.max_steps
     policy = ClientPolicy.from_node_config(context.node_config)
-    if "budget" in req:
+    if req.budget is not None:
         batch_size, epochs = budget_batches(
-            float(req["budget"]),
+            req.budget,
             int(r.num_server_rounds),  # type: ignore[arg-type]
             int(r.local_epochs),  # type: ignore[arg-type]
             len(items),
@@ -242,9 +188,7 @@ def local_update(
     spec = TrainSpec(
         epochs=epochs,
         batch_size=batch_size,
-        lr=float(req["lr"])
-        if "lr" in req
-        else float(r.lr) * float(req.get("lr-scale", 1.0)),  # type: ignore[arg-type]
+        lr=req.lr if req.lr is not None else float(r.lr) * req.lr_scale,  # type: ignore[arg-type]
         max_length=int(r.max_length),  # type: ignore[arg-type]
         max_steps=max_steps,
     )
@@ -262,14 +206,9 @@ def local_update(
 
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
     expected = set(shapes)
-    try:
-        ranks = ad.check_ranks(json.loads(str(req.get("ranks", "{}"))), shapes)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"ranks is not JSON: {exc}") from exc
-    params = json.loads(str(req.get("loss-params", "{}")))
-    retain = _retain_items(str(req.get("retain", "none")), dict(context.node_config))
-    seed_round = int(req.get("seed-round", 0))
-    out: dict[str, torch.Tensor] = {}
+    ranks = ad.check_ranks(req.ranks, shapes)
+    retain = _retain_items(req.retain, dict(context.node_config))
+    deltas: list[AdapterState] = []
     steps = tokens = 0
     seconds = last_loss = 0.0
     for k, copy in enumerate(copies):
@@ -294,7 +233,7 @@ def local_update(
                 )
             full[n] = ad.put_ranks(base[n], n, picked, copy[n])
         set_adapter(model, full)
-        seed = derive_seed(cfg.seed, seed_round, cid, k)
+        seed = derive_seed(cfg.seed, req.seed_round, cid, k)
         with only_trainable(model, set(copy)), only_ranks(model, ranks):
             if loss == "nll":
                 stats = local_train(model, tok, prompt_fn, items, spec, seed=seed)
@@ -308,14 +247,16 @@ def local_update(
                     spec,
                     seed=seed,
                     retain_items=retain,
-                    params=params,
+                    params=req.loss_params,
                 )
         after = get_adapter(model)
+        delta: AdapterState = {}
         for name, before in copy.items():
             now = after[name]
             if name in ranks:
                 now = ad.take_ranks(now, name, ranks[name])
-            out[f"copy{k}.{name}"] = (now - before).to(wire)
+            delta[name] = (now - before).to(wire)
+        deltas.append(delta)
         steps += stats.steps
         tokens += stats.tokens
         seconds += stats.seconds
@@ -329,11 +270,12 @@ def local_update(
         spec.batch_size,
         seconds,
     )
-    return out, {
-        "client-id": cid,
-        "num-examples": len(items),
-        "local-steps": steps,
-        "tokens": tokens,
-        "train-seconds": seconds,
-        "loss": last_loss,
-    }
+    return LocalUpdateReply(
+        deltas,
+        client_id=cid,
+        num_examples=len(items),
+        local_steps=steps,
+        tokens=tokens,
+        train_seconds=seconds,
+        loss=last_loss,
+    )

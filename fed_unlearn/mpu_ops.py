@@ -4,8 +4,9 @@ One MPU round, server side::
 
     secrets = draw_secrets(m)                                   # fresh, never sent
     copies, rnd = prepare_copies(theta, m, kappa, secrets)      # T_k(θ + ε_k)
-    ... send pack_copies(copies) to the unlearning client, receive its deltas ...
-    delta = merge_returned(unpack_copies(flat, m), rnd, theta)  # Σ_k Δ_k/α_k / Σ 1/α_k
+    ... a local-update request (fed_unlearn.protocol) with the copies, one delta
+    ... per copy back from the unlearning client ...
+    delta = merge_returned(deltas, rnd, theta)                  # Σ_k Δ_k/α_k / Σ 1/α_k
     theta = add(theta, delta)
 
 * Noise (:func:`zero_sum_noise`): ``ε_k = α_k·ε0_k`` with
@@ -53,9 +54,7 @@ __all__ = [
     "harmonic_merge",
     "invert_gauge",
     "merge_returned",
-    "pack_copies",
     "prepare_copies",
-    "unpack_copies",
     "zero_sum_noise",
 ]
 
@@ -64,7 +63,6 @@ GAUGE_KINDS = ("orthogonal", "permutation", "none")
 GRANULARITIES = ("tensor", "layer")
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_COPY_RE = re.compile(r"^copy(\d+)\.(.+)$")
 
 
 # ------------------------------------------------------------------------ secrets
@@ -655,77 +653,3 @@ def merge_returned(
     back = [invert_gauge(d, rnd.gauges[k]) for k, d in enumerate(returned)]
     merged = harmonic_merge(back, rnd.alphas)
     return {key: merged[key].to(reference[key].dtype) for key in reference}
-
-
-# ------------------------------------------------------------------------ packing
-def pack_copies(copies: Sequence[AdapterState]) -> dict[str, torch.Tensor]:
-    """Flatten ``m`` adapter copies into one dict with keys ``copy{k}.{name}``.
-
-    Parameters
-    ----------
-    copies : Sequence[AdapterState]
-        The copies, ``k = 0..m−1`` (0-based).
-
-    Returns
-    -------
-    dict[str, torch.Tensor]
-        ``copy{k}.{name}`` -> tensor (the same tensor objects, not copies).
-
-    Raises
-    ------
-    ValueError
-        If there are no copies.
-    """
-    if not copies:
-        raise ValueError("nothing to pack: no copies")
-    return {f"copy{k}.{name}": t for k, c in enumerate(copies) for name, t in c.items()}
-
-
-def unpack_copies(flat: Mapping[str, torch.Tensor], m: int) -> list[AdapterState]:
-    """Inverse of :func:`pack_copies`.
-
-    Parameters
-    ----------
-    flat : Mapping[str, torch.Tensor]
-        ``copy{k}.{name}`` -> tensor.
-    m : int
-        Expected number of copies (``≥ 2``).
-
-    Returns
-    -------
-    list[AdapterState]
-        ``m`` adapters, each with the same key set (sorted key order).
-
-    Raises
-    ------
-    ValueError
-        If a key does not have the ``copy{k}.`` form, ``k`` is outside
-        ``0..m−1``, a copy is missing entirely, or the copies' key sets differ
-        (the message names the copy and the keys).
-    """
-    m = _check_m(m)
-    out: list[AdapterState] = [{} for _ in range(m)]
-    bad: list[str] = []
-    for key in sorted(flat):
-        match = _COPY_RE.match(key)
-        if match is None or not 0 <= int(match.group(1)) < m:
-            bad.append(key)
-            continue
-        out[int(match.group(1))][match.group(2)] = flat[key]
-    if bad:
-        raise ValueError(
-            f"unexpected key(s) for m={m} copies (need 'copy<k>.<name>' with "
-            f"0 <= k < {m}): {bad[:5]}"
-        )
-    for k, c in enumerate(out):
-        if not c:
-            raise ValueError(f"copy {k} is missing (no 'copy{k}.*' key)")
-    names = set().union(*(set(c) for c in out))
-    for k, c in enumerate(out):
-        missing = sorted(names - set(c))
-        if missing:
-            raise ValueError(
-                f"copy {k} lacks {len(missing)} key(s) the other copies have: "
-                f"{missing[:5]}"
-            )
-    return out

@@ -1,30 +1,117 @@
-"""The :class:`~fed_unlearn.methods.ClientChannel` of a Flower run.
+"""The server's half of the protocol (:mod:`fed_unlearn.protocol`) over Flower.
 
-Methods talk to clients through ``query(clients, kind, arrays, config)``; here that
-becomes one Flower ``QUERY`` message per client (counted by the grid wrapper), the
-request's own keys travelling as ``q-<key>`` entries of the message's config
-beside the run config, and the reply's ``arrays`` / ``metrics`` records coming
-back. A client that fails or answers without the expected records raises
-:class:`ChannelError` naming the client; nothing is half-applied.
+:func:`encode_request` and :func:`decode_reply` are the only server code that
+turns typed requests into Flower records and replies back into typed replies;
+the discovery, the FL rounds (``server.strategy``), the federated evaluation and
+the methods' :class:`FlowerChannel` all go through them. A message's content is
+``config`` (the request's fields and ``kind``), ``run`` (the run config the
+client needs, :func:`~fed_unlearn.protocol.encode_run`) and ``arrays`` where the
+kind carries tensors. A client that fails or answers with a reply the protocol
+refuses raises :class:`ChannelError` naming the client; nothing is half-applied.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, overload
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fed_unlearn.config import RunConfig
-from fed_unlearn.types import AdapterState, ClientId
+from fed_unlearn.protocol import (
+    AuditReply,
+    AuditRequest,
+    LocalUpdateReply,
+    LocalUpdateRequest,
+    ProtocolError,
+    Reply,
+    Request,
+    encode_run,
+)
+from fed_unlearn.protocol import decode_reply as decode_reply_fields
+from fed_unlearn.types import ClientId
 from server.grid import CountingGrid
 
 log = logging.getLogger(__name__)
 
-#: Prefix of request keys inside a query message's config.
-QUERY_PREFIX = "q-"
+
+def run_record(cfg: RunConfig) -> ConfigRecord:
+    """Return the ``run`` record every request carries.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The server's run configuration.
+
+    Returns
+    -------
+    ConfigRecord
+        :func:`~fed_unlearn.protocol.encode_run` of ``cfg``.
+    """
+    return ConfigRecord(encode_run(cfg))
+
+
+def encode_request(request: Request, run: ConfigRecord) -> RecordDict:
+    """Encode a typed request as a message's content.
+
+    Parameters
+    ----------
+    request : Request
+        Any request of :mod:`fed_unlearn.protocol`.
+    run : ConfigRecord
+        :func:`run_record` of the run.
+
+    Returns
+    -------
+    RecordDict
+        ``config``, ``run`` and, where the kind carries tensors, ``arrays``.
+    """
+    fields, arrays = request.to_fields()
+    content = RecordDict({"config": ConfigRecord(fields), "run": run})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(
+            {k: v.detach().contiguous() for k, v in arrays.items()}
+        )
+    return content
+
+
+def decode_reply(kind: str, msg: Message) -> Reply:
+    """Decode a client's reply to a request of ``kind`` (float tensors as fp32).
+
+    Parameters
+    ----------
+    kind : str
+        The request's kind.
+    msg : Message
+        The reply (not an error reply).
+
+    Returns
+    -------
+    Reply
+        The typed reply.
+
+    Raises
+    ------
+    ProtocolError
+        Records that cannot be decoded, or what the protocol refuses.
+    """
+    content = msg.content
+    metrics = dict(content["metrics"]) if "metrics" in content else {}
+    arrays = None
+    if "arrays" in content:
+        try:
+            state = content["arrays"].to_torch_state_dict()
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad reply
+            raise ProtocolError(
+                f"{kind} reply: arrays cannot be decoded: {exc}"
+            ) from exc
+        arrays = {
+            k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in state.items()
+        }
+    return decode_reply_fields(kind, metrics, arrays)
 
 
 class ChannelError(RuntimeError):
@@ -39,7 +126,7 @@ class FlowerChannel:
     grid : CountingGrid
         The (byte-counting) grid of the run.
     cfg : RunConfig
-        Run configuration (sent with every request so clients rebuild it).
+        Run configuration (its :func:`run_record` travels with every request).
     node_map : dict[int, int]
         Flower node id -> client id.
     timeout : float
@@ -54,67 +141,60 @@ class FlowerChannel:
         timeout: float = 3600.0,
     ) -> None:
         self.grid = grid
-        self.cfg = cfg
+        self.run = run_record(cfg)
         self.node_of = {cid: node for node, cid in node_map.items()}
         self.timeout = timeout
         self.requests = 0
 
+    @overload
     def query(
-        self,
-        clients: Sequence[ClientId],
-        kind: str,
-        arrays: AdapterState | dict[ClientId, AdapterState] | None,
-        config: dict[str, Any],
-    ) -> dict[ClientId, tuple[AdapterState | None, dict[str, float]]]:
-        """Send one request to each client and collect the replies.
+        self, requests: Mapping[ClientId, LocalUpdateRequest]
+    ) -> dict[ClientId, LocalUpdateReply]: ...
+
+    @overload
+    def query(
+        self, requests: Mapping[ClientId, AuditRequest]
+    ) -> dict[ClientId, AuditReply]: ...
+
+    def query(self, requests: Mapping[ClientId, Request]) -> dict[ClientId, Any]:
+        """Send each client its request (one message each) and collect the replies.
 
         Parameters
         ----------
-        clients : Sequence[ClientId]
-            Recipients.
-        kind : str
-            Handler name on the client (``clients.client_app.QUERY_HANDLERS``).
-        arrays : AdapterState or dict[ClientId, AdapterState], optional
-            Tensors to send: the same to everyone, or one state per client.
-        config : dict[str, Any]
-            Request parameters (scalars or strings).
+        requests : Mapping[ClientId, Request]
+            Recipient -> its typed request, all of one kind (the same object
+            for a broadcast: it is encoded once).
 
         Returns
         -------
-        dict[ClientId, tuple[AdapterState | None, dict[str, float]]]
-            Per client: returned tensors (or ``None``) and metrics.
+        dict[ClientId, Reply]
+            Per client: its typed reply.
 
         Raises
         ------
         ChannelError
-            Unknown client, a failed client, or a reply for a client not asked.
+            Unknown client, mixed kinds, a failed client, a reply the protocol
+            refuses, or a reply for a client not asked.
         """
+        clients = list(requests)
         unknown = [c for c in clients if c not in self.node_of]
         if unknown:
             raise ChannelError(
                 f"client(s) {unknown} are not connected "
                 f"(connected: {sorted(self.node_of)})"
             )
-        base = {**self.cfg.to_flat(), "kind": kind}
-        for key, value in config.items():
-            base[f"{QUERY_PREFIX}{key}"] = value
-        record_cfg = ConfigRecord(base)
-        per_client = (
-            isinstance(arrays, dict)
-            and bool(arrays)
-            and all(isinstance(k, int) for k in arrays)
-        )
+        kinds = sorted({r.kind for r in requests.values()})
+        if len(kinds) != 1:
+            raise ChannelError(f"one query is one kind of request, got {kinds}")
+        kind = kinds[0]
+        encoded: dict[int, RecordDict] = {}
         msgs = []
-        for cid in clients:
-            content = RecordDict({"config": record_cfg})
-            state = arrays.get(cid) if per_client else arrays  # type: ignore[union-attr]
-            if state is not None:
-                content["arrays"] = ArrayRecord(
-                    {k: v.detach().contiguous() for k, v in state.items()}  # type: ignore[union-attr]
-                )
+        for cid, request in requests.items():
+            if id(request) not in encoded:
+                encoded[id(request)] = encode_request(request, self.run)
             msgs.append(
                 Message(
-                    content=content,
+                    content=RecordDict(dict(encoded[id(request)].items())),
                     message_type=MessageType.QUERY,
                     dst_node_id=self.node_of[cid],
                 )
@@ -122,10 +202,10 @@ class FlowerChannel:
         self.requests += 1
         replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
         client_of = {node: cid for cid, node in self.node_of.items()}
-        out: dict[ClientId, tuple[AdapterState | None, dict[str, float]]] = {}
+        out: dict[ClientId, Reply] = {}
         for rep in replies:
             cid = client_of.get(rep.metadata.src_node_id)
-            if cid is None or cid not in clients:
+            if cid is None or cid not in requests:
                 raise ChannelError(
                     f"reply to {kind!r} from node {rep.metadata.src_node_id}, "
                     "which was not asked"
@@ -134,15 +214,10 @@ class FlowerChannel:
                 raise ChannelError(
                     f"client {cid} failed the {kind!r} request: {rep.error.reason}"
                 )
-            content = rep.content
-            metrics = dict(content["metrics"]) if "metrics" in content else {}
-            got: AdapterState | None = None
-            if "arrays" in content:
-                got = {
-                    k: v.float() if isinstance(v, torch.Tensor) else v
-                    for k, v in content["arrays"].to_torch_state_dict().items()
-                }
-            out[cid] = (got, metrics)
+            try:
+                out[cid] = decode_reply(kind, rep)
+            except ProtocolError as exc:
+                raise ChannelError(f"client {cid}: {exc}") from exc
         missing = [c for c in clients if c not in out]
         if missing:
             raise ChannelError(

@@ -22,11 +22,9 @@ from typing import Any
 import torch
 from flwr.app import (
     ArrayRecord,
-    ConfigRecord,
     Message,
     MessageType,
     MetricRecord,
-    RecordDict,
 )
 
 from fed_unlearn import adapters as ad
@@ -41,8 +39,16 @@ from fed_unlearn.models import (
     resolve_model_dir,
     set_adapter,
 )
+from fed_unlearn.protocol import (
+    AuditRequest,
+    EvaluateReply,
+    EvaluateRequest,
+    HelloReply,
+    HelloRequest,
+    ProtocolError,
+)
 from fed_unlearn.scratch import scratch_dir
-from server.channel import FlowerChannel
+from server.channel import FlowerChannel, decode_reply, encode_request, run_record
 from server.grid import CountingGrid
 from server.strategy import HistoryFedAvg
 
@@ -154,13 +160,9 @@ def discover_clients(
             )
         time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
-    config = ConfigRecord({**cfg.to_flat(), "kind": "hello"})
+    content = encode_request(HelloRequest(), run_record(cfg))
     msgs = [
-        Message(
-            content=RecordDict({"config": config}),
-            message_type=MessageType.QUERY,
-            dst_node_id=n,
-        )
+        Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
         for n in nodes
     ]
     replies = grid.send_and_receive(msgs, timeout=timeout)
@@ -170,7 +172,12 @@ def discover_clients(
             raise PipelineError(
                 f"node {rep.metadata.src_node_id} failed to answer: {rep.error.reason}"
             )
-        cid = int(rep.content["metrics"]["client-id"])
+        try:
+            hello = decode_reply("hello", rep)
+        except ProtocolError as exc:
+            raise PipelineError(f"node {rep.metadata.src_node_id}: {exc}") from exc
+        assert isinstance(hello, HelloReply)
+        cid = hello.client_id
         if cid in mapping.values():
             raise PipelineError(f"two SuperNodes claim client id {cid}")
         if 0 <= cid < cfg.num_clients:
@@ -272,13 +279,10 @@ def _self_audit(
     """Build the departed clients' self-audit: their size-weighted mean gap."""
 
     def audit(state: dict[str, torch.Tensor]) -> float:
-        replies = channel.query(departed, "audit", state, {})
-        sizes = {c: float(m["num-examples"]) for c, (_, m) in replies.items()}
+        replies = channel.query(dict.fromkeys(departed, AuditRequest(state)))
+        sizes = {c: float(rep.num_examples) for c, rep in replies.items()}
         total = sum(sizes.values())
-        return (
-            sum(float(m["audit-gap"]) * sizes[c] for c, (_, m) in replies.items())
-            / total
-        )
+        return sum(rep.audit_gap * sizes[c] for c, rep in replies.items()) / total
 
     return audit
 
@@ -337,7 +341,7 @@ def run_fl_phase(
     tmp = scratch_dir(final_dir)  # and stale ones of killed runs are removed
     store = HistoryStore(tmp / "history", dtype=cfg.history_dtype)
     strategy = HistoryFedAvg(
-        run_config=cfg.to_flat(),
+        run=run_record(cfg),
         node_to_client=node_map,
         exclude=exclude,
         history=store,
@@ -565,9 +569,9 @@ def federated_evaluate(
     """
     departed = set(cfg.departed())
     out: dict[str, dict[str, float]] = {}
+    run = run_record(cfg)
     for name, state in adapters.items():
-        config = ConfigRecord({**cfg.to_flat(), "phase": f"eval-{name}"})
-        record = RecordDict({"arrays": ArrayRecord(state), "config": config})
+        record = encode_request(EvaluateRequest(state), run)
         msgs = [
             Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n)
             for n in sorted(node_map)
@@ -577,11 +581,15 @@ def federated_evaluate(
         for rep in grid.send_and_receive(msgs, timeout=3600):
             if rep.has_error():
                 raise PipelineError(f"federated evaluation failed: {rep.error.reason}")
-            m = rep.content["metrics"]
+            try:
+                reply = decode_reply("evaluate", rep)
+            except ProtocolError as exc:
+                raise PipelineError(f"federated evaluation: {exc}") from exc
+            assert isinstance(reply, EvaluateReply)
             cid = node_map[rep.metadata.src_node_id]
-            res[f"client-{cid}"] = float(m["Q_A_Prob"])
+            res[f"client-{cid}"] = reply.q_a_prob
             group = "forget" if cid in departed else "retain"
-            groups[group].append((float(m["Q_A_Prob"]), int(m["num-examples"])))
+            groups[group].append((reply.q_a_prob, reply.num_examples))
         for group, vals in groups.items():
             total = sum(n for _, n in vals)
             res[f"{group}_Q_A_Prob"] = sum(v * n for v, n in vals) / max(total, 1)

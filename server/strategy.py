@@ -36,7 +36,9 @@ from flwr.serverapp.strategy import FedAvg
 from fed_unlearn import adapters as ad
 from fed_unlearn.aggregation import product_space_aggregate
 from fed_unlearn.history import HistoryStore, RoundRecord
+from fed_unlearn.protocol import TrainReply, TrainRequest
 from fed_unlearn.training import derive_seed
+from server.channel import decode_reply, encode_request
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,8 @@ class HistoryFedAvg(FedAvg):
 
     Parameters
     ----------
-    run_config : dict[str, Any]
-        Flat run config sent with every message.
+    run : ConfigRecord
+        The run record every message carries (``server.channel.run_record``).
     node_to_client : dict[int, int]
         Flower node id -> client id (partition id).
     exclude : Iterable[int]
@@ -141,7 +143,7 @@ class HistoryFedAvg(FedAvg):
     def __init__(
         self,
         *,
-        run_config: dict[str, Any],
+        run: ConfigRecord,
         node_to_client: dict[int, int],
         exclude: Iterable[int],
         history: HistoryStore,
@@ -158,7 +160,7 @@ class HistoryFedAvg(FedAvg):
             min_available_nodes=1,
             train_metrics_aggr_fn=sum_train_metrics,
         )
-        self.run_config = dict(run_config)
+        self.run = run
         self.node_to_client = dict(node_to_client)
         self.client_to_node = {c: n for n, c in node_to_client.items()}
         self.exclude = set(exclude)
@@ -168,7 +170,7 @@ class HistoryFedAvg(FedAvg):
         self.aggregation = aggregation
         self.on_round = on_round
         self._global: dict[str, torch.Tensor] = {}
-        self.dual = bool(run_config.get("dual-adapter", False))
+        self.dual = bool(run.get("dual-adapter", False))
         self.prototype: list[float] | None = None
         self.round_log: list[dict[str, Any]] = []
 
@@ -185,7 +187,19 @@ class HistoryFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
-        """Send the global adapter and run config to this round's clients."""
+        """Send this round's clients a ``train`` request with the global adapter.
+
+        Raises
+        ------
+        ValueError
+            A non-empty Flower train ``config``: every field of a round is one
+            of :class:`~fed_unlearn.protocol.TrainRequest`'s.
+        """
+        if len(config):
+            raise ValueError(
+                f"HistoryFedAvg sends typed train requests; got a train config "
+                f"with keys {sorted(config)}"
+            )
         n = len(self.node_to_client)
         chosen = [
             c
@@ -193,20 +207,10 @@ class HistoryFedAvg(FedAvg):
             if c not in self.exclude
         ]
         self._global = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
-        cfg = ConfigRecord(
-            {
-                **self.run_config,
-                **dict(config),
-                "server-round": server_round,
-                "phase": "train",
-                **(
-                    {"dual-prototype": self.prototype}
-                    if self.prototype is not None
-                    else {}
-                ),
-            }
+        request = TrainRequest(
+            self._global, server_round=server_round, dual_prototype=self.prototype
         )
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+        record = encode_request(request, self.run)
         return self._construct_messages(
             record, [self.client_to_node[c] for c in chosen], MessageType.TRAIN
         )
@@ -218,25 +222,21 @@ class HistoryFedAvg(FedAvg):
         cid = self.node_to_client[node]
         if msg.has_error():
             raise ValueError(f"client error: {msg.error.reason}")
-        content = msg.content
-        if "arrays" not in content or "metrics" not in content:
+        if "arrays" not in msg.content or "metrics" not in msg.content:
             raise ValueError("reply lacks 'arrays' or 'metrics'")
-        metrics = content["metrics"]
-        n = metrics.get("num-examples")
-        if not isinstance(n, int) or n <= 0:
+        reply = decode_reply("train", msg)
+        assert isinstance(reply, TrainReply)
+        n = reply.num_examples
+        if n <= 0:
             raise ValueError(f"bad num-examples {n!r}")
-        if int(metrics.get("client-id", -1)) != cid:
+        if reply.client_id != cid:
             raise ValueError(
-                f"reported client-id {metrics.get('client-id')} != node's client {cid}"
+                f"reported client-id {reply.client_id} != node's client {cid}"
             )
-        try:
-            state = content["arrays"].to_torch_state_dict()
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad update
-            raise ValueError(f"arrays cannot be decoded: {exc}") from exc
-        ad.validate_update(state, self._global)
+        ad.validate_update(reply.adapter, self._global)
         if self.dual:
-            check_prototype(metrics.get("dual-prototype"), self.prototype)
-        return cid, state, n
+            check_prototype(reply.dual_prototype, self.prototype)
+        return cid, reply.adapter, n
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -52,40 +52,48 @@ class LinearClients:
 
     Client ``c`` pulls every tensor it receives towards its own target ``t_c``
     (``nll``: delta = 0.5 (t_c - x)) or pushes it away (any unlearning loss:
-    delta = -0.5 (t_c - x)), for every ``copy<k>.*`` tensor, filling the rest
-    from ``base.*`` (a tensor named in the request's ``ranks`` travels as those
-    ranks of it, and so does its target). Enough to exercise a method's
-    contract without Flower.
+    delta = -0.5 (t_c - x)), for every tensor of every copy of a
+    ``local-update`` request (a tensor named in the request's ``ranks`` travels
+    as those ranks of it, and so does its target). Enough to exercise a
+    method's contract without Flower.
     """
 
     def __init__(self, targets):
         self.targets = targets
-        self.calls = []
-        self.arrays = []
+        self.calls = []  #: (recipients, wire fields of the first request)
+        self.requests = []  #: each query's typed requests
 
-    def query(self, clients, kind, arrays, config):
-        import json
-
+    def query(self, requests):
         from fed_unlearn.adapters import take_ranks
+        from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
 
-        assert kind == "local-update"
-        self.calls.append((tuple(clients), dict(config)))
-        self.arrays.append(arrays)
-        ranks = json.loads(config.get("ranks", "{}"))
         out = {}
-        for cid in clients:
-            state = arrays[cid] if cid in arrays else arrays
-            sign = 1.0 if config.get("loss", "nll") == "nll" else -1.0
-            got = {}
-            for key, x in state.items():
-                if key.startswith("base."):
-                    continue
-                name = key.split(".", 1)[1]
-                target = self.targets[cid][name]
-                if name in ranks:  # the copy is a slice of these ranks
-                    target = take_ranks(target, name, ranks[name])
-                got[key] = sign * 0.5 * (target - x)
-            out[cid] = (got, {"num-examples": 10, "local-steps": 1, "tokens": 5})
+        for cid, req in requests.items():
+            assert isinstance(req, LocalUpdateRequest)
+            sign = 1.0 if req.loss == "nll" else -1.0
+            deltas = []
+            for copy in req.copies:
+                got = {}
+                for name, x in copy.items():
+                    target = self.targets[cid][name]
+                    if name in req.ranks:  # the copy is a slice of these ranks
+                        target = take_ranks(target, name, req.ranks[name])
+                    got[name] = sign * 0.5 * (target - x)
+                deltas.append(got)
+            out[cid] = LocalUpdateReply(
+                deltas,
+                client_id=cid,
+                num_examples=10,
+                local_steps=1,
+                tokens=5,
+                train_seconds=0.0,
+                loss=0.0,
+            )
+        # (recipients, the wire fields of the first request)
+        self.calls.append(
+            (tuple(requests), next(iter(requests.values())).to_fields()[0])
+        )
+        self.requests.append(requests)
         return out
 
 

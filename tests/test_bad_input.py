@@ -112,29 +112,18 @@ def test_config_files_are_read_and_checked(tmp_path, capsys):
 @pytest.mark.parametrize(
     "query",
     [
-        {"q-budget": 0.1, "q-max-steps": 0},  # no step cap to spread it over
-        {"q-budget": 0.1, "q-max-steps": 2, "q-batch-size": 8},  # two batch rules
+        {"budget": 0.1, "max-steps": 0},  # no step cap to spread it over
+        {"budget": 0.1, "max-steps": 2, "batch-size": 8},  # two batch rules
     ],
 )
 def test_client_refuses_a_budget_it_cannot_size_before_any_work(query):
     """A local-update request with a budget sizes its own batches: one without
-    a step cap, or with a batch size too, is refused with a clear error before
-    the client reads its data or loads its model (the context has neither)."""
-    from types import SimpleNamespace
+    a step cap, or with a batch size too, is refused with a clear error when
+    the client decodes it, before it reads its data or loads its model."""
+    import torch
 
-    from flwr.app import ConfigRecord, Context, RecordDict
+    from fed_unlearn.protocol import ProtocolError, decode_request
 
-    from clients.unlearn import local_update
-    from fed_unlearn.config import RunConfig
-
-    # a Message outside a running Flower task cannot be built; the handler reads
-    # only its content
-    msg = SimpleNamespace(
-        content=RecordDict({"config": ConfigRecord({"q-loss": "nll", **query})})
-    )
-    context = Context(
-        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}
-    )
-    with pytest.raises(ValueError, match="'budget' request sizes its own batches"):
-        local_update(msg, context, RunConfig(preset="tiny"))
-    assert not context.state
+    fields = {"kind": "local-update", "loss": "nll", **query}
+    with pytest.raises(ProtocolError, match="'budget' request sizes its own batches"):
+        decode_request(fields, {"copy0.w": torch.zeros(2)})

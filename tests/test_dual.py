@@ -250,7 +250,7 @@ def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_pat
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     s = HistoryFedAvg(
-        run_config={"preset": "tiny", "dual-adapter": True},
+        run=ConfigRecord({"preset": "tiny", "dual-adapter": True}),
         node_to_client={101: 0, 102: 1, 103: 2},
         exclude=(),
         history=HistoryStore(tmp_path / "h"),
@@ -264,8 +264,15 @@ def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_pat
     assert all("dual-prototype" not in m.content["config"] for m in sent.values())
 
     def reply(node, cid, n, proto):
-        metrics = {"num-examples": n, "client-id": cid, "train-loss": 1.0}
-        metrics["dual-prototype"] = proto
+        metrics = {
+            "num-examples": n,
+            "client-id": cid,
+            "train-loss": 1.0,
+            "local-steps": 1,
+            "tokens": 8,
+            "train-seconds": 0.1,
+            "dual-prototype": proto,
+        }
         content = RecordDict(
             {"arrays": ArrayRecord(glob), "metrics": MetricRecord(metrics)}
         )

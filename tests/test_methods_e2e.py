@@ -215,7 +215,7 @@ def test_mpu_never_sends_the_clean_adapter(cached, monkeypatch):
     clients only)."""
     import server.pipeline as pipeline
     from fed_unlearn.config import RunConfig
-    from fed_unlearn.mpu_ops import unpack_copies
+    from fed_unlearn.protocol import unpack_copies
     from simulations.runner import simulate
 
     runs, _ = cached
@@ -258,7 +258,8 @@ def test_mpu_never_sends_the_clean_adapter(cached, monkeypatch):
     # interleaved recovery: each round one message to each remaining client
     assert len(recovery) == 4 and not departed_node & {n for n, _ in recovery}
     for _, arrays in mpu:
-        copies = unpack_copies(arrays, 2)
+        copies, base = unpack_copies(arrays)
+        assert not base
         assert len(copies) == 2
         for copy in copies:
             assert set(copy) == set(theta)

@@ -4,10 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 
 from fed_unlearn.config import RunConfig
 from fed_unlearn.privacy import ClientPolicy, PolicyError, examples_behind
+from fed_unlearn.protocol import EvaluateRequest, LocalUpdateRequest, TrainRequest
+from server.channel import encode_request, run_record
 
 
 @pytest.mark.parametrize(
@@ -50,30 +52,25 @@ def test_client_refuses_a_single_example_update_before_any_work():
     the request (its base adapter is not stored) and names the floor."""
     from clients.unlearn import local_update
 
-    msg = SimpleNamespace(
-        content=RecordDict(
-            {
-                "config": ConfigRecord(
-                    {"q-loss": "nll", "q-batch-size": 1, "q-max-steps": 1}
-                ),
-                "arrays": ArrayRecord(
-                    {"copy0.w": torch.zeros(2), "base.v": torch.zeros(2)}
-                ),
-            }
-        )
+    req = LocalUpdateRequest(
+        copies=[{"w": torch.zeros(2)}],
+        base={"v": torch.zeros(2)},
+        loss="nll",
+        batch_size=1,
+        max_steps=1,
     )
     context = _context({"partition-id": 0, "num-partitions": 3})
     cfg = RunConfig(preset="tiny", num_clients=3)
     with pytest.raises(PolicyError, match="rest on 1 example.*floor of 8"):
-        local_update(msg, context, cfg)
+        local_update(req, context, cfg)
     assert not context.state
     # a node that sets a stricter floor refuses what the default allows
-    msg.content["config"] = ConfigRecord(
-        {"q-loss": "nll", "q-batch-size": 4, "q-max-steps": 3}
+    req = LocalUpdateRequest(
+        copies=[{"w": torch.zeros(2)}], loss="nll", batch_size=4, max_steps=3
     )
     strict = _context({"partition-id": 0, "num-partitions": 3, "min-examples": 16})
     with pytest.raises(PolicyError, match="rest on 12 example.*floor of 16"):
-        local_update(msg, strict, cfg)
+        local_update(req, strict, cfg)
 
 
 def test_client_with_too_few_items_refuses_fl_training_and_evaluation():
@@ -82,14 +79,17 @@ def test_client_with_too_few_items_refuses_fl_training_and_evaluation():
     cfg = RunConfig(
         preset="tiny", num_clients=2, depart="1", people_per_client=1, qa_per_person=10
     )
-    config = ConfigRecord({**cfg.to_flat(), "server-round": 1})
-    msg = SimpleNamespace(content=RecordDict({"config": config}))
+    run, adapter = run_record(cfg), {"w": torch.zeros(2)}
+    train_msg = SimpleNamespace(
+        content=encode_request(TrainRequest(adapter, server_round=1), run)
+    )
+    eval_msg = SimpleNamespace(content=encode_request(EvaluateRequest(adapter), run))
     # 10 items, below a floor of 12
     context = _context({"partition-id": 0, "num-partitions": 2, "min-examples": 12})
     with pytest.raises(PolicyError, match="FL training in round 1.*rest on 10"):
-        train(msg, context)
+        train(train_msg, context)
     with pytest.raises(PolicyError, match="federated evaluation.*rest on 10"):
-        evaluate(msg, context)
+        evaluate(eval_msg, context)
 
 
 def test_a_budget_request_is_sized_up_to_the_floor_not_refused(monkeypatch):
@@ -105,21 +105,14 @@ def test_a_budget_request_is_sized_up_to_the_floor_not_refused(monkeypatch):
         raise Reached
 
     monkeypatch.setattr(unlearn, "client_model", no_model)
-    msg = SimpleNamespace(
-        content=RecordDict(
-            {
-                "config": ConfigRecord(
-                    {"q-loss": "nll", "q-budget": 1 / 6, "q-max-steps": 2}
-                ),
-                "arrays": ArrayRecord({"copy0.w": torch.zeros(2)}),
-            }
-        )
+    req = LocalUpdateRequest(
+        copies=[{"w": torch.zeros(2)}], loss="nll", budget=1 / 6, max_steps=2
     )
     cfg = RunConfig(preset="tiny", num_clients=3, num_server_rounds=1, local_epochs=1)
     with pytest.raises(Reached):  # past the policy check, at the model
-        unlearn.local_update(msg, _context({"partition-id": 0}), cfg)
+        unlearn.local_update(req, _context({"partition-id": 0}), cfg)
     # with a floor above the client's 30 items there is nothing to size up to
     with pytest.raises(PolicyError, match="rest on 30 example.*floor of 40"):
         unlearn.local_update(
-            msg, _context({"partition-id": 0, "min-examples": 40}), cfg
+            req, _context({"partition-id": 0, "min-examples": 40}), cfg
         )

@@ -105,9 +105,22 @@ def test_self_audit_needs_the_audit():
 
 
 def test_client_compute_is_summed_over_replies():
+    from fed_unlearn.protocol import LocalUpdateReply
+
+    def reply(cid, steps, tokens, seconds):
+        return LocalUpdateReply(
+            [],
+            client_id=cid,
+            num_examples=1,
+            local_steps=steps,
+            tokens=tokens,
+            train_seconds=seconds,
+            loss=0.0,
+        )
+
     log = RoundLog(_ctx([0.5]), "budget")
-    log.add_compute({0: (None, {"local-steps": 3, "tokens": 10, "train-seconds": 1.5})})
-    log.add_compute({1: (None, {"local-steps": 2, "tokens": 5, "train-seconds": 0.5})})
+    log.add_compute({0: reply(0, 3, 10, 1.5)})
+    log.add_compute({1: reply(1, 2, 5, 0.5)})
     assert log.compute == {"local_steps": 5.0, "tokens": 15.0, "client_seconds": 2.0}
 
 
@@ -353,7 +366,6 @@ def test_foul_cached_rank_mode_sends_only_the_selected_ranks(tmp_path):
     holds only A's row 1 and B's column 0, round 1's base holds both tensors
     whole; with κ = 0 and one step of η = 1 the retain client's linear pull
     (0.5 (t - x)) lands on exactly those entries; info counts θ_V's bytes."""
-    import json
 
     a, b, trained, forget, retain = _rank_case()
     target = {a: torch.arange(6.0).reshape(2, 3), b: torch.arange(6.0).reshape(3, 2)}
@@ -368,11 +380,12 @@ def test_foul_cached_rank_mode_sends_only_the_selected_ranks(tmp_path):
     )
     opts = {"granularity": "rank", "top_p": 0.5, "kappa": 0.0, "rounds": 1}
     res = get_method("foul", {**opts, "stop": "budget"}).unlearn(ctx)
-    (_, config), arrays = clients.calls[0], clients.arrays[0]
-    assert json.loads(config["ranks"]) == {a: [1], b: [0]}
-    assert arrays[f"copy0.{a}"].shape == (1, 3)
-    assert arrays[f"copy0.{b}"].shape == (3, 1)
-    assert arrays[f"base.{a}"].shape == (2, 3) and arrays[f"base.{b}"].shape == (3, 2)
+    (_, config), req = clients.calls[0], clients.requests[0][0]
+    assert req.ranks == {a: [1], b: [0]}
+    assert config[f"ranks.{a}"] == [1] and config[f"ranks.{b}"] == [0]
+    assert req.copies[0][a].shape == (1, 3)
+    assert req.copies[0][b].shape == (3, 1)
+    assert req.base[a].shape == (2, 3) and req.base[b].shape == (3, 2)
     want_a, want_b = torch.zeros(2, 3), torch.zeros(3, 2)
     want_a[1] = 0.5 * target[a][1]
     want_b[:, 0] = 0.5 * target[b][:, 0]
@@ -382,8 +395,18 @@ def test_foul_cached_rank_mode_sends_only_the_selected_ranks(tmp_path):
 
 
 def _replies(deltas):
+    from fed_unlearn.protocol import LocalUpdateReply
+
     return {
-        cid: ({f"copy0.{k}": v for k, v in d.items()}, {"num-examples": n})
+        cid: LocalUpdateReply(
+            [d] if d is not None else [],
+            client_id=cid,
+            num_examples=n,
+            local_steps=1,
+            tokens=5,
+            train_seconds=0.0,
+            loss=0.0,
+        )
         for cid, (d, n) in deltas.items()
     }
 
@@ -404,7 +427,7 @@ def test_an_invalid_update_names_its_client():
     ):
         copy_deltas(replies, like, "mpu")
     with pytest.raises(InvalidUpdateError, match="client 4's .*returned no update"):
-        copy_deltas({4: (None, {})}, like, "mpu")
+        copy_deltas(_replies({4: (None, 1)}), like, "mpu")
 
 
 def test_a_recovery_round_goes_on_without_an_invalid_update():
@@ -419,9 +442,9 @@ def test_a_recovery_round_goes_on_without_an_invalid_update():
     sent = {0: (1.0, 10), 1: (3.0, 30), 2: (float("nan"), 20)}
 
     class Clients:
-        def query(self, clients, kind, arrays, config):
+        def query(self, requests):
             return _replies(
-                {c: ({"w": torch.tensor([sent[c][0]])}, sent[c][1]) for c in clients}
+                {c: ({"w": torch.tensor([sent[c][0]])}, sent[c][1]) for c in requests}
             )
 
     ctx = SimpleNamespace(remaining=(0, 1, 2), clients=Clients())
@@ -445,11 +468,11 @@ def test_departed_steps_are_averaged_or_summed(merge, want):
     steps = {1: (1.0, 10), 2: (3.0, 30)}
 
     class Clients:
-        def query(self, clients, kind, arrays, config):
-            assert kind == "local-update" and sorted(clients) == [1, 2]
-            base = arrays["copy0.w"]
+        def query(self, requests):
+            assert sorted(requests) == [1, 2]
+            base = requests[1].copies[0]["w"]
             return _replies(
-                {c: ({"w": base + steps[c][0]}, steps[c][1]) for c in clients}
+                {c: ({"w": base + steps[c][0]}, steps[c][1]) for c in requests}
             )
 
     ctx = UnlearnContext(

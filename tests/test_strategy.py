@@ -21,7 +21,7 @@ from server.strategy import HistoryFedAvg, sample_clients
 def strategy(tmp_path):
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     s = HistoryFedAvg(
-        run_config={"preset": "tiny"},
+        run=ConfigRecord({"preset": "tiny"}),
         node_to_client={101: 0, 102: 1, 103: 2},
         exclude=(),
         history=HistoryStore(tmp_path / "h"),
@@ -34,7 +34,14 @@ def strategy(tmp_path):
 
 
 def _reply(incoming, state, n=10, cid=None):
-    metrics = {"num-examples": n, "client-id": cid, "train-loss": 1.0}
+    metrics = {
+        "num-examples": n,
+        "client-id": cid,
+        "train-loss": 1.0,
+        "local-steps": 1,
+        "tokens": 8,
+        "train-seconds": 0.1,
+    }
     content = RecordDict(
         {"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}
     )
@@ -126,7 +133,7 @@ def _sent_clients(tmp_path, exclude, server_round):
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     nodes = {200 + c: c for c in range(10)}
     s = HistoryFedAvg(
-        run_config={"preset": "tiny"},
+        run=ConfigRecord({"preset": "tiny"}),
         node_to_client=nodes,
         exclude=exclude,
         history=HistoryStore(tmp_path / f"h{sorted(exclude)}"),

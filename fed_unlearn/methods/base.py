@@ -9,12 +9,18 @@ instead of running on a silent ``None``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, overload
 
 from fed_unlearn.history import HistoryStore
+from fed_unlearn.protocol import (
+    AuditReply,
+    AuditRequest,
+    LocalUpdateReply,
+    LocalUpdateRequest,
+)
 from fed_unlearn.types import AdapterState, ClientId
 
 
@@ -32,16 +38,27 @@ class MissingRequirementError(RuntimeError):
 
 
 class ClientChannel(Protocol):
-    """How a method talks to clients (implemented over Flower by ``server/``)."""
+    """How a method talks to clients (implemented over Flower by ``server/``).
+
+    One call is one request: the typed request of each recipient
+    (:mod:`fed_unlearn.protocol`), the same object for a broadcast
+    (``dict.fromkeys(clients, request)``) or one per client (MPU's copies).
+    """
+
+    @overload
+    def query(
+        self, requests: Mapping[ClientId, LocalUpdateRequest]
+    ) -> dict[ClientId, LocalUpdateReply]: ...
+
+    @overload
+    def query(
+        self, requests: Mapping[ClientId, AuditRequest]
+    ) -> dict[ClientId, AuditReply]: ...
 
     def query(
-        self,
-        clients: Sequence[ClientId],
-        kind: str,
-        arrays: AdapterState | None,
-        config: dict[str, Any],
-    ) -> dict[ClientId, tuple[AdapterState | None, dict[str, float]]]:
-        """Send one request to each client and return its arrays and metrics."""
+        self, requests: Mapping[ClientId, LocalUpdateRequest | AuditRequest]
+    ) -> dict[ClientId, LocalUpdateReply] | dict[ClientId, AuditReply]:
+        """Send each client its request and return its typed reply."""
         ...
 
 

@@ -49,6 +49,7 @@ from fed_unlearn.methods.rounds import (
     check_positive,
     copy_deltas,
 )
+from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
 from fed_unlearn.types import AdapterState
 
 
@@ -101,8 +102,7 @@ class FedOSDConfig(StopOptions):
 
 
 def _pseudo_grads(
-    replies: dict[int, tuple[AdapterState | None, dict[str, float]]],
-    like: AdapterState,
+    replies: dict[int, LocalUpdateReply], like: AdapterState
 ) -> dict[int, torch.Tensor]:
     """Client -> flattened pseudo-gradient θ - θ_local (minus its delta)."""
     return {
@@ -130,26 +130,33 @@ class FedOSD(UnlearningMethod):
         theta = {k: v.clone() for k, v in theta0.items()}
         log = cfg.round_log(ctx)
         log.start(theta)
-        base = {"epochs": cfg.local_epochs}
-        unl = {
-            **base,
-            **({"lr": cfg.lr} if cfg.lr > 0 else {"lr-scale": cfg.lr_scale}),
-        }
-        post = {**base, **({"lr": cfg.post_lr} if cfg.post_lr > 0 else {})}
+        unl = {"lr": cfg.lr} if cfg.lr > 0 else {"lr_scale": cfg.lr_scale}
+        post = {"lr": cfg.post_lr} if cfg.post_lr > 0 else {}
         r = 0
         for r in range(1, cfg.unlearn_rounds + 1):
-            arrays = {f"copy0.{k}": v for k, v in theta.items()}
             tgt = ctx.clients.query(
-                list(ctx.departed),
-                "local-update",
-                arrays,
-                {**unl, "loss": "uce", "seed-round": 20_000 + r},
+                dict.fromkeys(
+                    ctx.departed,
+                    LocalUpdateRequest(
+                        copies=[theta],
+                        epochs=cfg.local_epochs,
+                        loss="uce",
+                        seed_round=20_000 + r,
+                        **unl,
+                    ),
+                )
             )
             rem = ctx.clients.query(
-                list(ctx.remaining),
-                "local-update",
-                arrays,
-                {**unl, "loss": "nll", "seed-round": 20_000 + r},
+                dict.fromkeys(
+                    ctx.remaining,
+                    LocalUpdateRequest(
+                        copies=[theta],
+                        epochs=cfg.local_epochs,
+                        loss="nll",
+                        seed_round=20_000 + r,
+                        **unl,
+                    ),
+                )
             )
             log.add_compute(tgt)
             log.add_compute(rem)
@@ -167,12 +174,17 @@ class FedOSD(UnlearningMethod):
                 break
         theta = log.result(theta)
         for p in range(1, cfg.post_rounds + 1):
-            arrays = {f"copy0.{k}": v for k, v in theta.items()}
             rem = ctx.clients.query(
-                list(ctx.remaining),
-                "local-update",
-                arrays,
-                {**post, "loss": "nll", "seed-round": 30_000 + p},
+                dict.fromkeys(
+                    ctx.remaining,
+                    LocalUpdateRequest(
+                        copies=[theta],
+                        epochs=cfg.local_epochs,
+                        loss="nll",
+                        seed_round=30_000 + p,
+                        **post,
+                    ),
+                )
             )
             log.add_compute(rem)
             g_r = _pseudo_grads(rem, theta)

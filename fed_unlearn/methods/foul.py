@@ -82,7 +82,6 @@ refused.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,6 +110,7 @@ from fed_unlearn.methods.rounds import (
     to_wire,
     wire_dtype,
 )
+from fed_unlearn.protocol import LocalUpdateRequest
 from fed_unlearn.types import AdapterState
 
 MODES = ("server", "cached", "live")
@@ -639,15 +639,6 @@ class Foul(UnlearningMethod):
             k: v for k, v in theta.items() if k not in sub.index or k in sub.ranks
         }
         live = list(ctx.remaining) + (list(ctx.departed) if cfg.mode == "live" else [])
-        request = {
-            "loss": "nll",
-            "epochs": cfg.local_epochs,
-            "max-steps": cfg.local_steps,
-        }
-        if cfg.lr > 0:
-            request["lr"] = cfg.lr
-        if sub.ranks:
-            request["ranks"] = json.dumps(sub.ranks, sort_keys=True)
         dtype = wire_dtype(cfg.wire_dtype)
         # cached mode: the departed clients' gradients do not change between rounds
         fixed = (
@@ -658,12 +649,17 @@ class Foul(UnlearningMethod):
         r = 0
         for r in range(1, cfg.rounds + 1):
             sent = sub.gather(theta)
-            arrays = to_wire(sent, dtype, "copy0.")
-            if r == 1:
-                arrays.update(to_wire(frozen, dtype, "base."))
-            replies = ctx.clients.query(
-                live, "local-update", arrays, {**request, "seed-round": 10_000 + r}
+            request = LocalUpdateRequest(
+                copies=[to_wire(sent, dtype)],
+                base=to_wire(frozen, dtype) if r == 1 else {},
+                loss="nll",
+                epochs=cfg.local_epochs,
+                max_steps=cfg.local_steps,
+                lr=cfg.lr if cfg.lr > 0 else None,
+                ranks=sub.ranks,
+                seed_round=10_000 + r,
             )
+            replies = ctx.clients.query(dict.fromkeys(live, request))
             log.add_compute(replies)
             grads: dict[int, torch.Tensor] = dict(fixed)
             for cid, (delta, n) in copy_deltas(replies, sent, self.name).items():

@@ -50,13 +50,10 @@ class LocalUnlearn(UnlearningMethod):
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
         log = cfg.round_log(ctx)
         log.start(theta)
-        req = cfg.request()
         r = 0
         for r in range(1, cfg.rounds + 1):
-            arrays = {f"copy0.{k}": v for k, v in theta.items()}
-            replies = ctx.clients.query(
-                list(ctx.departed), "local-update", arrays, {**req, "seed-round": r}
-            )
+            request = cfg.request([theta], seed_round=r)
+            replies = ctx.clients.query(dict.fromkeys(ctx.departed, request))
             log.add_compute(replies)
             parts = list(copy_deltas(replies, theta, "local_unlearn").values())
             step = cfg.merge([d for d, _ in parts], [w for _, w in parts])

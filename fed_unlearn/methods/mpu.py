@@ -14,9 +14,10 @@ Per round r, for each departed client (server side in :mod:`fed_unlearn.mpu_ops`
    [R, B.8]: the adapted function is unchanged. α_k, the noise and gauge seeds are
    drawn with ``secrets`` fresh every round and never leave the server [R, B.7-4/8]
    (``alpha_schedule="linear"`` = the paper's public 1 → 2 [V]).
-2. The m copies travel in one Flower message (``copy<k>.*``). The client runs the
-   inner loss (:mod:`fed_unlearn.losses`) on each copy from a fresh AdamW for E
-   epochs on its own data with gradient clipping 1.0 [V]; its reference model
+2. The m copies travel in one ``local-update`` request (``copy<k>.*`` arrays,
+   :mod:`fed_unlearn.protocol`). The client runs the inner loss
+   (:mod:`fed_unlearn.losses`) on each copy from a fresh AdamW for E epochs on
+   its own data with gradient clipping 1.0 [V]; its reference model
    (NPO, IdkDPO, UnDIAL, RMU) is the received copy, not the clean adapter [R,
    B.7-2]; retain term from ``retain`` = none | proxy | local [R, B.7-3].
 3. Post-process [V]: Δ_k = T_k⁻¹(Δ'_k); Δ̄ = Σ_k Δ_k/α_k / Σ_k 1/α_k;
@@ -53,13 +54,8 @@ from fed_unlearn.methods.rounds import (
     recovery_rounds,
     recovery_step,
 )
-from fed_unlearn.mpu_ops import (
-    draw_secrets,
-    merge_returned,
-    pack_copies,
-    prepare_copies,
-    unpack_copies,
-)
+from fed_unlearn.mpu_ops import draw_secrets, merge_returned, prepare_copies
+from fed_unlearn.protocol import LocalUpdateRequest
 from fed_unlearn.training import derive_seed
 from fed_unlearn.types import AdapterState
 
@@ -260,19 +256,32 @@ class InnerLossConfig(StopOptions):
             ),
         )
 
-    def request(self) -> dict[str, object]:
-        """Return the ``local-update`` request fields of this inner-loss run."""
-        req: dict[str, object] = {
-            "loss": self.inner_loss,
-            "retain": self.retain,
-            "epochs": self.local_epochs,
-            "loss-params": self.loss_params or "{}",
-        }
-        if self.lr > 0:
-            req["lr"] = self.lr
-        else:
-            req["lr-scale"] = self.lr_scale
-        return req
+    def request(
+        self, copies: list[AdapterState], seed_round: int
+    ) -> LocalUpdateRequest:
+        """Return the ``local-update`` request of this inner-loss run.
+
+        Parameters
+        ----------
+        copies : list[AdapterState]
+            The adapter copies to run the inner loss on.
+        seed_round : int
+            Seed stream of the client's data order (the round).
+
+        Returns
+        -------
+        LocalUpdateRequest
+            The typed request.
+        """
+        return LocalUpdateRequest(
+            copies=copies,
+            loss=self.inner_loss,
+            retain=self.retain,
+            epochs=self.local_epochs,
+            loss_params=loss_params(self.loss_params),
+            **({"lr": self.lr} if self.lr > 0 else {"lr_scale": self.lr_scale}),
+            seed_round=seed_round,
+        )
 
 
 @dataclass(kw_only=True)
@@ -335,12 +344,11 @@ class MPU(UnlearningMethod):
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
         log = cfg.round_log(ctx)
         log.start(theta)
-        req = cfg.request()
         pre = post = 0.0
         r = 0
         for r in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
-            sent: dict[int, AdapterState] = {}
+            requests: dict[int, LocalUpdateRequest] = {}
             rounds = {}
             for cid in ctx.departed:
                 seed = None if cfg.seed < 0 else derive_seed(cfg.seed, r, cid)
@@ -353,21 +361,18 @@ class MPU(UnlearningMethod):
                     granularity=cfg.granularity,
                     gauge=cfg.gauge,
                 )
-                sent[cid] = pack_copies(copies)
+                requests[cid] = cfg.request(copies, seed_round=r)
             pre += time.perf_counter() - t0
-            replies = ctx.clients.query(
-                list(ctx.departed), "local-update", sent, {**req, "seed-round": r}
-            )
+            replies = ctx.clients.query(requests)
             log.add_compute(replies)
             t0 = time.perf_counter()
             merged, weights = [], []
             for cid in ctx.departed:
-                got, metrics = replies[cid]
-                if got is None:
+                reply = replies[cid]
+                if not reply.deltas:
                     raise ValueError(f"mpu: client {cid} returned no copies")
-                returned = unpack_copies(got, cfg.copies)
-                merged.append(merge_returned(returned, rounds[cid], theta))
-                weights.append(float(metrics.get("num-examples", 1)))
+                merged.append(merge_returned(reply.deltas, rounds[cid], theta))
+                weights.append(float(reply.num_examples))
             step = cfg.merge(merged, weights)
             theta = ad.add(theta, ad.scale(step, cfg.server_lr))  # type: ignore[arg-type]
             post += time.perf_counter() - t0

@@ -47,6 +47,7 @@ import torch
 from fed_unlearn import adapters as ad
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import UnlearnConfig, UnlearnContext
+from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
 from fed_unlearn.types import AdapterState, ClientId
 
 STOP_RULES = ("budget", "self_audit", "oracle")
@@ -105,7 +106,7 @@ def check_positive(**values: float) -> None:
 
 
 def copy_deltas(
-    replies: Mapping[ClientId, tuple[AdapterState | None, Mapping[str, Any]]],
+    replies: Mapping[ClientId, LocalUpdateReply],
     like: AdapterState,
     method: str,
     rejected: dict[ClientId, str] | None = None,
@@ -114,7 +115,7 @@ def copy_deltas(
 
     Parameters
     ----------
-    replies : Mapping
+    replies : Mapping[ClientId, LocalUpdateReply]
         ``ClientChannel.query`` result of a one-copy request.
     like : AdapterState
         The tensors that were sent (keys and shapes the deltas must have).
@@ -136,11 +137,15 @@ def copy_deltas(
         shapes or non-finite values. Both name the client.
     """
     out: dict[ClientId, tuple[AdapterState, float]] = {}
-    for cid, (got, metrics) in replies.items():
+    for cid, reply in replies.items():
         try:
-            if got is None:
+            if not reply.deltas:
                 raise ad.InvalidUpdateError("it returned no update")
-            delta = {k.removeprefix("copy0."): v for k, v in got.items()}
+            if len(reply.deltas) != 1:
+                raise ad.InvalidUpdateError(
+                    f"it returned {len(reply.deltas)} copies, not 1"
+                )
+            delta = reply.deltas[0]
             ad.validate_update(delta, like)
         except ad.InvalidUpdateError as exc:
             if rejected is None:
@@ -150,7 +155,7 @@ def copy_deltas(
             rejected[cid] = str(exc)
             _logger.warning("%s: client %s's update is rejected: %s", method, cid, exc)
             continue
-        out[cid] = (delta, float(metrics.get("num-examples", 1)))
+        out[cid] = (delta, float(reply.num_examples))
     return out
 
 
@@ -171,13 +176,13 @@ def wire_dtype(name: str) -> torch.dtype:
     return WIRE_DTYPES[name]
 
 
-def to_wire(state: AdapterState, dtype: torch.dtype, prefix: str = "") -> AdapterState:
+def to_wire(state: AdapterState, dtype: torch.dtype) -> AdapterState:
     """Cast a state for sending (clients answer in the dtype they receive).
 
     fp16 halves the bytes of both directions; the server keeps its fp32 copy
     and applies the returned deltas (cast back to fp32 by the channel) to it.
     """
-    return {f"{prefix}{k}": v.to(dtype) for k, v in state.items()}
+    return {k: v.to(dtype) for k, v in state.items()}
 
 
 def recovery_rounds(
@@ -281,19 +286,16 @@ def recovery_step(
     AdapterState
         ``theta`` plus the ``num-examples``-weighted mean of the clients' deltas.
     """
-    replies = ctx.clients.query(
-        list(ctx.remaining),
-        "local-update",
-        to_wire(theta, dtype, "copy0."),
-        {
-            "epochs": 1,
-            "loss": "nll",
-            "seed-round": seed_round,
-            "max-steps": max_steps,
-            **({"batch-size": batch_size} if batch_size else {}),
-            **({"budget": budget} if budget and max_steps and not batch_size else {}),
-        },
+    request = LocalUpdateRequest(
+        copies=[to_wire(theta, dtype)],
+        epochs=1,
+        loss="nll",
+        seed_round=seed_round,
+        max_steps=max_steps,
+        batch_size=batch_size or None,
+        budget=budget if budget and max_steps and not batch_size else None,
     )
+    replies = ctx.clients.query(dict.fromkeys(ctx.remaining, request))
     log.add_compute(replies)
     # a recovery round goes on without a client whose update is invalid
     rejected: dict[ClientId, str] = {}
@@ -387,12 +389,12 @@ class RoundLog:
         if self.ctx.evaluate is not None:
             self.curve.append({"round": 0, **self.ctx.evaluate(state)})
 
-    def add_compute(self, replies: Mapping[int, tuple[Any, Mapping[str, Any]]]) -> None:
+    def add_compute(self, replies: Mapping[ClientId, LocalUpdateReply]) -> None:
         """Add the clients' reported local work of one request."""
-        for _arrays, metrics in replies.values():
-            self.compute["local_steps"] += float(metrics.get("local-steps", 0))
-            self.compute["tokens"] += float(metrics.get("tokens", 0))
-            self.compute["client_seconds"] += float(metrics.get("train-seconds", 0.0))
+        for reply in replies.values():
+            self.compute["local_steps"] += float(reply.local_steps)
+            self.compute["tokens"] += float(reply.tokens)
+            self.compute["client_seconds"] += float(reply.train_seconds)
 
     def end_round(
         self, r: int, state: AdapterState, extra: Mapping[str, Any] | None = None

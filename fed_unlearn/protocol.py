@@ -1,0 +1,791 @@
+"""The typed server-client protocol: every message kind, its fields and its reply.
+
+This docstring is the protocol's documentation. The server encodes requests and
+decodes replies in ``server/channel.py`` only; the client decodes requests and
+encodes replies in ``clients/wire.py`` only. Both convert between the Flower
+records and the plain dicts of this module (:meth:`to_fields` /
+:meth:`from_fields`), which never imports Flower.
+
+What crosses the wire
+---------------------
+Only adapter tensors (LoRA ``A``/``B`` factors, whole or as selected ranks, and
+deltas of them), aggregate scalar metrics of a client (its number of items, its
+local work, its mean loss, one audit gap, one answer probability, the
+dual-adapter prototype: one mean vector of the client's data) and configs. Never
+text, tokens, items or per-example values.
+
+Envelope
+--------
+A request is one Flower message (``QUERY`` for ``hello``, ``audit`` and
+``local-update``, ``TRAIN`` for ``train``, ``EVALUATE`` for ``evaluate``) with
+
+- ``config`` (ConfigRecord): ``kind`` and the request's scalar fields;
+- ``run`` (ConfigRecord): the run config the client needs, :func:`encode_run`:
+  every flat key of :class:`~fed_unlearn.config.RunConfig` but the method's
+  (``method``, ``method-options``, ``method-*``): the client reads its data and
+  model from it and never builds or validates a method;
+- ``arrays`` (ArrayRecord), where the kind carries tensors.
+
+A reply has ``metrics`` (MetricRecord: the reply's scalar fields) and ``arrays``
+where the kind returns tensors. Keys and types are checked both ways: an unknown
+key, a missing one or a value of the wrong type is refused with a
+:class:`ProtocolError` naming the key and the kind. The client's privacy floor
+(``min-examples`` of its node config, :mod:`fed_unlearn.privacy`) is the
+client's own and never travels; every handler enforces it.
+
+Adapter copies
+--------------
+``local-update`` carries ``m >= 1`` adapter *copies* as arrays
+``copy<k>.<tensor>`` (``k = 0..m-1``, no gaps) and optionally a *base* adapter as
+``base.<tensor>``; its reply returns ``copy<k>.<tensor>`` deltas.
+:func:`pack_copies` and :func:`unpack_copies` are the only code that builds or
+parses these keys.
+
+Kinds (sender: server; receiver: one client per message)
+--------------------------------------------------------
+``hello`` (:class:`HelloRequest` -> :class:`HelloReply`)
+    Discovery. No fields, no arrays. Reply: ``client-id`` (int),
+    ``num-examples`` (int). The client loads its model before it answers.
+``train`` (:class:`TrainRequest` -> :class:`TrainReply`)
+    One FL round. Fields: ``server-round`` (int), ``dual-prototype``
+    (list[float], dual-adapter runs after round 1). Arrays: the global adapter.
+    Reply arrays: the locally trained adapter; metrics ``num-examples``,
+    ``client-id``, ``train-loss`` (float), ``local-steps``, ``tokens`` (int),
+    ``train-seconds`` (float) and, in a dual-adapter run, ``dual-prototype``
+    (list[float]), ``dual-loss-k``, ``dual-loss-v`` (float).
+``evaluate`` (:class:`EvaluateRequest` -> :class:`EvaluateReply`)
+    Federated evaluation. No fields. Arrays: the adapter. Reply: ``Q_A_Prob``
+    (the mean answer probability on the client's items), ``eval-seconds``
+    (float), ``num-examples``, ``client-id`` (int).
+``audit`` (:class:`AuditRequest` -> :class:`AuditReply`)
+    The departed client's self-audit (:mod:`fed_unlearn.data.audit`). No
+    fields. Arrays: the adapter. Reply: ``audit-gap`` (float: mean answer
+    probability on trained minus never-trained own items), ``num-examples``.
+``local-update`` (:class:`LocalUpdateRequest` -> :class:`LocalUpdateReply`)
+    A local objective on each copy, from a fresh AdamW (FOUL and FedOSD
+    pseudo-gradients, MPU and ``local_unlearn`` unlearning, recovery rounds).
+    Fields: ``loss`` (str: ``nll`` or an inner loss of
+    :mod:`fed_unlearn.losses`), ``epochs``, ``batch-size`` (int, default: the
+    run's), ``max-steps`` (int, 0 = no cap), ``lr`` (float, default:
+    ``lr-scale`` x the run's), ``lr-scale`` (float), ``budget`` (float, instead
+    of ``epochs`` and ``batch-size``: ``max-steps`` steps that see this share of
+    the examples retraining would show the client,
+    :func:`~fed_unlearn.training.budget_batches`), ``ranks.<tensor>``
+    (list[int]: the copies carry only these rows of ``lora_A`` / columns of
+    ``lora_B`` of that tensor, the base holds it whole, only those ranks train
+    and return), ``retain`` (str: ``none``, ``proxy``, ``local``),
+    ``loss-params.<name>`` (float: overrides of the inner loss's parameters),
+    ``seed-round`` (int: the seed stream of the client's data order). Arrays:
+    the copies and the base. Reply arrays: one delta (after - before) per copy,
+    of the tensors that copy carried, in the copies' dtype; metrics
+    ``client-id``, ``num-examples``, ``local-steps``, ``tokens`` (int),
+    ``train-seconds``, ``loss`` (float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from fed_unlearn.config import METHOD_OPTION_PREFIX, METHOD_OPTIONS_KEY, RunConfig
+from fed_unlearn.types import AdapterState
+
+__all__ = [
+    "AuditReply",
+    "AuditRequest",
+    "EvaluateReply",
+    "EvaluateRequest",
+    "HelloReply",
+    "HelloRequest",
+    "LocalUpdateReply",
+    "LocalUpdateRequest",
+    "ProtocolError",
+    "Reply",
+    "Request",
+    "TrainReply",
+    "TrainRequest",
+    "decode_reply",
+    "decode_request",
+    "decode_run",
+    "encode_run",
+    "pack_copies",
+    "unpack_copies",
+]
+
+#: Key of a request's kind in its ``config`` fields.
+KIND_KEY = "kind"
+#: Array-key prefix of a ``local-update``'s base adapter.
+BASE_PREFIX = "base."
+_COPY = re.compile(r"^copy(\d+)\.(.+)$")
+#: A config or metric value: a scalar or a list of scalars.
+Value = int | float | str | list[int] | list[float] | list[str]
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (the text names key and kind)."""
+
+
+# ------------------------------------------------------------------ field codecs
+def _wire(key: str, codec: str, **kw: Any) -> Any:
+    """Declare a dataclass field travelling as ``key``.
+
+    A dict field travels as the family ``key.<name>``. ``codec`` is ``int``,
+    ``float``, ``str``, ``floats`` (list[float]), ``ranks`` (dict[str,
+    list[int]]) or ``params`` (dict[str, float]).
+    """
+    return field(metadata={"key": key, "codec": codec}, **kw)
+
+
+def _type_name(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _check(where: str, key: str, codec: str, value: object) -> Any:
+    """Return ``value`` as ``codec`` requires, or raise naming ``key``."""
+    if codec == "int":
+        if type(value) is int:
+            return value
+        raise ProtocolError(f"{where}: {key!r} must be an int, got {_type_name(value)}")
+    if codec in ("float", "params"):
+        if type(value) in (int, float):
+            return float(value)  # type: ignore[arg-type]
+        raise ProtocolError(
+            f"{where}: {key!r} must be a number, got {_type_name(value)}"
+        )
+    if codec == "str":
+        if type(value) is str:
+            return value
+        raise ProtocolError(f"{where}: {key!r} must be a str, got {_type_name(value)}")
+    if codec == "floats":
+        if isinstance(value, list | tuple) and all(
+            type(x) in (int, float) for x in value
+        ):
+            return [float(x) for x in value]
+        raise ProtocolError(
+            f"{where}: {key!r} must be a list of numbers, got {_type_name(value)}"
+        )
+    if codec == "ranks":
+        if (
+            isinstance(value, list | tuple)
+            and value
+            and all(type(x) is int for x in value)
+        ):
+            return list(value)
+        raise ProtocolError(
+            f"{where}: {key!r} must be a non-empty list of ints, got "
+            f"{_type_name(value)}"
+        )
+    raise AssertionError(f"unknown codec {codec!r}")
+
+
+def _specs(cls: type) -> list[tuple[dataclasses.Field[Any], str, str]]:
+    return [
+        (f, f.metadata["key"], f.metadata["codec"])
+        for f in dataclasses.fields(cls)
+        if "key" in f.metadata
+    ]
+
+
+def _normalise(obj: Any, where: str) -> None:
+    """Check and coerce the wire fields of a (frozen) dataclass in place."""
+    for f, key, codec in _specs(type(obj)):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if codec in ("ranks", "params"):
+            if not isinstance(value, Mapping):
+                raise ProtocolError(f"{where}: {key!r} must be a dict")
+            value = {
+                str(n): _check(where, f"{key}.{n}", codec, v) for n, v in value.items()
+            }
+        else:
+            value = _check(where, key, codec, value)
+        object.__setattr__(obj, f.name, value)
+
+
+def _scalars_to_fields(obj: Any) -> dict[str, Value]:
+    out: dict[str, Value] = {}
+    for f, key, codec in _specs(type(obj)):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if codec in ("ranks", "params"):
+            out.update({f"{key}.{n}": v for n, v in sorted(value.items())})
+        else:
+            out[key] = value
+    return out
+
+
+def _scalars_from_fields(
+    cls: type, where: str, values: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Keyword arguments of ``cls`` from wire fields; refuse unknown/ill-typed."""
+    plain = {key: (f, codec) for f, key, codec in _specs(cls)}
+    families = {
+        f"{key}.": (f, codec)
+        for key, (f, codec) in plain.items()
+        if codec in ("ranks", "params")
+    }
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in plain and plain[key][1] not in ("ranks", "params"):
+            f, codec = plain[key]
+            kwargs[f.name] = _check(where, key, codec, value)
+            continue
+        prefix = next((p for p in families if key.startswith(p) and key != p), None)
+        if prefix is None:
+            known = sorted(
+                k + (".<name>" if c in ("ranks", "params") else "")
+                for k, (_, c) in plain.items()
+            )
+            raise ProtocolError(
+                f"{where}: unknown key {key!r} (known: {', '.join(known) or 'none'})"
+            )
+        f, codec = families[prefix]
+        kwargs.setdefault(f.name, {})[key[len(prefix) :]] = _check(
+            where, key, codec, value
+        )
+    for f, key, _codec in _specs(cls):
+        required = f.default is dataclasses.MISSING and (
+            f.default_factory is dataclasses.MISSING
+        )
+        if required and f.name not in kwargs:
+            raise ProtocolError(f"{where}: missing key {key!r}")
+    return kwargs
+
+
+def _tensors(where: str, arrays: Mapping[str, Any]) -> AdapterState:
+    out: AdapterState = {}
+    for key, value in arrays.items():
+        if not isinstance(value, torch.Tensor):
+            raise ProtocolError(
+                f"{where}: array {key!r} is not a tensor ({type(value).__name__})"
+            )
+        out[key] = value
+    return out
+
+
+def _adapter(where: str, arrays: Mapping[str, Any] | None) -> AdapterState:
+    if not arrays:
+        raise ProtocolError(f"{where}: carries no adapter arrays")
+    return _tensors(where, arrays)
+
+
+def _no_arrays(where: str, arrays: Mapping[str, Any] | None) -> None:
+    if arrays:
+        raise ProtocolError(
+            f"{where}: carries arrays ({sorted(arrays)[:3]}) but takes none"
+        )
+
+
+# ----------------------------------------------------------------- copy packing
+def pack_copies(
+    copies: Sequence[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor] | None = None,
+) -> AdapterState:
+    """Flatten adapter copies (and a base) into ``copy<k>.*`` / ``base.*`` arrays.
+
+    Parameters
+    ----------
+    copies : Sequence[Mapping[str, torch.Tensor]]
+        The copies, ``k = 0..m-1``.
+    base : Mapping[str, torch.Tensor], optional
+        Base adapter (tensors the copies do not carry).
+
+    Returns
+    -------
+    AdapterState
+        ``copy<k>.<name>`` then ``base.<name>`` -> the same tensor objects.
+
+    Raises
+    ------
+    ProtocolError
+        If there are no copies.
+    """
+    if not copies:
+        raise ProtocolError("nothing to pack: no copies")
+    out = {f"copy{k}.{n}": t for k, c in enumerate(copies) for n, t in c.items()}
+    out.update({f"{BASE_PREFIX}{n}": t for n, t in (base or {}).items()})
+    return out
+
+
+def unpack_copies(
+    arrays: Mapping[str, Any], where: str = "arrays"
+) -> tuple[list[AdapterState], AdapterState]:
+    """Inverse of :func:`pack_copies` (keys keep their order within a copy).
+
+    Parameters
+    ----------
+    arrays : Mapping[str, Any]
+        ``copy<k>.<name>`` and ``base.<name>`` -> tensor.
+    where : str
+        What is unpacked, for error messages.
+
+    Returns
+    -------
+    tuple[list[AdapterState], AdapterState]
+        Copies in index order and the base (empty when absent).
+
+    Raises
+    ------
+    ProtocolError
+        A key of neither form, a value that is no tensor, or copy indices with
+        gaps.
+    """
+    copies: dict[int, AdapterState] = {}
+    base: AdapterState = {}
+    for key, value in _tensors(where, arrays).items():
+        if key.startswith(BASE_PREFIX) and len(key) > len(BASE_PREFIX):
+            base[key[len(BASE_PREFIX) :]] = value
+            continue
+        m = _COPY.match(key)
+        if m is None:
+            raise ProtocolError(
+                f"{where}: unexpected array {key!r} (want copy<k>.* or base.*)"
+            )
+        copies.setdefault(int(m[1]), {})[m[2]] = value
+    if sorted(copies) != list(range(len(copies))):
+        raise ProtocolError(f"{where}: copy indices {sorted(copies)} are not 0..m-1")
+    return [copies[k] for k in range(len(copies))], base
+
+
+# -------------------------------------------------------------------- run config
+def _is_method_key(key: str) -> bool:
+    return key in ("method", METHOD_OPTIONS_KEY) or key.startswith(METHOD_OPTION_PREFIX)
+
+
+def encode_run(cfg: RunConfig) -> dict[str, Value]:
+    """Return the run config a client needs: every flat key but the method's.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The server's run configuration.
+
+    Returns
+    -------
+    dict[str, Value]
+        Flat keys (``RunConfig.to_flat``) without ``method``, ``method-options``
+        and ``method-*``.
+    """
+    return {k: v for k, v in cfg.to_flat().items() if not _is_method_key(k)}
+
+
+def decode_run(fields: Mapping[str, Any]) -> RunConfig:
+    """Rebuild and validate the run config of a message (client side).
+
+    Parameters
+    ----------
+    fields : Mapping[str, Any]
+        The message's ``run`` record.
+
+    Returns
+    -------
+    RunConfig
+        The validated configuration (the method is the server's business).
+
+    Raises
+    ------
+    ProtocolError
+        A method key (they never travel).
+    fed_unlearn.config.ConfigError
+        An unknown run config key or a bad value.
+    """
+    sent = sorted(k for k in fields if _is_method_key(k))
+    if sent:
+        raise ProtocolError(
+            f"run config: key {sent[0]!r} does not travel (the method runs on the "
+            "server)"
+        )
+    return RunConfig.from_flat(fields)
+
+
+# ---------------------------------------------------------------------- requests
+class _Message:
+    """Shared codec of requests and replies (scalar fields + arrays)."""
+
+    kind: ClassVar[str]
+    role: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _normalise(self, self.where())
+
+    @classmethod
+    def where(cls) -> str:
+        """Return ``"<kind> <request|reply>"`` for error messages."""
+        return f"{cls.kind} {cls.role}"
+
+    def arrays(self) -> AdapterState | None:
+        """Return the tensors this message carries (``None``: no arrays)."""
+        return None
+
+    @classmethod
+    def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
+        _no_arrays(cls.where(), arrays)
+        return {}
+
+    def to_fields(self) -> tuple[dict[str, Value], AdapterState | None]:
+        """Encode as plain fields (requests include ``kind``) and arrays.
+
+        Returns
+        -------
+        tuple[dict[str, Value], AdapterState or None]
+            Config (request) or metric (reply) fields, and the arrays.
+        """
+        fields = _scalars_to_fields(self)
+        if self.role == "request":
+            fields = {KIND_KEY: self.kind, **fields}
+        return fields, self.arrays()
+
+    @classmethod
+    def from_fields(
+        cls, fields: Mapping[str, Any], arrays: Mapping[str, Any] | None = None
+    ) -> Any:
+        """Decode from plain fields and arrays, refusing what does not fit.
+
+        Parameters
+        ----------
+        fields : Mapping[str, Any]
+            Config (request: with ``kind``) or metric (reply) fields.
+        arrays : Mapping[str, Any], optional
+            The message's arrays.
+
+        Returns
+        -------
+        Request or Reply
+            An instance of ``cls``.
+
+        Raises
+        ------
+        ProtocolError
+            A wrong kind, an unknown, missing or ill-typed key, or arrays that
+            do not fit the kind; the message names the key and the kind.
+        """
+        values = dict(fields)
+        if cls.role == "request":
+            kind = values.pop(KIND_KEY, None)
+            if kind != cls.kind:
+                raise ProtocolError(f"{cls.where()}: 'kind' is {kind!r}")
+        return cls(
+            **_scalars_from_fields(cls, cls.where(), values),
+            **cls._kwargs_of_arrays(arrays),
+        )
+
+
+@dataclass(frozen=True)
+class HelloRequest(_Message):
+    """``hello``: discovery (no fields)."""
+
+    kind: ClassVar[str] = "hello"
+    role: ClassVar[str] = "request"
+
+
+@dataclass(frozen=True)
+class _AdapterRequest(_Message):
+    """A request that carries one adapter (``arrays`` = its tensors)."""
+
+    adapter: AdapterState
+
+    def arrays(self) -> AdapterState:
+        """Return the adapter."""
+        return self.adapter
+
+    @classmethod
+    def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"adapter": _adapter(cls.where(), arrays)}
+
+
+@dataclass(frozen=True)
+class TrainRequest(_AdapterRequest):
+    """``train``: one FL round on the global ``adapter``.
+
+    Parameters
+    ----------
+    adapter : AdapterState
+        The global adapter.
+    server_round : int
+        Round number (1-based; seeds the client's data order).
+    dual_prototype : list[float], optional
+        The global K prototype of a dual-adapter run (absent in round 1).
+    """
+
+    kind: ClassVar[str] = "train"
+    role: ClassVar[str] = "request"
+    server_round: int = _wire("server-round", "int")
+    dual_prototype: list[float] | None = _wire("dual-prototype", "floats", default=None)
+
+
+@dataclass(frozen=True)
+class EvaluateRequest(_AdapterRequest):
+    """``evaluate``: answer probability of ``adapter`` on the client's items."""
+
+    kind: ClassVar[str] = "evaluate"
+    role: ClassVar[str] = "request"
+
+
+@dataclass(frozen=True)
+class AuditRequest(_AdapterRequest):
+    """``audit``: the departed client's self-audit of ``adapter``."""
+
+    kind: ClassVar[str] = "audit"
+    role: ClassVar[str] = "request"
+
+
+@dataclass(frozen=True)
+class LocalUpdateRequest(_Message):
+    """``local-update``: a local objective on each copy (module docstring).
+
+    Parameters
+    ----------
+    copies : list[AdapterState]
+        ``m >= 1`` adapter copies (tensors in the dtype the deltas come back in).
+    base : AdapterState
+        Tensors the copies do not carry (kept by the client for later requests).
+    loss : str
+        ``"nll"`` or an inner loss name.
+    epochs, batch_size : int, optional
+        Local epochs and batch size (``None``: the run's).
+    max_steps : int
+        Cap on local steps per copy (0 = none).
+    lr : float, optional
+        Learning rate (``None``: ``lr_scale`` x the run's).
+    lr_scale : float
+        Factor on the run's learning rate when ``lr`` is ``None``.
+    budget : float, optional
+        Share of retraining's examples (needs ``max_steps`` >= 1 and no
+        ``batch_size``).
+    ranks : dict[str, list[int]]
+        Tensor -> the ranks the copies carry of it.
+    retain : str
+        Retain term source of an inner loss.
+    loss_params : dict[str, float]
+        Overrides of the inner loss's parameters.
+    seed_round : int
+        Seed stream of the client's data order.
+
+    Raises
+    ------
+    ProtocolError
+        No copies, an ill-typed field, or a budget that cannot size batches.
+    """
+
+    kind: ClassVar[str] = "local-update"
+    role: ClassVar[str] = "request"
+    copies: list[AdapterState]
+    base: AdapterState = field(default_factory=dict)
+    loss: str = _wire("loss", "str", default="nll")
+    epochs: int | None = _wire("epochs", "int", default=None)
+    batch_size: int | None = _wire("batch-size", "int", default=None)
+    max_steps: int = _wire("max-steps", "int", default=0)
+    lr: float | None = _wire("lr", "float", default=None)
+    lr_scale: float = _wire("lr-scale", "float", default=1.0)
+    budget: float | None = _wire("budget", "float", default=None)
+    ranks: dict[str, list[int]] = _wire("ranks", "ranks", default_factory=dict)
+    retain: str = _wire("retain", "str", default="none")
+    loss_params: dict[str, float] = _wire("loss-params", "params", default_factory=dict)
+    seed_round: int = _wire("seed-round", "int", default=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.copies:
+            raise ProtocolError(f"{self.where()}: carries no copy<k>.* arrays")
+        if self.budget is not None and (
+            self.batch_size is not None or self.max_steps < 1
+        ):
+            raise ProtocolError(
+                f"{self.where()}: a 'budget' request sizes its own batches: it "
+                "needs max-steps >= 1 and no batch-size"
+            )
+        for name, value in self.loss_params.items():
+            if not math.isfinite(value):
+                raise ProtocolError(
+                    f"{self.where()}: 'loss-params.{name}' must be finite"
+                )
+
+    def arrays(self) -> AdapterState:
+        """Return the copies and the base as ``copy<k>.*`` / ``base.*`` arrays."""
+        return pack_copies(self.copies, self.base)
+
+    @classmethod
+    def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
+        copies, base = unpack_copies(arrays or {}, cls.where())
+        return {"copies": copies, "base": base}
+
+
+Request = (
+    HelloRequest | TrainRequest | EvaluateRequest | AuditRequest | LocalUpdateRequest
+)
+#: kind -> request class.
+REQUESTS: dict[str, type[Request]] = {
+    c.kind: c
+    for c in (
+        HelloRequest,
+        TrainRequest,
+        EvaluateRequest,
+        AuditRequest,
+        LocalUpdateRequest,
+    )
+}
+
+
+def decode_request(
+    fields: Mapping[str, Any], arrays: Mapping[str, Any] | None = None
+) -> Request:
+    """Decode a request of any kind (``fields['kind']`` chooses it).
+
+    Parameters
+    ----------
+    fields : Mapping[str, Any]
+        The message's ``config`` record.
+    arrays : Mapping[str, Any], optional
+        The message's arrays.
+
+    Returns
+    -------
+    Request
+        The typed request.
+
+    Raises
+    ------
+    ProtocolError
+        An unknown kind, or what :meth:`from_fields` refuses.
+    """
+    kind = fields.get(KIND_KEY)
+    if kind not in REQUESTS:
+        raise ProtocolError(f"unknown request kind {kind!r}; known: {sorted(REQUESTS)}")
+    return REQUESTS[str(kind)].from_fields(fields, arrays)
+
+
+# ----------------------------------------------------------------------- replies
+@dataclass(frozen=True)
+class HelloReply(_Message):
+    """Reply to ``hello``: the node's client id and number of items."""
+
+    kind: ClassVar[str] = "hello"
+    role: ClassVar[str] = "reply"
+    client_id: int = _wire("client-id", "int")
+    num_examples: int = _wire("num-examples", "int")
+
+
+@dataclass(frozen=True)
+class TrainReply(_Message):
+    """Reply to ``train``: the trained adapter and the client's figures.
+
+    ``dual_prototype``, ``dual_loss_k`` and ``dual_loss_v`` are set in
+    dual-adapter runs only.
+    """
+
+    kind: ClassVar[str] = "train"
+    role: ClassVar[str] = "reply"
+    adapter: AdapterState
+    num_examples: int = _wire("num-examples", "int")
+    client_id: int = _wire("client-id", "int")
+    train_loss: float = _wire("train-loss", "float")
+    local_steps: int = _wire("local-steps", "int")
+    tokens: int = _wire("tokens", "int")
+    train_seconds: float = _wire("train-seconds", "float")
+    dual_prototype: list[float] | None = _wire("dual-prototype", "floats", default=None)
+    dual_loss_k: float | None = _wire("dual-loss-k", "float", default=None)
+    dual_loss_v: float | None = _wire("dual-loss-v", "float", default=None)
+
+    def arrays(self) -> AdapterState:
+        """Return the trained adapter."""
+        return self.adapter
+
+    @classmethod
+    def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"adapter": _adapter(cls.where(), arrays)}
+
+
+@dataclass(frozen=True)
+class EvaluateReply(_Message):
+    """Reply to ``evaluate``: mean answer probability on the client's items."""
+
+    kind: ClassVar[str] = "evaluate"
+    role: ClassVar[str] = "reply"
+    q_a_prob: float = _wire("Q_A_Prob", "float")
+    eval_seconds: float = _wire("eval-seconds", "float")
+    num_examples: int = _wire("num-examples", "int")
+    client_id: int = _wire("client-id", "int")
+
+
+@dataclass(frozen=True)
+class AuditReply(_Message):
+    """Reply to ``audit``: the answer-probability gap, trained vs held-out items."""
+
+    kind: ClassVar[str] = "audit"
+    role: ClassVar[str] = "reply"
+    audit_gap: float = _wire("audit-gap", "float")
+    num_examples: int = _wire("num-examples", "int")
+
+
+@dataclass(frozen=True)
+class LocalUpdateReply(_Message):
+    """Reply to ``local-update``: one delta per copy and the client's work.
+
+    ``deltas`` may be empty only in a reply the server rejects (no update).
+    """
+
+    kind: ClassVar[str] = "local-update"
+    role: ClassVar[str] = "reply"
+    deltas: list[AdapterState]
+    client_id: int = _wire("client-id", "int")
+    num_examples: int = _wire("num-examples", "int")
+    local_steps: int = _wire("local-steps", "int")
+    tokens: int = _wire("tokens", "int")
+    train_seconds: float = _wire("train-seconds", "float")
+    loss: float = _wire("loss", "float")
+
+    def arrays(self) -> AdapterState | None:
+        """Return the deltas as ``copy<k>.*`` arrays (``None`` when empty)."""
+        return pack_copies(self.deltas) if self.deltas else None
+
+    @classmethod
+    def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
+        deltas, base = unpack_copies(arrays or {}, cls.where())
+        if base:
+            raise ProtocolError(f"{cls.where()}: returns base.* arrays")
+        return {"deltas": deltas}
+
+
+Reply = HelloReply | TrainReply | EvaluateReply | AuditReply | LocalUpdateReply
+#: kind -> reply class.
+REPLIES: dict[str, type[Reply]] = {
+    c.kind: c
+    for c in (HelloReply, TrainReply, EvaluateReply, AuditReply, LocalUpdateReply)
+}
+
+
+def decode_reply(
+    kind: str, fields: Mapping[str, Any], arrays: Mapping[str, Any] | None = None
+) -> Reply:
+    """Decode the reply to a request of ``kind``.
+
+    Parameters
+    ----------
+    kind : str
+        The request's kind.
+    fields : Mapping[str, Any]
+        The reply's ``metrics`` record.
+    arrays : Mapping[str, Any], optional
+        The reply's arrays.
+
+    Returns
+    -------
+    Reply
+        The typed reply.
+
+    Raises
+    ------
+    ProtocolError
+        An unknown kind, or what :meth:`from_fields` refuses.
+    """
+    if kind not in REPLIES:
+        raise ProtocolError(f"unknown reply kind {kind!r}; known: {sorted(REPLIES)}")
+    return REPLIES[kind].from_fields(fields, arrays)
