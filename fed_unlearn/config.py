@@ -194,6 +194,11 @@ class RunConfig:
         Decoder layer of their features; -1 = the middle one (default: -1).
     history_dtype : str
         ``"float32"`` (default) or ``"float16"`` for the history store.
+    history_key_file : str
+        File holding the 32-byte key (64 hex characters) that encrypts the
+        history at rest with AES-256-GCM; empty = ``$FED_UNLEARN_HISTORY_KEY``
+        if set, else no encryption (default: empty). Not part of any cache key:
+        it changes no result.
     eval_max_new_tokens : int, optional
         Greedy generation length for ROUGE (default: preset).
     eval_batch_size : int
@@ -258,6 +263,7 @@ class RunConfig:
     dual_v_weight: float = 0.1
     dual_layer: int = -1
     history_dtype: str = "float32"
+    history_key_file: str = ""
     eval_max_new_tokens: int | None = None
     eval_batch_size: int = 16
     eval_max_items: int = 30
@@ -599,6 +605,7 @@ class RunConfig:
                 "eval-relearn-fraction",
                 "eval-relearn-lr",
                 "departed-online",
+                "history-key-file",
             )
             and not k.startswith(("x-", METHOD_OPTION_PREFIX))
             # the dual settings change nothing while the dual adapter is off

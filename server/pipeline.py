@@ -31,7 +31,7 @@ from flwr.app import (
 
 from fed_unlearn import adapters as ad
 from fed_unlearn.config import RunConfig
-from fed_unlearn.history import HistoryError, HistoryStore
+from fed_unlearn.history import HistoryError, HistoryStore, load_key
 from fed_unlearn.methods import UnlearnContext, get_method
 from fed_unlearn.methods.rounds import uses_oracle
 from fed_unlearn.models import (
@@ -75,17 +75,34 @@ class PhaseResult:
         Phase directory (history store under ``history/``).
     cached : bool
         Whether it came from the cache.
+    key : bytes, optional
+        The history's encryption key (never written anywhere).
     """
 
     final: dict[str, torch.Tensor]
     stats: dict[str, Any]
     path: Path
     cached: bool = False
+    key: bytes | None = field(default=None, repr=False)
 
     @property
     def history(self) -> HistoryStore:
         """The phase's history store."""
-        return HistoryStore(self.path / "history")
+        return HistoryStore(self.path / "history", key=self.key)
+
+
+def history_key(cfg: RunConfig) -> bytes | None:
+    """Return the history key of a run: ``history-key-file``, else the environment.
+
+    Raises
+    ------
+    PipelineError
+        If the key file is unreadable or holds no valid key.
+    """
+    try:
+        return load_key(cfg.history_key_file or None)
+    except HistoryError as exc:
+        raise PipelineError(str(exc)) from exc
 
 
 def phase_dir(cfg: RunConfig, exclude: tuple[int, ...]) -> Path:
@@ -104,8 +121,17 @@ def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
     path = phase_dir(cfg, exclude)
     if not (path / "phase.json").is_file():
         return None
+    key = history_key(cfg)
+    store = HistoryStore(path / "history", key=key)
+    if store.encrypted != (key is not None):
+        state = "encrypted" if store.encrypted else "not encrypted"
+        has = "no history key" if key is None else "a history key"
+        raise PipelineError(
+            f"cached FL phase {path}: its history is {state}, but this run has "
+            f"{has}; convert it with `fed-unlearn history rekey {path / 'history'}` "
+            "or delete that directory to recompute it"
+        )
     try:
-        store = HistoryStore(path / "history")
         store.validate()
         final = store.final()
     except HistoryError as exc:
@@ -122,7 +148,7 @@ def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
             f"cached FL phase {path}: {path / 'phase.json'} is unreadable ({exc}); "
             "delete that directory to recompute it"
         ) from exc
-    return PhaseResult(final, stats, path, cached=True)
+    return PhaseResult(final, stats, path, cached=True, key=key)
 
 
 def discover_clients(
@@ -335,7 +361,8 @@ def run_fl_phase(
     r = cfg.resolved()
     final_dir = phase_dir(cfg, exclude)
     tmp = scratch_dir(final_dir)  # and stale ones of killed runs are removed
-    store = HistoryStore(tmp / "history", dtype=cfg.history_dtype)
+    key = history_key(cfg)
+    store = HistoryStore(tmp / "history", dtype=cfg.history_dtype, key=key)
     strategy = HistoryFedAvg(
         run_config=cfg.to_flat(),
         node_to_client=node_map,
@@ -395,7 +422,7 @@ def run_fl_phase(
         os.replace(tmp, final_dir)
     except OSError:  # another process finished the same phase first
         shutil.rmtree(tmp, ignore_errors=True)
-    return PhaseResult(final, stats, final_dir, cached=False)
+    return PhaseResult(final, stats, final_dir, cached=False, key=key)
 
 
 @dataclass

@@ -355,7 +355,48 @@ def parser() -> argparse.ArgumentParser:
     p_b.add_argument("--seeds", help="only these seeds (comma-separated)")
     p_b.add_argument("--scenarios", help="only these scenarios (comma-separated)")
     p_b.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_h = sub.add_parser("history", help="keys of a history store at rest")
+    hsub = p_h.add_subparsers(dest="history_cmd", required=True)
+    p_k = hsub.add_parser("new-key", help="write a fresh history key file (0600)")
+    p_k.add_argument("path", help="key file to create (refused if it exists)")
+    p_rk = hsub.add_parser(
+        "rekey", help="re-encrypt a history store (or encrypt or decrypt it)"
+    )
+    p_rk.add_argument("store", help="history store directory")
+    p_rk.add_argument(
+        "--old-key-file", help="its current key (default: none, a plaintext store)"
+    )
+    p_rk.add_argument(
+        "--new-key-file", help="the key from now on (default: none, decrypt it)"
+    )
     return ap
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """``fed-unlearn history new-key|rekey``: manage a history store's key."""
+    from fed_unlearn.history import key_fingerprint, load_key, new_key, rekey
+
+    if args.history_cmd == "new-key":
+        path = Path(args.path)
+        key = new_key()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise UsageError(
+                f"{path} exists; a key file is never overwritten"
+            ) from None
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(key.hex() + "\n")
+        print(f"wrote a new history key to {path} (fingerprint {key_fingerprint(key)})")
+        return 0
+    old = load_key(args.old_key_file, env=False) if args.old_key_file else None
+    new = load_key(args.new_key_file, env=False) if args.new_key_file else None
+    if old is None and new is None:
+        raise UsageError("give --old-key-file, --new-key-file or both")
+    store = rekey(args.store, old, new)
+    state = f"encrypted (key {key_fingerprint(new)})" if new else "plaintext"
+    print(f"{store.root}: {len(store.rounds())} rounds, now {state}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(args)
         if args.cmd == "bench":
             return cmd_bench(args)
+        if args.cmd == "history":
+            return cmd_history(args)
     except (UsageError, ConfigError, DataFormatError) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 2

@@ -250,3 +250,85 @@ def test_load_key_reads_a_file_or_the_environment_and_never_echoes_it(
         load_key(f)
     assert bad not in str(e.value)
     assert len({new_key() for _ in range(8)}) == 8
+
+
+def _cached_phase(tmp_path, monkeypatch, key=None):
+    """A cached FL phase (history + phase.json) of a tiny config in a private
+    runs root; returns the config and the phase directory."""
+    from fed_unlearn.config import RunConfig
+    from server.pipeline import phase_dir
+
+    monkeypatch.setenv("FED_UNLEARN_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv(hist.KEY_ENV, raising=False)
+    cfg = RunConfig(preset="tiny")
+    path = phase_dir(cfg, ())
+    _filled(path / "history", key)
+    (path / "phase.json").write_text(json.dumps({"wall_time_s": 1.0}))
+    return cfg, path
+
+
+def test_a_run_reads_its_encrypted_cached_phase_with_the_key_file(
+    tmp_path, monkeypatch
+):
+    from server.pipeline import load_phase
+
+    key = new_key()
+    cfg, path = _cached_phase(tmp_path, monkeypatch, key)
+    kf = tmp_path / "key"
+    kf.write_text(key.hex())
+    cfg.history_key_file = str(kf)
+    phase = load_phase(cfg, ())
+    assert torch.equal(phase.final["a.lora_A"], _state(99)["a.lora_A"])
+    assert phase.history.rounds() == [1, 2]  # the phase's store carries the key
+    assert key.hex() not in repr(phase)
+
+
+def test_a_cached_phase_and_a_run_that_disagree_on_encryption_is_a_clear_error(
+    tmp_path, monkeypatch
+):
+    from server.pipeline import PipelineError, load_phase
+
+    cfg, path = _cached_phase(tmp_path, monkeypatch)
+    monkeypatch.setenv(hist.KEY_ENV, new_key().hex())
+    with pytest.raises(
+        PipelineError, match="not encrypted, but this run has a history key.*rekey"
+    ):
+        load_phase(cfg, ())
+    monkeypatch.setenv(hist.KEY_ENV, "abc")
+    with pytest.raises(PipelineError, match="FED_UNLEARN_HISTORY_KEY.*64 hex"):
+        load_phase(cfg, ())
+
+
+def test_cli_new_key_and_rekey(tmp_path, capsys):
+    from simulations.cli import main
+
+    root = tmp_path / "h"
+    _filled(root)
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    assert main(["history", "new-key", str(k1)]) == 0
+    assert (k1.stat().st_mode & 0o777) == 0o600
+    assert main(["history", "new-key", str(k1)]) == 2  # never overwritten
+    assert "never overwritten" in capsys.readouterr().err
+    assert main(["history", "new-key", str(k2)]) == 0
+    assert main(["history", "rekey", str(root), "--new-key-file", str(k1)]) == 0
+    assert (
+        main(
+            [
+                "history",
+                "rekey",
+                str(root),
+                "--old-key-file",
+                str(k1),
+                "--new-key-file",
+                str(k2),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "2 rounds, now encrypted" in out
+    assert k2.read_text().strip() not in out
+    assert main(["history", "rekey", str(root), "--old-key-file", str(k1)]) == 1
+    assert "wrong key" in capsys.readouterr().err
+    store = HistoryStore(root, key=load_key(k2))
+    assert store.rounds() == [1, 2]
