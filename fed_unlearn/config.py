@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fed_unlearn.dual import DualSpec
@@ -130,6 +131,38 @@ def _as_bool(value: object) -> bool:
     ):
         return value.strip().lower() in ("true", "1", "yes")
     raise ValueError("not a boolean")
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """SHA-256 of every file under ``data_dir`` (relative names and bytes).
+
+    Parameters
+    ----------
+    data_dir : str or Path
+        A directory of client data.
+
+    Returns
+    -------
+    str
+        ``"sha256:<64 hex>"``; it changes when any file is edited, added,
+        removed or renamed, and not with the path used to reach the directory.
+
+    Raises
+    ------
+    ConfigError
+        If ``data_dir`` is not a directory.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"config key 'data-dir': {root} is not a directory")
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return f"sha256:{h.hexdigest()}"
 
 
 @dataclass
@@ -607,7 +640,12 @@ class RunConfig:
                 "departed-online",
                 "history-key-file",
             )
-            and not k.startswith(("x-", METHOD_OPTION_PREFIX))
+            # x- keys are notes, except the fault injections: a faulty run's
+            # phase must not be reused by a normal one
+            and (
+                k.startswith("x-fault-")
+                or not k.startswith(("x-", METHOD_OPTION_PREFIX))
+            )
             # the dual settings change nothing while the dual adapter is off
             and (r.dual_adapter or not k.startswith("dual-"))
         }
@@ -623,6 +661,10 @@ class RunConfig:
             keep.pop("domains", None)
         if not r.audit_fraction:  # likewise
             keep.pop("audit-fraction", None)
+        if r.data_dir:
+            # the data's content, not its path: an edited file is new data, and
+            # a relative and an absolute path to the same files are the same
+            keep["data-dir"] = data_fingerprint(r.data_dir)
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]
         keep["model"] = model_identity(self.preset, self.model_path or None)
