@@ -232,6 +232,10 @@ class RunConfig:
         history at rest with AES-256-GCM; empty = ``$FED_UNLEARN_HISTORY_KEY``
         if set, else no encryption (default: empty). Not part of any cache key:
         it changes no result.
+    receipt_key_file : str
+        Ed25519 private key (PEM, ``fed-unlearn receipt new-key``) that signs
+        ``receipt.json`` after an unlearning; empty = no receipt (default:
+        empty). Not part of any cache key.
     eval_max_new_tokens : int, optional
         Greedy generation length for ROUGE (default: preset).
     eval_batch_size : int
@@ -297,6 +301,7 @@ class RunConfig:
     dual_layer: int = -1
     history_dtype: str = "float32"
     history_key_file: str = ""
+    receipt_key_file: str = ""
     eval_max_new_tokens: int | None = None
     eval_batch_size: int = 16
     eval_max_items: int = 30
@@ -639,6 +644,7 @@ class RunConfig:
                 "eval-relearn-lr",
                 "departed-online",
                 "history-key-file",
+                "receipt-key-file",
             )
             # x- keys are notes, except the fault injections: a faulty run's
             # phase must not be reused by a normal one

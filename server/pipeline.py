@@ -9,6 +9,8 @@ half-written cache entry.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -530,9 +532,11 @@ def run_pipeline(
     )
     method.check(ctx)
     down0, up0 = counting.snapshot() if counting is not None else (0, 0)
+    requested_at = _utc_now()
     t0 = time.perf_counter()
     res = method.unlearn(ctx)
     wall = time.perf_counter() - t0
+    finished_at = _utc_now()
     down, up = counting.snapshot() if counting is not None else (0, 0)
     ad.validate_update(res.adapter, train.final)
     if cfg.method == "retrain":
@@ -558,8 +562,15 @@ def run_pipeline(
         "rounds": rounds,
         "info": res.info,
         "oracle_stopped": oracle_stop,
+        "requested_at": requested_at,
+        "finished_at": finished_at,
+        "method_config": dataclasses.asdict(method.config),
     }
     return out
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def federated_evaluate(

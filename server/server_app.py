@@ -57,6 +57,46 @@ def write_outputs(out: PipelineOutput, out_dir: Path) -> None:
         save_adapter(out.cfg, out.unlearned, out_dir / "adapters" / "unlearned")
         info["unlearn"] = out.unlearn_stats
     (out_dir / "pipeline.json").write_text(json.dumps(info, indent=2, default=str))
+    if out.unlearned is not None and out.cfg.receipt_key_file:
+        write_receipt(out, out_dir)
+
+
+def write_receipt(out: PipelineOutput, out_dir: Path) -> Path:
+    """Sign and write ``receipt.json`` for the unlearning in ``out``.
+
+    Parameters
+    ----------
+    out : PipelineOutput
+        Pipeline result with an unlearned adapter (saved under ``out_dir``).
+    out_dir : Path
+        Run directory.
+
+    Returns
+    -------
+    Path
+        The receipt's path.
+    """
+    from fed_unlearn.receipt import build_receipt, load_signing_key
+
+    stats = out.unlearn_stats
+    receipt = build_receipt(
+        departed=list(out.cfg.departed()),
+        method=stats["method"],
+        method_config=stats["method_config"],
+        run_config=out.cfg.resolved().to_flat(),
+        history=out.train.history,
+        adapter_before=out_dir / "adapters" / "original",
+        adapter_after=out_dir / "adapters" / "unlearned",
+        requested_at=stats["requested_at"],
+        finished_at=stats["finished_at"],
+        wire_bytes=stats["bytes"],
+        unlearn_rounds=stats["rounds"],
+        key=load_signing_key(out.cfg.receipt_key_file),
+    )
+    path = out_dir / "receipt.json"
+    path.write_text(json.dumps(receipt, indent=1))
+    log.info("fed-unlearn: wrote %s", path)
+    return path
 
 
 def make_server_app(

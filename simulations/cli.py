@@ -369,7 +369,53 @@ def parser() -> argparse.ArgumentParser:
     p_rk.add_argument(
         "--new-key-file", help="the key from now on (default: none, decrypt it)"
     )
+    p_r = sub.add_parser("receipt", help="signing keys and verification of receipts")
+    rsub = p_r.add_subparsers(dest="receipt_cmd", required=True)
+    p_rn = rsub.add_parser("new-key", help="write an Ed25519 signing key and KEY.pub")
+    p_rn.add_argument("path", help="private key file to create")
+    p_rv = rsub.add_parser("verify", help="check a receipt's signature and hashes")
+    p_rv.add_argument("file", help="receipt.json")
+    p_rv.add_argument("--public-key", help="the signer's KEY.pub you trust")
+    p_rv.add_argument("--adapter", help="the unlearned adapter (directory)")
+    p_rv.add_argument("--adapter-before", help="the trained adapter (directory)")
+    p_rv.add_argument("--history", help="the history store the unlearning read")
+    p_rv.add_argument("--history-key-file", help="its key, when it is encrypted")
     return ap
+
+
+def cmd_receipt(args: argparse.Namespace) -> int:
+    """``fed-unlearn receipt new-key|verify``."""
+    from fed_unlearn.history import HistoryStore, load_key
+    from fed_unlearn.receipt import ReceiptError, new_signing_key, verify_receipt
+
+    if args.receipt_cmd == "new-key":
+        public = new_signing_key(args.path)
+        print(f"wrote {args.path} (keep it private) and {args.path}.pub ({public})")
+        return 0
+    try:
+        receipt = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        if not isinstance(receipt, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ReceiptError(f"{args.file}: cannot read the receipt ({exc})") from exc
+    public = None
+    if args.public_key:
+        try:
+            public = Path(args.public_key).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ReceiptError(f"{args.public_key}: cannot read ({exc})") from exc
+    history = None
+    if args.history:
+        history = HistoryStore(args.history, key=load_key(args.history_key_file))
+    for line in verify_receipt(
+        receipt,
+        public_key=public,
+        adapter=args.adapter,
+        adapter_before=args.adapter_before,
+        history=history,
+    ):
+        print(f"ok: {line}")
+    return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -420,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     from fed_unlearn.history import HistoryError
     from fed_unlearn.methods import MissingRequirementError
     from fed_unlearn.models import ModelLoadError
+    from fed_unlearn.receipt import ReceiptError
     from server.channel import ChannelError
     from server.pipeline import PipelineError
     from simulations.runner import RunError
@@ -443,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.cmd == "history":
             return cmd_history(args)
+        if args.cmd == "receipt":
+            return cmd_receipt(args)
     except (UsageError, ConfigError, DataFormatError) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 2
@@ -453,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         MissingRequirementError,
         PipelineError,
         ChannelError,
+        ReceiptError,
     ) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 1

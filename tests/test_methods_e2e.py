@@ -378,3 +378,37 @@ def test_mpu_self_audit_stop(tmp_path):
         assert abs(gaps[-1]) <= 0.1 * abs(gaps[0])
     assert run["oracle_stopped"] is False
     assert [r["audit_gap"] for r in info["rounds"] if "audit_gap" in r] == gaps[1:]
+
+
+def test_a_signed_receipt_for_a_cli_unlearning_verifies(cached, tmp_path):
+    """The done-when of a receipt: `receipt verify` passes on what a run wrote,
+    with the run's adapters and history, and one changed field fails."""
+    from fed_unlearn.receipt import new_signing_key
+
+    runs, _ = cached
+    public = new_signing_key(tmp_path / "sign")
+    out = tmp_path / "fs"
+    _cli(
+        [
+            "run", *BASE, "--method", "foul_server", "--quiet", "--no-eval",
+            "--set", f"receipt-key-file={tmp_path / 'sign'}", "--out", str(out),
+        ],
+        runs,
+    )  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    receipt = json.loads((out / "receipt.json").read_text())
+    assert receipt["departed"] == [2] and receipt["method"] == "foul_server"
+    assert receipt["signer"]["public_key"] == public
+    assert receipt["wire_bytes"] == run["bytes"]["unlearn"]
+    verify = [
+        "receipt", "verify", str(out / "receipt.json"),
+        "--public-key", str(tmp_path / "sign.pub"),
+        "--adapter", str(out / "adapters" / "unlearned"),
+        "--adapter-before", str(out / "adapters" / "original"),
+        "--history", run["history"]["path"],
+    ]  # fmt: skip
+    ok = _cli(verify, runs)
+    assert ok.stdout.count("ok: ") == 4
+    (out / "receipt.json").write_text(json.dumps({**receipt, "departed": [1]}))
+    bad = _cli(verify, runs, check=False)
+    assert bad.returncode == 1 and "invalid signature" in bad.stderr
