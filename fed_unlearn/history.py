@@ -13,6 +13,10 @@ global adapter it sent out, each participant's delta and example count. The
     root/round_0001/meta.json            num_examples, participants, rejected,
                                          the SHA-256 of each tensor file
     root/final.safetensors               global adapter after the last round
+    root/unlearned_0001.safetensors      the adapter after the first recorded
+                                         unlearning (float32; listed with its
+                                         clients, method and time in the root
+                                         meta's ``unlearnings``)
     root/encryption.json                 only in an encrypted store: scheme and
                                          key fingerprint (never the key)
 
@@ -88,6 +92,7 @@ _FINAL = "final.safetensors"
 _TMP_PREFIX = ".tmp_round_"
 _ROUND_RE = re.compile(r"^round_(\d+)$")
 _CLIENT_RE = re.compile(r"^client_(\d+)\.safetensors$")
+_UNLEARNED = "unlearned_{:04d}.safetensors"
 
 
 class HistoryError(RuntimeError):
@@ -471,6 +476,16 @@ class HistoryStore:
                 str(r) for r in meta.get("rounds") or []
             ]:
                 raise HistoryError(f"{path}: round checksums do not match the rounds")
+            entries = meta.setdefault("unlearnings", [])
+            ok = isinstance(entries, list) and all(
+                isinstance(e, dict)
+                and isinstance(e.get("clients"), list)
+                and all(_is_int(c) for c in e["clients"])
+                and isinstance(e.get("sha256"), str)
+                for e in entries
+            )
+            if not ok:
+                raise HistoryError(f"{path}: malformed 'unlearnings' ledger")
         if meta.get("dtype") not in _DTYPES:
             raise HistoryError(f"{path}: unsupported dtype {meta.get('dtype')!r}")
         schema = meta.get("schema")
@@ -976,6 +991,134 @@ class HistoryStore:
             out.update(self._read_round_meta(meta, r)["participants"])
         return out
 
+    # ------------------------------------------------------------ unlearning
+    def unlearnings(self) -> list[dict[str, Any]]:
+        """Return the ledger of recorded unlearnings, oldest first.
+
+        Returns
+        -------
+        list[dict[str, Any]]
+            Per unlearning: ``clients`` (forgotten by it), ``info`` (what the
+            caller recorded: method, times, ...), ``sha256`` of its adapter file.
+        """
+        meta = self._read_meta()
+        return [dict(e) for e in meta.get("unlearnings", [])]
+
+    def forgotten(self) -> list[int]:
+        """Return every client an earlier unlearning removed (sorted)."""
+        return sorted({c for e in self.unlearnings() for c in e["clients"]})
+
+    def current(self) -> AdapterState:
+        """Return the adapter a new departure starts from.
+
+        Returns
+        -------
+        AdapterState
+            The adapter of the latest recorded unlearning, else :meth:`final`.
+        """
+        meta = self._read_meta()
+        entries = meta.get("unlearnings", [])
+        if not entries:
+            return self.final()
+        i = len(entries)
+        return self._load_state(
+            self._root / _UNLEARNED.format(i),
+            self._schema(meta),
+            "float32",
+            entries[-1]["sha256"],
+        )
+
+    def unlearned(self, index: int) -> AdapterState:
+        """Return the adapter of the ``index``-th recorded unlearning (1-based)."""
+        meta = self._read_meta()
+        entries = meta.get("unlearnings", [])
+        if not 1 <= index <= len(entries):
+            raise HistoryError(
+                f"history store {self._root} has {len(entries)} unlearning(s), "
+                f"not #{index}"
+            )
+        return self._load_state(
+            self._root / _UNLEARNED.format(index),
+            self._schema(meta),
+            "float32",
+            entries[index - 1]["sha256"],
+        )
+
+    def record_unlearning(
+        self, clients: list[int], state: AdapterState, info: dict[str, Any]
+    ) -> int:
+        """Append an unlearning to the ledger: the clients it removed, its adapter.
+
+        Parameters
+        ----------
+        clients : list[int]
+            The clients forgotten; each must have taken part and not have been
+            forgotten already.
+        state : AdapterState
+            The unlearned adapter (stored in float32 whatever the store's dtype,
+            so that the next departure starts from it exactly).
+        info : dict[str, Any]
+            JSON-serialisable facts to keep with it (method, times, ...).
+
+        Returns
+        -------
+        int
+            The unlearning's 1-based index.
+
+        Raises
+        ------
+        HistoryError
+            If a client never took part or is already forgotten, the adapter
+            does not match the schema or is not finite, or the store is
+            read-only or corrupt. Nothing is written then.
+        """
+        meta = self._meta_for_write()
+        if meta is None or meta["schema"] is None:
+            raise HistoryError(f"history store {self._root} holds no FL run yet")
+        ids = list(clients)
+        if not ids or not all(_is_int(c) for c in ids) or len(set(ids)) != len(ids):
+            raise HistoryError(f"clients must be distinct ints, got {clients!r}")
+        joined = self.clients()
+        never = sorted(set(ids) - joined)
+        if never:
+            raise HistoryError(
+                f"client(s) {never} never took part in the FL run of {self._root} "
+                f"(participants: {sorted(joined)})"
+            )
+        done = sorted(set(ids) & set(self.forgotten()))
+        if done:
+            raise HistoryError(
+                f"client(s) {done} are already forgotten in {self._root}"
+            )
+        try:
+            json.dumps(info)
+        except (TypeError, ValueError) as e:
+            raise HistoryError(f"unlearning info is not JSON-serialisable ({e})") from e
+        schema = self._schema(meta)
+        wanted = self._requested_dtype
+        self._requested_dtype = "float32"
+        try:
+            tensors = self._to_storage(state, schema, "unlearned adapter")
+        finally:
+            self._requested_dtype = wanted
+        entries = list(meta.get("unlearnings", []))
+        index = len(entries) + 1
+        path = self._root / _UNLEARNED.format(index)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            sha = self._codec.write(tmp, save_bytes(tensors))
+            os.replace(tmp, path)
+            _fsync_dir(self._root)
+            entries.append({"clients": sorted(ids), "info": info, "sha256": sha})
+            meta["unlearnings"] = entries
+            self._write_root_meta(meta)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise HistoryError(
+                f"history store {self._root}: recording the unlearning failed ({e})"
+            ) from e
+        return index
+
     def validate(self) -> None:
         """Load every round and the final adapter; report all problems.
 
@@ -995,6 +1138,11 @@ class HistoryStore:
         if (self._root / _FINAL).exists():
             try:
                 self.final()
+            except HistoryError as e:
+                problems.append(str(e))
+        for i in range(1, len(meta.get("unlearnings", [])) + 1):
+            try:
+                self.unlearned(i)
             except HistoryError as e:
                 problems.append(str(e))
         if problems:
@@ -1046,6 +1194,8 @@ def rekey(
             new.append(old.load(r))
         if (root / _FINAL).is_file():
             new.set_final(old.final())
+        for i, entry in enumerate(old.unlearnings(), start=1):
+            new.record_unlearning(entry["clients"], old.unlearned(i), entry["info"])
         new.validate()
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)

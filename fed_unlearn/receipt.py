@@ -117,13 +117,16 @@ def file_digest(path: str | Path) -> str:
         raise ReceiptError(f"{p}: cannot read the adapter ({e})") from e
 
 
-def history_digest(store: HistoryStore) -> str:
-    """SHA-256 of a history's content (every round and the final adapter).
+def history_digest(store: HistoryStore, unlearnings: int | None = None) -> str:
+    """SHA-256 of a history's content (rounds, final adapter, earlier unlearnings).
 
     Parameters
     ----------
     store : HistoryStore
         The store (opened with its key when encrypted); it is fully validated.
+    unlearnings : int, optional
+        Cover only the first this many recorded unlearnings (default: all): a
+        receipt names the history as its unlearning read it.
 
     Returns
     -------
@@ -153,6 +156,11 @@ def history_digest(store: HistoryStore) -> str:
                 _update_tensor(h, f"{c}/{key}", rec.client_deltas[c][key])
     for key, v in sorted(store.final().items()):
         _update_tensor(h, f"final/{key}", v)
+    entries = store.unlearnings()
+    for i, entry in enumerate(entries[:unlearnings], start=1):
+        h.update(canonical({"unlearning": i, "clients": entry["clients"]}))
+        for key, v in sorted(store.unlearned(i).items()):
+            _update_tensor(h, f"unlearned{i}/{key}", v)
     return h.hexdigest()
 
 
@@ -319,6 +327,7 @@ def build_receipt(
         "run_config_sha256": hashlib.sha256(canonical(portable)).hexdigest(),
         "history_sha256": history_digest(history),
         "history_rounds": len(history.rounds()),
+        "history_unlearnings": len(history.unlearnings()),
         "adapter_before_sha256": file_digest(adapter_before),
         "adapter_after_sha256": file_digest(adapter_after),
         "requested_at": requested_at,
@@ -400,7 +409,11 @@ def verify_receipt(
     checks = [
         ("adapter_after_sha256", adapter, file_digest),
         ("adapter_before_sha256", adapter_before, file_digest),
-        ("history_sha256", history, history_digest),
+        (
+            "history_sha256",
+            history,
+            lambda h: history_digest(h, receipt.get("history_unlearnings", 0)),
+        ),
     ]
     for field, source, digest in checks:
         if source is None:

@@ -332,3 +332,44 @@ def test_cli_new_key_and_rekey(tmp_path, capsys):
     assert "wrong key" in capsys.readouterr().err
     store = HistoryStore(root, key=load_key(k2))
     assert store.rounds() == [1, 2]
+
+
+def test_the_unlearning_ledger_records_forgotten_clients_and_the_current_adapter(
+    tmp_path,
+):
+    root = tmp_path / "h"
+    store = _filled(root)
+    assert store.current()["a.lora_A"].equal(_state(99)["a.lora_A"])
+    assert store.forgotten() == []
+    after = _state(7)
+    assert store.record_unlearning([1], after, {"method": "foul_server"}) == 1
+    assert store.forgotten() == [1]
+    assert torch.equal(store.current()["a.lora_B"], after["a.lora_B"])
+    before = _snapshot(root)
+    with pytest.raises(HistoryError, match=r"\[1\] are already forgotten"):
+        store.record_unlearning([1], _state(8), {})
+    with pytest.raises(HistoryError, match=r"\[5\] never took part.*\[0, 1\]"):
+        store.record_unlearning([5], _state(8), {})
+    with pytest.raises(HistoryError, match="NaN"):
+        store.record_unlearning(
+            [0], {**_state(8), "a.lora_A": torch.full((2, 3), float("nan"))}, {}
+        )
+    assert _snapshot(root) == before
+    assert store.record_unlearning([0], _state(8), {"method": "mpu"}) == 2
+    assert store.forgotten() == [0, 1]
+    assert [e["info"]["method"] for e in store.unlearnings()] == ["foul_server", "mpu"]
+    # a flipped byte in an unlearned adapter is caught like any other file
+    _flip(root / "unlearned_0001.safetensors")
+    with pytest.raises(HistoryError, match="unlearned_0001.safetensors: checksum"):
+        store.validate()
+
+
+def test_rekey_keeps_the_ledger(tmp_path):
+    root = tmp_path / "h"
+    store = _filled(root)
+    store.record_unlearning([1], _state(7), {"method": "x"})
+    key = new_key()
+    rekey(root, None, key)
+    again = HistoryStore(root, key=key)
+    assert again.forgotten() == [1]
+    assert torch.equal(again.current()["a.lora_A"], _state(7)["a.lora_A"])
