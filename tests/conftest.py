@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import helpers  # noqa: F401  (tests/helpers.py: shared helpers, importable)
 import pytest
 import torch
 

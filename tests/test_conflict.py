@@ -189,7 +189,26 @@ def test_float64_is_kept_and_other_dtypes_cast():
     )
     half = cagrad_direction(grads.half(), signs, weights, 0.5)
     assert half.direction.dtype == torch.float32
-    assert half.solve_seconds >= 0
+    # cast, not recomputed in half precision: the same step as the fp32 solve of
+    # the fp16-rounded gradients
+    as_fp32 = cagrad_direction(grads.half().float(), signs, weights, 0.5)
+    torch.testing.assert_close(half.direction, as_fp32.direction, rtol=0, atol=0)
+    np.testing.assert_array_equal(half.gamma, as_fp32.gamma)
+
+
+def test_solve_seconds_is_the_dual_solve_wall_time(monkeypatch):
+    import types
+
+    import fed_unlearn.conflict as C
+
+    ticks = iter([100.0, 102.5])  # the clock read before and after SLSQP
+    fake = types.SimpleNamespace(perf_counter=lambda: next(ticks))
+    monkeypatch.setattr(C, "time", fake)
+    grads, signs, weights = _toy(6, 2, 1, 10)
+    assert cagrad_direction(grads, signs, weights, 0.5).solve_seconds == 2.5
+    # all-zero gradients: nothing is solved (the clock is not read again)
+    zero = cagrad_direction(torch.zeros(3, 4), signs, weights, 0.5)
+    assert zero.solve_seconds == 0.0
 
 
 @pytest.mark.parametrize(

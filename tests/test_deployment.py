@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_simulation import _cli
+from helpers import run_cli
 
 RUN = (
     "preset='tiny' num-clients=2 depart='1' num-server-rounds=1 local-epochs=1 seed=11"
@@ -42,7 +42,7 @@ def _deploy_and_simulate(tmp_path, monkeypatch, method, opts=()):
     args += ["--method", method, "--quiet", "--no-eval", "--out", str(sim)]
     for k, v in opts:
         args += ["--opt", f"{k}={v}"]
-    _cli(args, tmp_path / "sim-runs")
+    run_cli(args, tmp_path / "sim-runs")
     return out, sim
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_rounds import _one_round_history
+from helpers import one_round_history
 
 from fed_unlearn.config import ConfigError, RunConfig
 from fed_unlearn.dual import (
@@ -59,14 +59,44 @@ def test_dual_config_doubles_the_lora_and_keeps_old_cache_keys():
     assert (base.lora_spec().r, base.lora_spec().alpha) == (8, 16)
     assert dual.dual_spec() == DualSpec(split=8, k_weight=0.1, v_weight=0.1)
     assert base.dual_spec() is None
+    # These literals pin the on-disk cache key (the fl-<key> directory of a
+    # cached FL phase): computed once with the code that wrote the existing
+    # caches. A change here makes every cached phase unreachable, so it must be
+    # deliberate (bump FL_RECIPE_VERSION and update the literals).
+    assert base.fl_key(()) == "c95a6efb5133c173"
+    assert base.fl_key((2,)) == "998c22a314b45b14"
     # dual settings are no part of a single-adapter run's cache key ...
     tuned = RunConfig.from_flat({"preset": "tiny", "dual-k-weight": 0.5})
-    assert tuned.fl_key(()) == base.fl_key(())
+    assert tuned.fl_key(()) == "c95a6efb5133c173"
     # ... but they are of a dual run's
     dual_tuned = RunConfig.from_flat(
         {"preset": "tiny", "dual-adapter": True, "dual-k-weight": 0.5}
     )
-    assert len({base.fl_key(()), dual.fl_key(()), dual_tuned.fl_key(())}) == 3
+    assert dual.fl_key(()) == "3b2acabda07e54c9"
+    assert dual_tuned.fl_key(()) == "a59aabe07a5f8768"
+
+
+def test_single_adapter_cache_keys_of_cached_phases_are_kept():
+    """The standard suite's phases (seed 1, client 9 departing) are cached under
+    these directories (~/.cache/fed_unlearn/runs/fl-<key>, checked when the
+    literals were written): the keys pin the on-disk cache, and adding the dual
+    settings to the config must not have moved them."""
+    flat = {
+        "preset": "tiny",
+        "num-clients": 10,
+        "people-per-client": 10,
+        "qa-per-person": 10,
+        "holdout-people": 10,
+        "domains": 5,
+        "num-server-rounds": 10,
+        "local-epochs": 1,
+        "general-probes": 120,
+        "eval-max-items": 200,
+        "seed": 1,
+    }
+    cfg = RunConfig.from_flat(flat)
+    assert cfg.fl_key(()) == "13c05f82c1016787"
+    assert cfg.fl_key((9,)) == "e296a4c4b30a6a3b"
 
 
 @pytest.mark.parametrize(
@@ -268,7 +298,7 @@ def test_foul_dual_steps_only_the_client_specific_half(tmp_path):
     trained = {a: torch.ones(4, 3), b: torch.ones(3, 4)}
     retain = {a: torch.full((4, 3), 0.1), b: torch.full((3, 4), 0.1)}
     forget = {a: torch.full((4, 3), 0.3), b: torch.full((3, 4), 0.3)}
-    store = _one_round_history(tmp_path, trained, {0: retain, 1: forget})
+    store = one_round_history(tmp_path, trained, {0: retain, 1: forget})
     ctx = UnlearnContext(
         trained=trained,
         departed=(1,),

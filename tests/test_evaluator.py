@@ -316,7 +316,7 @@ def test_peft_wrapped_model(tokenizer):
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     wrapped = peft.get_peft_model(base, cfg)
     wrapped.train()
-    _, summary = evaluate(
+    tofu_eval, summary = evaluate(
         wrapped,
         tokenizer,
         prompt_fn,
@@ -326,8 +326,35 @@ def test_peft_wrapped_model(tokenizer):
         max_new_tokens=4,
     )
     assert wrapped.training
-    assert summary["mia_gradnorm"] >= 0.0
     assert all(p.grad is None for p in wrapped.parameters())
+    # independent GradNorm scores: one unpadded forward in train mode, loss =
+    # -mean log p of the answer tokens (EOS left out), score = mean over the
+    # tensors that got a gradient (the LoRA ones only) of their L2 norms
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    assert 0 < len(trainable) < len(list(wrapped.parameters()))
+
+    def score(it):
+        p_ids = tokenizer(prompt_fn(it.question), add_special_tokens=False)
+        a_ids = tokenizer(it.answer, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids["input_ids"] + a_ids])
+        lp = F.log_softmax(wrapped(input_ids=ids).logits[0].float(), -1)
+        n = len(p_ids["input_ids"])
+        picked = [lp[n - 1 + j, t] for j, t in enumerate(a_ids)]
+        grads = torch.autograd.grad(-torch.stack(picked).mean(), trainable)
+        return float(torch.stack([g.norm(2) for g in grads]).mean())
+
+    forget = [score(it) for it in FORGET]
+    holdout = [score(it) for it in HOLDOUT]
+    got = tofu_eval["mia_gradnorm"]
+    for split, want in (("forget", forget), ("holdout", holdout)):
+        vbi = got[split]["value_by_index"]
+        assert [vbi[str(i)]["score"] for i in range(len(want))] == pytest.approx(
+            want, rel=1e-4
+        )
+    # AUC with forget = 0, holdout = 1 (higher score = non-member): the share of
+    # (holdout, forget) pairs ordered that way, ties counting half
+    pairs = [(h > f) + 0.5 * (h == f) for h in holdout for f in forget]
+    assert summary["mia_gradnorm"] == pytest.approx(sum(pairs) / len(pairs))
 
 
 # ------------------------------------------------------------------------ errors

@@ -120,14 +120,13 @@ def test_relearn_curve_scores_the_probes_and_trains_on_the_attack(
 def test_relearning_attack_from_the_cli(tmp_path_factory):
     """The main job with eval-relearn-steps: run.json and RELEARN.json hold the
     three curves and the gap, and the run's report shows the attack."""
-    from test_methods_e2e import BASE
-    from test_simulation import _cli
+    from helpers import E2E_BASE, run_cli
 
     runs = tmp_path_factory.mktemp("relearn_runs")
     out = tmp_path_factory.mktemp("relearn_out") / "run"
-    args = ["run", *BASE, "--method", "foul_server", "--quiet", "--out", str(out)]
+    args = ["run", *E2E_BASE, "--method", "foul_server", "--quiet", "--out", str(out)]
     args += ["--set", "eval-relearn-steps=4", "--set", "eval-max-items=6"]
-    _cli(args, runs)
+    run_cli(args, runs)
     run = json.loads((out / "run.json").read_text())
     rel = run["relearn"]
     assert rel == json.loads((out / "RELEARN.json").read_text())

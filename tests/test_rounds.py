@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import LinearClients, adapter_state, full_context, one_round_history
 
 from fed_unlearn.methods import UnlearnContext, get_method
 from fed_unlearn.methods.rounds import RoundLog, loss_params
@@ -30,24 +31,6 @@ def _drive(log, values):
         if log.end_round(r, {"x": torch.tensor([v])}):
             return r
     return len(values) - 1
-
-
-def _one_round_history(tmp_path, trained, deltas, sizes=None):
-    """A history store of one FL round: ``deltas`` client -> adapter delta."""
-    from fed_unlearn.history import HistoryStore, RoundRecord
-
-    store = HistoryStore(tmp_path / "h")
-    store.append(
-        RoundRecord(
-            round=1,
-            global_state=trained,
-            client_deltas=deltas,
-            num_examples=sizes or dict.fromkeys(deltas, 10),
-            participants=sorted(deltas),
-        )
-    )
-    store.set_final(trained)
-    return store
 
 
 def test_oracle_stops_at_the_first_round_in_the_oracle_band():
@@ -146,12 +129,10 @@ def test_option_errors_name_the_option():
 
 
 def test_foul_cached_mode_without_departed_history_is_a_clear_error(tmp_path):
-    from test_methods import LinearClients, _state
-
     from fed_unlearn.methods import MissingRequirementError
 
-    trained = _state()
-    store = _one_round_history(
+    trained = adapter_state()
+    store = one_round_history(
         tmp_path, trained, {0: {k: 0.1 * v for k, v in trained.items()}}
     )
     ctx = UnlearnContext(
@@ -160,7 +141,7 @@ def test_foul_cached_mode_without_departed_history_is_a_clear_error(tmp_path):
         remaining=(0,),
         seed=0,
         history=store,
-        clients=LinearClients({0: _state(1), 1: _state(2)}),
+        clients=LinearClients({0: adapter_state(1), 1: adapter_state(2)}),
     )
     with pytest.raises(
         MissingRequirementError, match=r"no update of client\(s\) \[1\]"
@@ -176,10 +157,8 @@ def test_foul_step_on_linear_clients_moves_away_from_the_forget_target():
     (With large steps, κ ≥ 1 and η = 1, the step overshoots the retain quadratic:
     first-order conflict mitigation is only a local guarantee.)
     """
-    from test_methods import _full_context, _state
-
-    trained = _state()
-    ctx, _, _ = _full_context(trained)
+    trained = adapter_state()
+    ctx, _, _ = full_context(trained)
     opts = {"rounds": 3, "subnetwork": "all", "stop": "budget", "kappa": 0.5}
     res = get_method("foul", {**opts, "server_lr": 0.2}).unlearn(ctx)
     tgt_f, tgt_r = ctx.clients.targets[1], ctx.clients.targets[0]
@@ -197,7 +176,7 @@ def _scalar_history(tmp_path, deltas, sizes=None):
     """History of one round over a one-tensor adapter ``{"x": [0.5]}``."""
     trained = {"x": torch.tensor([0.5])}
     deltas = {c: {"x": torch.tensor([d])} for c, d in deltas.items()}
-    return trained, _one_round_history(tmp_path, trained, deltas, sizes)
+    return trained, one_round_history(tmp_path, trained, deltas, sizes)
 
 
 def test_foul_server_mode_contacts_no_client_and_steps_along_g0(tmp_path):
@@ -331,7 +310,7 @@ def test_foul_rank_granularity_selects_rows_of_a_and_columns_of_b(tmp_path):
     units = rank_units(forget)
     assert sorted(units) == [f"{a}#0", f"{a}#1", f"{b}#0", f"{b}#1"]
     assert torch.equal(units[f"{b}#0"], forget[b][:, 0])
-    store = _one_round_history(tmp_path, trained, {0: retain, 1: forget})
+    store = one_round_history(tmp_path, trained, {0: retain, 1: forget})
     ctx = UnlearnContext(
         trained=trained, departed=(1,), remaining=(0,), seed=0, history=store
     )
@@ -376,8 +355,6 @@ def test_foul_cached_rank_mode_sends_only_the_selected_ranks(tmp_path):
     (0.5 (t - x)) lands on exactly those entries; info counts θ_V's bytes."""
     import json
 
-    from test_methods import LinearClients
-
     a, b, trained, forget, retain = _rank_case()
     target = {a: torch.arange(6.0).reshape(2, 3), b: torch.arange(6.0).reshape(3, 2)}
     clients = LinearClients({0: target})
@@ -386,7 +363,7 @@ def test_foul_cached_rank_mode_sends_only_the_selected_ranks(tmp_path):
         departed=(1,),
         remaining=(0,),
         seed=0,
-        history=_one_round_history(tmp_path, trained, {0: retain, 1: forget}),
+        history=one_round_history(tmp_path, trained, {0: retain, 1: forget}),
         clients=clients,
     )
     opts = {"granularity": "rank", "top_p": 0.5, "kappa": 0.0, "rounds": 1}

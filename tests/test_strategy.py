@@ -107,8 +107,46 @@ def test_all_rejected_keeps_the_global_adapter(strategy):
     assert s.history.load(1).participants == []
 
 
-def test_sampling_is_seeded_and_exclusion_happens_after_sampling():
+def test_sampling_is_seeded_and_depends_on_round_and_seed():
     a = sample_clients(0, 3, 10, 0.5)
     assert a == sample_clients(0, 3, 10, 0.5) and len(a) == 5
-    assert a != sample_clients(0, 4, 10, 0.5) or a != sample_clients(1, 3, 10, 0.5)
+    assert a == sorted(set(a)) and set(a) <= set(range(10))
+    # 252 possible 5-of-10 samples: 20 rounds (or 20 seeds) drawing the same one
+    # means the round (or the seed) is ignored
+    by_round = {tuple(sample_clients(0, r, 10, 0.5)) for r in range(1, 21)}
+    by_seed = {tuple(sample_clients(s, 3, 10, 0.5)) for s in range(20)}
+    assert len(by_round) >= 10 and len(by_seed) >= 10
     assert sample_clients(0, 1, 4, 1.0) == [0, 1, 2, 3]
+    # k = max(1, round(fraction * n)): 0.3 * 10 = 3; 0.01 * 10 rounds to 0 -> 1
+    assert len(sample_clients(0, 1, 10, 0.3)) == 3
+    assert len(sample_clients(0, 1, 10, 0.01)) == 1
+
+
+def _sent_clients(tmp_path, exclude, server_round):
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    nodes = {200 + c: c for c in range(10)}
+    s = HistoryFedAvg(
+        run_config={"preset": "tiny"},
+        node_to_client=nodes,
+        exclude=exclude,
+        history=HistoryStore(tmp_path / f"h{sorted(exclude)}"),
+        seed=4,
+        fraction=0.5,
+    )
+    glob = {"m.lora_A.weight": torch.zeros(2, 3)}
+    msgs = s.configure_train(server_round, ArrayRecord(glob), ConfigRecord(), None)
+    return {nodes[m.metadata.dst_node_id] for m in msgs}
+
+
+def test_exclusion_happens_after_sampling(tmp_path):
+    # the excluded clients are dropped from the round's sample, not replaced:
+    # the others sampled stay the same and the round is smaller
+    for server_round in (1, 2, 3):
+        full = _sent_clients(tmp_path, (), server_round)
+        assert len(full) == 5
+        gone = sorted(full)[:2]
+        kept = _sent_clients(tmp_path, gone, server_round)
+        assert kept == full - set(gone) and len(kept) == 3
+        # excluding a client the round did not sample changes nothing
+        unsampled = min(set(range(10)) - full)
+        assert _sent_clients(tmp_path, (unsampled,), server_round) == full

@@ -1,0 +1,153 @@
+"""Helpers shared by several test modules (no test module imports another).
+
+pytest's default ``prepend`` import mode puts this directory on ``sys.path``
+when it loads ``tests/conftest.py`` (no ``__init__.py`` here), so test modules
+import these with ``from helpers import ...``; conftest imports it too, which
+fails loudly at collection if that ever stops working.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The tiny CLI federation of the end-to-end tests (3 clients, 2 rounds, client 2
+#: departs).
+E2E_BASE = ["--preset", "tiny", "--clients", "3", "--rounds", "2", "--depart", "2"]
+
+
+def run_cli(args, runs_dir, check=True):
+    """Run ``python -m simulations.cli ARGS`` with ``FED_UNLEARN_RUNS=runs_dir``."""
+    env = {**os.environ, "FED_UNLEARN_RUNS": str(runs_dir)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def adapter_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small random two-tensor LoRA-like state (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "m.lora_A.weight": torch.randn(2, 4, generator=g),
+        "m.lora_B.weight": torch.randn(3, 2, generator=g),
+    }
+
+
+class LinearClients:
+    """In-process stand-in for the Flower channel with linear client maps.
+
+    Client ``c`` pulls every tensor it receives towards its own target ``t_c``
+    (``nll``: delta = 0.5 (t_c - x)) or pushes it away (any unlearning loss:
+    delta = -0.5 (t_c - x)), for every ``copy<k>.*`` tensor, filling the rest
+    from ``base.*`` (a tensor named in the request's ``ranks`` travels as those
+    ranks of it, and so does its target). Enough to exercise a method's
+    contract without Flower.
+    """
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.calls = []
+        self.arrays = []
+
+    def query(self, clients, kind, arrays, config):
+        import json
+
+        from fed_unlearn.adapters import take_ranks
+
+        assert kind == "local-update"
+        self.calls.append((tuple(clients), dict(config)))
+        self.arrays.append(arrays)
+        ranks = json.loads(config.get("ranks", "{}"))
+        out = {}
+        for cid in clients:
+            state = arrays[cid] if cid in arrays else arrays
+            sign = 1.0 if config.get("loss", "nll") == "nll" else -1.0
+            got = {}
+            for key, x in state.items():
+                if key.startswith("base."):
+                    continue
+                name = key.split(".", 1)[1]
+                target = self.targets[cid][name]
+                if name in ranks:  # the copy is a slice of these ranks
+                    target = take_ranks(target, name, ranks[name])
+                got[key] = sign * 0.5 * (target - x)
+            out[cid] = (got, {"num-examples": 10, "local-steps": 1, "tokens": 5})
+        return out
+
+
+def full_context(trained, tmp_path=None):
+    """A context with a two-round history, a retrain oracle and linear clients."""
+    import tempfile
+
+    from fed_unlearn.history import HistoryStore, RoundRecord
+    from fed_unlearn.methods import UnlearnContext
+
+    retrained = {k: v * 0.5 for k, v in trained.items()}
+    calls = []
+
+    def retrain():
+        calls.append(1)
+        return retrained
+
+    root = tmp_path or tempfile.mkdtemp()
+    store = HistoryStore(f"{root}/history")
+    targets = {c: adapter_state(10 + c) for c in (0, 1)}
+    deltas = {
+        c: {k: 0.1 * (targets[c][k] - trained[k]) for k in trained} for c in (0, 1)
+    }
+    # a FedAvg history (equal weights) that ends at ``trained``
+    step = {k: (deltas[0][k] + deltas[1][k]) / 2 for k in trained}
+    for r in (1, 2):
+        store.append(
+            RoundRecord(
+                round=r,
+                global_state={k: trained[k] - (3 - r) * step[k] for k in trained},
+                client_deltas=deltas,
+                num_examples={0: 10, 1: 10},
+                participants=[0, 1],
+            )
+        )
+    store.set_final(trained)
+    ctx = UnlearnContext(
+        trained=trained,
+        departed=(1,),
+        remaining=(0,),
+        seed=0,
+        history=store,
+        retrain=retrain,
+        clients=LinearClients(targets),
+        departed_cooperates=True,
+    )
+    return ctx, retrained, calls
+
+
+def one_round_history(tmp_path, trained, deltas, sizes=None):
+    """A history store of one FL round: ``deltas`` client -> adapter delta."""
+    from fed_unlearn.history import HistoryStore, RoundRecord
+
+    store = HistoryStore(tmp_path / "h")
+    store.append(
+        RoundRecord(
+            round=1,
+            global_state=trained,
+            client_deltas=deltas,
+            num_examples=sizes or dict.fromkeys(deltas, 10),
+            participants=sorted(deltas),
+        )
+    )
+    store.set_final(trained)
+    return store
