@@ -427,6 +427,74 @@ def run_fl_phase(
     return PhaseResult(final, stats, final_dir, cached=False, key=key)
 
 
+FEDERATION = "federation"
+
+
+def save_federation(phase: PhaseResult, run_dir: Path) -> Path:
+    """Keep an FL run's history beside its run, where it outlives the cache.
+
+    ``run_dir/federation/`` gets a copy of the phase's history store (with its
+    encryption, if any) and ``phase.json``. Later departures
+    (``fed-unlearn forget``) read it and record what they removed there, in the
+    store's unlearning ledger; the FL cache itself is never written again.
+
+    Parameters
+    ----------
+    phase : PhaseResult
+        The finished FL phase.
+    run_dir : Path
+        The run directory.
+
+    Returns
+    -------
+    Path
+        The federation directory.
+
+    Raises
+    ------
+    PipelineError
+        If the directory already holds a federation.
+    """
+    root = run_dir / FEDERATION
+    if root.exists():
+        raise PipelineError(f"{root} already holds a federation; it is never replaced")
+    tmp = scratch_dir(root)
+    shutil.copytree(phase.path / "history", tmp / "history")
+    (tmp / "phase.json").write_text(json.dumps(phase.stats, indent=2, default=str))
+    os.replace(tmp, root)
+    return root
+
+
+def load_federation(root: Path, key: bytes | None) -> PhaseResult:
+    """Open a federation saved by :func:`save_federation` as an FL phase.
+
+    Its ``final`` is the adapter the next departure starts from: the latest
+    recorded unlearning's, or the FL run's.
+
+    Raises
+    ------
+    PipelineError
+        If it is missing, or its history is corrupt or has another key.
+    """
+    store = HistoryStore(root / "history", key=key)
+    if not (root / "phase.json").is_file():
+        raise PipelineError(f"{root}: not a federation (no phase.json)")
+    if store.encrypted != (key is not None):
+        has = "no history key" if key is None else "a history key"
+        raise PipelineError(
+            f"federation {root}: its history is "
+            f"{'encrypted' if store.encrypted else 'not encrypted'}, but this run "
+            f"has {has}"
+        )
+    try:
+        store.validate()
+        current = store.current()
+        stats = json.loads((root / "phase.json").read_text())
+    except (HistoryError, OSError, ValueError) as exc:
+        raise PipelineError(f"federation {root}: {exc}") from exc
+    return PhaseResult(current, stats, root, cached=True, key=key)
+
+
 @dataclass
 class PipelineOutput:
     """What the pipeline produced (the CLI evaluates and reports it)."""
@@ -438,6 +506,39 @@ class PipelineOutput:
     unlearn_stats: dict[str, Any] = field(default_factory=dict)
     grid: CountingGrid | None = None
     node_map: dict[int, int] | None = None
+    federation: Path | None = None
+
+
+def departure_plan(
+    cfg: RunConfig, store: HistoryStore
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Return (departed, remaining, excluded from the oracle) of a departure.
+
+    ``excluded`` is every client forgotten so far plus the departed ones: the
+    retrain oracle of a sequence of departures is FL without all of them.
+
+    Raises
+    ------
+    PipelineError
+        A departed client never took part or is already forgotten.
+    """
+    departed = cfg.departed()
+    try:
+        seen, forgotten = store.clients(), store.forgotten()
+    except HistoryError as exc:
+        raise PipelineError(str(exc)) from exc
+    never = [c for c in departed if c not in seen]
+    if never:
+        raise PipelineError(
+            f"--depart: client(s) {never} never took part in the FL run"
+        )
+    again = [c for c in departed if c in forgotten]
+    if again:
+        raise PipelineError(
+            f"client(s) {again} are already forgotten (forgotten so far: {forgotten})"
+        )
+    remaining = tuple(c for c in cfg.remaining() if c not in forgotten)
+    return departed, remaining, tuple(sorted({*forgotten, *departed}))
 
 
 def run_pipeline(
@@ -445,6 +546,7 @@ def run_pipeline(
     cfg: RunConfig,
     steps: tuple[str, ...] = ("train", "unlearn"),
     on_round: Callable[[str, int, dict[str, Any]], None] | None = None,
+    federation: Path | None = None,
 ) -> PipelineOutput:
     """FL training -> departure -> unlearning -> retrain oracle.
 
@@ -458,6 +560,9 @@ def run_pipeline(
         ``("train",)`` or ``("train", "unlearn")``.
     on_round : Callable, optional
         ``(phase, round, info)`` progress callback.
+    federation : Path, optional
+        A saved federation (:func:`save_federation`): no FL runs; the departure
+        starts from its current adapter, and clients it already forgot stay out.
 
     Returns
     -------
@@ -466,7 +571,10 @@ def run_pipeline(
     """
     # fail before any work on an unknown method or option
     method = get_method(cfg.method, cfg.method_options)
-    departed, remaining = cfg.departed(), cfg.remaining()
+    fed = load_federation(federation, history_key(cfg)) if federation else None
+    if fed is not None:
+        # a bad request is refused before Flower or a model is started
+        departure_plan(cfg, fed.history)
     # The server's model first: on one machine it builds the tiny base once,
     # before the SuperNodes load theirs while answering the discovery.
     model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
@@ -481,21 +589,21 @@ def run_pipeline(
     def cb(phase: str) -> Callable[[int, dict[str, Any]], None] | None:
         return None if on_round is None else (lambda r, info: on_round(phase, r, info))
 
-    train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"))
-    out = PipelineOutput(cfg, train, grid=counting, node_map=node_map)
+    if fed is not None:
+        train = fed
+    else:
+        train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"))
+    out = PipelineOutput(
+        cfg, train, grid=counting, node_map=node_map, federation=federation
+    )
     if "unlearn" not in steps:
         return out
-    seen = train.history.clients()
-    never = [c for c in departed if c not in seen]
-    if never:
-        raise PipelineError(
-            f"--depart: client(s) {never} never took part in the FL run"
-        )
+    departed, remaining, excluded = departure_plan(cfg, train.history)
 
     def retrain() -> dict[str, torch.Tensor]:
         if out.retrain is None:
             out.retrain = run_fl_phase(
-                counting, cfg, node_map, departed, initial, cb("retrain")
+                counting, cfg, node_map, excluded, initial, cb("retrain")
             )
         return out.retrain.final
 

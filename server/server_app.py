@@ -59,6 +59,21 @@ def write_outputs(out: PipelineOutput, out_dir: Path) -> None:
     (out_dir / "pipeline.json").write_text(json.dumps(info, indent=2, default=str))
     if out.unlearned is not None and out.cfg.receipt_key_file:
         write_receipt(out, out_dir)
+    if out.unlearned is not None and out.federation is not None:
+        # the departure is done: the federation forgets these clients from now on
+        stats = out.unlearn_stats
+        index = out.train.history.record_unlearning(
+            list(out.cfg.departed()),
+            out.unlearned,
+            {
+                "method": stats["method"],
+                "requested_at": stats["requested_at"],
+                "finished_at": stats["finished_at"],
+                "wire_bytes": stats["bytes"],
+                "run_dir": str(out_dir),
+            },
+        )
+        log.info("fed-unlearn: %s records unlearning #%d", out.federation, index)
 
 
 def write_receipt(out: PipelineOutput, out_dir: Path) -> Path:
@@ -104,6 +119,7 @@ def make_server_app(
     steps: tuple[str, ...],
     state: dict[str, Any],
     on_round: Any = None,
+    federation: Path | None = None,
 ) -> ServerApp:
     """Build a ServerApp bound to ``cfg`` for ``run_simulation``.
 
@@ -118,6 +134,8 @@ def make_server_app(
         ``run_simulation`` does not return the ServerApp's result.
     on_round : Callable, optional
         Progress callback ``(phase, round, info)``.
+    federation : Path, optional
+        A saved federation to depart from.
 
     Returns
     -------
@@ -129,7 +147,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            state["output"] = run_pipeline(grid, cfg, steps, on_round)
+            state["output"] = run_pipeline(grid, cfg, steps, on_round, federation)
         except BaseException as exc:  # noqa: BLE001 - handed back to the CLI thread
             state["error"] = exc
             state["traceback"] = traceback.format_exc()

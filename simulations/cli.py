@@ -194,6 +194,44 @@ def cmd_run(
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """``forget RUN --client ID``: one departure from a saved federation.
+
+    No FL runs: the departure starts from the federation's current adapter (the
+    trained one, or the last departure's), clients forgotten before stay out,
+    and on success the federation records this client as forgotten.
+    """
+    from simulations.runner import run_all
+
+    run_dir = Path(args.run_dir)
+    fed = run_dir / "federation"
+    if not (fed / "phase.json").is_file():
+        raise UsageError(
+            f"{run_dir}: no federation/ (it is made by `fed-unlearn train --out "
+            f"{run_dir}`)"
+        )
+    base = _saved_config(run_dir)
+    cfg = build_config(args, {**base, "depart": str(args.client)})
+    if cfg.fl_key(()) != RunConfig.from_flat(base).fl_key(()):
+        raise UsageError(
+            "forget keeps the federation's FL settings; --set may change only "
+            "evaluation keys, key files and method options"
+        )
+    out = Path(args.out)
+    _fresh_out(out, args.force)
+    run = run_all(
+        cfg,
+        out,
+        ("train", "unlearn"),
+        do_eval=not args.no_eval,
+        progress=not args.quiet,
+        federation=fed,
+    )
+    print_table(run)
+    print(f"results: {out}/run.json; {fed} now forgets {run['forgotten']}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``evaluate DIR``: (re-)evaluate the adapters saved in a run directory."""
     from simulations.runner import evaluate_adapters, write_evals, write_json
@@ -336,6 +374,21 @@ def parser() -> argparse.ArgumentParser:
     )
     p_un.add_argument("run_dir")
     _add_run_flags(p_un)
+    p_fg = sub.add_parser(
+        "forget",
+        help="a member asks to be forgotten: unlearn it from a trained federation",
+    )
+    p_fg.add_argument("run_dir", help="a `fed-unlearn train` run (its federation/)")
+    p_fg.add_argument("--client", type=int, required=True, help="the client to forget")
+    p_fg.add_argument("--method", help="unlearning method (default: the run's)")
+    p_fg.add_argument("--opt", action="append", metavar="OPTION=VALUE")
+    p_fg.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="evaluation or key files"
+    )
+    p_fg.add_argument("--out", required=True, help="run directory of this departure")
+    p_fg.add_argument("--force", action="store_true")
+    p_fg.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p_fg.add_argument("--quiet", action="store_true", help="no progress bars")
     p_ev = sub.add_parser("evaluate", help="evaluate the adapters of a run directory")
     p_ev.add_argument("run_dir")
     p_rep = sub.add_parser("report", help="write report.md/.html with plots for runs")
@@ -484,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.cmd == "evaluate":
             return cmd_evaluate(args)
+        if args.cmd == "forget":
+            return cmd_forget(args)
         if args.cmd == "report":
             return cmd_report(args)
         if args.cmd == "bench":

@@ -434,3 +434,49 @@ def test_a_signed_receipt_for_a_cli_unlearning_verifies(cached, tmp_path):
     (out / "receipt.json").write_text(json.dumps({**receipt, "departed": [1]}))
     bad = run_cli(verify, runs, check=False)
     assert bad.returncode == 1 and "invalid signature" in bad.stderr
+
+
+def test_forget_requests_run_in_sequence_from_a_saved_federation(cached, tmp_path):
+    """`train` keeps the federation; each `forget` is a later, separate run that
+    trains nothing, starts from the last unlearned adapter, refuses a client that
+    never joined or is already forgotten (changing nothing), and records whom
+    the federation has forgotten."""
+    from safetensors.torch import load_file
+
+    runs, _ = cached
+    fed = tmp_path / "fed"
+    train = ["train", *E2E_BASE, "--quiet", "--out", str(fed)]
+    run_cli(train, runs)
+    assert (fed / "federation" / "history" / "meta.json").is_file()
+
+    def forget(client, out, check=True):
+        args = ["forget", str(fed), "--client", str(client), "--method", "foul_server"]
+        return run_cli([*args, "--quiet", "--no-eval", "--out", str(out)], runs, check)
+
+    def snapshot():
+        root = fed / "federation"
+        return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    forget(2, tmp_path / "f2")
+    first = json.loads((tmp_path / "f2" / "run.json").read_text())
+    assert first["forgotten"] == [2] and first["forgotten_before"] == []
+    assert first["remaining"] == [0, 1]
+    assert first["rounds"]["train"] == 2 and first["cached"]["train"] is True
+    before = snapshot()
+    again = forget(2, tmp_path / "again", check=False)
+    assert again.returncode == 1 and "[2] are already forgotten" in again.stderr
+    never = forget(7, tmp_path / "never", check=False)
+    assert never.returncode == 1 and "[7] never took part" in never.stderr
+    assert snapshot() == before
+    assert not (tmp_path / "again" / "run.json").exists()
+
+    forget(1, tmp_path / "f1")
+    second = json.loads((tmp_path / "f1" / "run.json").read_text())
+    assert second["forgotten_before"] == [2] and second["forgotten"] == [1, 2]
+    assert second["remaining"] == [0]
+    unlearned = load_file(
+        str(tmp_path / "f2/adapters/unlearned/adapter_model.safetensors")
+    )
+    start = load_file(str(tmp_path / "f1/adapters/original/adapter_model.safetensors"))
+    assert unlearned.keys() == start.keys()
+    assert all(torch.equal(unlearned[k], start[k]) for k in start)
