@@ -262,6 +262,14 @@ class RunConfig:
         it does not train on, and the original model's probes fall).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
+    mode : str
+        What a ``flwr run`` of the ServerApp does: ``"run"`` (FL, departure,
+        unlearning, oracle: the simulation's main job), ``"train"`` (FL only; the
+        history is kept in ``federation-dir``) or ``"forget"`` (the departure
+        of ``depart`` from ``federation-dir``, no FL) (default: ``"run"``).
+    federation_dir : str
+        Directory of the federation's persistent history on the server's host,
+        for ``mode`` train and forget (default: empty).
     departed_online : bool
         Whether departed clients still answer requests after their departure
         (methods that need their cooperation, e.g. MPU or FOUL ``live``, require
@@ -311,6 +319,8 @@ class RunConfig:
     eval_relearn_fraction: float = 0.5
     eval_relearn_lr: float = 0.0
     out_dir: str = "runs/latest"
+    mode: str = "run"
+    federation_dir: str = ""
     departed_online: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -511,6 +521,13 @@ class RunConfig:
             raise ConfigError(
                 "config key 'history-dtype' must be 'float32' or 'float16'"
             )
+        if self.mode not in ("run", "train", "forget"):
+            raise ConfigError(
+                "config key 'mode' must be 'run', 'train' or 'forget', "
+                f"got {self.mode!r}"
+            )
+        if self.mode != "run" and not self.federation_dir:
+            raise ConfigError(f"mode {self.mode!r} needs config key 'federation-dir'")
         if self.dual_adapter and self.aggregation != "fedavg":
             raise ConfigError(
                 "config key 'dual-adapter' needs aggregation 'fedavg' (product_svd "
@@ -644,6 +661,8 @@ class RunConfig:
                 "eval-relearn-lr",
                 "departed-online",
                 "history-key-file",
+                "mode",
+                "federation-dir",
                 "receipt-key-file",
             )
             # x- keys are notes, except the fault injections: a faulty run's

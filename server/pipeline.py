@@ -430,7 +430,7 @@ def run_fl_phase(
 FEDERATION = "federation"
 
 
-def save_federation(phase: PhaseResult, run_dir: Path) -> Path:
+def save_federation(phase: PhaseResult, run_dir: Path, name: str = FEDERATION) -> Path:
     """Keep an FL run's history beside its run, where it outlives the cache.
 
     ``run_dir/federation/`` gets a copy of the phase's history store (with its
@@ -444,6 +444,8 @@ def save_federation(phase: PhaseResult, run_dir: Path) -> Path:
         The finished FL phase.
     run_dir : Path
         The run directory.
+    name : str
+        The federation directory's name in it (default: ``federation``).
 
     Returns
     -------
@@ -455,7 +457,7 @@ def save_federation(phase: PhaseResult, run_dir: Path) -> Path:
     PipelineError
         If the directory already holds a federation.
     """
-    root = run_dir / FEDERATION
+    root = run_dir / name
     if root.exists():
         raise PipelineError(f"{root} already holds a federation; it is never replaced")
     tmp = scratch_dir(root)

@@ -22,6 +22,7 @@ from server.pipeline import (
     federated_evaluate,
     run_pipeline,
     save_adapter,
+    save_federation,
 )
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,25 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run .`` entry point: pipeline + adapters + ``pipeline.json``."""
+    """``flwr run .`` entry point: pipeline + adapters + ``pipeline.json``.
+
+    ``mode`` (run config) picks the job: ``run`` (FL, departure, unlearning,
+    oracle), ``train`` (FL; the history is kept in ``federation-dir``) or
+    ``forget`` (a later, separate run: the departure of ``depart`` from
+    ``federation-dir``, no FL).
+    """
     cfg = RunConfig.from_flat(dict(context.run_config))
-    out = run_pipeline(grid, cfg, ("train", "unlearn"))
     out_dir = Path(cfg.out_dir)
+    fed_dir = Path(cfg.federation_dir) if cfg.federation_dir else None
+    if cfg.mode == "train":
+        assert fed_dir is not None
+        out = run_pipeline(grid, cfg, ("train",))
+        save_federation(out.train, fed_dir.parent, name=fed_dir.name)
+        write_outputs(out, out_dir)
+        log.info("fed-unlearn: federation kept in %s", fed_dir)
+        return
+    federation = fed_dir if cfg.mode == "forget" else None
+    out = run_pipeline(grid, cfg, ("train", "unlearn"), federation=federation)
     write_outputs(out, out_dir)
     assert out.grid is not None and out.node_map is not None
     assert out.unlearned is not None and out.retrain is not None
