@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fed_unlearn.dual import DualSpec
@@ -132,6 +133,38 @@ def _as_bool(value: object) -> bool:
     raise ValueError("not a boolean")
 
 
+def data_fingerprint(data_dir: str | Path) -> str:
+    """SHA-256 of every file under ``data_dir`` (relative names and bytes).
+
+    Parameters
+    ----------
+    data_dir : str or Path
+        A directory of client data.
+
+    Returns
+    -------
+    str
+        ``"sha256:<64 hex>"``; it changes when any file is edited, added,
+        removed or renamed, and not with the path used to reach the directory.
+
+    Raises
+    ------
+    ConfigError
+        If ``data_dir`` is not a directory.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"config key 'data-dir': {root} is not a directory")
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return f"sha256:{h.hexdigest()}"
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run (FL phase, departure, unlearning, evaluation).
@@ -194,6 +227,15 @@ class RunConfig:
         Decoder layer of their features; -1 = the middle one (default: -1).
     history_dtype : str
         ``"float32"`` (default) or ``"float16"`` for the history store.
+    history_key_file : str
+        File holding the 32-byte key (64 hex characters) that encrypts the
+        history at rest with AES-256-GCM; empty = ``$FED_UNLEARN_HISTORY_KEY``
+        if set, else no encryption (default: empty). Not part of any cache key:
+        it changes no result.
+    receipt_key_file : str
+        Ed25519 private key (PEM, ``fed-unlearn receipt new-key``) that signs
+        ``receipt.json`` after an unlearning; empty = no receipt (default:
+        empty). Not part of any cache key.
     eval_max_new_tokens : int, optional
         Greedy generation length for ROUGE (default: preset).
     eval_batch_size : int
@@ -220,6 +262,14 @@ class RunConfig:
         it does not train on, and the original model's probes fall).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
+    mode : str
+        What a ``flwr run`` of the ServerApp does: ``"run"`` (FL, departure,
+        unlearning, oracle: the simulation's main job), ``"train"`` (FL only; the
+        history is kept in ``federation-dir``) or ``"forget"`` (the departure
+        of ``depart`` from ``federation-dir``, no FL) (default: ``"run"``).
+    federation_dir : str
+        Directory of the federation's persistent history on the server's host,
+        for ``mode`` train and forget (default: empty).
     departed_online : bool
         Whether departed clients still answer requests after their departure
         (methods that need their cooperation, e.g. MPU or FOUL ``live``, require
@@ -258,6 +308,8 @@ class RunConfig:
     dual_v_weight: float = 0.1
     dual_layer: int = -1
     history_dtype: str = "float32"
+    history_key_file: str = ""
+    receipt_key_file: str = ""
     eval_max_new_tokens: int | None = None
     eval_batch_size: int = 16
     eval_max_items: int = 30
@@ -267,6 +319,8 @@ class RunConfig:
     eval_relearn_fraction: float = 0.5
     eval_relearn_lr: float = 0.0
     out_dir: str = "runs/latest"
+    mode: str = "run"
+    federation_dir: str = ""
     departed_online: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -467,6 +521,13 @@ class RunConfig:
             raise ConfigError(
                 "config key 'history-dtype' must be 'float32' or 'float16'"
             )
+        if self.mode not in ("run", "train", "forget"):
+            raise ConfigError(
+                "config key 'mode' must be 'run', 'train' or 'forget', "
+                f"got {self.mode!r}"
+            )
+        if self.mode != "run" and not self.federation_dir:
+            raise ConfigError(f"mode {self.mode!r} needs config key 'federation-dir'")
         if self.dual_adapter and self.aggregation != "fedavg":
             raise ConfigError(
                 "config key 'dual-adapter' needs aggregation 'fedavg' (product_svd "
@@ -599,8 +660,17 @@ class RunConfig:
                 "eval-relearn-fraction",
                 "eval-relearn-lr",
                 "departed-online",
+                "history-key-file",
+                "mode",
+                "federation-dir",
+                "receipt-key-file",
             )
-            and not k.startswith(("x-", METHOD_OPTION_PREFIX))
+            # x- keys are notes, except the fault injections: a faulty run's
+            # phase must not be reused by a normal one
+            and (
+                k.startswith("x-fault-")
+                or not k.startswith(("x-", METHOD_OPTION_PREFIX))
+            )
             # the dual settings change nothing while the dual adapter is off
             and (r.dual_adapter or not k.startswith("dual-"))
         }
@@ -616,6 +686,10 @@ class RunConfig:
             keep.pop("domains", None)
         if not r.audit_fraction:  # likewise
             keep.pop("audit-fraction", None)
+        if r.data_dir:
+            # the data's content, not its path: an edited file is new data, and
+            # a relative and an absolute path to the same files are the same
+            keep["data-dir"] = data_fingerprint(r.data_dir)
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]
         keep["model"] = model_identity(self.preset, self.model_path or None)

@@ -5,11 +5,37 @@ global adapter it sent out, each participant's delta and example count. The
 :class:`HistoryStore` keeps that on disk::
 
     root/meta.json                       format version, dtype, adapter schema
-                                         (key -> shape), committed rounds
+                                         (key -> shape), committed rounds, the
+                                         SHA-256 of each round's meta and of
+                                         final.safetensors, its own SHA-256
     root/round_0001/global.safetensors   global adapter at the start of round 1
     root/round_0001/client_<id>.safetensors   client adapter - global adapter
-    root/round_0001/meta.json            num_examples, participants, rejected
+    root/round_0001/meta.json            num_examples, participants, rejected,
+                                         the SHA-256 of each tensor file
     root/final.safetensors               global adapter after the last round
+    root/unlearned_0001.safetensors      the adapter after the first recorded
+                                         unlearning (float32; listed with its
+                                         clients, method and time in the root
+                                         meta's ``unlearnings``)
+    root/encryption.json                 only in an encrypted store: scheme and
+                                         key fingerprint (never the key)
+
+**Integrity.** Every file is covered by a SHA-256 checksum recorded one level up
+(tensor files in their round's meta, round metas and the final adapter in the
+root meta, the root meta in itself) and checked on every load, so a flipped
+byte anywhere is an error naming the file, never a silently different number.
+Stores of format 1 (before checksums) are still read, without that check, and
+are read-only.
+
+**Encryption at rest** (optional). With a 32-byte ``key``, every file above
+except ``encryption.json`` is AES-256-GCM encrypted (``cryptography``): a fresh
+12-byte nonce per write, the file's path relative to the store as associated
+data (a file moved to another place fails to decrypt), the nonce stored in front
+of the ciphertext. A wrong key, a missing key, a tampered or truncated file are
+each a :class:`HistoryError` naming the file. The key comes from a file or the
+environment (:func:`load_key`), never from a constant; :func:`rekey` re-encrypts
+a store under a new key (or encrypts or decrypts it). GCM authenticates each
+file; it does not stop a whole store being replaced by an older copy of itself.
 
 ``root/meta.json`` is the commit record: a round exists once it is listed there.
 A round is written into ``root/.tmp_round_NNNN``, renamed to ``round_NNNN`` and
@@ -21,23 +47,43 @@ A single writer per store is assumed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from fed_unlearn.types import AdapterState
 
-__all__ = ["FORMAT_VERSION", "HistoryError", "HistoryStore", "RoundRecord"]
+__all__ = [
+    "FORMAT_VERSION",
+    "KEY_ENV",
+    "HistoryError",
+    "HistoryStore",
+    "RoundRecord",
+    "key_fingerprint",
+    "load_key",
+    "new_key",
+    "rekey",
+]
 
-#: Version of the on-disk layout written by this module.
-FORMAT_VERSION = 1
+#: Version of the on-disk layout written by this module (2: checksums).
+FORMAT_VERSION = 2
+#: Versions this module reads (1: before checksums, read-only).
+_READABLE = (1, 2)
+#: Environment variable holding the history key (64 hex characters).
+KEY_ENV = "FED_UNLEARN_HISTORY_KEY"
+_ENCRYPTION = "encryption.json"
+_SCHEME = "AES-256-GCM"
+_NONCE = 12
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 _META = "meta.json"
@@ -46,6 +92,7 @@ _FINAL = "final.safetensors"
 _TMP_PREFIX = ".tmp_round_"
 _ROUND_RE = re.compile(r"^round_(\d+)$")
 _CLIENT_RE = re.compile(r"^client_(\d+)\.safetensors$")
+_UNLEARNED = "unlearned_{:04d}.safetensors"
 
 
 class HistoryError(RuntimeError):
@@ -94,11 +141,6 @@ def _round_name(r: int) -> str:
     return f"round_{r:04d}"
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -112,25 +154,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: temporary file, fsync, ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise HistoryError(f"{path}: missing file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise HistoryError(f"{path}: cannot read JSON ({e})") from e
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of a root meta without its own checksum field (canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _schema_of(state: object, what: str) -> dict[str, tuple[int, ...]]:
@@ -144,6 +171,138 @@ def _schema_of(state: object, what: str) -> dict[str, tuple[int, ...]]:
 
 def _dir_nbytes(path: Path) -> int:
     return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+
+
+def new_key() -> bytes:
+    """Return a fresh 32-byte history key from :mod:`secrets`."""
+    return secrets.token_bytes(32)
+
+
+def key_fingerprint(key: bytes) -> str:
+    """Return a 16-hex-character fingerprint of ``key`` (safe to log and store).
+
+    Parameters
+    ----------
+    key : bytes
+        A 32-byte history key.
+
+    Returns
+    -------
+    str
+        The first 16 hex characters of SHA-256(``b"fed_unlearn history key" + key``).
+    """
+    return hashlib.sha256(b"fed_unlearn history key" + key).hexdigest()[:16]
+
+
+def _parse_key(text: str, where: str) -> bytes:
+    raw = text.strip()
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise HistoryError(
+            f"{where}: a history key is 64 hex characters (32 bytes); got "
+            f"{len(raw)} characters that are not one"
+        )
+    return key
+
+
+def load_key(path: str | Path | None = None, *, env: bool = True) -> bytes | None:
+    """Read the history key from ``path``, else from ``$FED_UNLEARN_HISTORY_KEY``.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        A file holding the key as 64 hex characters (its first line).
+    env : bool
+        Fall back to the environment variable :data:`KEY_ENV` (default: True).
+
+    Returns
+    -------
+    bytes or None
+        The 32-byte key, or ``None`` when neither source is given.
+
+    Raises
+    ------
+    HistoryError
+        If the file cannot be read or holds no valid key. The message never
+        contains the key.
+    """
+    if path:
+        p = Path(path).expanduser()
+        try:
+            text = p.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as e:
+            raise HistoryError(f"history key file {p}: cannot read it ({e})") from e
+        return _parse_key(text.splitlines()[0] if text else "", f"history key file {p}")
+    if env and os.environ.get(KEY_ENV):
+        return _parse_key(os.environ[KEY_ENV], f"${KEY_ENV}")
+    return None
+
+
+class _Codec:
+    """How a store's files are turned into bytes on disk (plain or AES-GCM)."""
+
+    def __init__(self, root: Path, key: bytes | None) -> None:
+        self.root = root
+        self.key = key
+        if key is not None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            if not isinstance(key, bytes) or len(key) != 32:
+                raise HistoryError("a history key must be 32 bytes")
+            self._aead = AESGCM(key)
+
+    def _aad(self, path: Path) -> bytes:
+        # the final name of the file inside the store (temporary dirs map to it)
+        rel = path.relative_to(self.root).as_posix()
+        rel = re.sub(r"^\.tmp_round_(\d+)/", r"round_\1/", rel)
+        rel = re.sub(r"(^|/)\.([^/]+)\.tmp$", r"\1\2", rel)
+        return rel.encode()
+
+    def encode(self, path: Path, data: bytes) -> bytes:
+        if self.key is None:
+            return data
+        nonce = secrets.token_bytes(_NONCE)
+        return nonce + self._aead.encrypt(nonce, data, self._aad(path))
+
+    def decode(self, path: Path, data: bytes) -> bytes:
+        if self.key is None:
+            return data
+        from cryptography.exceptions import InvalidTag
+
+        if len(data) < _NONCE + 16:
+            raise HistoryError(f"{path}: truncated encrypted file ({len(data)} bytes)")
+        try:
+            return self._aead.decrypt(data[:_NONCE], data[_NONCE:], self._aad(path))
+        except InvalidTag:
+            raise HistoryError(
+                f"{path}: failed authentication (tampered, truncated or moved file)"
+            ) from None
+
+    def write(self, path: Path, data: bytes) -> str:
+        """Write ``data`` (encoded) durably; return the SHA-256 of what is on disk."""
+        blob = self.encode(path, data)
+        with open(path, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        return hashlib.sha256(blob).hexdigest()
+
+    def read(self, path: Path, sha256: str | None = None) -> bytes:
+        """Read ``path``, check its checksum (when given), decode it."""
+        if not path.is_file():
+            raise HistoryError(f"{path}: missing file")
+        try:
+            blob = path.read_bytes()
+        except OSError as e:
+            raise HistoryError(f"{path}: cannot read ({e})") from e
+        if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+            raise HistoryError(
+                f"{path}: checksum mismatch (the file changed after it was written)"
+            )
+        return self.decode(path, blob)
 
 
 class HistoryStore:
@@ -163,6 +322,10 @@ class HistoryStore:
     ----------
     root : str or Path
         Directory of the store.
+    key : bytes, optional
+        32-byte AES-256-GCM key (:func:`load_key`, :func:`new_key`). A new store
+        written with a key is encrypted; an encrypted store needs its key to be
+        read, and a plaintext store refuses one (use :func:`rekey`).
     dtype : str
         Storage dtype for a new store, ``"float32"`` or ``"float16"``. An
         existing store keeps the dtype recorded in its ``meta.json`` (readers
@@ -175,11 +338,92 @@ class HistoryStore:
         If ``dtype`` is not supported.
     """
 
-    def __init__(self, root: str | Path, dtype: str = "float32") -> None:
+    def __init__(
+        self, root: str | Path, dtype: str = "float32", *, key: bytes | None = None
+    ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self._root = Path(root)
         self._requested_dtype = dtype
+        self._codec = _Codec(self._root, key)
+
+    @property
+    def encrypted(self) -> bool:
+        """bool: whether the store on disk is encrypted (or will be, if new)."""
+        if (self._root / _ENCRYPTION).is_file():
+            return True
+        return self._codec.key is not None and not (self._root / _META).is_file()
+
+    # ------------------------------------------------------------------ files
+    def _check_key(self) -> None:
+        """Refuse a missing, wrong or unneeded key before any file is decoded."""
+        enc = self._root / _ENCRYPTION
+        key = self._codec.key
+        if enc.is_file():
+            try:
+                info = json.loads(enc.read_text(encoding="utf-8"))
+                fingerprint, scheme = info["key_fingerprint"], info["scheme"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise HistoryError(f"{enc}: cannot read ({e})") from e
+            if scheme != _SCHEME:
+                raise HistoryError(f"{enc}: unsupported scheme {scheme!r}")
+            if key is None:
+                raise HistoryError(
+                    f"history store {self._root} is encrypted; give its key "
+                    f"(config key 'history-key-file' or ${KEY_ENV})"
+                )
+            if key_fingerprint(key) != fingerprint:
+                raise HistoryError(
+                    f"history store {self._root}: wrong key (the store's key has "
+                    f"fingerprint {fingerprint}, the given one "
+                    f"{key_fingerprint(key)})"
+                )
+        elif key is not None and (self._root / _META).is_file():
+            raise HistoryError(
+                f"history store {self._root} is not encrypted, but a key was "
+                "given; encrypt it with `fed-unlearn history rekey`"
+            )
+
+    def _write_json(self, path: Path, obj: Any) -> str:
+        """Write JSON atomically (temporary file, fsync, ``os.replace``).
+
+        Returns the SHA-256 of the bytes on disk.
+        """
+        tmp = path.with_name(f".{path.name}.tmp")
+        sha = self._codec.write(tmp, json.dumps(obj, indent=1).encode())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return sha
+
+    def _read_json(self, path: Path, sha256: str | None = None) -> Any:
+        data = self._codec.read(path, sha256)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError as e:
+            raise HistoryError(f"{path}: cannot read JSON ({e})") from e
+
+    def _write_root_meta(self, meta: dict[str, Any]) -> None:
+        meta["meta_sha256"] = _meta_digest(meta)
+        self._write_json(self._root / _META, meta)
+
+    def _create(
+        self, schema: dict[str, tuple[int, ...]], meta: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Create the store (or give an empty one its schema); return its meta."""
+        meta = self._new_meta(schema) if meta is None else meta
+        meta["schema"] = {k: list(v) for k, v in schema.items()}
+        self._root.mkdir(parents=True, exist_ok=True)
+        enc = self._root / _ENCRYPTION
+        if self._codec.key is not None and not enc.is_file():
+            info = {
+                "scheme": _SCHEME,
+                "key_fingerprint": key_fingerprint(self._codec.key),
+            }
+            tmp = enc.with_name(f".{enc.name}.tmp")
+            tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
+            os.replace(tmp, enc)
+        self._write_root_meta(meta)
+        return meta
 
     def __repr__(self) -> str:
         return f"HistoryStore({str(self._root)!r}, dtype={self._requested_dtype!r})"
@@ -212,14 +456,36 @@ class HistoryStore:
                 f"history store {self._root} has no {_META} (not a history store, "
                 "or nothing was ever written to it)"
             )
-        meta = _read_json(path)
+        self._check_key()
+        meta = self._read_json(path)
         if not isinstance(meta, dict):
             raise HistoryError(f"{path}: expected a JSON object")
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        if version not in _READABLE:
             raise HistoryError(
-                f"{path}: unsupported format_version {meta.get('format_version')!r} "
-                f"(this code reads {FORMAT_VERSION})"
+                f"{path}: unsupported format_version {version!r} "
+                f"(this code reads {list(_READABLE)})"
             )
+        if version >= 2:
+            if meta.get("meta_sha256") != _meta_digest(meta):
+                raise HistoryError(
+                    f"{path}: checksum mismatch (the file changed after it was written)"
+                )
+            shas = meta.get("round_meta_sha256")
+            if not isinstance(shas, dict) or sorted(shas, key=int) != [
+                str(r) for r in meta.get("rounds") or []
+            ]:
+                raise HistoryError(f"{path}: round checksums do not match the rounds")
+            entries = meta.setdefault("unlearnings", [])
+            ok = isinstance(entries, list) and all(
+                isinstance(e, dict)
+                and isinstance(e.get("clients"), list)
+                and all(_is_int(c) for c in e["clients"])
+                and isinstance(e.get("sha256"), str)
+                for e in entries
+            )
+            if not ok:
+                raise HistoryError(f"{path}: malformed 'unlearnings' ledger")
         if meta.get("dtype") not in _DTYPES:
             raise HistoryError(f"{path}: unsupported dtype {meta.get('dtype')!r}")
         schema = meta.get("schema")
@@ -260,6 +526,11 @@ class HistoryStore:
                     )
             return None
         meta = self._read_meta()
+        if meta["format_version"] != FORMAT_VERSION:
+            raise HistoryError(
+                f"history store {self._root} has format_version "
+                f"{meta['format_version']} (no checksums) and is read-only"
+            )
         if meta["dtype"] != self._requested_dtype:
             raise HistoryError(
                 f"history store {self._root} stores {meta['dtype']}, but this "
@@ -273,6 +544,8 @@ class HistoryStore:
             "dtype": self._requested_dtype,
             "schema": {k: list(v) for k, v in schema.items()},
             "rounds": [],
+            "round_meta_sha256": {},
+            "final_sha256": None,
         }
 
     # ---------------------------------------------------------------- tensors
@@ -312,13 +585,16 @@ class HistoryStore:
         return out
 
     def _load_state(
-        self, path: Path, schema: dict[str, tuple[int, ...]], dtype: str
+        self,
+        path: Path,
+        schema: dict[str, tuple[int, ...]],
+        dtype: str,
+        sha256: str | None,
     ) -> AdapterState:
         """Load a safetensors file, check it against the schema, return float32."""
-        if not path.is_file():
-            raise HistoryError(f"{path}: missing file")
+        data = self._codec.read(path, sha256)
         try:
-            tensors = load_file(str(path))
+            tensors = load_bytes(data)
         except Exception as e:  # safetensors raises its own (Rust) error types
             raise HistoryError(
                 f"{path}: cannot read safetensors file ({type(e).__name__}: {e})"
@@ -396,10 +672,13 @@ class HistoryStore:
             "rejected": {str(c): rejected[c] for c in sorted(rejected)},
         }
 
-    def _read_round_meta(self, r: int) -> dict[str, Any]:
+    def _read_round_meta(self, meta: dict[str, Any], r: int) -> dict[str, Any]:
         """Read and check ``round_NNNN/meta.json``; keys are converted to int."""
         path = self._round_dir(r) / _META
-        raw = _read_json(path)
+        checked = meta["format_version"] >= 2
+        raw = self._read_json(
+            path, meta["round_meta_sha256"][str(r)] if checked else None
+        )
 
         def bad(msg: str) -> HistoryError:
             return HistoryError(f"{path}: {msg}")
@@ -429,7 +708,16 @@ class HistoryStore:
             raise bad(f"no num_examples for participants {lacking}")
         if set(parts) & set(rejected):
             raise bad(f"clients {sorted(set(parts) & set(rejected))} are rejected too")
-        return {"participants": parts, "num_examples": nex, "rejected": rejected}
+        files = raw.get("files") if checked else None
+        want = {_GLOBAL, *(f"client_{c}.safetensors" for c in parts)}
+        if checked and (not isinstance(files, dict) or set(files) != want):
+            raise bad("'files' must give the checksum of every tensor file")
+        return {
+            "participants": parts,
+            "num_examples": nex,
+            "rejected": rejected,
+            "files": files or {},
+        }
 
     # ---------------------------------------------------------------- writing
     def append(self, rec: RoundRecord) -> int:
@@ -481,24 +769,38 @@ class HistoryStore:
             )
 
         # ---- validated: from here on, write.
-        if meta is None or meta["schema"] is None:
-            meta = self._new_meta(schema) if meta is None else meta
-            meta["schema"] = {k: list(v) for k, v in schema.items()}
-            self._root.mkdir(parents=True, exist_ok=True)
-            _write_json(self._root / _META, meta)
-        self._clean_leftovers(set(rounds))
         tmp = self._root / f"{_TMP_PREFIX}{r:04d}"
-        tmp.mkdir()
-        for name, state in tensors.items():
-            save_file(state, str(tmp / name))
-            _fsync_file(tmp / name)
-        _write_json(tmp / _META, round_meta)
         final_dir = self._round_dir(r)
-        os.rename(tmp, final_dir)
-        _fsync_dir(self._root)
-        meta["rounds"] = [*rounds, r]
-        _write_json(self._root / _META, meta)
+        try:
+            if meta is None or meta["schema"] is None:
+                meta = self._create(schema, meta)
+            self._clean_leftovers(set(rounds))
+            tmp.mkdir()
+            round_meta["files"] = {
+                name: self._codec.write(tmp / name, save_bytes(state))
+                for name, state in tensors.items()
+            }
+            sha = self._write_json(tmp / _META, round_meta)
+            os.rename(tmp, final_dir)
+            _fsync_dir(self._root)
+            meta["rounds"] = [*rounds, r]
+            meta["round_meta_sha256"] = {**meta["round_meta_sha256"], str(r): sha}
+            self._write_root_meta(meta)
+        except OSError as e:
+            for d in (tmp, final_dir):
+                if d.is_dir() and r not in self._committed():
+                    shutil.rmtree(d, ignore_errors=True)
+            raise HistoryError(
+                f"history store {self._root}: writing round {r} failed ({e}); "
+                f"the store still holds rounds {rounds}"
+            ) from e
         return _dir_nbytes(final_dir)
+
+    def _committed(self) -> list[int]:
+        try:
+            return list(self._read_meta()["rounds"])
+        except HistoryError:
+            return []
 
     def _clean_leftovers(self, committed: set[int]) -> None:
         """Remove temporary dirs and round dirs not committed in ``meta.json``."""
@@ -530,17 +832,20 @@ class HistoryStore:
         else:
             schema = self._schema(meta)
         tensors = self._to_storage(state, schema, "final state")
-        if meta is None or meta["schema"] is None:
-            meta = self._new_meta(schema) if meta is None else meta
-            meta["schema"] = {k: list(v) for k, v in schema.items()}
-            self._root.mkdir(parents=True, exist_ok=True)
-            _write_json(self._root / _META, meta)
         path = self._root / _FINAL
         tmp = self._root / f".{_FINAL}.tmp"
-        save_file(tensors, str(tmp))
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(self._root)
+        try:
+            if meta is None or meta["schema"] is None:
+                meta = self._create(schema, meta)
+            meta["final_sha256"] = self._codec.write(tmp, save_bytes(tensors))
+            os.replace(tmp, path)
+            _fsync_dir(self._root)
+            self._write_root_meta(meta)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise HistoryError(
+                f"history store {self._root}: writing the final adapter failed ({e})"
+            ) from e
 
     # ---------------------------------------------------------------- reading
     def final(self) -> AdapterState:
@@ -564,7 +869,10 @@ class HistoryStore:
                 f"history store {self._root} has no final adapter ({_FINAL}); "
                 "set_final() was never called"
             )
-        return self._load_state(path, self._schema(meta), meta["dtype"])
+        sha = meta["final_sha256"] if meta["format_version"] >= 2 else None
+        if meta["format_version"] >= 2 and sha is None:
+            raise HistoryError(f"{self._root / _META}: no checksum for {_FINAL}")
+        return self._load_state(path, self._schema(meta), meta["dtype"], sha)
 
     def rounds(self) -> list[int]:
         """Return the committed round numbers.
@@ -614,8 +922,9 @@ class HistoryStore:
         """
         meta = self._read_meta()
         d = self._check_round(meta, round)
-        rmeta = self._read_round_meta(round)
+        rmeta = self._read_round_meta(meta, round)
         schema, dtype = self._schema(meta), meta["dtype"]
+        shas = rmeta["files"]
         files: set[int] = set()
         for e in os.scandir(d):
             if e.name.startswith("client_"):
@@ -628,11 +937,11 @@ class HistoryStore:
                 f"{d / _META}: participants {rmeta['participants']} do not match the "
                 f"client files for {sorted(files)}"
             )
-        global_state = self._load_state(d / _GLOBAL, schema, dtype)
-        deltas = {
-            c: self._load_state(d / f"client_{c}.safetensors", schema, dtype)
-            for c in rmeta["participants"]
-        }
+        global_state = self._load_state(d / _GLOBAL, schema, dtype, shas.get(_GLOBAL))
+        deltas = {}
+        for c in rmeta["participants"]:
+            name = f"client_{c}.safetensors"
+            deltas[c] = self._load_state(d / name, schema, dtype, shas.get(name))
         return RoundRecord(
             round=round,
             global_state=global_state,
@@ -679,8 +988,136 @@ class HistoryStore:
         out: set[int] = set()
         for r in meta["rounds"]:
             self._check_round(meta, r)
-            out.update(self._read_round_meta(r)["participants"])
+            out.update(self._read_round_meta(meta, r)["participants"])
         return out
+
+    # ------------------------------------------------------------ unlearning
+    def unlearnings(self) -> list[dict[str, Any]]:
+        """Return the ledger of recorded unlearnings, oldest first.
+
+        Returns
+        -------
+        list[dict[str, Any]]
+            Per unlearning: ``clients`` (forgotten by it), ``info`` (what the
+            caller recorded: method, times, ...), ``sha256`` of its adapter file.
+        """
+        meta = self._read_meta()
+        return [dict(e) for e in meta.get("unlearnings", [])]
+
+    def forgotten(self) -> list[int]:
+        """Return every client an earlier unlearning removed (sorted)."""
+        return sorted({c for e in self.unlearnings() for c in e["clients"]})
+
+    def current(self) -> AdapterState:
+        """Return the adapter a new departure starts from.
+
+        Returns
+        -------
+        AdapterState
+            The adapter of the latest recorded unlearning, else :meth:`final`.
+        """
+        meta = self._read_meta()
+        entries = meta.get("unlearnings", [])
+        if not entries:
+            return self.final()
+        i = len(entries)
+        return self._load_state(
+            self._root / _UNLEARNED.format(i),
+            self._schema(meta),
+            "float32",
+            entries[-1]["sha256"],
+        )
+
+    def unlearned(self, index: int) -> AdapterState:
+        """Return the adapter of the ``index``-th recorded unlearning (1-based)."""
+        meta = self._read_meta()
+        entries = meta.get("unlearnings", [])
+        if not 1 <= index <= len(entries):
+            raise HistoryError(
+                f"history store {self._root} has {len(entries)} unlearning(s), "
+                f"not #{index}"
+            )
+        return self._load_state(
+            self._root / _UNLEARNED.format(index),
+            self._schema(meta),
+            "float32",
+            entries[index - 1]["sha256"],
+        )
+
+    def record_unlearning(
+        self, clients: list[int], state: AdapterState, info: dict[str, Any]
+    ) -> int:
+        """Append an unlearning to the ledger: the clients it removed, its adapter.
+
+        Parameters
+        ----------
+        clients : list[int]
+            The clients forgotten; each must have taken part and not have been
+            forgotten already.
+        state : AdapterState
+            The unlearned adapter (stored in float32 whatever the store's dtype,
+            so that the next departure starts from it exactly).
+        info : dict[str, Any]
+            JSON-serialisable facts to keep with it (method, times, ...).
+
+        Returns
+        -------
+        int
+            The unlearning's 1-based index.
+
+        Raises
+        ------
+        HistoryError
+            If a client never took part or is already forgotten, the adapter
+            does not match the schema or is not finite, or the store is
+            read-only or corrupt. Nothing is written then.
+        """
+        meta = self._meta_for_write()
+        if meta is None or meta["schema"] is None:
+            raise HistoryError(f"history store {self._root} holds no FL run yet")
+        ids = list(clients)
+        if not ids or not all(_is_int(c) for c in ids) or len(set(ids)) != len(ids):
+            raise HistoryError(f"clients must be distinct ints, got {clients!r}")
+        joined = self.clients()
+        never = sorted(set(ids) - joined)
+        if never:
+            raise HistoryError(
+                f"client(s) {never} never took part in the FL run of {self._root} "
+                f"(participants: {sorted(joined)})"
+            )
+        done = sorted(set(ids) & set(self.forgotten()))
+        if done:
+            raise HistoryError(
+                f"client(s) {done} are already forgotten in {self._root}"
+            )
+        try:
+            json.dumps(info)
+        except (TypeError, ValueError) as e:
+            raise HistoryError(f"unlearning info is not JSON-serialisable ({e})") from e
+        schema = self._schema(meta)
+        wanted = self._requested_dtype
+        self._requested_dtype = "float32"
+        try:
+            tensors = self._to_storage(state, schema, "unlearned adapter")
+        finally:
+            self._requested_dtype = wanted
+        entries = list(meta.get("unlearnings", []))
+        index = len(entries) + 1
+        path = self._root / _UNLEARNED.format(index)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            sha = self._codec.write(tmp, save_bytes(tensors))
+            os.replace(tmp, path)
+            _fsync_dir(self._root)
+            entries.append({"clients": sorted(ids), "info": info, "sha256": sha})
+            meta["unlearnings"] = entries
+            self._write_root_meta(meta)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise HistoryError(
+                f"history store {self._root}: recording the unlearning failed ({e})"
+            ) from e
+        return index
 
     def validate(self) -> None:
         """Load every round and the final adapter; report all problems.
@@ -703,8 +1140,68 @@ class HistoryStore:
                 self.final()
             except HistoryError as e:
                 problems.append(str(e))
+        for i in range(1, len(meta.get("unlearnings", [])) + 1):
+            try:
+                self.unlearned(i)
+            except HistoryError as e:
+                problems.append(str(e))
         if problems:
             raise HistoryError(
                 f"history store {self._root} failed validation "
                 f"({len(problems)} problem(s)): " + "; ".join(problems)
             )
+
+
+def rekey(
+    root: str | Path, old_key: bytes | None, new_key: bytes | None
+) -> HistoryStore:
+    """Re-encrypt a history store under ``new_key`` (or encrypt or decrypt it).
+
+    Every round and the final adapter are loaded and verified with ``old_key``
+    (``None``: a plaintext store), written into a sibling directory with
+    ``new_key`` (``None``: plaintext), verified again, and only then swapped in:
+    ``root`` is renamed to ``root.old-<pid>``, the new store to ``root``, and the
+    old copy removed. Any error before the swap leaves ``root`` as it was.
+
+    Parameters
+    ----------
+    root : str or Path
+        The store.
+    old_key, new_key : bytes or None
+        Its current key and the one to use from now on.
+
+    Returns
+    -------
+    HistoryStore
+        The store at ``root``, opened with ``new_key``.
+
+    Raises
+    ------
+    HistoryError
+        If the store cannot be read with ``old_key`` (wrong key, tampering) or
+        the copy fails; ``root`` is unchanged then.
+    """
+    root = Path(root)
+    old = HistoryStore(root, key=old_key)
+    old.validate()
+    dtype = old.dtype
+    fresh = root.with_name(f".{root.name}.rekey-{os.getpid()}")
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    try:
+        new = HistoryStore(fresh, dtype=dtype, key=new_key)
+        for r in old.rounds():
+            new.append(old.load(r))
+        if (root / _FINAL).is_file():
+            new.set_final(old.final())
+        for i, entry in enumerate(old.unlearnings(), start=1):
+            new.record_unlearning(entry["clients"], old.unlearned(i), entry["info"])
+        new.validate()
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    parked = root.with_name(f"{root.name}.old-{os.getpid()}")
+    os.rename(root, parked)
+    os.rename(fresh, root)
+    shutil.rmtree(parked)
+    return HistoryStore(root, dtype=dtype, key=new_key)

@@ -9,6 +9,8 @@ half-written cache entry.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ from flwr.app import (
 
 from fed_unlearn import adapters as ad
 from fed_unlearn.config import RunConfig
-from fed_unlearn.history import HistoryError, HistoryStore
+from fed_unlearn.history import HistoryError, HistoryStore, load_key
 from fed_unlearn.methods import UnlearnContext, get_method
 from fed_unlearn.methods.rounds import uses_oracle
 from fed_unlearn.models import (
@@ -81,17 +83,34 @@ class PhaseResult:
         Phase directory (history store under ``history/``).
     cached : bool
         Whether it came from the cache.
+    key : bytes, optional
+        The history's encryption key (never written anywhere).
     """
 
     final: dict[str, torch.Tensor]
     stats: dict[str, Any]
     path: Path
     cached: bool = False
+    key: bytes | None = field(default=None, repr=False)
 
     @property
     def history(self) -> HistoryStore:
         """The phase's history store."""
-        return HistoryStore(self.path / "history")
+        return HistoryStore(self.path / "history", key=self.key)
+
+
+def history_key(cfg: RunConfig) -> bytes | None:
+    """Return the history key of a run: ``history-key-file``, else the environment.
+
+    Raises
+    ------
+    PipelineError
+        If the key file is unreadable or holds no valid key.
+    """
+    try:
+        return load_key(cfg.history_key_file or None)
+    except HistoryError as exc:
+        raise PipelineError(str(exc)) from exc
 
 
 def phase_dir(cfg: RunConfig, exclude: tuple[int, ...]) -> Path:
@@ -110,8 +129,17 @@ def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
     path = phase_dir(cfg, exclude)
     if not (path / "phase.json").is_file():
         return None
+    key = history_key(cfg)
+    store = HistoryStore(path / "history", key=key)
+    if store.encrypted != (key is not None):
+        state = "encrypted" if store.encrypted else "not encrypted"
+        has = "no history key" if key is None else "a history key"
+        raise PipelineError(
+            f"cached FL phase {path}: its history is {state}, but this run has "
+            f"{has}; convert it with `fed-unlearn history rekey {path / 'history'}` "
+            "or delete that directory to recompute it"
+        )
     try:
-        store = HistoryStore(path / "history")
         store.validate()
         final = store.final()
     except HistoryError as exc:
@@ -128,7 +156,7 @@ def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
             f"cached FL phase {path}: {path / 'phase.json'} is unreadable ({exc}); "
             "delete that directory to recompute it"
         ) from exc
-    return PhaseResult(final, stats, path, cached=True)
+    return PhaseResult(final, stats, path, cached=True, key=key)
 
 
 def discover_clients(
@@ -339,7 +367,8 @@ def run_fl_phase(
     r = cfg.resolved()
     final_dir = phase_dir(cfg, exclude)
     tmp = scratch_dir(final_dir)  # and stale ones of killed runs are removed
-    store = HistoryStore(tmp / "history", dtype=cfg.history_dtype)
+    key = history_key(cfg)
+    store = HistoryStore(tmp / "history", dtype=cfg.history_dtype, key=key)
     strategy = HistoryFedAvg(
         run=run_record(cfg),
         node_to_client=node_map,
@@ -399,7 +428,77 @@ def run_fl_phase(
         os.replace(tmp, final_dir)
     except OSError:  # another process finished the same phase first
         shutil.rmtree(tmp, ignore_errors=True)
-    return PhaseResult(final, stats, final_dir, cached=False)
+    return PhaseResult(final, stats, final_dir, cached=False, key=key)
+
+
+FEDERATION = "federation"
+
+
+def save_federation(phase: PhaseResult, run_dir: Path, name: str = FEDERATION) -> Path:
+    """Keep an FL run's history beside its run, where it outlives the cache.
+
+    ``run_dir/federation/`` gets a copy of the phase's history store (with its
+    encryption, if any) and ``phase.json``. Later departures
+    (``fed-unlearn forget``) read it and record what they removed there, in the
+    store's unlearning ledger; the FL cache itself is never written again.
+
+    Parameters
+    ----------
+    phase : PhaseResult
+        The finished FL phase.
+    run_dir : Path
+        The run directory.
+    name : str
+        The federation directory's name in it (default: ``federation``).
+
+    Returns
+    -------
+    Path
+        The federation directory.
+
+    Raises
+    ------
+    PipelineError
+        If the directory already holds a federation.
+    """
+    root = run_dir / name
+    if root.exists():
+        raise PipelineError(f"{root} already holds a federation; it is never replaced")
+    tmp = scratch_dir(root)
+    shutil.copytree(phase.path / "history", tmp / "history")
+    (tmp / "phase.json").write_text(json.dumps(phase.stats, indent=2, default=str))
+    os.replace(tmp, root)
+    return root
+
+
+def load_federation(root: Path, key: bytes | None) -> PhaseResult:
+    """Open a federation saved by :func:`save_federation` as an FL phase.
+
+    Its ``final`` is the adapter the next departure starts from: the latest
+    recorded unlearning's, or the FL run's.
+
+    Raises
+    ------
+    PipelineError
+        If it is missing, or its history is corrupt or has another key.
+    """
+    store = HistoryStore(root / "history", key=key)
+    if not (root / "phase.json").is_file():
+        raise PipelineError(f"{root}: not a federation (no phase.json)")
+    if store.encrypted != (key is not None):
+        has = "no history key" if key is None else "a history key"
+        raise PipelineError(
+            f"federation {root}: its history is "
+            f"{'encrypted' if store.encrypted else 'not encrypted'}, but this run "
+            f"has {has}"
+        )
+    try:
+        store.validate()
+        current = store.current()
+        stats = json.loads((root / "phase.json").read_text())
+    except (HistoryError, OSError, ValueError) as exc:
+        raise PipelineError(f"federation {root}: {exc}") from exc
+    return PhaseResult(current, stats, root, cached=True, key=key)
 
 
 @dataclass
@@ -413,6 +512,39 @@ class PipelineOutput:
     unlearn_stats: dict[str, Any] = field(default_factory=dict)
     grid: CountingGrid | None = None
     node_map: dict[int, int] | None = None
+    federation: Path | None = None
+
+
+def departure_plan(
+    cfg: RunConfig, store: HistoryStore
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Return (departed, remaining, excluded from the oracle) of a departure.
+
+    ``excluded`` is every client forgotten so far plus the departed ones: the
+    retrain oracle of a sequence of departures is FL without all of them.
+
+    Raises
+    ------
+    PipelineError
+        A departed client never took part or is already forgotten.
+    """
+    departed = cfg.departed()
+    try:
+        seen, forgotten = store.clients(), store.forgotten()
+    except HistoryError as exc:
+        raise PipelineError(str(exc)) from exc
+    never = [c for c in departed if c not in seen]
+    if never:
+        raise PipelineError(
+            f"--depart: client(s) {never} never took part in the FL run"
+        )
+    again = [c for c in departed if c in forgotten]
+    if again:
+        raise PipelineError(
+            f"client(s) {again} are already forgotten (forgotten so far: {forgotten})"
+        )
+    remaining = tuple(c for c in cfg.remaining() if c not in forgotten)
+    return departed, remaining, tuple(sorted({*forgotten, *departed}))
 
 
 def run_pipeline(
@@ -420,6 +552,7 @@ def run_pipeline(
     cfg: RunConfig,
     steps: tuple[str, ...] = ("train", "unlearn"),
     on_round: Callable[[str, int, dict[str, Any]], None] | None = None,
+    federation: Path | None = None,
 ) -> PipelineOutput:
     """FL training -> departure -> unlearning -> retrain oracle.
 
@@ -433,6 +566,9 @@ def run_pipeline(
         ``("train",)`` or ``("train", "unlearn")``.
     on_round : Callable, optional
         ``(phase, round, info)`` progress callback.
+    federation : Path, optional
+        A saved federation (:func:`save_federation`): no FL runs; the departure
+        starts from its current adapter, and clients it already forgot stay out.
 
     Returns
     -------
@@ -441,7 +577,10 @@ def run_pipeline(
     """
     # fail before any work on an unknown method or option
     method = get_method(cfg.method, cfg.method_options)
-    departed, remaining = cfg.departed(), cfg.remaining()
+    fed = load_federation(federation, history_key(cfg)) if federation else None
+    if fed is not None:
+        # a bad request is refused before Flower or a model is started
+        departure_plan(cfg, fed.history)
     # The server's model first: on one machine it builds the tiny base once,
     # before the SuperNodes load theirs while answering the discovery.
     model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
@@ -456,21 +595,21 @@ def run_pipeline(
     def cb(phase: str) -> Callable[[int, dict[str, Any]], None] | None:
         return None if on_round is None else (lambda r, info: on_round(phase, r, info))
 
-    train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"))
-    out = PipelineOutput(cfg, train, grid=counting, node_map=node_map)
+    if fed is not None:
+        train = fed
+    else:
+        train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"))
+    out = PipelineOutput(
+        cfg, train, grid=counting, node_map=node_map, federation=federation
+    )
     if "unlearn" not in steps:
         return out
-    seen = train.history.clients()
-    never = [c for c in departed if c not in seen]
-    if never:
-        raise PipelineError(
-            f"--depart: client(s) {never} never took part in the FL run"
-        )
+    departed, remaining, excluded = departure_plan(cfg, train.history)
 
     def retrain() -> dict[str, torch.Tensor]:
         if out.retrain is None:
             out.retrain = run_fl_phase(
-                counting, cfg, node_map, departed, initial, cb("retrain")
+                counting, cfg, node_map, excluded, initial, cb("retrain")
             )
         return out.retrain.final
 
@@ -507,9 +646,11 @@ def run_pipeline(
     )
     method.check(ctx)
     down0, up0 = counting.snapshot() if counting is not None else (0, 0)
+    requested_at = _utc_now()
     t0 = time.perf_counter()
     res = method.unlearn(ctx)
     wall = time.perf_counter() - t0
+    finished_at = _utc_now()
     down, up = counting.snapshot() if counting is not None else (0, 0)
     ad.validate_update(res.adapter, train.final)
     if cfg.method == "retrain":
@@ -535,8 +676,15 @@ def run_pipeline(
         "rounds": rounds,
         "info": res.info,
         "oracle_stopped": oracle_stop,
+        "requested_at": requested_at,
+        "finished_at": finished_at,
+        "method_config": dataclasses.asdict(method.config),
     }
     return out
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def federated_evaluate(

@@ -22,6 +22,7 @@ from server.pipeline import (
     federated_evaluate,
     run_pipeline,
     save_adapter,
+    save_federation,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,61 @@ def write_outputs(out: PipelineOutput, out_dir: Path) -> None:
         save_adapter(out.cfg, out.unlearned, out_dir / "adapters" / "unlearned")
         info["unlearn"] = out.unlearn_stats
     (out_dir / "pipeline.json").write_text(json.dumps(info, indent=2, default=str))
+    if out.unlearned is not None and out.cfg.receipt_key_file:
+        write_receipt(out, out_dir)
+    if out.unlearned is not None and out.federation is not None:
+        # the departure is done: the federation forgets these clients from now on
+        stats = out.unlearn_stats
+        index = out.train.history.record_unlearning(
+            list(out.cfg.departed()),
+            out.unlearned,
+            {
+                "method": stats["method"],
+                "requested_at": stats["requested_at"],
+                "finished_at": stats["finished_at"],
+                "wire_bytes": stats["bytes"],
+                "run_dir": str(out_dir),
+            },
+        )
+        log.info("fed-unlearn: %s records unlearning #%d", out.federation, index)
+
+
+def write_receipt(out: PipelineOutput, out_dir: Path) -> Path:
+    """Sign and write ``receipt.json`` for the unlearning in ``out``.
+
+    Parameters
+    ----------
+    out : PipelineOutput
+        Pipeline result with an unlearned adapter (saved under ``out_dir``).
+    out_dir : Path
+        Run directory.
+
+    Returns
+    -------
+    Path
+        The receipt's path.
+    """
+    from fed_unlearn.receipt import build_receipt, load_signing_key
+
+    stats = out.unlearn_stats
+    receipt = build_receipt(
+        departed=list(out.cfg.departed()),
+        method=stats["method"],
+        method_config=stats["method_config"],
+        run_config=out.cfg.resolved().to_flat(),
+        history=out.train.history,
+        adapter_before=out_dir / "adapters" / "original",
+        adapter_after=out_dir / "adapters" / "unlearned",
+        requested_at=stats["requested_at"],
+        finished_at=stats["finished_at"],
+        wire_bytes=stats["bytes"],
+        unlearn_rounds=stats["rounds"],
+        key=load_signing_key(out.cfg.receipt_key_file),
+    )
+    path = out_dir / "receipt.json"
+    path.write_text(json.dumps(receipt, indent=1))
+    log.info("fed-unlearn: wrote %s", path)
+    return path
 
 
 def make_server_app(
@@ -64,6 +120,7 @@ def make_server_app(
     steps: tuple[str, ...],
     state: dict[str, Any],
     on_round: Any = None,
+    federation: Path | None = None,
 ) -> ServerApp:
     """Build a ServerApp bound to ``cfg`` for ``run_simulation``.
 
@@ -78,6 +135,8 @@ def make_server_app(
         ``run_simulation`` does not return the ServerApp's result.
     on_round : Callable, optional
         Progress callback ``(phase, round, info)``.
+    federation : Path, optional
+        A saved federation to depart from.
 
     Returns
     -------
@@ -89,7 +148,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            state["output"] = run_pipeline(grid, cfg, steps, on_round)
+            state["output"] = run_pipeline(grid, cfg, steps, on_round, federation)
         except BaseException as exc:  # noqa: BLE001 - handed back to the CLI thread
             state["error"] = exc
             state["traceback"] = traceback.format_exc()
@@ -102,10 +161,25 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run .`` entry point: pipeline + adapters + ``pipeline.json``."""
+    """``flwr run .`` entry point: pipeline + adapters + ``pipeline.json``.
+
+    ``mode`` (run config) picks the job: ``run`` (FL, departure, unlearning,
+    oracle), ``train`` (FL; the history is kept in ``federation-dir``) or
+    ``forget`` (a later, separate run: the departure of ``depart`` from
+    ``federation-dir``, no FL).
+    """
     cfg = RunConfig.from_flat(dict(context.run_config))
-    out = run_pipeline(grid, cfg, ("train", "unlearn"))
     out_dir = Path(cfg.out_dir)
+    fed_dir = Path(cfg.federation_dir) if cfg.federation_dir else None
+    if cfg.mode == "train":
+        assert fed_dir is not None
+        out = run_pipeline(grid, cfg, ("train",))
+        save_federation(out.train, fed_dir.parent, name=fed_dir.name)
+        write_outputs(out, out_dir)
+        log.info("fed-unlearn: federation kept in %s", fed_dir)
+        return
+    federation = fed_dir if cfg.mode == "forget" else None
+    out = run_pipeline(grid, cfg, ("train", "unlearn"), federation=federation)
     write_outputs(out, out_dir)
     assert out.grid is not None and out.node_map is not None
     assert out.unlearned is not None and out.retrain is not None

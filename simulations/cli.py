@@ -194,6 +194,44 @@ def cmd_run(
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """``forget RUN --client ID``: one departure from a saved federation.
+
+    No FL runs: the departure starts from the federation's current adapter (the
+    trained one, or the last departure's), clients forgotten before stay out,
+    and on success the federation records this client as forgotten.
+    """
+    from simulations.runner import run_all
+
+    run_dir = Path(args.run_dir)
+    fed = run_dir / "federation"
+    if not (fed / "phase.json").is_file():
+        raise UsageError(
+            f"{run_dir}: no federation/ (it is made by `fed-unlearn train --out "
+            f"{run_dir}`)"
+        )
+    base = _saved_config(run_dir)
+    cfg = build_config(args, {**base, "depart": str(args.client)})
+    if cfg.fl_key(()) != RunConfig.from_flat(base).fl_key(()):
+        raise UsageError(
+            "forget keeps the federation's FL settings; --set may change only "
+            "evaluation keys, key files and method options"
+        )
+    out = Path(args.out)
+    _fresh_out(out, args.force)
+    run = run_all(
+        cfg,
+        out,
+        ("train", "unlearn"),
+        do_eval=not args.no_eval,
+        progress=not args.quiet,
+        federation=fed,
+    )
+    print_table(run)
+    print(f"results: {out}/run.json; {fed} now forgets {run['forgotten']}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``evaluate DIR``: (re-)evaluate the adapters saved in a run directory."""
     from simulations.runner import evaluate_adapters, write_evals, write_json
@@ -336,6 +374,21 @@ def parser() -> argparse.ArgumentParser:
     )
     p_un.add_argument("run_dir")
     _add_run_flags(p_un)
+    p_fg = sub.add_parser(
+        "forget",
+        help="a member asks to be forgotten: unlearn it from a trained federation",
+    )
+    p_fg.add_argument("run_dir", help="a `fed-unlearn train` run (its federation/)")
+    p_fg.add_argument("--client", type=int, required=True, help="the client to forget")
+    p_fg.add_argument("--method", help="unlearning method (default: the run's)")
+    p_fg.add_argument("--opt", action="append", metavar="OPTION=VALUE")
+    p_fg.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="evaluation or key files"
+    )
+    p_fg.add_argument("--out", required=True, help="run directory of this departure")
+    p_fg.add_argument("--force", action="store_true")
+    p_fg.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p_fg.add_argument("--quiet", action="store_true", help="no progress bars")
     p_ev = sub.add_parser("evaluate", help="evaluate the adapters of a run directory")
     p_ev.add_argument("run_dir")
     p_rep = sub.add_parser("report", help="write report.md/.html with plots for runs")
@@ -355,7 +408,94 @@ def parser() -> argparse.ArgumentParser:
     p_b.add_argument("--seeds", help="only these seeds (comma-separated)")
     p_b.add_argument("--scenarios", help="only these scenarios (comma-separated)")
     p_b.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_h = sub.add_parser("history", help="keys of a history store at rest")
+    hsub = p_h.add_subparsers(dest="history_cmd", required=True)
+    p_k = hsub.add_parser("new-key", help="write a fresh history key file (0600)")
+    p_k.add_argument("path", help="key file to create (refused if it exists)")
+    p_rk = hsub.add_parser(
+        "rekey", help="re-encrypt a history store (or encrypt or decrypt it)"
+    )
+    p_rk.add_argument("store", help="history store directory")
+    p_rk.add_argument(
+        "--old-key-file", help="its current key (default: none, a plaintext store)"
+    )
+    p_rk.add_argument(
+        "--new-key-file", help="the key from now on (default: none, decrypt it)"
+    )
+    p_r = sub.add_parser("receipt", help="signing keys and verification of receipts")
+    rsub = p_r.add_subparsers(dest="receipt_cmd", required=True)
+    p_rn = rsub.add_parser("new-key", help="write an Ed25519 signing key and KEY.pub")
+    p_rn.add_argument("path", help="private key file to create")
+    p_rv = rsub.add_parser("verify", help="check a receipt's signature and hashes")
+    p_rv.add_argument("file", help="receipt.json")
+    p_rv.add_argument("--public-key", help="the signer's KEY.pub you trust")
+    p_rv.add_argument("--adapter", help="the unlearned adapter (directory)")
+    p_rv.add_argument("--adapter-before", help="the trained adapter (directory)")
+    p_rv.add_argument("--history", help="the history store the unlearning read")
+    p_rv.add_argument("--history-key-file", help="its key, when it is encrypted")
     return ap
+
+
+def cmd_receipt(args: argparse.Namespace) -> int:
+    """``fed-unlearn receipt new-key|verify``."""
+    from fed_unlearn.history import HistoryStore, load_key
+    from fed_unlearn.receipt import ReceiptError, new_signing_key, verify_receipt
+
+    if args.receipt_cmd == "new-key":
+        public = new_signing_key(args.path)
+        print(f"wrote {args.path} (keep it private) and {args.path}.pub ({public})")
+        return 0
+    try:
+        receipt = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        if not isinstance(receipt, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ReceiptError(f"{args.file}: cannot read the receipt ({exc})") from exc
+    public = None
+    if args.public_key:
+        try:
+            public = Path(args.public_key).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ReceiptError(f"{args.public_key}: cannot read ({exc})") from exc
+    history = None
+    if args.history:
+        history = HistoryStore(args.history, key=load_key(args.history_key_file))
+    for line in verify_receipt(
+        receipt,
+        public_key=public,
+        adapter=args.adapter,
+        adapter_before=args.adapter_before,
+        history=history,
+    ):
+        print(f"ok: {line}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """``fed-unlearn history new-key|rekey``: manage a history store's key."""
+    from fed_unlearn.history import key_fingerprint, load_key, new_key, rekey
+
+    if args.history_cmd == "new-key":
+        path = Path(args.path)
+        key = new_key()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise UsageError(
+                f"{path} exists; a key file is never overwritten"
+            ) from None
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(key.hex() + "\n")
+        print(f"wrote a new history key to {path} (fingerprint {key_fingerprint(key)})")
+        return 0
+    old = load_key(args.old_key_file, env=False) if args.old_key_file else None
+    new = load_key(args.new_key_file, env=False) if args.new_key_file else None
+    if old is None and new is None:
+        raise UsageError("give --old-key-file, --new-key-file or both")
+    store = rekey(args.store, old, new)
+    state = f"encrypted (key {key_fingerprint(new)})" if new else "plaintext"
+    print(f"{store.root}: {len(store.rounds())} rounds, now {state}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     from fed_unlearn.history import HistoryError
     from fed_unlearn.methods import MissingRequirementError
     from fed_unlearn.models import ModelLoadError
+    from fed_unlearn.receipt import ReceiptError
     from server.channel import ChannelError
     from server.pipeline import PipelineError
     from simulations.runner import RunError
@@ -396,10 +537,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.cmd == "evaluate":
             return cmd_evaluate(args)
+        if args.cmd == "forget":
+            return cmd_forget(args)
         if args.cmd == "report":
             return cmd_report(args)
         if args.cmd == "bench":
             return cmd_bench(args)
+        if args.cmd == "history":
+            return cmd_history(args)
+        if args.cmd == "receipt":
+            return cmd_receipt(args)
     except (UsageError, ConfigError, DataFormatError) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 2
@@ -410,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         MissingRequirementError,
         PipelineError,
         ChannelError,
+        ReceiptError,
     ) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 1

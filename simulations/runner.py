@@ -80,15 +80,27 @@ def git_sha() -> str:
         return "unknown"
 
 
-def needs_flower(cfg: RunConfig, steps: tuple[str, ...]) -> bool:
+def needs_flower(
+    cfg: RunConfig, steps: tuple[str, ...], federation: Path | None = None
+) -> bool:
     """Whether the pipeline must start the Simulation Engine (something not cached)."""
-    from server.pipeline import load_phase
+    from server.pipeline import (
+        departure_plan,
+        history_key,
+        load_federation,
+        load_phase,
+    )
 
-    if load_phase(cfg, ()) is None:
-        return True
+    if federation is not None:
+        fed = load_federation(federation, history_key(cfg))
+        excluded = departure_plan(cfg, fed.history)[2]
+    else:
+        if load_phase(cfg, ()) is None:
+            return True
+        excluded = cfg.departed()
     if "unlearn" not in steps:
         return False
-    if load_phase(cfg, cfg.departed()) is None:
+    if load_phase(cfg, excluded) is None:
         return True
     reqs = get_method(cfg.method, cfg.method_options).needs()
     return bool(reqs & {Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
@@ -99,6 +111,7 @@ def simulate(
     steps: tuple[str, ...],
     progress: bool = True,
     client_app: Any = None,
+    federation: Path | None = None,
 ) -> Any:
     """Run the pipeline on Flower's Simulation Engine (or from cache).
 
@@ -112,6 +125,8 @@ def simulate(
         Show a progress bar of rounds.
     client_app : flwr.clientapp.ClientApp, optional
         ClientApp to simulate (default: :data:`clients.client_app.app`).
+    federation : Path, optional
+        A saved federation to depart from (see ``server.pipeline.run_pipeline``).
 
     Returns
     -------
@@ -121,9 +136,9 @@ def simulate(
     from server.pipeline import run_pipeline
 
     bar = _RoundBar(cfg, steps) if progress else None
-    if not needs_flower(cfg, steps):
+    if not needs_flower(cfg, steps, federation):
         log.info("all FL phases are cached; running the pipeline without Flower")
-        return run_pipeline(None, cfg, steps)
+        return run_pipeline(None, cfg, steps, federation=federation)
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as default_client_app
@@ -132,7 +147,9 @@ def simulate(
     client_app = client_app or default_client_app
 
     state: dict[str, Any] = {}
-    server_app = make_server_app(cfg, steps, state, bar.update if bar else None)
+    server_app = make_server_app(
+        cfg, steps, state, bar.update if bar else None, federation=federation
+    )
     backend_config: dict[str, Any] = {
         # One client at a time on a 2-core machine (Flower #1814/#3463).
         "client_resources": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0.0},
@@ -541,6 +558,7 @@ def run_all(
     steps: tuple[str, ...] = ("train", "unlearn"),
     do_eval: bool = True,
     progress: bool = True,
+    federation: Path | None = None,
 ) -> dict[str, Any]:
     """Run the main job: FL, departure, unlearning, retrain oracle, evaluation.
 
@@ -556,16 +574,23 @@ def run_all(
         Evaluate after unlearning.
     progress : bool
         Progress bars.
+    federation : Path, optional
+        Depart from this saved federation instead of training (``fed-unlearn
+        forget``); without it, ``fed-unlearn train`` saves one in the run.
 
     Returns
     -------
     dict[str, Any]
         The ``run.json`` content.
     """
+    from server.pipeline import save_federation
     from server.server_app import write_outputs
 
     t0 = time.perf_counter()
-    out = simulate(cfg, steps, progress)
+    out = simulate(cfg, steps, progress, federation=federation)
+    if steps == ("train",):
+        save_federation(out.train, out_dir)
+    before = out.train.history.forgotten() if federation is not None else []
     write_outputs(out, out_dir)
     run: dict[str, Any] = {
         "command": " ".join(sys.argv),
@@ -577,9 +602,18 @@ def run_all(
             "local_order": "derive_seed(seed, round, client)",
         },
         "versions": versions(),
+        **(
+            {
+                "federation": str(federation),
+                "forgotten_before": before,
+                "forgotten": out.train.history.forgotten(),
+            }
+            if federation is not None
+            else {}
+        ),
         "git_sha": git_sha(),
         "departed": list(cfg.departed()),
-        "remaining": list(cfg.remaining()),
+        "remaining": [c for c in cfg.remaining() if c not in before],
         "history": {
             "path": str(out.train.path / "history"),
             "bytes_per_round": out.train.stats["history_bytes_per_round"],

@@ -114,15 +114,17 @@ def full_context(trained, tmp_path=None):
     root = tmp_path or tempfile.mkdtemp()
     store = HistoryStore(f"{root}/history")
     targets = {c: adapter_state(10 + c) for c in (0, 1)}
+    deltas = {
+        c: {k: 0.1 * (targets[c][k] - trained[k]) for k in trained} for c in (0, 1)
+    }
+    # a FedAvg history (equal weights) that ends at ``trained``
+    step = {k: (deltas[0][k] + deltas[1][k]) / 2 for k in trained}
     for r in (1, 2):
         store.append(
             RoundRecord(
                 round=r,
-                global_state=trained,
-                client_deltas={
-                    c: {k: 0.1 * (targets[c][k] - trained[k]) for k in trained}
-                    for c in (0, 1)
-                },
+                global_state={k: trained[k] - (3 - r) * step[k] for k in trained},
+                client_deltas=deltas,
                 num_examples={0: 10, 1: 10},
                 participants=[0, 1],
             )

@@ -65,6 +65,37 @@ def assert_state_equal(a, b):
 # ------------------------------------------------------------- round trip
 
 
+def reseal(root):
+    """Recompute every checksum of a plaintext store after a test edited its
+    files, so that the loader's deeper checks (not the checksum) meet the edit."""
+    import hashlib
+
+    def sha(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    meta = json.loads((root / "meta.json").read_text())
+    for r in meta["rounds"]:
+        rdir = root / f"round_{r:04d}"
+        try:
+            rmeta = json.loads((rdir / "meta.json").read_text())
+        except ValueError:
+            rmeta = None
+        if rmeta is not None:
+            rmeta["files"] = {
+                n: sha(rdir / n) if (rdir / n).is_file() else v
+                for n, v in rmeta["files"].items()
+            }
+            (rdir / "meta.json").write_text(json.dumps(rmeta))
+        meta["round_meta_sha256"][str(r)] = sha(rdir / "meta.json")
+    if (root / "final.safetensors").is_file():
+        meta["final_sha256"] = sha(root / "final.safetensors")
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    meta["meta_sha256"] = hashlib.sha256(
+        json.dumps(body, sort_keys=True).encode()
+    ).hexdigest()
+    (root / "meta.json").write_text(json.dumps(meta))
+
+
 def test_round_trip_fp32_exact(tmp_path):
     store = HistoryStore(tmp_path / "h")
     recs = [make_record(1), make_record(2, clients=(0, 2), rejected={1: "NaN in B"})]
@@ -273,8 +304,10 @@ def test_truncated_safetensors_raises_history_error(tmp_path):
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size // 2)
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError, match=r"client_1\.safetensors.*cannot read"):
         store.load(1)
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError, match=r"client_1\.safetensors"):
         store.validate()
 
@@ -296,6 +329,7 @@ def test_wrong_shape_injected_raises_naming_file_and_key(tmp_path):
     bad = load_file(str(path))
     bad[keys()[1]] = torch.zeros(OUT, R + 1)
     save_file(bad, str(path))
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError) as e:
         store.load(1)
     msg = str(e.value)
@@ -309,10 +343,12 @@ def test_wrong_dtype_or_nan_injected(tmp_path):
     path = tmp_path / "h" / "round_0001" / "client_0.safetensors"
     good = load_file(str(path))
     save_file({k: v.double() for k, v in good.items()}, str(path))
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError, match=r"client_0.*dtype torch.float64"):
         store.load(1)
     good[keys()[2]][3, 4] = float("inf")
     save_file(good, str(path))
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError, match=r"client_0.*1 NaN/Inf"):
         store.load(1)
 
@@ -322,11 +358,13 @@ def test_missing_client_file_or_stray_key(tmp_path):
     store.append(make_record(1))
     rdir = tmp_path / "h" / "round_0001"
     os.remove(rdir / "client_1.safetensors")
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError, match="participants.*do not match"):
         store.load(1)
     save_file(
         {**rand_state(3), "stray": torch.zeros(1)}, str(rdir / "client_1.safetensors")
     )
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError, match="unexpected.*stray"):
         store.load(1)
 
@@ -335,8 +373,10 @@ def test_corrupt_round_meta(tmp_path):
     store = HistoryStore(tmp_path / "h")
     store.append(make_record(1))
     (tmp_path / "h" / "round_0001" / "meta.json").write_text("{not json")
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError, match=r"round_0001.meta\.json.*JSON"):
         store.load(1)
+    reseal(tmp_path / "h")
     with pytest.raises(HistoryError, match="JSON"):
         store.clients()
 

@@ -401,3 +401,83 @@ def test_mpu_self_audit_stop(tmp_path):
         assert abs(gaps[-1]) <= 0.1 * abs(gaps[0])
     assert run["oracle_stopped"] is False
     assert [r["audit_gap"] for r in info["rounds"] if "audit_gap" in r] == gaps[1:]
+
+
+def test_a_signed_receipt_for_a_cli_unlearning_verifies(cached, tmp_path):
+    """The done-when of a receipt: `receipt verify` passes on what a run wrote,
+    with the run's adapters and history, and one changed field fails."""
+    from fed_unlearn.receipt import new_signing_key
+
+    runs, _ = cached
+    public = new_signing_key(tmp_path / "sign")
+    out = tmp_path / "fs"
+    run_cli(
+        [
+            "run", *E2E_BASE, "--method", "foul_server", "--quiet", "--no-eval",
+            "--set", f"receipt-key-file={tmp_path / 'sign'}", "--out", str(out),
+        ],
+        runs,
+    )  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    receipt = json.loads((out / "receipt.json").read_text())
+    assert receipt["departed"] == [2] and receipt["method"] == "foul_server"
+    assert receipt["signer"]["public_key"] == public
+    assert receipt["wire_bytes"] == run["bytes"]["unlearn"]
+    verify = [
+        "receipt", "verify", str(out / "receipt.json"),
+        "--public-key", str(tmp_path / "sign.pub"),
+        "--adapter", str(out / "adapters" / "unlearned"),
+        "--adapter-before", str(out / "adapters" / "original"),
+        "--history", run["history"]["path"],
+    ]  # fmt: skip
+    ok = run_cli(verify, runs)
+    assert ok.stdout.count("ok: ") == 4
+    (out / "receipt.json").write_text(json.dumps({**receipt, "departed": [1]}))
+    bad = run_cli(verify, runs, check=False)
+    assert bad.returncode == 1 and "invalid signature" in bad.stderr
+
+
+def test_forget_requests_run_in_sequence_from_a_saved_federation(cached, tmp_path):
+    """`train` keeps the federation; each `forget` is a later, separate run that
+    trains nothing, starts from the last unlearned adapter, refuses a client that
+    never joined or is already forgotten (changing nothing), and records whom
+    the federation has forgotten."""
+    from safetensors.torch import load_file
+
+    runs, _ = cached
+    fed = tmp_path / "fed"
+    train = ["train", *E2E_BASE, "--quiet", "--out", str(fed)]
+    run_cli(train, runs)
+    assert (fed / "federation" / "history" / "meta.json").is_file()
+
+    def forget(client, out, check=True):
+        args = ["forget", str(fed), "--client", str(client), "--method", "foul_server"]
+        return run_cli([*args, "--quiet", "--no-eval", "--out", str(out)], runs, check)
+
+    def snapshot():
+        root = fed / "federation"
+        return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    forget(2, tmp_path / "f2")
+    first = json.loads((tmp_path / "f2" / "run.json").read_text())
+    assert first["forgotten"] == [2] and first["forgotten_before"] == []
+    assert first["remaining"] == [0, 1]
+    assert first["rounds"]["train"] == 2 and first["cached"]["train"] is True
+    before = snapshot()
+    again = forget(2, tmp_path / "again", check=False)
+    assert again.returncode == 1 and "[2] are already forgotten" in again.stderr
+    never = forget(7, tmp_path / "never", check=False)
+    assert never.returncode == 1 and "[7] never took part" in never.stderr
+    assert snapshot() == before
+    assert not (tmp_path / "again" / "run.json").exists()
+
+    forget(1, tmp_path / "f1")
+    second = json.loads((tmp_path / "f1" / "run.json").read_text())
+    assert second["forgotten_before"] == [2] and second["forgotten"] == [1, 2]
+    assert second["remaining"] == [0]
+    unlearned = load_file(
+        str(tmp_path / "f2/adapters/unlearned/adapter_model.safetensors")
+    )
+    start = load_file(str(tmp_path / "f1/adapters/original/adapter_model.safetensors"))
+    assert unlearned.keys() == start.keys()
+    assert all(torch.equal(unlearned[k], start[k]) for k in start)

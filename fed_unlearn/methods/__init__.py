@@ -9,6 +9,7 @@ from fed_unlearn.methods.base import (
     UnlearningMethod,
     UnlearnResult,
 )
+from fed_unlearn.methods.fed_recovery import FedRecovery, FedRecoveryConfig
 from fed_unlearn.methods.fedosd import FedOSD, FedOSDConfig
 from fed_unlearn.methods.foul import Foul, FoulConfig
 from fed_unlearn.methods.foul_server import FoulServer, FoulServerConfig
@@ -31,6 +32,9 @@ register_method(name="fedosd", config_cls=FedOSDConfig, method_cls=FedOSD)
 register_method(name="mpu", config_cls=MPUConfig, method_cls=MPU)
 register_method(
     name="local_unlearn", config_cls=LocalUnlearnConfig, method_cls=LocalUnlearn
+)
+register_method(
+    name="fed_recovery", config_cls=FedRecoveryConfig, method_cls=FedRecovery
 )
 
 __all__ = [
