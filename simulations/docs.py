@@ -62,15 +62,19 @@ def rst_to_md(text: str, table: bool = False) -> str:
         The text with ``:role:`~a.b.c``` as `` `c` ``, double backticks as
         single ones and line breaks as spaces.
     """
+    out = " ".join(md_inline(text).split())
+    return out.replace("|", "\\|") if table else out
+
+
+def md_inline(text: str) -> str:
+    """Turn ``:role:`~a.b.c``` into `` `c` `` and double backticks into single ones."""
 
     def role(m: re.Match[str]) -> str:
         target = m[1]
         short = m[0].split("`", 1)[1].startswith("~")
         return f"`{target.rsplit('.', 1)[-1] if short else target}`"
 
-    out = _ROLE.sub(role, text).replace("``", "`")
-    out = " ".join(out.split())
-    return out.replace("|", "\\|") if table else out
+    return _ROLE.sub(role, text).replace("``", "`")
 
 
 def parse_parameters(doc: str | None) -> dict[str, tuple[str, str]]:
@@ -439,6 +443,43 @@ def render_losses_block() -> str:
 
 
 # ------------------------------------------------------------------- driver
+def render_protocol() -> str:
+    """Render ``docs/protocol.md`` from the docstring of :mod:`fed_unlearn.protocol`.
+
+    Returns
+    -------
+    str
+        The page: the docstring with reStructuredText headings as Markdown
+        ``##`` headings, roles and double backticks as code spans.
+    """
+    import fed_unlearn.protocol as protocol
+
+    lines = (protocol.__doc__ or "").strip("\n").splitlines()
+    title, body = lines[0], lines[1:]
+    out = [
+        "# Protocol: the messages between server and clients",
+        "",
+        BEGIN,
+        "Generated from the docstring of `fed_unlearn/protocol.py`, the protocol's",
+        "documentation. What a client will compute for a server: "
+        "[privacy.md](privacy.md).",
+        "",
+        rst_to_md(title),
+    ]
+    i = 0
+    while i < len(body):
+        line = body[i]
+        nxt = body[i + 1] if i + 1 < len(body) else ""
+        if line.strip() and _SECTION.match(nxt):
+            out += ["", f"## {line.strip()}"]
+            i += 2
+            continue
+        out.append(md_inline(line))
+        i += 1
+    out += ["", END, ""]
+    return "\n".join(out)
+
+
 def generate(root: Path = ROOT) -> dict[Path, str]:
     """Return every generated file's expected content.
 
@@ -455,7 +496,10 @@ def generate(root: Path = ROOT) -> dict[Path, str]:
     from fed_unlearn.methods import METHOD_REGISTRY
 
     docs = root / "docs"
-    out = {docs / "configuration.md": render_configuration(root)}
+    out = {
+        docs / "configuration.md": render_configuration(root),
+        docs / "protocol.md": render_protocol(),
+    }
     for name in sorted(METHOD_REGISTRY):
         path = docs / "methods" / f"{name}.md"
         text = path.read_text(encoding="utf-8") if path.exists() else method_stub(name)
