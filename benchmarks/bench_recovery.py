@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from fed_unlearn import seeds
+
 RECIPE_KEYS = {
     "steps": int,
     "batch": int,
@@ -151,7 +153,7 @@ def main() -> None:
                     max_steps=steps,
                 )
                 set_adapter(model, wire)
-                seed = derive_seed(cfg.seed, 40_001 + 1000 * o, c, 0)
+                seed = derive_seed(cfg.seed, seeds.RECOVERY + 1 + 1000 * o, c, 0)
                 local_train(model, tok, pf, items[c], spec, seed=seed)
                 after = get_adapter(model)
                 deltas.append({k: (after[k] - wire[k]).half().float() for k in wire})

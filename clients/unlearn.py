@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, Context
 
 from clients.task import client_id, client_items, client_model
 from fed_unlearn import adapters as ad
+from fed_unlearn import seeds
 from fed_unlearn.config import RunConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 _BASE_STATE = "fed-unlearn-base"
 #: Seed of the public proxy retain set (fictitious people outside every client).
-PROXY_SEED = 987_654
+PROXY_SEED = seeds.PROXY_DATA
 
 
 def proxy_retain_items(n_people: int = 6) -> list[QAItem]:

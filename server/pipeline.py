@@ -34,6 +34,7 @@ from fed_unlearn.config import RunConfig
 from fed_unlearn.history import HistoryError, HistoryStore, load_key
 from fed_unlearn.methods import UnlearnContext, get_method
 from fed_unlearn.methods.rounds import uses_oracle
+from fed_unlearn.metrics.quick import t2f_delta
 from fed_unlearn.models import (
     cache_root,
     init_adapter,
@@ -323,7 +324,7 @@ def _forget_target(
     if not (a and b):
         return None
     oracle = float(b[-1]["forget_Q_A_Prob"])
-    return oracle, 0.1 * abs(float(a[-1]["forget_Q_A_Prob"]) - oracle)
+    return oracle, t2f_delta(float(a[-1]["forget_Q_A_Prob"]), oracle)
 
 
 def run_fl_phase(
@@ -653,7 +654,7 @@ def run_pipeline(
     finished_at = _utc_now()
     down, up = counting.snapshot() if counting is not None else (0, 0)
     ad.validate_update(res.adapter, train.final)
-    if cfg.method == "retrain":
+    if method.is_oracle:
         # The method *is* the oracle: its cost is the retrain phase's recorded cost.
         wall = out.retrain.stats["wall_time_s"]
         down, up = (
@@ -676,6 +677,7 @@ def run_pipeline(
         "rounds": rounds,
         "info": res.info,
         "oracle_stopped": oracle_stop,
+        "is_oracle": method.is_oracle,
         "requested_at": requested_at,
         "finished_at": finished_at,
         "method_config": dataclasses.asdict(method.config),

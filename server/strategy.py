@@ -34,6 +34,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 
 from fed_unlearn import adapters as ad
+from fed_unlearn import seeds
 from fed_unlearn.aggregation import product_space_aggregate
 from fed_unlearn.history import HistoryStore, RoundRecord
 from fed_unlearn.protocol import TrainReply, TrainRequest
@@ -113,7 +114,7 @@ def sample_clients(
         Sorted client ids.
     """
     k = max(1, round(fraction * num_clients))
-    rng = random.Random(derive_seed(seed, server_round, 7919))
+    rng = random.Random(derive_seed(seed, server_round, seeds.SAMPLING_SALT))
     return sorted(rng.sample(range(num_clients), k))
 
 

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fed_unlearn import seeds
 from fed_unlearn.config import RunConfig
 from fed_unlearn.methods import Requirement, get_method
 from fed_unlearn.types import AdapterState
@@ -350,7 +351,7 @@ def relearn_adapters(
         lr=cfg.eval_relearn_lr or float(r.lr) / 5,  # type: ignore[arg-type]
         batch_size=int(r.batch_size),  # type: ignore[arg-type]
         max_length=int(r.max_length),  # type: ignore[arg-type]
-        seed=derive_seed(cfg.seed, 31_337),
+        seed=derive_seed(cfg.seed, seeds.RELEARN),
     )
     model, tok = load_lora_model(
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
@@ -431,7 +432,7 @@ def add_method_wall(run: dict[str, Any], out: Any) -> None:
         info = (out.unlearn_stats or {}).get("info", {})
         spent["unlearn"] = (
             spent["retrain"]
-            if run.get("method") == "retrain"
+            if (out.unlearn_stats or {}).get("is_oracle")
             else info.get("eval_seconds")
         )
     walls["curve_eval"] = spent
@@ -470,7 +471,7 @@ T2F_DEFINITION = (
 
 
 def add_unlearning_curve(
-    run: dict[str, Any], method: str, info: dict[str, Any]
+    run: dict[str, Any], is_oracle: bool, info: dict[str, Any]
 ) -> None:
     """Put the unlearning curve and T2F into ``run`` (in place).
 
@@ -482,15 +483,17 @@ def add_unlearning_curve(
     ----------
     run : dict[str, Any]
         The run record (needs ``curves.train`` and ``curves.retrain``).
-    method : str
-        Method name.
+    is_oracle : bool
+        Whether the method's result is the retrain oracle (its curve is then
+        the oracle's).
     info : dict[str, Any]
         The method's ``UnlearnResult.info``.
     """
     from fed_unlearn.metrics import time_to_forget
+    from fed_unlearn.metrics.quick import t2f_delta
 
     train, retrain = run["curves"].get("train", []), run["curves"].get("retrain", [])
-    if method == "retrain":
+    if is_oracle:
         curve = retrain
     elif info.get("curve"):
         curve = list(info["curve"])
@@ -502,7 +505,7 @@ def add_unlearning_curve(
         run["T2F"] = None
         return
     oracle = retrain[-1]["forget_Q_A_Prob"]
-    delta = 0.1 * abs(train[-1]["forget_Q_A_Prob"] - oracle)
+    delta = t2f_delta(train[-1]["forget_Q_A_Prob"], oracle)
     values = [p["forget_Q_A_Prob"] for p in curve if p["round"] > 0]
     t2f = time_to_forget(values, oracle, delta) if values else None
     run["T2F"] = t2f
@@ -638,8 +641,9 @@ def run_all(
         run["curves"]["retrain"] = out.retrain.stats.get("curve", [])
     if out.unlearned is not None:
         info = out.unlearn_stats.get("info", {})
-        add_unlearning_curve(run, cfg.method, info)
-        if cfg.method == "retrain" and out.retrain is not None:
+        is_oracle = bool(out.unlearn_stats.get("is_oracle"))
+        add_unlearning_curve(run, is_oracle, info)
+        if is_oracle and out.retrain is not None:
             run["client_compute"]["unlearn"] = client_compute(out.retrain.stats)
         else:
             zero = {"local_steps": 0.0, "tokens": 0.0, "client_seconds": 0.0}

@@ -169,3 +169,10 @@ def test_foul_server_recovery_asks_for_a_budget_unless_told_a_batch_or_an_epoch(
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="recovery_budget must be a finite"):
             get_method("foul_server", {"recovery_budget": bad})
+
+
+def test_only_retrain_is_the_oracle():
+    """The orchestrator charges a method the oracle's cost only by this flag,
+    never by the method's name."""
+    flagged = sorted(n for n, e in METHOD_REGISTRY.items() if e.method_cls.is_oracle)
+    assert flagged == ["retrain"]

@@ -498,3 +498,26 @@ def test_departed_steps_are_averaged_or_summed(merge, want):
     assert res.info["departed_merge"] == merge
     with pytest.raises(ValueError, match="departed_merge must be one of"):
         get_method("mpu", {"departed_merge": "max"})
+
+
+def test_seed_streams_of_interleaved_and_final_recovery_do_not_collide():
+    """mpu with R = 2 interleaved repairs (streams RECOVERY + 1, + 2) and one
+    final recovery round: that round draws RECOVERY + 3, not RECOVERY + 1 again;
+    the unlearning rounds use 1 and 2."""
+    from fed_unlearn import seeds
+
+    trained = adapter_state()
+    clients = LinearClients({0: adapter_state(1), 1: adapter_state(2)})
+    ctx = UnlearnContext(
+        trained=trained,
+        departed=(1,),
+        remaining=(0,),
+        seed=0,
+        clients=clients,
+        departed_cooperates=True,
+    )
+    opts = {"rounds": 2, "recovery_rounds": 1}
+    get_method("local_unlearn", opts).unlearn(ctx)
+    used = [next(iter(q.values())).seed_round for q in clients.requests]
+    r = seeds.RECOVERY
+    assert used == [1, r + 1, 2, r + 2, r + 3]

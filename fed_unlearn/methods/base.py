@@ -165,6 +165,9 @@ class UnlearningMethod(ABC):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     requires: ClassVar[frozenset[Requirement]] = frozenset()
+    #: True for a method whose result *is* the retrain oracle: its cost is the
+    #: oracle's recorded cost, and its curve the oracle's.
+    is_oracle: ClassVar[bool] = False
 
     def __init__(self, config: UnlearnConfig) -> None:
         self.config = config

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from fed_unlearn import adapters as ad
+from fed_unlearn import seeds
 from fed_unlearn.conflict import orthogonal_direction, post_project
 from fed_unlearn.methods.base import (
     Requirement,
@@ -141,7 +142,7 @@ class FedOSD(UnlearningMethod):
                         copies=[theta],
                         epochs=cfg.local_epochs,
                         loss="uce",
-                        seed_round=20_000 + r,
+                        seed_round=seeds.FEDOSD_UNLEARN + r,
                         **unl,
                     ),
                 )
@@ -153,7 +154,7 @@ class FedOSD(UnlearningMethod):
                         copies=[theta],
                         epochs=cfg.local_epochs,
                         loss="nll",
-                        seed_round=20_000 + r,
+                        seed_round=seeds.FEDOSD_UNLEARN + r,
                         **unl,
                     ),
                 )
@@ -181,7 +182,7 @@ class FedOSD(UnlearningMethod):
                         copies=[theta],
                         epochs=cfg.local_epochs,
                         loss="nll",
-                        seed_round=30_000 + p,
+                        seed_round=seeds.FEDOSD_POST + p,
                         **post,
                     ),
                 )

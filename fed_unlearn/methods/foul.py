@@ -90,6 +90,7 @@ from typing import Any
 import torch
 
 from fed_unlearn import adapters as ad
+from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.conflict import cagrad_direction, select_subnetwork
 from fed_unlearn.dual import v_units
@@ -657,7 +658,7 @@ class Foul(UnlearningMethod):
                 max_steps=cfg.local_steps,
                 lr=cfg.lr if cfg.lr > 0 else None,
                 ranks=sub.ranks,
-                seed_round=10_000 + r,
+                seed_round=seeds.FOUL_LIVE + r,
             )
             replies = ctx.clients.query(dict.fromkeys(live, request))
             log.add_compute(replies)

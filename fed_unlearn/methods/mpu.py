@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fed_unlearn import adapters as ad
+from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
     Requirement,
@@ -207,7 +208,7 @@ class InnerLossConfig(StopOptions):
         """
         if not self.interleave_recovery:
             return theta
-        return recovery_step(ctx, theta, log, 40_000 + r, method)
+        return recovery_step(ctx, theta, log, seeds.RECOVERY + r, method)
 
     def finish(
         self,
@@ -241,7 +242,14 @@ class InnerLossConfig(StopOptions):
             Adapter, rounds (recovery included) and info.
         """
         theta = recovery_rounds(
-            ctx, log.result(theta), self.recovery_rounds, log, r, method
+            ctx,
+            log.result(theta),
+            self.recovery_rounds,
+            log,
+            r,
+            method,
+            # after the interleaved repairs' streams RECOVERY + 1..r
+            seed_offset=r if self.interleave_recovery else 0,
         )
         return UnlearnResult(
             theta,

@@ -35,6 +35,7 @@ class Retrain(UnlearningMethod):
 
     summary = "exact: FedAvg from the same init and seeds without the departed clients"
     requires = frozenset({Requirement.RETRAIN})
+    is_oracle = True
 
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Run (or load) the retrain and return its adapter."""

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from fed_unlearn import adapters as ad
+from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import UnlearnConfig, UnlearnContext
 from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
@@ -196,6 +197,7 @@ def recovery_rounds(
     max_steps: int = 0,
     batch_size: int = 0,
     budget: float = 0.0,
+    seed_offset: int = 0,
 ) -> AdapterState:
     """Retain recovery [R]: plain FedAvg rounds of the remaining clients.
 
@@ -233,6 +235,9 @@ def recovery_rounds(
         ``max_steps`` steps see this share of the examples that retraining
         would show it, ``budget`` x FL rounds x local epochs x its items
         (:func:`fed_unlearn.training.budget_batches`; default: 0 = unused).
+    seed_offset : int
+        Round p's data order is the stream ``seeds.RECOVERY + seed_offset + p``
+        (default: 0; a method that used ``RECOVERY + 1..k`` before passes k).
 
     Returns
     -------
@@ -241,7 +246,15 @@ def recovery_rounds(
     """
     for p in range(1, rounds + 1):
         theta = recovery_step(
-            ctx, theta, log, 40_000 + p, method, dtype, max_steps, batch_size, budget
+            ctx,
+            theta,
+            log,
+            seeds.RECOVERY + seed_offset + p,
+            method,
+            dtype,
+            max_steps,
+            batch_size,
+            budget,
         )
         log.end_round(first_round + p, theta, {"stage": "recovery"})
     return theta

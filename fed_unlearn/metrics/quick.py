@@ -69,6 +69,15 @@ def answer_prob(
     return float(sum(probs) / len(probs))
 
 
+#: T2F's tolerance: this share of the |original - oracle| forget-level gap.
+T2F_BAND = 0.1
+
+
+def t2f_delta(original: float, oracle: float) -> float:
+    """T2F's tolerance δ = :data:`T2F_BAND` x |original - oracle|."""
+    return T2F_BAND * abs(original - oracle)
+
+
 def time_to_forget(
     curve: Sequence[float], oracle: float, delta: float, patience: int = 3
 ) -> int | None:
@@ -86,7 +95,7 @@ def time_to_forget(
     oracle : float
         The retrain model's value.
     delta : float
-        Tolerance (the runner uses 10% of the none-retrain gap).
+        Tolerance (the runner uses :func:`t2f_delta`).
     patience : int
         Rounds the value must stay within ``delta``.
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fed_unlearn import seeds
 from fed_unlearn.models.base import cache_root
 
 # the name of the module these helpers came from: log records keep their name
@@ -88,8 +89,9 @@ def format_corpus(
 
     Teaches the tiny model the prompt format and the shape of invented values (as
     a real LLM knows English) without any person of the experiments: the people
-    are drawn from a separate seed stream (``10_000 + seed``). The general-knowledge
-    probes are included too, as the world knowledge a real LLM brings.
+    are drawn from a separate seed stream (``seeds.TINY_PEOPLE + seed``). The
+    general-knowledge probes are included too, as the world knowledge a real LLM
+    brings.
 
     Parameters
     ----------
@@ -108,7 +110,7 @@ def format_corpus(
     from fed_unlearn.data import generate_people
     from fed_unlearn.data.synthetic import general_knowledge
 
-    people = generate_people(10_000 + seed, n_people) if n_people > 0 else []
+    people = generate_people(seeds.TINY_PEOPLE + seed, n_people) if n_people > 0 else []
     texts = [
         (f"Question: {it.question}\nAnswer: ", it.answer)
         for p in people
