@@ -1,11 +1,70 @@
-"""A Grid wrapper that counts the bytes every Flower message carries."""
+"""A Grid wrapper that counts the bytes every Flower message carries.
+
+With ``$FED_UNLEARN_WIRE_AUDIT`` set to a file, it also appends one JSON line per
+message to that file: direction, message type, and per record its keys with the
+value types (array dtypes and shapes, list lengths), so that a test can check
+what crossed the wire (``tests/test_methods_e2e.py``). Config strings are kept;
+no tensor value is.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Message
+
+AUDIT_ENV = "FED_UNLEARN_WIRE_AUDIT"
+
+
+def describe(msg: Message, direction: str) -> dict[str, Any]:
+    """Describe what a message carries, without tensor values (one audit line).
+
+    Parameters
+    ----------
+    msg : Message
+        A Flower message.
+    direction : str
+        ``"down"`` (server to client) or ``"up"``.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``direction``, ``type``, ``error`` and per record name its entries:
+        arrays as ``[dtype, shape]``, metrics and configs as
+        ``[type, value-or-length]`` (strings and scalars of configs kept).
+    """
+    out: dict[str, Any] = {
+        "direction": direction,
+        "type": str(msg.metadata.message_type),
+        "error": msg.has_error(),
+        "records": {},
+    }
+    if not msg.has_content():
+        return out
+    content = msg.content
+    for name, rec in content.array_records.items():
+        out["records"][name] = {
+            "kind": "arrays",
+            "entries": {k: [a.dtype, list(a.shape)] for k, a in rec.items()},
+        }
+    for kind, records in (
+        ("config", content.config_records),
+        ("metrics", content.metric_records),
+    ):
+        for name, rec in records.items():
+            entries = {}
+            for k, v in rec.items():
+                if isinstance(v, list):
+                    entries[k] = ["list", len(v), sorted({type(x).__name__ for x in v})]
+                elif isinstance(v, bytes):
+                    entries[k] = ["bytes", len(v)]
+                else:
+                    entries[k] = [type(v).__name__, v if kind == "config" else None]
+            out["records"][name] = {"kind": kind, "entries": entries}
+    return out
 
 
 def record_nbytes(content: Any) -> int:
@@ -69,11 +128,13 @@ class CountingGrid:
         msgs = list(messages)
         self.bytes_down += sum(message_nbytes(m) for m in msgs)
         self.messages += len(msgs)
+        _audit(msgs, "down")
         return msgs
 
     def _count_in(self, replies: Iterable[Message]) -> list[Message]:
         got = list(replies)
         self.bytes_up += sum(message_nbytes(m) for m in got)
+        _audit(got, "up")
         return got
 
     def send_and_receive(
@@ -91,3 +152,12 @@ class CountingGrid:
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """Pull replies (counted)."""
         return self._count_in(self._grid.pull_messages(message_ids))
+
+
+def _audit(msgs: list[Message], direction: str) -> None:
+    path = os.environ.get(AUDIT_ENV)
+    if not path or not msgs:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        for m in msgs:
+            f.write(json.dumps(describe(m, direction), default=str) + "\n")

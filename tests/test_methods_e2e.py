@@ -15,8 +15,16 @@ from helpers import E2E_BASE, run_cli
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
+    """Cache both FL phases once; every CLI run of this module records each
+    Flower message it sends or receives into one wire-audit file (checked by
+    the last test of the module)."""
+    import os
+
+    from server.grid import AUDIT_ENV
+
     runs = tmp_path_factory.mktemp("runs")
     out = tmp_path_factory.mktemp("out") / "none"
+    os.environ[AUDIT_ENV] = str(runs / "wire-audit.jsonl")
     run_cli(
         [
             "run",
@@ -30,7 +38,8 @@ def cached(tmp_path_factory):
         ],
         runs,
     )
-    return runs, json.loads((out / "run.json").read_text())
+    yield runs, json.loads((out / "run.json").read_text())
+    os.environ.pop(AUDIT_ENV, None)
 
 
 def _run(cached, tmp_path, method, *opts, evaluate=True):
@@ -481,3 +490,57 @@ def test_forget_requests_run_in_sequence_from_a_saved_federation(cached, tmp_pat
     start = load_file(str(tmp_path / "f1/adapters/original/adapter_model.safetensors"))
     assert unlearned.keys() == start.keys()
     assert all(torch.equal(unlearned[k], start[k]) for k in start)
+
+
+def test_wire_audit_only_adapter_tensors_aggregate_metrics_and_configs(cached):
+    """Every message of every method run in this module (FL, retrain, each
+    method's queries, recovery rounds), checked against the product's promise
+    independently of the protocol code: arrays are floating tensors of the
+    adapter's shapes (or rank slices of them) under adapter keys; metrics are
+    scalars (the dual prototype aside, off here); configs are the run config
+    without the method, and a request's own fields; no bytes anywhere."""
+    import re
+
+    from fed_unlearn.config import RunConfig
+
+    runs, _ = cached
+    lines = [
+        json.loads(x) for x in (runs / "wire-audit.jsonl").read_text().splitlines()
+    ]
+    schema = json.loads(next(runs.glob("fl-*/history/meta.json")).read_text())["schema"]
+    run_keys = set(RunConfig().to_flat())
+    copy_key = re.compile(r"^(?:copy\d+\.|base\.)?(?P<key>.+)$")
+    kinds, types = set(), set()
+    assert len(lines) > 100
+    for m in lines:
+        types.add((m["direction"], m["type"]))
+        assert not m["error"], m
+        for name, rec in m["records"].items():
+            entries = rec["entries"]
+            for k, v in entries.items():
+                assert v[0] != "bytes", (name, k)
+            if rec["kind"] == "arrays":
+                for k, (dtype, shape) in entries.items():
+                    key = copy_key.match(k)["key"]
+                    assert key in schema, k
+                    full = schema[key]
+                    assert dtype in ("float32", "float16"), (k, dtype)
+                    assert len(shape) == 2 and (
+                        shape == full
+                        or (shape[1] == full[1] and shape[0] <= full[0])
+                        or (shape[0] == full[0] and shape[1] <= full[1])
+                    ), (k, shape, full)
+            elif rec["kind"] == "metrics":
+                for k, (typ, *_rest) in entries.items():
+                    assert typ in ("int", "float"), (k, typ)
+            elif name == "run":
+                assert set(entries) <= run_keys, set(entries) - run_keys
+                assert not any(k.startswith("method") for k in entries)
+            else:
+                assert name == "config", name
+                kinds.add(entries.get("kind", ["str", "(train)"])[1])
+                for k, (typ, value, *_r) in entries.items():
+                    if typ == "str":  # a request's names, never data
+                        assert k in ("kind", "loss", "retain"), (k, value)
+    assert {"hello", "local-update"} <= kinds
+    assert ("down", "train") in {(d, t.split(".")[-1].lower()) for d, t in types}
