@@ -766,6 +766,7 @@ def run_demo(
             with step("data") as rec:
                 paths = write_client_data(flat, out / "data")
                 rec["data_paths"] = [str(p) for p in paths]
+            (out / "state.db").unlink(missing_ok=True)  # keys of an earlier demo
             fed = SecureFederation(
                 out, creds, proxy=proxy, env={"FED_UNLEARN_RUNS": str(out / "runs")}
             )
