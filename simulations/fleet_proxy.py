@@ -92,10 +92,14 @@ class FleetOnlyProxy:
 
     def _http(self) -> Any:
         if self._client is None:
+            import ssl
+
             import httpx
 
             self._client = httpx.AsyncClient(
-                verify=self.ca, timeout=self.timeout, follow_redirects=False
+                verify=ssl.create_default_context(cafile=self.ca),
+                timeout=self.timeout,
+                follow_redirects=False,
             )
         return self._client
 
@@ -208,7 +212,7 @@ def serve(listen: str, upstream: str, certfile: str, keyfile: str, ca: str) -> N
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
         log_level="info",
-        access_log=True,
+        access_log=False,  # refusals are logged; forwarded calls are counted
         lifespan="on",
     )
 

@@ -34,6 +34,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -389,7 +390,7 @@ class SecureFederation:
             try:
                 r = httpx.get(
                     f"https://127.0.0.1:{port}/health",
-                    verify=str(self.creds.ca_cert),
+                    verify=ssl.create_default_context(cafile=str(self.creds.ca_cert)),
                     timeout=5,
                 )
                 if r.status_code < 500:
@@ -534,7 +535,9 @@ def probe_control_api(
     home = Path(workdir) / "outsider_home"
     write_cli_config(home, "target", address, ca_cert)
     env = flwr_env(home)
-    verify: str | bool = str(ca_cert) if ca_cert else False
+    verify: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else False
+    )
     base = f"https://{address}"
     res: dict[str, Any] = {"address": address, "ca_cert": bool(ca_cert)}
 
