@@ -157,8 +157,82 @@ def test_plaintext_supernode_never_connects(tmp_path, creds):
     assert not _leftovers(fed.home)
 
 
+OUTSIDER_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "outsider"
+version = "0.1.0"
+description = "code that a party with no credential ships to every SuperNode"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "outsider"
+
+[tool.flwr.app.components]
+serverapp = "outsider.apps:server"
+clientapp = "outsider.apps:client"
+
+[tool.flwr.app.config]
+marker-dir = "MARKER_DIR"
+"""
+
+OUTSIDER_APP = """
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query()
+def q(msg: Message, context: Context) -> Message:
+    out = Path(context.run_config["marker-dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"node_config": dict(context.node_config)}
+    (out / f"node-{context.node_id}.json").write_text(json.dumps(info))
+    return Message(RecordDict({"r": ConfigRecord({"ok": 1})}), reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    msgs = [
+        Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=n,
+                message_type="query")
+        for n in grid.get_node_ids()
+    ]
+    list(grid.send_and_receive(msgs, timeout=120))
+"""
+
+
+def _outsider_app(tmp_path):
+    app = tmp_path / "outsider_app"
+    (app / "outsider").mkdir(parents=True)
+    marker = tmp_path / "marker"
+    (app / "pyproject.toml").write_text(
+        OUTSIDER_PYPROJECT.replace("MARKER_DIR", str(marker))
+    )
+    (app / "outsider" / "__init__.py").write_text("")
+    (app / "outsider" / "apps.py").write_text(OUTSIDER_APP)
+    return app, marker
+
+
 def test_proxy_refuses_control_routes_but_supernodes_work(tmp_path, creds):
-    from simulations.secure import SecureFederation, probe_control_api
+    """Through the proxy: no Control API; on the SuperLink's own port (loopback
+    only in the mitigation) anyone holding just the CA certificate starts a run whose
+    ClientApp executes on the members' SuperNodes."""
+    from simulations.deployment import flwr_env, write_cli_config
+    from simulations.secure import SecureFederation, flwr_cli, probe_control_api
 
     with SecureFederation(tmp_path / "fed", creds, proxy=True) as fed:
         fed.start_superlink()
@@ -193,6 +267,21 @@ def test_proxy_refuses_control_routes_but_supernodes_work(tmp_path, creds):
         ]
         proxy_log = fed.procs.log_path("fleet_proxy").read_text()
         assert "refused POST /v1/control/list-runs" in proxy_log
+        # an outsider's `flwr run` (its own code, only the CA certificate)
+        app, marker = _outsider_app(tmp_path)
+        for name, addr in (("proxy", fed.fleet_address), ("direct", fed.address)):
+            home = tmp_path / f"outsider_{name}"
+            write_cli_config(home, "t", addr, creds.ca_cert)
+            run = flwr_cli(["run", str(app), "t", "--stream"], flwr_env(home), 300)
+            text = run.stdout + run.stderr
+            if name == "proxy":
+                assert run.returncode != 0, text[-2000:]
+                assert "POST /v1/control/start-run is not exposed" in text, text
+                assert not marker.exists()
+            else:
+                assert run.returncode == 0, text[-2000:]
+        ran = [json.loads(p.read_text()) for p in marker.glob("node-*.json")]
+        assert [r["node_config"]["partition-id"] for r in ran] == [0]
     assert not _leftovers(fed.home)
 
 
