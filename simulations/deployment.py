@@ -43,7 +43,9 @@ class DeploymentError(RuntimeError):
     """A process of the local federation failed to start, or a step failed."""
 
 
-def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None):
+def wait_port(
+    port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until something accepts TCP connections on ``127.0.0.1:port``.
 
     Parameters

@@ -384,7 +384,7 @@ class SecureFederation:
         while time.time() - t0 < timeout:
             if proc.poll() is not None:
                 raise DeploymentError(
-                    f"{self.procs.procs and proc.args[0]} exited with status "
+                    f"{Path(str(proc.args[0])).name} exited with status "
                     f"{proc.returncode}; see {self.logs}"
                 )
             try:

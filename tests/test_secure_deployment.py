@@ -77,6 +77,20 @@ def test_credentials(creds):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
 
 
+def test_client_data_files_are_the_simulation_partitions(tmp_path):
+    from clients.task import full_dataset
+    from fed_unlearn.config import RunConfig
+    from fed_unlearn.data import load_jsonl
+    from simulations.secure import write_client_data
+
+    flat = {"preset": "tiny", "num-clients": 2, "depart": "1", "seed": 11}
+    paths = write_client_data(flat, tmp_path)
+    data = full_dataset(RunConfig.from_flat(flat))
+    assert [p.name for p in paths] == ["client_0.jsonl", "client_1.jsonl"]
+    for i, path in enumerate(paths):
+        assert load_jsonl(path) == data.clients[i]
+
+
 def test_proxy_route_filter():
     from simulations.fleet_proxy import is_allowed
 
