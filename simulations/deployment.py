@@ -3,8 +3,15 @@ r"""Run the app on a local Flower Deployment Engine (SuperLink + SuperNodes, loo
 This is the cross-silo setting on one machine: one ``flower-supernode`` process per
 organisation, each started with its own ``partition-id`` (and optionally its own
 ``data-path``), a ``flower-superlink`` in insecure mode (loopback only: use TLS and
-node authentication across organisations), and ``flwr run . NAME`` with the SuperLink
-connection in ``$FLWR_HOME/config.toml``. Every process is stopped at the end.
+node authentication across organisations, :mod:`simulations.secure`), and
+``flwr run . NAME`` with the SuperLink connection in ``$FLWR_HOME/config.toml``.
+Every process is stopped at the end.
+
+:class:`Processes` is the process management both paths share: every process is
+started in its own process group, logs to its own file, and :meth:`Processes.stop`
+stops it *and every descendant* (the SuperLink and the SuperNodes start
+``flower-superexec`` in new sessions of their own, which a process-group signal
+does not reach).
 
 Usage::
 
@@ -23,26 +30,251 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _wait_port(port: int, timeout: float) -> None:
+class DeploymentError(RuntimeError):
+    """A process of the local federation failed to start, or a step failed."""
+
+
+def wait_port(
+    port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until something accepts TCP connections on ``127.0.0.1:port``.
+
+    Parameters
+    ----------
+    port : int
+        Port to poll.
+    timeout : float
+        Seconds to wait.
+    proc : subprocess.Popen, optional
+        The process expected to listen; if it exits first, fail at once.
+
+    Raises
+    ------
+    DeploymentError
+        If nothing listens after ``timeout`` seconds, or ``proc`` exited.
+    """
     t0 = time.time()
     while time.time() - t0 < timeout:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
+        if proc is not None and proc.poll() is not None:
+            raise DeploymentError(
+                f"{Path(str(proc.args[0])).name} exited with status {proc.returncode} "
+                f"before listening on 127.0.0.1:{port}"
+            )
         time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+    raise DeploymentError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
-def _free_port() -> int:
+_wait_port = wait_port  # backwards-compatible name
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_free_port = free_port
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """Environment for Flower processes: ``FLWR_HOME``, our venv first on PATH.
+
+    The SuperLink and SuperNodes spawn ``flower-superexec`` from PATH, so the venv's
+    ``bin`` must come first.  Telemetry and the update check are switched off.
+    """
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": path,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+class Processes:
+    """Start processes in their own process groups; stop them and their children.
+
+    Use as a context manager: leaving the block (normally, by an exception, or by
+    ``KeyboardInterrupt``) stops everything started through :meth:`start`.
+
+    Parameters
+    ----------
+    workdir : Path
+        Where the per-process log files go.
+    env : Mapping[str, str]
+        Environment of every process.
+    """
+
+    def __init__(self, workdir: Path, env: Mapping[str, str]) -> None:
+        self.workdir = Path(workdir)
+        self.env = dict(env)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(
+        self, name: str, argv: Sequence[str], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` as ``name`` (log in ``workdir/NAME.log``, new session)."""
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - see stop()
+        self._logs.append(log)
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd or self.workdir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def log_path(self, name: str) -> Path:
+        """Path of the log file of process ``name``."""
+        return self.workdir / f"{name}.log"
+
+    def pids(self) -> set[int]:
+        """Pids of the started processes and of all their live descendants."""
+        import psutil
+
+        pids: set[int] = set()
+        for proc in self.procs.values():
+            try:
+                p = psutil.Process(proc.pid)
+                pids.add(p.pid)
+                pids.update(c.pid for c in p.children(recursive=True))
+            except psutil.NoSuchProcess:
+                continue
+        return pids
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM every started process group and descendant, then SIGKILL.
+
+        Safe to call more than once.
+        """
+        import psutil
+
+        survivors: list[psutil.Process] = []
+        for pid in self.pids():
+            try:
+                survivors.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+        # Own process groups first (they were started with start_new_session) ...
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        # ... then any descendant that lives in a session of its own.
+        for p in survivors:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(survivors, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(alive, timeout=5)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+
+def write_cli_config(
+    home: Path, name: str, address: str, root_certificates: Path | None = None
+) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection ``name``.
+
+    Parameters
+    ----------
+    home : Path
+        ``FLWR_HOME``.
+    name : str
+        Connection name (``flwr run APP NAME``).
+    address : str
+        ``host:port`` of the SuperLink (Control API).
+    root_certificates : Path, optional
+        CA certificate; without it the connection is insecure (plain HTTP).
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    tls = (
+        f'root-certificates = "{Path(root_certificates).resolve()}"\n'
+        if root_certificates
+        else "insecure = true\n"
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{address}"\n{tls}'
+    )
+
+
+def flwr_run(
+    connection: str,
+    run_config: str,
+    env: Mapping[str, str],
+    timeout: float,
+) -> tuple[int, str]:
+    """``flwr run ROOT CONNECTION --run-config ... --stream``; return (status, output).
+
+    A run that outlives ``timeout`` returns status 124 and what it printed.
+    """
+    try:
+        proc = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                str(ROOT),
+                connection,
+                "--run-config",
+                run_config,
+                "--stream",
+            ],
+            cwd=ROOT,
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"") + (exc.stderr or b"")
+        text = out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+        return 124, text + f"\nflwr run: timed out after {timeout:.0f} s"
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def run_local_deployment(
@@ -53,6 +285,9 @@ def run_local_deployment(
     timeout: float = 900.0,
 ) -> tuple[int, str]:
     """Start a SuperLink and ``num_clients`` SuperNodes, ``flwr run`` the app, stop all.
+
+    Insecure (plain HTTP): loopback tests only.  The TLS + SuperNode-authentication
+    variant is :func:`simulations.secure.run_demo`.
 
     Parameters
     ----------
@@ -75,23 +310,13 @@ def run_local_deployment(
     work = Path(workdir or tempfile.mkdtemp(prefix="fed_unlearn_deploy_"))
     work.mkdir(parents=True, exist_ok=True)
     home = work / "flwr_home"
-    home.mkdir(exist_ok=True)
-    http_port = _free_port()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local-deployment"\n\n'
-        "[superlink.local-deployment]\n"
-        f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
-    )
-    # The SuperLink/SuperNode spawn flower-superexec etc. from PATH: put ours first.
-    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path}
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = []
+    http_port = free_port()
+    write_cli_config(home, "local-deployment", f"127.0.0.1:{http_port}")
+    env = flwr_env(home)
     try:
-        log = open(work / "superlink.log", "wb")  # noqa: SIM115 - closed below
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
+        with Processes(work, env) as procs:
+            link = procs.start(
+                "superlink",
                 [
                     str(BIN / "flower-superlink"),
                     "--insecure",
@@ -100,67 +325,27 @@ def run_local_deployment(
                     "--database",
                     str(work / "state.db"),
                 ],
-                cwd=work,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
             )
-        )
-        _wait_port(http_port, 60)
-        for i in range(num_clients):
-            node_cfg = f"partition-id={i}"
-            if data_paths:
-                node_cfg += f" data-path='{data_paths[i]}'"
-            log = open(work / f"supernode{i}.log", "wb")  # noqa: SIM115
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
+            wait_port(http_port, 60, link)
+            for i in range(num_clients):
+                node_cfg = f"partition-id={i}"
+                if data_paths:
+                    node_cfg += f" data-path='{data_paths[i]}'"
+                procs.start(
+                    f"supernode{i}",
                     [
                         str(BIN / "flower-supernode"),
                         "--insecure",
                         "--superlink",
                         f"127.0.0.1:{http_port}",
                         "--port",
-                        str(_free_port()),
+                        str(free_port()),
                         "--node-config",
                         node_cfg,
                     ],
-                    cwd=work,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
                 )
-            )
-        proc = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(ROOT),
-                "local-deployment",
-                "--run-config",
-                run_config,
-                "--stream",
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return proc.returncode, proc.stdout + proc.stderr
+            return flwr_run("local-deployment", run_config, env, timeout)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-        for log in logs:
-            log.close()
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 

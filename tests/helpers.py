@@ -159,3 +159,26 @@ def one_round_history(tmp_path, trained, deltas, sizes=None):
     )
     store.set_final(trained)
     return store
+
+
+def saved_adapters(out):
+    """The original, unlearned and retrain adapters a run saved (peft files)."""
+    from safetensors.torch import load_file
+
+    return {
+        name: load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
+        for name in ("original", "unlearned", "retrain")
+    }
+
+
+def assert_parity(out, sim):
+    """Deployment and simulation give the same adapters: bit-identical.
+
+    Both engines run the same ClientApp code on the same CPU with the same seeds
+    (LoRA init, data order, per-round derive_seed) and aggregate in the same order
+    (by client id), so no tolerance is needed."""
+    dep, simu = saved_adapters(out), saved_adapters(sim)
+    for name in dep:
+        assert dep[name].keys() == simu[name].keys()
+        for k in dep[name]:
+            assert torch.equal(dep[name][k], simu[name][k]), (name, k)

@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from helpers import run_cli
+from helpers import assert_parity, run_cli
 
 RUN = (
     "preset='tiny' num-clients=2 depart='1' num-server-rounds=1 local-epochs=1 seed=11"
 )
-
-
-def _adapters(out):
-    from safetensors.torch import load_file
-
-    return {
-        name: load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
-        for name in ("original", "unlearned", "retrain")
-    }
 
 
 def _deploy_and_simulate(tmp_path, monkeypatch, method, opts=()):
@@ -46,19 +36,6 @@ def _deploy_and_simulate(tmp_path, monkeypatch, method, opts=()):
     return out, sim
 
 
-def _assert_parity(out, sim):
-    """Deployment and simulation give the same adapters: bit-identical.
-
-    Both engines run the same ClientApp code on the same CPU with the same seeds
-    (LoRA init, data order, per-round derive_seed) and aggregate in the same order
-    (by client id), so no tolerance is needed."""
-    dep, simu = _adapters(out), _adapters(sim)
-    for name in dep:
-        assert dep[name].keys() == simu[name].keys()
-        for k in dep[name]:
-            assert torch.equal(dep[name][k], simu[name][k]), (name, k)
-
-
 def test_local_deployment_engine_runs_the_pipeline(tmp_path, monkeypatch):
     out, sim = _deploy_and_simulate(tmp_path, monkeypatch, "foul_server")
     pipeline = json.loads((out / "pipeline.json").read_text())
@@ -74,7 +51,7 @@ def test_local_deployment_engine_runs_the_pipeline(tmp_path, monkeypatch):
     for res in fed.values():
         assert {"client-0", "client-1"} <= set(res)
         assert res["forget_Q_A_Prob"] == res["client-1"]
-    _assert_parity(out, sim)  # the default method, foul_server
+    assert_parity(out, sim)  # the default method, foul_server
 
 
 @pytest.mark.slow
@@ -82,4 +59,4 @@ def test_mpu_deployment_matches_the_simulation(tmp_path, monkeypatch):
     """MPU draws its secrets from ``secrets`` by default, so two runs of either
     engine differ by their noise; with its test seed both are bit-identical."""
     out, sim = _deploy_and_simulate(tmp_path, monkeypatch, "mpu", [("seed", 7)])
-    _assert_parity(out, sim)
+    assert_parity(out, sim)

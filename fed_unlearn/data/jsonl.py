@@ -227,3 +227,33 @@ def load_data_dir(path: str | Path, num_clients: int | None = None) -> TofuData:
     if (root / "general.jsonl").exists():
         general = load_jsonl(root / "general.jsonl")
     return TofuData(clients=clients, holdout=holdout, general=general)
+
+
+def write_jsonl(path: str | Path, items: list[QAItem]) -> Path:
+    """Write question/answer items as JSON Lines that :func:`load_jsonl` reads back.
+
+    Parameters
+    ----------
+    path : str | Path
+        Output file (parent directories are created).
+    items : list[QAItem]
+        The items, written in order, one JSON object per line.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as fh:
+        for it in items:
+            obj = {
+                "question": it.question,
+                "answer": it.answer,
+                "paraphrased_answer": it.paraphrased_answer,
+                "perturbed_answer": list(it.perturbed_answers),
+                "person": it.person,
+            }
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    return out
