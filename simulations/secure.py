@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import ssl
 import subprocess
@@ -671,6 +672,21 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def _verify_demo_receipt(run_dir: Path, federation: Path, key: Path) -> list[str]:
+    """Verify a forget run's receipt against its adapters and history."""
+    from fed_unlearn.history import HistoryStore
+    from fed_unlearn.receipt import verify_receipt
+
+    receipt = json.loads((run_dir / "receipt.json").read_text())
+    return verify_receipt(
+        receipt,
+        public_key=Path(f"{key}.pub").read_text().strip(),
+        adapter=run_dir / "adapters" / "unlearned",
+        adapter_before=run_dir / "adapters" / "original",
+        history=HistoryStore(federation / "history"),
+    )
+
+
 def run_demo(
     out: Path,
     clients: int = 2,
@@ -766,6 +782,13 @@ def run_demo(
             with step("credentials") as rec:
                 creds = make_credentials(out, clients)
                 rec["ca_cert"] = str(creds.ca_cert)
+                signing_key = out / "keys" / "receipt-signing.key"
+                for f in (signing_key, Path(f"{signing_key}.pub")):
+                    f.unlink(missing_ok=True)
+                signing_key.parent.mkdir(parents=True, exist_ok=True)
+                from fed_unlearn.receipt import new_signing_key
+
+                rec["receipt_public_key"] = new_signing_key(signing_key)
             with step("data") as rec:
                 paths = write_client_data(flat, out / "data")
                 rec["data_paths"] = [str(p) for p in paths]
@@ -785,10 +808,41 @@ def run_demo(
                 for i in range(clients):
                     fed.start_supernode(i, f"partition-id={i} data-path='{paths[i]}'")
                 rec["nodes"] = fed.wait_online(clients)
+            with step("run:train") as rec:
+                # FL only: the history is kept where it outlives the run
+                federation = out / "federation"
+                if federation.exists():
+                    shutil.rmtree(federation)
+                cfg = {
+                    **flat,
+                    "mode": "train",
+                    "federation-dir": str(federation),
+                    "out-dir": str(out / "out" / "train"),
+                }
+                rc, text = flwr_run(CONNECTION, _run_config(cfg), fed.env, timeout)
+                (fed.logs / "flwr_run_train.log").write_text(text)
+                rec.update(rc=rc, federation=str(federation))
+                if rc != 0:
+                    raise DeploymentError(
+                        f"flwr run (train) exited {rc}: {text[-1500:]}"
+                    )
             for method in methods:
                 with step(f"run:{method}") as rec:
+                    # the member's forget request, a later, separate run; each
+                    # method answers the same request on its own copy
                     run_dir = out / "out" / method
-                    cfg = {**flat, "method": method, "out-dir": str(run_dir)}
+                    fed_copy = out / f"federation-{method}"
+                    if fed_copy.exists():
+                        shutil.rmtree(fed_copy)
+                    shutil.copytree(federation, fed_copy)
+                    cfg = {
+                        **flat,
+                        "mode": "forget",
+                        "federation-dir": str(fed_copy),
+                        "method": method,
+                        "out-dir": str(run_dir),
+                        "receipt-key-file": str(signing_key),
+                    }
                     rc, text = flwr_run(CONNECTION, _run_config(cfg), fed.env, timeout)
                     (fed.logs / f"flwr_run_{method}.log").write_text(text)
                     rec.update(rc=rc, out_dir=str(run_dir))
@@ -798,6 +852,9 @@ def run_demo(
                         )
                     pipe = json.loads((run_dir / "pipeline.json").read_text())
                     rec["fl_cached"] = bool(pipe["train"].get("cached"))
+                    rec["receipt"] = _verify_demo_receipt(
+                        run_dir, fed_copy, signing_key
+                    )
                     summary["runs"][method] = {
                         "out_dir": str(run_dir),
                         "pipeline": str(run_dir / "pipeline.json"),

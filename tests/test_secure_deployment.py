@@ -314,8 +314,8 @@ def test_demo_stops_everything_when_a_step_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Processes, "pids", spy)
     out = tmp_path / "demo"
-    with pytest.raises(DeploymentError, match="run:foul_server"):
-        run_demo(out, clients=2, methods=["foul_server"], fail_at="run:foul_server")
+    with pytest.raises(DeploymentError, match="run:train"):
+        run_demo(out, clients=2, methods=["foul_server"], fail_at="run:train")
     summary = json.loads((out / "demo.json").read_text())
     assert not summary["ok"]
     assert [s["step"] for s in summary["steps"]][-2:] == ["supernodes", "stop"]
@@ -345,7 +345,7 @@ def test_demo_stops_everything_on_sigint(tmp_path):
         deadline = time.time() + 180
         log = out / "demo.log"
         while time.time() < deadline:
-            if log.exists() and "step run:foul_server ..." in log.read_text():
+            if log.exists() and "step run:train ..." in log.read_text():
                 break
             assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
             time.sleep(0.5)
@@ -367,8 +367,11 @@ def test_demo_stops_everything_on_sigint(tmp_path):
 
 @pytest.mark.slow
 def test_secure_demo_matches_the_simulation(tmp_path):
-    """2 authenticated SuperNodes over TLS (via the proxy), 1 round: the unlearned
-    adapter equals the Simulation Engine's on the same config and seed, bit for bit."""
+    """2 authenticated SuperNodes over TLS (via the proxy), 1 round. FL is one
+    `flwr run` (mode=train) and the member's forget request a later one
+    (mode=forget) reading the kept history; its adapters equal the Simulation
+    Engine's single `fed-unlearn run` on the same config and seed, bit for bit,
+    and its signed receipt verifies against them."""
     from helpers import assert_parity, run_cli
 
     from simulations.secure import run_demo
@@ -379,7 +382,15 @@ def test_secure_demo_matches_the_simulation(tmp_path):
     )
     assert summary["ok"]
     run = Path(summary["runs"]["foul_server"]["out_dir"])
+    step = next(s for s in summary["steps"] if s["step"] == "run:foul_server")
+    assert step["receipt"][0] == "signature valid (trusted key)"
+    assert len(step["receipt"]) == 4  # + both adapters and the history
+    forgotten = json.loads(
+        (out / "federation-foul_server/history/meta.json").read_text()
+    )
+    assert [e["clients"] for e in forgotten["unlearnings"]] == [[1]]
     pipeline = json.loads((run / "pipeline.json").read_text())
+    assert pipeline["train"]["cached"]  # the forget run trained nothing
     assert pipeline["train"]["round_log"][0]["participants"] == [0, 1]
     probe = next(s for s in summary["steps"] if s["step"] == "control_probe")
     assert probe["via_proxy"]["POST /v1/control/list-runs"] == 403
