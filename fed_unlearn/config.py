@@ -465,9 +465,10 @@ class RunConfig:
                 "config key 'eval-relearn-fraction' must be in (0, 1), got "
                 f"{self.eval_relearn_fraction}"
             )
-        if self.method_options:
-            from fed_unlearn.methods.registry import get_method
+        from fed_unlearn.methods.registry import METHOD_REGISTRY, get_method
 
+        if self.method_options or self.method in METHOD_REGISTRY:
+            # an unknown method name is the CLI's error to report (it lists them)
             try:
                 get_method(self.method, self.method_options).check_run(self.to_flat())
             except (KeyError, ValueError, TypeError) as exc:

@@ -15,6 +15,7 @@ Streams of client data order (``seed_round``):
   loss, and the stream is kept so that seeded results stay what they were.
 - ``FOUL_LIVE``: FOUL's pseudo-gradient rounds with live clients.
 - ``FEDOSD_UNLEARN``, ``FEDOSD_POST``: FedOSD's unlearning and post-training.
+- ``FEDERASER``: FedEraser's calibration round j.
 - ``RECOVERY``: recovery rounds of the remaining clients. A method that also
   repairs after each of its R unlearning rounds (``mpu``'s
   ``interleave_recovery``) uses ``RECOVERY + r`` there, and its final recovery
@@ -37,6 +38,7 @@ FOUL_LIVE = 10_000
 FEDOSD_UNLEARN = 20_000
 FEDOSD_POST = 30_000
 RECOVERY = 40_000
+FEDERASER = 50_000
 SAMPLING_SALT = 7919
 RELEARN = 31_337
 PROXY_DATA = 987_654
@@ -44,6 +46,7 @@ TINY_PEOPLE = 10_000
 
 __all__ = [
     "FEDOSD_POST",
+    "FEDERASER",
     "FEDOSD_UNLEARN",
     "FL_ROUND",
     "FOUL_LIVE",

@@ -9,6 +9,7 @@ from fed_unlearn.methods.base import (
     UnlearningMethod,
     UnlearnResult,
 )
+from fed_unlearn.methods.fed_eraser import FedEraser, FedEraserConfig
 from fed_unlearn.methods.fed_recovery import FedRecovery, FedRecoveryConfig
 from fed_unlearn.methods.fedosd import FedOSD, FedOSDConfig
 from fed_unlearn.methods.foul import Foul, FoulConfig
@@ -36,6 +37,7 @@ register_method(
 register_method(
     name="fed_recovery", config_cls=FedRecoveryConfig, method_cls=FedRecovery
 )
+register_method(name="fed_eraser", config_cls=FedEraserConfig, method_cls=FedEraser)
 
 __all__ = [
     "METHOD_REGISTRY",
