@@ -230,15 +230,33 @@ def _flat(cfg: RunConfig | ResolvedConfig, skip: frozenset[str]) -> dict[str, An
         and f.name not in skip
         and getattr(cfg, f.name) is not None
     }
-    out.update(
-        {f"{METHOD_OPTION_PREFIX}{k}": v for k, v in cfg.method_options.items()}
-    )
+    out.update({f"{METHOD_OPTION_PREFIX}{k}": v for k, v in cfg.method_options.items()})
     out.update(cfg.extra)
     return out
 
 
 #: Fields that are no flat key of their own.
 _NOT_FLAT = frozenset({"extra", "method_options", "from_preset"})
+
+
+def resolve(cfg: RunConfig | ResolvedConfig) -> ResolvedConfig:
+    """Return ``cfg`` resolved (:meth:`RunConfig.resolved`); a resolved one as is.
+
+    For the public entry points of a run that programs call with either form
+    (``simulations.runner.simulate`` and ``run_all``); everything past them takes
+    the :class:`ResolvedConfig` they made.
+
+    Parameters
+    ----------
+    cfg : RunConfig or ResolvedConfig
+        A validated configuration.
+
+    Returns
+    -------
+    ResolvedConfig
+        The run's resolved configuration.
+    """
+    return cfg if isinstance(cfg, ResolvedConfig) else cfg.resolved()
 
 
 @dataclass
@@ -816,3 +834,8 @@ class ResolvedConfig(_Clients):
         keep["model"] = model_identity(self.preset, self.model_path or None)
         blob = json.dumps(keep, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: Either form, for code that reads only what both hold (the departure, the data
+#: and model settings, :meth:`~ResolvedConfig.given_flat`, the specs and keys).
+AnyConfig = RunConfig | ResolvedConfig

@@ -93,7 +93,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from fed_unlearn.config import METHOD_OPTION_PREFIX, METHOD_OPTIONS_KEY, RunConfig
+from fed_unlearn.config import (
+    METHOD_OPTION_PREFIX,
+    METHOD_OPTIONS_KEY,
+    AnyConfig,
+    RunConfig,
+)
 from fed_unlearn.types import AdapterState
 
 __all__ = [
@@ -360,21 +365,22 @@ def _is_method_key(key: str) -> bool:
     return key in ("method", METHOD_OPTIONS_KEY) or key.startswith(METHOD_OPTION_PREFIX)
 
 
-def encode_run(cfg: RunConfig) -> dict[str, Value]:
+def encode_run(cfg: AnyConfig) -> dict[str, Value]:
     """Return the run config a client needs: every flat key but the method's.
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : RunConfig or ResolvedConfig
         The server's run configuration.
 
     Returns
     -------
     dict[str, Value]
-        Flat keys (``RunConfig.to_flat``) without ``method``, ``method-options``
-        and ``method-*``.
+        Flat keys as the run was given (``given_flat``: preset-dependent values
+        the run left to the preset stay out; the client resolves them the same
+        way) without ``method``, ``method-options`` and ``method-*``.
     """
-    return {k: v for k, v in cfg.to_flat().items() if not _is_method_key(k)}
+    return {k: v for k, v in cfg.given_flat().items() if not _is_method_key(k)}
 
 
 def decode_run(fields: Mapping[str, Any]) -> RunConfig:
@@ -388,7 +394,8 @@ def decode_run(fields: Mapping[str, Any]) -> RunConfig:
     Returns
     -------
     RunConfig
-        The validated configuration (the method is the server's business).
+        The validated configuration (the method is the server's business);
+        the ClientApp resolves it once per message (``clients.wire``).
 
     Raises
     ------

@@ -136,7 +136,7 @@ def test_runner_passes_eval_gradnorm(monkeypatch):
     adapters = {"retrain": {"a": torch.zeros(1)}, "unlearned": {"a": torch.ones(1)}}
     for flag in (False, True):
         cfg = RunConfig.from_flat({"preset": "tiny", "eval-gradnorm": flag})
-        runner.evaluate_adapters(cfg, adapters)
+        runner.evaluate_adapters(cfg.resolved(), adapters)
     assert seen == [False, False, True, True]
 
 
