@@ -84,6 +84,42 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The named values of run-config keys: ``(name, value, the keys, meaning)``
+#: (``docs/configuration.md`` lists them).
+NAMED_VALUES: tuple[tuple[str, Any, str, str], ...] = (
+    ("PRESET", PRESET, "the preset-dependent keys", "the preset's value"),
+    (
+        "PRESET_FLAT",
+        PRESET_FLAT,
+        "the preset-dependent keys",
+        "`PRESET`, in a flat config (Flower, TOML, `--set`), which cannot hold None",
+    ),
+    ("ALL_ITEMS", ALL_ITEMS, "`eval-max-items`", "every item of a split"),
+    (
+        "OFF",
+        OFF,
+        "`domains`, `eval-curve-items`, `eval-relearn-steps`",
+        "off",
+    ),
+    ("FIFTH_OF_LR", FIFTH_OF_LR, "`eval-relearn-lr`", "a fifth of the run's `lr`"),
+)
+
+#: Where ``[tool.flwr.app.config]`` (what ``flwr run`` users get) deliberately
+#: differs from the class defaults (what CLI users get): the loopback deployment
+#: demo (``docs/deployment.md``) runs the tiny model on two SuperNodes, client 1
+#: departs, and its results go apart from the CLI's. ``tests/test_config.py``
+#: checks that every other declared key has the class default.
+FLWR_RUN_DEFAULTS: dict[str, Any] = {
+    "preset": "tiny",
+    "num-clients": 2,
+    "depart": "1",
+    "out-dir": "runs/flwr-run",
+}
+
+#: Keys ``[tool.flwr.app.config]`` does not declare: ``flwr run`` cannot set them
+#: (Flower accepts only declared keys) and a deployment gets the class default.
+FLWR_RUN_UNDECLARED: tuple[str, ...] = ("departed-online",)
+
 #: The fields of :class:`RunConfig` whose default is :data:`PRESET`.
 PRESET_FIELDS: tuple[str, ...] = tuple(PRESET_DEFAULTS["tiny"])
 
@@ -239,6 +275,30 @@ def _flat(cfg: RunConfig | ResolvedConfig, skip: frozenset[str]) -> dict[str, An
 _NOT_FLAT = frozenset({"extra", "method_options", "from_preset"})
 
 
+def flat_defaults() -> dict[str, Any]:
+    """Return the class defaults as one flat config (as ``pyproject.toml`` writes it).
+
+    Returns
+    -------
+    dict[str, Any]
+        Every flat key of :class:`RunConfig` with its default, :data:`PRESET`
+        written as :data:`PRESET_FLAT` (``0.0`` for a float key) and
+        ``method-options`` as ``""``.
+    """
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "method_options":
+            out[METHOD_OPTIONS_KEY] = ""
+        elif f.name not in _NOT_FLAT:
+            value = f.default
+            if value is PRESET:
+                value = PRESET_FLAT
+                if scalar_kind(f.type) == "float":
+                    value = float(value)  # `lr = 0.0` in TOML
+            out[f.name.replace("_", "-")] = value
+    return out
+
+
 def resolve(cfg: RunConfig | ResolvedConfig) -> ResolvedConfig:
     """Return ``cfg`` resolved (:meth:`RunConfig.resolved`); a resolved one as is.
 
@@ -280,8 +340,8 @@ class RunConfig(_Clients):
     people_per_client, holdout_people, qa_per_person, general_probes : int
         Shape of the synthetic data set (defaults: 3, 3, 10, 24).
     domains : int
-        Non-IID domains of the synthetic data, ``0..num_clients``: 0 = every
-        person drawn independently (default); ``D >= 1`` puts client ``c`` in
+        Non-IID domains of the synthetic data, ``0..num_clients``: 0 (:data:`OFF`)
+        = every person drawn independently (default); ``D >= 1`` puts client ``c`` in
         domain ``c % D`` and the people of a domain (holdout people included,
         dealt round-robin) share a small pool of values per attribute (see
         :func:`fed_unlearn.data.synthetic.generate_tofu`). Ignored with
@@ -296,7 +356,8 @@ class RunConfig(_Clients):
         Unlearning method from the registry (default: ``"foul_server"``, the
         recommended oracle-free method).
     num_server_rounds : int, optional
-        FL rounds (default: preset).
+        FL rounds (default: :data:`PRESET`, the preset's; so are the other
+        ``optional`` keys).
     fraction_train : float
         Fraction of clients sampled per round (default: 1.0).
     local_epochs, batch_size, max_length : int, optional
@@ -336,22 +397,23 @@ class RunConfig(_Clients):
         Evaluation batch size (default: 16).
     eval_max_items : int
         At most this many items per evaluation split, evenly spaced so every
-        person is represented; 0 = all (default: 30).
+        person is represented; 0 (:data:`ALL_ITEMS`) = all (default: 30).
     eval_curve_items : int
         Items per split of the cheap per-round evaluation (forgetting curves,
-        server side, simulation data); 0 = off (default: 10).
+        server side, simulation data); 0 (:data:`OFF`) = off (default: 10).
     eval_gradnorm : bool
         Also compute the GradNorm MIA (``mia_gradnorm``: one backward pass per
         forget / holdout item; default: False).
     eval_relearn_steps : int
         Relearning attack (:mod:`fed_unlearn.metrics.relearn`): fine-tune the
         original, retrained and unlearned adapters this many steps on part of the
-        forget set and score the rest; 0 = off (default: 0).
+        forget set and score the rest; 0 (:data:`OFF`) = off (default: 0).
     eval_relearn_fraction : float
         Share of each forgotten person's items the attacker trains on
         (default: 0.5).
     eval_relearn_lr : float
-        The attack's AdamW learning rate; 0 = a fifth of the run's ``lr``
+        The attack's AdamW learning rate; 0 (:data:`FIFTH_OF_LR`) = a fifth of
+        the run's ``lr``
         (default: 0; at the run's own rate the attack also disturbs the facts
         it does not train on, and the original model's probes fall).
     out_dir : str
