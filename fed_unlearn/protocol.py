@@ -99,6 +99,7 @@ from fed_unlearn.config import (
     AnyConfig,
     RunConfig,
 )
+from fed_unlearn.training import NO_CAP
 from fed_unlearn.types import AdapterState
 
 __all__ = [
@@ -559,7 +560,7 @@ class LocalUpdateRequest(_Message):
     epochs, batch_size : int, optional
         Local epochs and batch size (``None``: the run's).
     max_steps : int
-        Cap on local steps per copy (0 = none).
+        Cap on local steps per copy (:data:`~fed_unlearn.training.NO_CAP` = none).
     lr : float, optional
         Learning rate (``None``: ``lr_scale`` x the run's).
     lr_scale : float
@@ -589,7 +590,7 @@ class LocalUpdateRequest(_Message):
     loss: str = _wire("loss", "str", default="nll")
     epochs: int | None = _wire("epochs", "int", default=None)
     batch_size: int | None = _wire("batch-size", "int", default=None)
-    max_steps: int = _wire("max-steps", "int", default=0)
+    max_steps: int = _wire("max-steps", "int", default=NO_CAP)
     lr: float | None = _wire("lr", "float", default=None)
     lr_scale: float = _wire("lr-scale", "float", default=1.0)
     budget: float | None = _wire("budget", "float", default=None)

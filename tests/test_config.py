@@ -256,3 +256,29 @@ def test_flwr_run_defaults_are_the_class_defaults_but_the_deliberate_ones():
         RunConfig.from_flat(app).resolved()
         == RunConfig.from_flat(FLWR_RUN_DEFAULTS).resolved()
     )
+
+
+def test_named_unset_values_keep_the_values_that_travel_and_are_stored():
+    """The names replace literals only: method configs (stored in run.json's
+    method_config) and the wire keep 0 / 0.0 of the same types."""
+    import dataclasses
+
+    from fed_unlearn.config import ALL_ITEMS, FIFTH_OF_LR, OFF, PRESET, PRESET_FLAT
+    from fed_unlearn.methods.base import NO_BUDGET, RUN_BATCH, RUN_LR
+    from fed_unlearn.methods.foul import FoulConfig
+    from fed_unlearn.methods.mpu import MPUConfig
+    from fed_unlearn.training import NO_CAP
+
+    named = (PRESET, PRESET_FLAT, ALL_ITEMS, OFF, FIFTH_OF_LR)
+    assert named == (None, 0, 0, 0, 0.0)
+    assert [type(v) for v in (RUN_LR, RUN_BATCH, NO_BUDGET, NO_CAP)] == [
+        float,
+        int,
+        float,
+        int,
+    ]
+    assert (RUN_LR, RUN_BATCH, NO_BUDGET, NO_CAP) == (0.0, 0, 0.0, 0)
+    foul = dataclasses.asdict(FoulConfig())
+    assert [foul[k] for k in ("local_steps", "lr", "recovery_batch_size")] == [0, 0, 0]
+    assert isinstance(foul["lr"], float) and isinstance(foul["recovery_budget"], float)
+    assert isinstance(dataclasses.asdict(MPUConfig())["lr"], float)
