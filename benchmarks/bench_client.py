@@ -42,7 +42,7 @@ def bench_training(preset: str, repeats: int) -> None:
     from fed_unlearn.models import init_adapter, set_adapter
     from fed_unlearn.training import derive_seed, encode_items, make_batches
 
-    cfg = RunConfig.from_flat({"preset": preset, "local-epochs": 1})
+    cfg = RunConfig.from_flat({"preset": preset, "local-epochs": 1}).resolved()
     spec = cfg.train_spec()
     model, tok, pf = client_model(cfg)
     init = init_adapter(model, 0)

@@ -33,7 +33,7 @@ def main() -> None:
         resolve_model_dir,
     )
 
-    cfg = RunConfig.from_flat({"preset": args.preset})
+    cfg = RunConfig.from_flat({"preset": args.preset}).resolved()
     model, tok = load_lora_model(resolve_model_dir(cfg.preset), cfg.lora_spec())
     init_adapter(model, 0)
     # a trained-looking adapter (peft's B = 0 would make LoRA a no-op)

@@ -88,7 +88,7 @@ def main() -> None:
     from server.pipeline import load_phase
     from simulations.runner import eval_options, eval_splits
 
-    cfg = RunConfig.from_flat({"preset": args.preset})
+    cfg = RunConfig.from_flat({"preset": args.preset}).resolved()
     phase = load_phase(cfg, ())
     retrain = load_phase(cfg, cfg.departed())
     if phase is None or retrain is None:

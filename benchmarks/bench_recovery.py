@@ -95,8 +95,7 @@ def main() -> None:
     from simulations.runner import eval_options, eval_splits
 
     run = json.loads((args.run_dir / "run.json").read_text())
-    cfg = RunConfig.from_flat(run["config"])
-    r = cfg.resolved()
+    cfg = RunConfig.from_flat(run["config"]).resolved()
     model, tok = load_lora_model(
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
     )
@@ -136,20 +135,20 @@ def main() -> None:
             deltas, weights, t0 = [], [], time.perf_counter()
             for c in remaining:
                 n = len(items[c])
-                batch, epochs = int(recipe.get("batch", r.batch_size)), 1  # type: ignore[arg-type]
+                batch, epochs = int(recipe.get("batch", cfg.batch_size)), 1
                 if "budget" in recipe:
                     batch, epochs = budget_batches(
                         recipe["budget"],
-                        int(r.num_server_rounds),  # type: ignore[arg-type]
-                        int(r.local_epochs),  # type: ignore[arg-type]
+                        int(cfg.num_server_rounds),
+                        int(cfg.local_epochs),
                         n,
                         steps,
                     )
                 spec = TrainSpec(
                     epochs=epochs,
                     batch_size=batch,
-                    lr=float(r.lr) * recipe.get("lr_scale", 1.0),  # type: ignore[arg-type]
-                    max_length=int(r.max_length),  # type: ignore[arg-type]
+                    lr=float(cfg.lr) * recipe.get("lr_scale", 1.0),
+                    max_length=int(cfg.max_length),
                     max_steps=steps,
                 )
                 set_adapter(model, wire)

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from clients.task import client_audit_items, client_id, client_items, client_model
 from clients.unlearn import local_update
 from clients.wire import decode_request, encode_reply
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.dual import DualRegulariser
 from fed_unlearn.metrics.quick import answer_prob
 from fed_unlearn.models import get_adapter, set_adapter
@@ -49,7 +49,7 @@ R = TypeVar("R", bound=Request)
 
 #: Query kinds -> handler(request, context, cfg) -> reply. Methods that need
 #: client cooperation register their handlers here.
-QUERY_HANDLERS: dict[str, Callable[[Any, Context, RunConfig], Reply]] = {}
+QUERY_HANDLERS: dict[str, Callable[[Any, Context, ResolvedConfig], Reply]] = {}
 
 
 def _floor(context: Context, what: str, examples: int) -> None:
@@ -57,7 +57,7 @@ def _floor(context: Context, what: str, examples: int) -> None:
     ClientPolicy.from_node_config(context.node_config).check(what, examples)
 
 
-def _decode(msg: Message, want: type[R]) -> tuple[R, RunConfig]:
+def _decode(msg: Message, want: type[R]) -> tuple[R, ResolvedConfig]:
     """Decode ``msg``, refusing a request of another kind than the handler's."""
     request, cfg = decode_request(msg)
     if not isinstance(request, want):
@@ -171,7 +171,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, request.adapter)
     t0 = time.perf_counter()
-    prob = answer_prob(model, tok, prompt_fn, items, int(cfg.resolved().max_length))
+    prob = answer_prob(model, tok, prompt_fn, items, int(cfg.max_length))
     reply = EvaluateReply(
         q_a_prob=prob,
         eval_seconds=time.perf_counter() - t0,
@@ -181,7 +181,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return encode_reply(msg, reply)
 
 
-def _hello(request: HelloRequest, context: Context, cfg: RunConfig) -> HelloReply:
+def _hello(request: HelloRequest, context: Context, cfg: ResolvedConfig) -> HelloReply:
     """Discovery: this node's client id and number of items."""
     del request  # a hello has no fields
     items = client_items(cfg, context.node_config)
@@ -192,7 +192,7 @@ def _hello(request: HelloRequest, context: Context, cfg: RunConfig) -> HelloRepl
     return HelloReply(client_id=client_id(context.node_config), num_examples=len(items))
 
 
-def _audit(request: AuditRequest, context: Context, cfg: RunConfig) -> AuditReply:
+def _audit(request: AuditRequest, context: Context, cfg: ResolvedConfig) -> AuditReply:
     """Self-audit: the gap in mean answer probability, trained vs never-trained.
 
     Only that scalar (and the number of trained items, the FedAvg weight that
@@ -208,7 +208,7 @@ def _audit(request: AuditRequest, context: Context, cfg: RunConfig) -> AuditRepl
     _floor(context, "the self-audit", min(len(trained), len(held)))
     model, tok, prompt_fn = client_model(cfg)
     set_adapter(model, request.adapter)
-    length = int(cfg.resolved().max_length)
+    length = int(cfg.max_length)
     gap = answer_prob(model, tok, prompt_fn, trained, length) - answer_prob(
         model, tok, prompt_fn, held, length
     )

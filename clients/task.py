@@ -7,7 +7,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import AnyConfig
 from fed_unlearn.data import TofuData, generate_tofu, load_data_dir, load_jsonl
 from fed_unlearn.data.audit import split_audit
 from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
@@ -62,7 +62,7 @@ def synthetic_data(
     )
 
 
-def dataset(cfg: RunConfig) -> TofuData:
+def dataset(cfg: AnyConfig) -> TofuData:
     """Return the data set of a simulation as FL trains it (clients' trained items).
 
     With ``audit-fraction`` > 0 each client's items are those it trains on;
@@ -70,7 +70,7 @@ def dataset(cfg: RunConfig) -> TofuData:
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : RunConfig or ResolvedConfig
         Run configuration.
 
     Returns
@@ -90,12 +90,12 @@ def dataset(cfg: RunConfig) -> TofuData:
     )
 
 
-def full_dataset(cfg: RunConfig) -> TofuData:
+def full_dataset(cfg: AnyConfig) -> TofuData:
     """Return the whole data set of a simulation (a client reads only its part).
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : RunConfig or ResolvedConfig
         Run configuration.
 
     Returns
@@ -116,17 +116,17 @@ def full_dataset(cfg: RunConfig) -> TofuData:
     )
 
 
-def client_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
+def client_items(cfg: AnyConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
     """Return this client's private training items (without its audit items)."""
     return split_audit(_own_items(cfg, node_config), cfg.audit_fraction, cfg.seed)[0]
 
 
-def client_audit_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
+def client_audit_items(cfg: AnyConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
     """Return the items this client kept out of FL training (``audit-fraction``)."""
     return split_audit(_own_items(cfg, node_config), cfg.audit_fraction, cfg.seed)[1]
 
 
-def _own_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
+def _own_items(cfg: AnyConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
     """Return all of this client's private items.
 
     A SuperNode started with ``--node-config "partition-id=0 data-path=..."`` reads
@@ -134,7 +134,7 @@ def _own_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : RunConfig or ResolvedConfig
         Run configuration.
     node_config : Mapping[str, Any]
         ``context.node_config``.
@@ -156,7 +156,7 @@ def _own_items(cfg: RunConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
     return data.clients[cid]
 
 
-def client_model(cfg: RunConfig) -> tuple[Any, Any, Any]:
+def client_model(cfg: AnyConfig) -> tuple[Any, Any, Any]:
     """Return the process-wide LoRA model, tokenizer and prompt format."""
     model_dir = resolve_model_dir(cfg.preset, cfg.model_path or None)
     model, tok = load_lora_model(model_dir, cfg.lora_spec())

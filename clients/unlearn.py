@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, Context
 from clients.task import client_id, client_items, client_model
 from fed_unlearn import adapters as ad
 from fed_unlearn import seeds
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
 from fed_unlearn.privacy import ClientPolicy, examples_behind
@@ -130,7 +130,7 @@ def _retain_items(source: str, node_config: dict[str, Any]) -> list[QAItem] | No
 
 
 def local_update(
-    req: LocalUpdateRequest, context: Context, cfg: RunConfig
+    req: LocalUpdateRequest, context: Context, cfg: ResolvedConfig
 ) -> LocalUpdateReply:
     """Run the requested local objective on each received copy; return deltas.
 
@@ -145,7 +145,7 @@ def local_update(
         whole, only those ranks train and their deltas come back.
     context : Context
         Flower context (its ``state`` keeps the base adapter between requests).
-    cfg : RunConfig
+    cfg : ResolvedConfig
         The run configuration.
 
     Returns
@@ -168,16 +168,15 @@ def local_update(
     base = {k: v.float() for k, v in req.base.items()}
     cid = client_id(context.node_config)
     items = client_items(cfg, context.node_config)
-    r = cfg.resolved()
-    epochs = int(r.local_epochs if req.epochs is None else req.epochs)  # type: ignore[arg-type]
-    batch_size = int(r.batch_size if req.batch_size is None else req.batch_size)  # type: ignore[arg-type]
+    epochs = int(cfg.local_epochs if req.epochs is None else req.epochs)
+    batch_size = int(cfg.batch_size if req.batch_size is None else req.batch_size)
     max_steps = req.max_steps
     policy = ClientPolicy.from_node_config(context.node_config)
     if req.budget is not None:
         batch_size, epochs = budget_batches(
             req.budget,
-            int(r.num_server_rounds),  # type: ignore[arg-type]
-            int(r.local_epochs),  # type: ignore[arg-type]
+            int(cfg.num_server_rounds),
+            int(cfg.local_epochs),
             len(items),
             max_steps,
         )
@@ -189,8 +188,8 @@ def local_update(
     spec = TrainSpec(
         epochs=epochs,
         batch_size=batch_size,
-        lr=req.lr if req.lr is not None else float(r.lr) * req.lr_scale,  # type: ignore[arg-type]
-        max_length=int(r.max_length),  # type: ignore[arg-type]
+        lr=req.lr if req.lr is not None else float(cfg.lr) * req.lr_scale,
+        max_length=int(cfg.max_length),
         max_steps=max_steps,
     )
     policy.check(

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.protocol import ProtocolError, Reply, Request, decode_run
 from fed_unlearn.protocol import decode_request as decode_request_fields
 
 
-def decode_request(msg: Message) -> tuple[Request, RunConfig]:
+def decode_request(msg: Message) -> tuple[Request, ResolvedConfig]:
     """Decode a message from the server into its typed request and run config.
 
     Parameters
@@ -25,8 +25,9 @@ def decode_request(msg: Message) -> tuple[Request, RunConfig]:
 
     Returns
     -------
-    tuple[Request, RunConfig]
-        The request and the validated run configuration.
+    tuple[Request, ResolvedConfig]
+        The request and the validated run configuration, resolved: the one
+        place on the client where preset values are filled in.
 
     Raises
     ------
@@ -41,7 +42,7 @@ def decode_request(msg: Message) -> tuple[Request, RunConfig]:
             raise ProtocolError(f"the message has no {name!r} record")
     arrays = content["arrays"].to_torch_state_dict() if "arrays" in content else None
     request = decode_request_fields(dict(content["config"]), arrays)
-    return request, decode_run(dict(content["run"]))
+    return request, decode_run(dict(content["run"])).resolved()
 
 
 def encode_reply(msg: Message, reply: Reply) -> Message:

@@ -3,8 +3,10 @@
 ``RunConfig.from_flat`` accepts the same keys as ``[tool.flwr.app.config]`` in
 ``pyproject.toml`` (``num-server-rounds``, ``lora-r``, ...) and rejects unknown keys
 with a message naming them. Preset-dependent defaults (learning rate, rounds, ...)
-are filled in by :meth:`RunConfig.resolved`, so a run's ``run.json`` shows every
-value that was used.
+are :data:`PRESET` there; :meth:`RunConfig.resolved` fills them in once, where a
+run starts (the CLI's ``build_config``, the ServerApp's ``main``, the ClientApp's
+``decode_request``), into a frozen :class:`ResolvedConfig` that the rest of the
+run reads, so a run's ``run.json`` shows every value that was used.
 """
 
 from __future__ import annotations
@@ -21,14 +23,34 @@ from typing import Any
 from fed_unlearn.dual import DualSpec
 from fed_unlearn.models import PRESETS, SYSTEM_PROMPT, LoraSpec, model_identity
 from fed_unlearn.training import TrainSpec
+from fed_unlearn.values import coerce, parse_text, scalar_kind
 
 
 class ConfigError(ValueError):
     """A bad configuration key or value."""
 
 
-#: Defaults that depend on the preset. ``None`` in a RunConfig field means
-#: "take the preset's value".
+#: A preset-dependent field of :class:`RunConfig` at this value takes the preset's
+#: value (:data:`PRESET_DEFAULTS`); it is those fields' default.
+PRESET = None
+
+#: How a flat config (Flower run config, TOML, ``--set``) writes :data:`PRESET`:
+#: Flower run configs cannot hold ``None``. :meth:`RunConfig.from_flat` reads any
+#: of ``0``, ``0.0``, ``"0"`` (and ``False``, which equals 0) as :data:`PRESET`.
+PRESET_FLAT = 0
+
+#: ``eval-max-items`` at this value: every item of a split.
+ALL_ITEMS = 0
+
+#: ``domains``, ``eval-curve-items`` and ``eval-relearn-steps`` at this value: off.
+OFF = 0
+
+#: ``eval-relearn-lr`` at this value: a fifth of the run's ``lr``
+#: (:meth:`ResolvedConfig.relearn_lr`).
+FIFTH_OF_LR = 0.0
+
+#: Defaults that depend on the preset: the values of the fields that are
+#: :data:`PRESET` in a RunConfig.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {
         "num_server_rounds": 4,
@@ -62,6 +84,45 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The named values of run-config keys: ``(name, value, the keys, meaning)``
+#: (``docs/configuration.md`` lists them).
+NAMED_VALUES: tuple[tuple[str, Any, str, str], ...] = (
+    ("PRESET", PRESET, "the preset-dependent keys", "the preset's value"),
+    (
+        "PRESET_FLAT",
+        PRESET_FLAT,
+        "the preset-dependent keys",
+        "`PRESET`, in a flat config (Flower, TOML, `--set`), which cannot hold None",
+    ),
+    ("ALL_ITEMS", ALL_ITEMS, "`eval-max-items`", "every item of a split"),
+    (
+        "OFF",
+        OFF,
+        "`domains`, `eval-curve-items`, `eval-relearn-steps`",
+        "off",
+    ),
+    ("FIFTH_OF_LR", FIFTH_OF_LR, "`eval-relearn-lr`", "a fifth of the run's `lr`"),
+)
+
+#: Where ``[tool.flwr.app.config]`` (what ``flwr run`` users get) deliberately
+#: differs from the class defaults (what CLI users get): the loopback deployment
+#: demo (``docs/deployment.md``) runs the tiny model on two SuperNodes, client 1
+#: departs, and its results go apart from the CLI's. ``tests/test_config.py``
+#: checks that every other declared key has the class default.
+FLWR_RUN_DEFAULTS: dict[str, Any] = {
+    "preset": "tiny",
+    "num-clients": 2,
+    "depart": "1",
+    "out-dir": "runs/flwr-run",
+}
+
+#: Keys ``[tool.flwr.app.config]`` does not declare: ``flwr run`` cannot set them
+#: (Flower accepts only declared keys) and a deployment gets the class default.
+FLWR_RUN_UNDECLARED: tuple[str, ...] = ("departed-online",)
+
+#: The fields of :class:`RunConfig` whose default is :data:`PRESET`.
+PRESET_FIELDS: tuple[str, ...] = tuple(PRESET_DEFAULTS["tiny"])
+
 AGGREGATIONS = ("fedavg", "product_svd")
 
 #: Bump when the training recipe changes in a way no config key shows (it is part
@@ -83,15 +144,11 @@ METHOD_OPTIONS_KEY = "method-options"
 
 
 def parse_value(text: str) -> Any:
-    """Parse a command-line value: int, float, ``true``/``false``, else a string."""
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text.strip('"')
+    """Parse a command-line value: int, float, ``true``/``false``, else a string.
+
+    The same as :func:`fed_unlearn.values.parse_text`.
+    """
+    return parse_text(text)
 
 
 def parse_method_options(text: str) -> dict[str, Any]:
@@ -113,24 +170,6 @@ def parse_method_options(text: str) -> dict[str, Any]:
         key, value = pair.split("=", 1)
         out[key.strip()] = parse_value(value.strip())
     return out
-
-
-def _as_bool(value: object) -> bool:
-    """Accept real bools and the strings true/false/1/0/yes/no."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in (
-        "true",
-        "false",
-        "1",
-        "0",
-        "yes",
-        "no",
-    ):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise ValueError("not a boolean")
 
 
 def data_fingerprint(data_dir: str | Path) -> str:
@@ -165,8 +204,123 @@ def data_fingerprint(data_dir: str | Path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+class _Clients:
+    """Client ids and preset key of :class:`RunConfig` and :class:`ResolvedConfig`."""
+
+    depart: str
+    num_clients: int
+    preset: str
+    model_path: str
+
+    def departed(self) -> tuple[int, ...]:
+        """Parse ``depart`` into sorted client ids and check they exist.
+
+        Returns
+        -------
+        tuple[int, ...]
+            Departed client ids.
+
+        Raises
+        ------
+        ConfigError
+            Unparsable id, unknown client, or all clients departing.
+        """
+        raw = [p.strip() for p in str(self.depart).split(",") if p.strip()]
+        ids = []
+        for part in raw:
+            try:
+                ids.append(int(part))
+            except ValueError:
+                raise ConfigError(f"--depart: {part!r} is not a client id") from None
+        unknown = [i for i in ids if not 0 <= i < self.num_clients]
+        if unknown:
+            raise ConfigError(
+                f"--depart: client(s) {unknown} never joined; clients are "
+                f"0..{self.num_clients - 1}"
+            )
+        if not ids:
+            raise ConfigError("--depart: at least one client id is needed")
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ConfigError(f"--depart: client(s) {twice} listed more than once")
+        if len(set(ids)) >= self.num_clients:
+            raise ConfigError("--depart: at least one client must remain")
+        return tuple(sorted(set(ids)))
+
+    def remaining(self) -> tuple[int, ...]:
+        """Client ids that stay."""
+        gone = set(self.departed())
+        return tuple(i for i in range(self.num_clients) if i not in gone)
+
+    def defaults_key(self) -> str:
+        """Which preset's hyper-parameter defaults apply."""
+        return "custom" if self.model_path else self.preset
+
+
+def _flat(cfg: RunConfig | ResolvedConfig, skip: frozenset[str]) -> dict[str, Any]:
+    """Flat hyphenated keys of ``cfg`` (``None`` values and ``skip`` dropped)."""
+    out = {
+        f.name.replace("_", "-"): getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in _NOT_FLAT
+        and f.name not in skip
+        and getattr(cfg, f.name) is not None
+    }
+    out.update({f"{METHOD_OPTION_PREFIX}{k}": v for k, v in cfg.method_options.items()})
+    out.update(cfg.extra)
+    return out
+
+
+#: Fields that are no flat key of their own.
+_NOT_FLAT = frozenset({"extra", "method_options", "from_preset"})
+
+
+def flat_defaults() -> dict[str, Any]:
+    """Return the class defaults as one flat config (as ``pyproject.toml`` writes it).
+
+    Returns
+    -------
+    dict[str, Any]
+        Every flat key of :class:`RunConfig` with its default, :data:`PRESET`
+        written as :data:`PRESET_FLAT` (``0.0`` for a float key) and
+        ``method-options`` as ``""``.
+    """
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "method_options":
+            out[METHOD_OPTIONS_KEY] = ""
+        elif f.name not in _NOT_FLAT:
+            value = f.default
+            if value is PRESET:
+                value = PRESET_FLAT
+                if scalar_kind(f.type) == "float":
+                    value = float(value)  # `lr = 0.0` in TOML
+            out[f.name.replace("_", "-")] = value
+    return out
+
+
+def resolve(cfg: RunConfig | ResolvedConfig) -> ResolvedConfig:
+    """Return ``cfg`` resolved (:meth:`RunConfig.resolved`); a resolved one as is.
+
+    For the public entry points of a run that programs call with either form
+    (``simulations.runner.simulate`` and ``run_all``); everything past them takes
+    the :class:`ResolvedConfig` they made.
+
+    Parameters
+    ----------
+    cfg : RunConfig or ResolvedConfig
+        A validated configuration.
+
+    Returns
+    -------
+    ResolvedConfig
+        The run's resolved configuration.
+    """
+    return cfg if isinstance(cfg, ResolvedConfig) else cfg.resolved()
+
+
 @dataclass
-class RunConfig:
+class RunConfig(_Clients):
     """Everything that defines a run (FL phase, departure, unlearning, evaluation).
 
     Parameters
@@ -186,8 +340,8 @@ class RunConfig:
     people_per_client, holdout_people, qa_per_person, general_probes : int
         Shape of the synthetic data set (defaults: 3, 3, 10, 24).
     domains : int
-        Non-IID domains of the synthetic data, ``0..num_clients``: 0 = every
-        person drawn independently (default); ``D >= 1`` puts client ``c`` in
+        Non-IID domains of the synthetic data, ``0..num_clients``: 0 (:data:`OFF`)
+        = every person drawn independently (default); ``D >= 1`` puts client ``c`` in
         domain ``c % D`` and the people of a domain (holdout people included,
         dealt round-robin) share a small pool of values per attribute (see
         :func:`fed_unlearn.data.synthetic.generate_tofu`). Ignored with
@@ -202,7 +356,8 @@ class RunConfig:
         Unlearning method from the registry (default: ``"foul_server"``, the
         recommended oracle-free method).
     num_server_rounds : int, optional
-        FL rounds (default: preset).
+        FL rounds (default: :data:`PRESET`, the preset's; so are the other
+        ``optional`` keys).
     fraction_train : float
         Fraction of clients sampled per round (default: 1.0).
     local_epochs, batch_size, max_length : int, optional
@@ -242,22 +397,23 @@ class RunConfig:
         Evaluation batch size (default: 16).
     eval_max_items : int
         At most this many items per evaluation split, evenly spaced so every
-        person is represented; 0 = all (default: 30).
+        person is represented; 0 (:data:`ALL_ITEMS`) = all (default: 30).
     eval_curve_items : int
         Items per split of the cheap per-round evaluation (forgetting curves,
-        server side, simulation data); 0 = off (default: 10).
+        server side, simulation data); 0 (:data:`OFF`) = off (default: 10).
     eval_gradnorm : bool
         Also compute the GradNorm MIA (``mia_gradnorm``: one backward pass per
         forget / holdout item; default: False).
     eval_relearn_steps : int
         Relearning attack (:mod:`fed_unlearn.metrics.relearn`): fine-tune the
         original, retrained and unlearned adapters this many steps on part of the
-        forget set and score the rest; 0 = off (default: 0).
+        forget set and score the rest; 0 (:data:`OFF`) = off (default: 0).
     eval_relearn_fraction : float
         Share of each forgotten person's items the attacker trains on
         (default: 0.5).
     eval_relearn_lr : float
-        The attack's AdamW learning rate; 0 = a fifth of the run's ``lr``
+        The attack's AdamW learning rate; 0 (:data:`FIFTH_OF_LR`) = a fifth of
+        the run's ``lr``
         (default: 0; at the run's own rate the attack also disturbs the facts
         it does not train on, and the original model's probes fall).
     out_dir : str
@@ -289,18 +445,18 @@ class RunConfig:
     holdout_people: int = 3
     qa_per_person: int = 10
     general_probes: int = 24
-    domains: int = 0
+    domains: int = OFF
     audit_fraction: float = 0.0
     depart: str = "2"
     method: str = "foul_server"
-    num_server_rounds: int | None = None
+    num_server_rounds: int | None = PRESET
     fraction_train: float = 1.0
-    local_epochs: int | None = None
-    batch_size: int | None = None
-    max_length: int | None = None
-    lr: float | None = None
-    lora_r: int | None = None
-    lora_alpha: int | None = None
+    local_epochs: int | None = PRESET
+    batch_size: int | None = PRESET
+    max_length: int | None = PRESET
+    lr: float | None = PRESET
+    lora_r: int | None = PRESET
+    lora_alpha: int | None = PRESET
     lora_dropout: float = 0.0
     aggregation: str = "fedavg"
     dual_adapter: bool = False
@@ -310,14 +466,14 @@ class RunConfig:
     history_dtype: str = "float32"
     history_key_file: str = ""
     receipt_key_file: str = ""
-    eval_max_new_tokens: int | None = None
+    eval_max_new_tokens: int | None = PRESET
     eval_batch_size: int = 16
     eval_max_items: int = 30
     eval_curve_items: int = 10
     eval_gradnorm: bool = False
-    eval_relearn_steps: int = 0
+    eval_relearn_steps: int = OFF
     eval_relearn_fraction: float = 0.5
-    eval_relearn_lr: float = 0.0
+    eval_relearn_lr: float = FIFTH_OF_LR
     out_dir: str = "runs/latest"
     mode: str = "run"
     federation_dir: str = ""
@@ -376,10 +532,10 @@ class RunConfig:
             raise ConfigError(
                 f"unknown config key(s) {sorted(unknown)}; valid keys: {valid}"
             )
-        for name in PRESET_DEFAULTS["tiny"]:
-            # Flower run configs cannot hold None: 0 stands for "preset default".
-            if name in kwargs and kwargs[name] in (0, 0.0, "0"):
-                kwargs[name] = None
+        for name in PRESET_FIELDS:
+            # Flower run configs cannot hold None: PRESET_FLAT stands for PRESET
+            if name in kwargs and kwargs[name] in (PRESET_FLAT, 0.0, "0"):
+                kwargs[name] = PRESET
         cfg = cls(**kwargs, method_options=options, extra=extra)
         return cfg.validated()
 
@@ -391,17 +547,7 @@ class RunConfig:
         dict[str, Any]
             Suitable for a Flower ConfigRecord.
         """
-        out = {
-            f.name.replace("_", "-"): getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("extra", "method_options")
-            and getattr(self, f.name) is not None
-        }
-        out.update(
-            {f"{METHOD_OPTION_PREFIX}{k}": v for k, v in self.method_options.items()}
-        )
-        out.update(self.extra)
-        return out
+        return _flat(self, frozenset())
 
     # ------------------------------------------------------------ validation
     def validated(self) -> RunConfig:
@@ -413,30 +559,15 @@ class RunConfig:
             Naming the key and the problem.
         """
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "method_options"):
+            if f.name in _NOT_FLAT:
                 continue
             value = getattr(self, f.name)
             if value is None:
                 continue
-            want = f.type if isinstance(f.type, str) else str(f.type)
             try:
-                if want.startswith("int"):
-                    if isinstance(value, float) and not value.is_integer():
-                        raise ValueError("not an integer")
-                    if isinstance(value, bool):
-                        raise ValueError("a bool")
-                    value = int(value)
-                elif want.startswith("bool"):
-                    value = _as_bool(value)
-                elif want.startswith("float"):
-                    value = float(value)
-                elif want.startswith("str"):
-                    # `--set depart=1` or `depart = 1` in TOML: digits typed
-                    # where a string goes are that string
-                    if isinstance(value, int) and not isinstance(value, bool):
-                        value = str(value)
-                    if not isinstance(value, str):
-                        raise ValueError(f"a {type(value).__name__}")
+                # `--set depart=1` or `depart = 1` in TOML: digits typed where a
+                # string goes are that string (the strict rules of `coerce`)
+                value = coerce(value, scalar_kind(f.type), strict=True)
             except (TypeError, ValueError) as exc:
                 key = f.name.replace("_", "-")
                 raise ConfigError(
@@ -452,11 +583,11 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'num-clients' must be >= 2, got {self.num_clients}"
             )
-        if self.eval_max_items < 0:
+        if self.eval_max_items < ALL_ITEMS:
             raise ConfigError("config key 'eval-max-items' must be >= 0")
-        if self.eval_relearn_steps < 0:
+        if self.eval_relearn_steps < OFF:
             raise ConfigError("config key 'eval-relearn-steps' must be >= 0 (0 = off)")
-        if self.eval_relearn_lr < 0:
+        if self.eval_relearn_lr < FIFTH_OF_LR:
             raise ConfigError(
                 "config key 'eval-relearn-lr' must be >= 0 (0 = a fifth of lr)"
             )
@@ -484,7 +615,7 @@ class RunConfig:
             "lora_alpha",
         ):
             value = getattr(self, key)
-            if value is not None and not (math.isfinite(value) and value >= 0):
+            if value is not PRESET and not (math.isfinite(value) and value >= 0):
                 raise ConfigError(
                     f"config key {key.replace('_', '-')!r} must be >= 0 (0 = the "
                     f"preset's default), got {value}"
@@ -541,83 +672,153 @@ class RunConfig:
         self.departed()  # validates 'depart'
         return self
 
-    def departed(self) -> tuple[int, ...]:
-        """Parse ``depart`` into sorted client ids and check they exist.
-
-        Returns
-        -------
-        tuple[int, ...]
-            Departed client ids.
-
-        Raises
-        ------
-        ConfigError
-            Unparsable id, unknown client, or all clients departing.
-        """
-        raw = [p.strip() for p in str(self.depart).split(",") if p.strip()]
-        ids = []
-        for part in raw:
-            try:
-                ids.append(int(part))
-            except ValueError:
-                raise ConfigError(f"--depart: {part!r} is not a client id") from None
-        unknown = [i for i in ids if not 0 <= i < self.num_clients]
-        if unknown:
-            raise ConfigError(
-                f"--depart: client(s) {unknown} never joined; clients are "
-                f"0..{self.num_clients - 1}"
-            )
-        if not ids:
-            raise ConfigError("--depart: at least one client id is needed")
-        twice = sorted({i for i in ids if ids.count(i) > 1})
-        if twice:
-            raise ConfigError(f"--depart: client(s) {twice} listed more than once")
-        if len(set(ids)) >= self.num_clients:
-            raise ConfigError("--depart: at least one client must remain")
-        return tuple(sorted(set(ids)))
-
-    def remaining(self) -> tuple[int, ...]:
-        """Client ids that stay."""
-        gone = set(self.departed())
-        return tuple(i for i in range(self.num_clients) if i not in gone)
-
     # ----------------------------------------------------------- resolution
-    def defaults_key(self) -> str:
-        """Which preset's hyper-parameter defaults apply."""
-        return "custom" if self.model_path else self.preset
+    def resolved(self) -> ResolvedConfig:
+        """Return the frozen config with every :data:`PRESET` value filled in.
 
-    def resolved(self) -> RunConfig:
-        """Return a copy with every preset-dependent ``None`` filled in.
+        Call it once where a run starts and hand the result on; ``self`` is
+        untouched.
 
         Returns
         -------
-        RunConfig
+        ResolvedConfig
             Fully resolved configuration.
         """
-        out = dataclasses.replace(self, extra=dict(self.extra))
-        for key, value in PRESET_DEFAULTS[self.defaults_key()].items():
-            if getattr(out, key) is None:
-                setattr(out, key, value)
-        return out
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        preset = PRESET_DEFAULTS[self.defaults_key()]
+        filled = frozenset(k for k in PRESET_FIELDS if values[k] is PRESET)
+        values.update({k: preset[k] for k in filled})
+        values["extra"] = dict(self.extra)
+        values["method_options"] = dict(self.method_options)
+        return ResolvedConfig(**values, from_preset=filled)
+
+    def given_flat(self) -> dict[str, Any]:
+        """Return :meth:`to_flat`: a RunConfig holds only what was given."""
+        return self.to_flat()
 
     def train_spec(self) -> TrainSpec:
-        """Local-training hyper-parameters of this (resolved) config."""
-        r = self.resolved()
+        """Local-training hyper-parameters (:meth:`ResolvedConfig.train_spec`)."""
+        return self.resolved().train_spec()
+
+    def lora_spec(self) -> LoraSpec:
+        """LoRA hyper-parameters (:meth:`ResolvedConfig.lora_spec`)."""
+        return self.resolved().lora_spec()
+
+    def dual_spec(self) -> DualSpec | None:
+        """Dual-adapter settings (:meth:`ResolvedConfig.dual_spec`)."""
+        return self.resolved().dual_spec()
+
+    def fl_key(self, exclude: tuple[int, ...]) -> str:
+        """Cache key of an FL phase (:meth:`ResolvedConfig.fl_key`)."""
+        return self.resolved().fl_key(exclude)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedConfig(_Clients):
+    """A run's configuration with every preset-dependent value filled in.
+
+    Made by :meth:`RunConfig.resolved` (once, where a run starts) and read by the
+    rest of the run; frozen, so no part of a run sees another value than the
+    others. Its fields are :class:`RunConfig`'s, in the same order and with the
+    same meaning (documented there), except that the :data:`PRESET_FIELDS` hold
+    the preset's value where none was given, never :data:`PRESET`.
+
+    Parameters
+    ----------
+    from_preset : frozenset[str]
+        The fields whose value came from the preset (not compared, not a flat
+        key): :meth:`given_flat` leaves them out, as the run was given.
+    """
+
+    preset: str
+    model_path: str
+    data_dir: str
+    seed: int
+    num_clients: int
+    people_per_client: int
+    holdout_people: int
+    qa_per_person: int
+    general_probes: int
+    domains: int
+    audit_fraction: float
+    depart: str
+    method: str
+    num_server_rounds: int
+    fraction_train: float
+    local_epochs: int
+    batch_size: int
+    max_length: int
+    lr: float
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    aggregation: str
+    dual_adapter: bool
+    dual_k_weight: float
+    dual_v_weight: float
+    dual_layer: int
+    history_dtype: str
+    history_key_file: str
+    receipt_key_file: str
+    eval_max_new_tokens: int
+    eval_batch_size: int
+    eval_max_items: int
+    eval_curve_items: int
+    eval_gradnorm: bool
+    eval_relearn_steps: int
+    eval_relearn_fraction: float
+    eval_relearn_lr: float
+    out_dir: str
+    mode: str
+    federation_dir: str
+    departed_online: bool
+    method_options: dict[str, Any]
+    extra: dict[str, Any] = field(repr=False)
+    from_preset: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Return every flat hyphenated key with the value the run uses.
+
+        Returns
+        -------
+        dict[str, Any]
+            What ``run.json`` shows as the run's ``config`` (and the FL cache
+            key hashes); ``RunConfig.from_flat`` of it is the same run.
+        """
+        return _flat(self, frozenset())
+
+    def given_flat(self) -> dict[str, Any]:
+        """Return the flat keys as the run was given (preset values left out).
+
+        Returns
+        -------
+        dict[str, Any]
+            :meth:`RunConfig.to_flat` of the config this was resolved from: what
+            travels to the clients (:func:`fed_unlearn.protocol.encode_run`),
+            which resolve it the same way.
+        """
+        return _flat(self, self.from_preset)
+
+    def relearn_lr(self) -> float:
+        """Return the relearning attack's rate (:data:`FIFTH_OF_LR`: ``lr`` / 5)."""
+        return self.eval_relearn_lr or float(self.lr) / 5
+
+    def train_spec(self) -> TrainSpec:
+        """Local-training hyper-parameters of this config."""
         return TrainSpec(
-            epochs=int(r.local_epochs),  # type: ignore[arg-type]
-            batch_size=int(r.batch_size),  # type: ignore[arg-type]
-            lr=float(r.lr),  # type: ignore[arg-type]
-            max_length=int(r.max_length),  # type: ignore[arg-type]
+            epochs=int(self.local_epochs),
+            batch_size=int(self.batch_size),
+            lr=float(self.lr),
+            max_length=int(self.max_length),
         )
 
     def lora_spec(self) -> LoraSpec:
-        """LoRA hyper-parameters of this (resolved) config."""
-        r = self.resolved()
+        """LoRA hyper-parameters of this config."""
         k = 2 if self.dual_adapter else 1  # dual: K and V side by side
         return LoraSpec(
-            r=k * int(r.lora_r),  # type: ignore[arg-type]
-            alpha=k * int(r.lora_alpha),  # type: ignore[arg-type]
-            dropout=float(r.lora_dropout),
+            r=k * int(self.lora_r),
+            alpha=k * int(self.lora_alpha),
+            dropout=float(self.lora_dropout),
         )
 
     def dual_spec(self) -> DualSpec | None:
@@ -625,7 +826,7 @@ class RunConfig:
         if not self.dual_adapter:
             return None
         return DualSpec(
-            split=int(self.resolved().lora_r),  # type: ignore[arg-type]
+            split=int(self.lora_r),
             k_weight=self.dual_k_weight,
             v_weight=self.dual_v_weight,
             layer=self.dual_layer,
@@ -645,7 +846,7 @@ class RunConfig:
         str
             16 hex characters; the cache key of the phase.
         """
-        r = self.resolved()
+        r = self
         keep = {
             k: v
             for k, v in r.to_flat().items()
@@ -678,7 +879,7 @@ class RunConfig:
         # evaluation-only data settings: no FL phase reads them, so any value
         # reuses the phase; they stay in the hash at their defaults, which keeps
         # the keys of phases cached before they were known to be evaluation-only
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
         for key in EVAL_ONLY_DATA_KEYS:
             keep[key] = defaults[key.replace("-", "_")]
         # 'domains' came later: at 0 (the data as before) it stays out of the
@@ -696,3 +897,8 @@ class RunConfig:
         keep["model"] = model_identity(self.preset, self.model_path or None)
         blob = json.dumps(keep, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: Either form, for code that reads only what both hold (the departure, the data
+#: and model settings, :meth:`~ResolvedConfig.given_flat`, the specs and keys).
+AnyConfig = RunConfig | ResolvedConfig

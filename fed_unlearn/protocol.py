@@ -93,7 +93,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from fed_unlearn.config import METHOD_OPTION_PREFIX, METHOD_OPTIONS_KEY, RunConfig
+from fed_unlearn.config import (
+    METHOD_OPTION_PREFIX,
+    METHOD_OPTIONS_KEY,
+    AnyConfig,
+    RunConfig,
+)
+from fed_unlearn.training import NO_CAP
 from fed_unlearn.types import AdapterState
 
 __all__ = [
@@ -360,21 +366,22 @@ def _is_method_key(key: str) -> bool:
     return key in ("method", METHOD_OPTIONS_KEY) or key.startswith(METHOD_OPTION_PREFIX)
 
 
-def encode_run(cfg: RunConfig) -> dict[str, Value]:
+def encode_run(cfg: AnyConfig) -> dict[str, Value]:
     """Return the run config a client needs: every flat key but the method's.
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : RunConfig or ResolvedConfig
         The server's run configuration.
 
     Returns
     -------
     dict[str, Value]
-        Flat keys (``RunConfig.to_flat``) without ``method``, ``method-options``
-        and ``method-*``.
+        Flat keys as the run was given (``given_flat``: preset-dependent values
+        the run left to the preset stay out; the client resolves them the same
+        way) without ``method``, ``method-options`` and ``method-*``.
     """
-    return {k: v for k, v in cfg.to_flat().items() if not _is_method_key(k)}
+    return {k: v for k, v in cfg.given_flat().items() if not _is_method_key(k)}
 
 
 def decode_run(fields: Mapping[str, Any]) -> RunConfig:
@@ -388,7 +395,8 @@ def decode_run(fields: Mapping[str, Any]) -> RunConfig:
     Returns
     -------
     RunConfig
-        The validated configuration (the method is the server's business).
+        The validated configuration (the method is the server's business);
+        the ClientApp resolves it once per message (``clients.wire``).
 
     Raises
     ------
@@ -552,7 +560,7 @@ class LocalUpdateRequest(_Message):
     epochs, batch_size : int, optional
         Local epochs and batch size (``None``: the run's).
     max_steps : int
-        Cap on local steps per copy (0 = none).
+        Cap on local steps per copy (:data:`~fed_unlearn.training.NO_CAP` = none).
     lr : float, optional
         Learning rate (``None``: ``lr_scale`` x the run's).
     lr_scale : float
@@ -582,7 +590,7 @@ class LocalUpdateRequest(_Message):
     loss: str = _wire("loss", "str", default="nll")
     epochs: int | None = _wire("epochs", "int", default=None)
     batch_size: int | None = _wire("batch-size", "int", default=None)
-    max_steps: int = _wire("max-steps", "int", default=0)
+    max_steps: int = _wire("max-steps", "int", default=NO_CAP)
     lr: float | None = _wire("lr", "float", default=None)
     lr_scale: float = _wire("lr-scale", "float", default=1.0)
     budget: float | None = _wire("budget", "float", default=None)

@@ -19,6 +19,10 @@ from fed_unlearn.data.qa import PromptFn, collate, encode_qa
 from fed_unlearn.dual import DualRegulariser
 from fed_unlearn.types import QAItem
 
+#: A step cap (``max_steps``, ``max-steps`` on the wire, ``local_steps`` of a
+#: method) at this value caps nothing.
+NO_CAP = 0
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -39,8 +43,8 @@ class TrainSpec:
     max_length : int
         Max tokens per example (default: 128).
     max_steps : int
-        Stop after this many optimiser steps, mid-epoch if need be (default: 0
-        = no cap; the spec's "E local steps" of a FOUL pseudo-gradient).
+        Stop after this many optimiser steps, mid-epoch if need be (default:
+        :data:`NO_CAP`; the spec's "E local steps" of a FOUL pseudo-gradient).
     """
 
     epochs: int = 2
@@ -49,7 +53,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_length: int = 128
-    max_steps: int = 0
+    max_steps: int = NO_CAP
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
@@ -62,7 +66,7 @@ class TrainSpec:
 
     def capped(self, steps: int) -> bool:
         """Return whether ``steps`` optimiser steps reach ``max_steps``."""
-        return 0 < self.max_steps <= steps
+        return NO_CAP < self.max_steps <= steps
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, overload
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import AnyConfig, ResolvedConfig
 from fed_unlearn.protocol import (
     AuditReply,
     AuditRequest,
@@ -37,12 +37,12 @@ from server.grid import CountingGrid
 log = logging.getLogger(__name__)
 
 
-def run_record(cfg: RunConfig) -> ConfigRecord:
+def run_record(cfg: AnyConfig) -> ConfigRecord:
     """Return the ``run`` record every request carries.
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : RunConfig or ResolvedConfig
         The server's run configuration.
 
     Returns
@@ -125,7 +125,7 @@ class FlowerChannel:
     ----------
     grid : CountingGrid
         The (byte-counting) grid of the run.
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run configuration (its :func:`run_record` travels with every request).
     node_map : dict[int, int]
         Flower node id -> client id.
@@ -136,7 +136,7 @@ class FlowerChannel:
     def __init__(
         self,
         grid: CountingGrid,
-        cfg: RunConfig,
+        cfg: ResolvedConfig,
         node_map: dict[int, int],
         timeout: float = 3600.0,
     ) -> None:

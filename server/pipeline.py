@@ -30,7 +30,7 @@ from flwr.app import (
 )
 
 from fed_unlearn import adapters as ad
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.history import HistoryError, HistoryStore, load_key
 from fed_unlearn.methods import UnlearnContext, get_method
 from fed_unlearn.methods.rounds import uses_oracle
@@ -100,7 +100,7 @@ class PhaseResult:
         return HistoryStore(self.path / "history", key=self.key)
 
 
-def history_key(cfg: RunConfig) -> bytes | None:
+def history_key(cfg: ResolvedConfig) -> bytes | None:
     """Return the history key of a run: ``history-key-file``, else the environment.
 
     Raises
@@ -114,12 +114,12 @@ def history_key(cfg: RunConfig) -> bytes | None:
         raise PipelineError(str(exc)) from exc
 
 
-def phase_dir(cfg: RunConfig, exclude: tuple[int, ...]) -> Path:
+def phase_dir(cfg: ResolvedConfig, exclude: tuple[int, ...]) -> Path:
     """Cache directory of an FL phase."""
     return runs_root() / f"fl-{cfg.fl_key(exclude)}"
 
 
-def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
+def load_phase(cfg: ResolvedConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
     """Load a cached FL phase, validating its history; ``None`` if absent.
 
     Raises
@@ -161,7 +161,7 @@ def load_phase(cfg: RunConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
 
 
 def discover_clients(
-    grid: Any, cfg: RunConfig, timeout: float = 300.0
+    grid: Any, cfg: ResolvedConfig, timeout: float = 300.0
 ) -> dict[int, int]:
     """Wait for all SuperNodes and map Flower node ids to client ids.
 
@@ -169,7 +169,7 @@ def discover_clients(
     ----------
     grid : Grid
         Flower grid.
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run config (``num-clients`` nodes are expected).
     timeout : float
         Seconds to wait for nodes.
@@ -227,7 +227,7 @@ def discover_clients(
 
 
 def curve_evaluator(
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
 ) -> Callable[[int, ArrayRecord], MetricRecord | None] | None:
     """Per-round server-side evaluation hook (forget/retain ``Q_A_Prob``).
 
@@ -237,7 +237,7 @@ def curve_evaluator(
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run configuration.
 
     Returns
@@ -266,7 +266,7 @@ def curve_evaluator(
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
     )
     prompt_fn = prompt_formatter(tok)
-    max_length = int(cfg.resolved().max_length)  # type: ignore[arg-type]
+    max_length = int(cfg.max_length)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         set_adapter(model, arrays.to_torch_state_dict())
@@ -285,7 +285,7 @@ def curve_evaluator(
 
 
 def _state_evaluator(
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
 ) -> tuple[Callable[[dict[str, torch.Tensor]], dict[str, float]] | None, list[float]]:
     """Wrap :func:`curve_evaluator` for methods: adapter -> metrics (timed)."""
     fn = curve_evaluator(cfg)
@@ -329,7 +329,7 @@ def _forget_target(
 
 def run_fl_phase(
     grid: CountingGrid | None,
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
     node_map: dict[int, int] | None,
     exclude: tuple[int, ...],
     initial: dict[str, torch.Tensor],
@@ -341,7 +341,7 @@ def run_fl_phase(
     ----------
     grid : CountingGrid, optional
         Counting Flower grid; ``None`` only works when the phase is cached.
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run configuration.
     node_map : dict[int, int], optional
         Node id -> client id.
@@ -365,7 +365,6 @@ def run_fl_phase(
         raise PipelineError(
             "this FL phase is not cached and no Flower grid is available"
         )
-    r = cfg.resolved()
     final_dir = phase_dir(cfg, exclude)
     tmp = scratch_dir(final_dir)  # and stale ones of killed runs are removed
     key = history_key(cfg)
@@ -396,7 +395,7 @@ def run_fl_phase(
     result = strategy.start(
         grid=grid,  # type: ignore[arg-type]
         initial_arrays=ArrayRecord(initial),
-        num_rounds=int(r.num_server_rounds),  # type: ignore[arg-type]
+        num_rounds=int(cfg.num_server_rounds),
         timeout=3600,
         evaluate_fn=timed_evaluate if evaluate_fn is not None else None,
     )
@@ -419,7 +418,7 @@ def run_fl_phase(
         # measurement (the server reads the clients' data), not a cost of FL
         "curve_eval_s": eval_spent[0],
         "bytes": {"down": down, "up": up, "total": down + up},
-        "rounds": int(r.num_server_rounds),  # type: ignore[arg-type]
+        "rounds": int(cfg.num_server_rounds),
         "round_log": strategy.round_log,
         "history_bytes_per_round": [store.round_nbytes(i) for i in store.rounds()],
         "curve": curve,
@@ -506,7 +505,7 @@ def load_federation(root: Path, key: bytes | None) -> PhaseResult:
 class PipelineOutput:
     """What the pipeline produced (the CLI evaluates and reports it)."""
 
-    cfg: RunConfig
+    cfg: ResolvedConfig
     train: PhaseResult
     retrain: PhaseResult | None = None
     unlearned: dict[str, torch.Tensor] | None = None
@@ -517,7 +516,7 @@ class PipelineOutput:
 
 
 def departure_plan(
-    cfg: RunConfig, store: HistoryStore
+    cfg: ResolvedConfig, store: HistoryStore
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Return (departed, remaining, excluded from the oracle) of a departure.
 
@@ -550,7 +549,7 @@ def departure_plan(
 
 def run_pipeline(
     grid: Any | None,
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
     steps: tuple[str, ...] = ("train", "unlearn"),
     on_round: Callable[[str, int, dict[str, Any]], None] | None = None,
     federation: Path | None = None,
@@ -561,7 +560,7 @@ def run_pipeline(
     ----------
     grid : Grid, optional
         Flower grid (``None``: everything needed must be cached).
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Validated run configuration.
     steps : tuple[str, ...]
         ``("train",)`` or ``("train", "unlearn")``.
@@ -691,7 +690,7 @@ def _utc_now() -> str:
 
 def federated_evaluate(
     grid: CountingGrid,
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
     node_map: dict[int, int],
     adapters: dict[str, dict[str, torch.Tensor]],
 ) -> dict[str, dict[str, float]]:
@@ -704,7 +703,7 @@ def federated_evaluate(
     ----------
     grid : CountingGrid
         Flower grid.
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run configuration.
     node_map : dict[int, int]
         Node id -> client id.
@@ -747,12 +746,14 @@ def federated_evaluate(
     return out
 
 
-def save_adapter(cfg: RunConfig, state: dict[str, torch.Tensor], path: Path) -> None:
+def save_adapter(
+    cfg: ResolvedConfig, state: dict[str, torch.Tensor], path: Path
+) -> None:
     """Save an adapter with peft ``save_pretrained`` (adapter_config + safetensors).
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run config (model and LoRA spec).
     state : dict[str, torch.Tensor]
         Adapter tensors.

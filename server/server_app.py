@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import ResolvedConfig, RunConfig
 from server.pipeline import (
     PipelineOutput,
     federated_evaluate,
@@ -99,7 +99,7 @@ def write_receipt(out: PipelineOutput, out_dir: Path) -> Path:
         departed=list(out.cfg.departed()),
         method=stats["method"],
         method_config=stats["method_config"],
-        run_config=out.cfg.resolved().to_flat(),
+        run_config=out.cfg.to_flat(),
         history=out.train.history,
         adapter_before=out_dir / "adapters" / "original",
         adapter_after=out_dir / "adapters" / "unlearned",
@@ -116,7 +116,7 @@ def write_receipt(out: PipelineOutput, out_dir: Path) -> Path:
 
 
 def make_server_app(
-    cfg: RunConfig,
+    cfg: ResolvedConfig,
     steps: tuple[str, ...],
     state: dict[str, Any],
     on_round: Any = None,
@@ -126,8 +126,8 @@ def make_server_app(
 
     Parameters
     ----------
-    cfg : RunConfig
-        Validated run configuration.
+    cfg : ResolvedConfig
+        The run's configuration.
     steps : tuple[str, ...]
         Pipeline steps.
     state : dict[str, Any]
@@ -168,7 +168,7 @@ def main(grid: Grid, context: Context) -> None:
     ``forget`` (a later, separate run: the departure of ``depart`` from
     ``federation-dir``, no FL).
     """
-    cfg = RunConfig.from_flat(dict(context.run_config))
+    cfg = RunConfig.from_flat(dict(context.run_config)).resolved()  # once per run
     out_dir = Path(cfg.out_dir)
     fed_dir = Path(cfg.federation_dir) if cfg.federation_dir else None
     if cfg.mode == "train":

@@ -53,7 +53,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn.config import METHOD_OPTION_PREFIX, ConfigError, RunConfig
+from fed_unlearn.config import (
+    METHOD_OPTION_PREFIX,
+    ConfigError,
+    ResolvedConfig,
+    RunConfig,
+)
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 DOCS_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -120,7 +125,7 @@ class Cell:
     scenario: Scenario
     seed: int
     method: MethodSpec
-    config: RunConfig
+    config: ResolvedConfig
 
     def path(self, out: Path) -> Path:
         """Run directory of the cell under ``out``."""
@@ -308,7 +313,7 @@ def cells(suite: Suite) -> list[Cell]:
     return out
 
 
-def _cell_config(sc: Scenario, seed: int, m: MethodSpec) -> RunConfig:
+def _cell_config(sc: Scenario, seed: int, m: MethodSpec) -> ResolvedConfig:
     """Return the validated run config of a cell (method and options too)."""
     from fed_unlearn.methods import get_method
 
@@ -323,7 +328,7 @@ def _cell_config(sc: Scenario, seed: int, m: MethodSpec) -> RunConfig:
     )
     cfg = RunConfig.from_flat(flat)
     get_method(cfg.method, cfg.method_options)
-    return cfg
+    return cfg.resolved()
 
 
 def _done(path: Path) -> bool:

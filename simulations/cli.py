@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn.config import ConfigError, RunConfig, parse_value
+from fed_unlearn.config import ConfigError, ResolvedConfig, RunConfig, parse_value
 
 log = logging.getLogger("fed_unlearn")
 
@@ -81,8 +81,8 @@ def _config_file(path: str | None) -> dict[str, Any]:
 
 def build_config(
     args: argparse.Namespace, base: dict[str, Any] | None = None
-) -> RunConfig:
-    """Merge saved config, config file and flags into a validated RunConfig."""
+) -> ResolvedConfig:
+    """Merge saved config, config file and flags into the run's resolved config."""
     flat = dict(base or {})
     overrides = {**_config_file(getattr(args, "config", None)), **_overrides(args)}
     if "method" in overrides and overrides["method"] != flat.get("method"):
@@ -101,7 +101,7 @@ def build_config(
         raise UsageError(
             f"--model {cfg.model_path}: not a Hugging Face model directory"
         )
-    return cfg
+    return cfg.resolved()  # once: the run reads this frozen form from here on
 
 
 def _check_method(name: str) -> None:
@@ -239,7 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from simulations.runner import evaluate_adapters, write_evals, write_json
 
     run_dir = Path(args.run_dir)
-    cfg = RunConfig.from_flat(_saved_config(run_dir))
+    cfg = RunConfig.from_flat(_saved_config(run_dir)).resolved()
     from safetensors.torch import load_file
 
     adapters: dict[str, Any] = {}

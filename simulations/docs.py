@@ -284,8 +284,11 @@ def render_configuration(root: Path = ROOT) -> str:
         "",
         "## Keys",
         "",
-        "A default of *preset* means: the preset's value (table below). In a Flower "
-        "run config, where `None` cannot be written, `0` means the same.",
+        "A default of *preset* (`PRESET`) means: the preset's value (table below). "
+        "In a Flower run config, where `None` cannot be written, `0` "
+        "(`PRESET_FLAT`) means the same. Where a run starts, the config is "
+        "resolved once into a frozen `ResolvedConfig` with the preset's values "
+        "filled in; `run.json` shows that one.",
         "",
         "| key | type | default | description |",
         "|---|---|---|---|",
@@ -314,41 +317,46 @@ def render_configuration(root: Path = ROOT) -> str:
     for name in C.PRESET_DEFAULTS[presets[0]]:
         cells = " | ".join(f"{C.PRESET_DEFAULTS[p][name]:g}" for p in presets)
         lines.append(f"| `{name.replace('_', '-')}` | {cells} |")
-    app = flwr_app_config(root)
-    class_defaults = {
-        f.name.replace("_", "-"): f.default
-        for f in dataclasses.fields(C.RunConfig)
-        if f.default is not dataclasses.MISSING
-    }
-    class_defaults[C.METHOD_OPTIONS_KEY] = ""
-    differ = [
-        (k, v)
-        for k, v in app.items()
-        if k in class_defaults
-        and class_defaults[k] is not None
-        and class_defaults[k] != v
+    lines += [
+        "",
+        "## Named values",
+        "",
+        "Where `0` (or `None`) of a key means something other than the number, "
+        "`fed_unlearn/config.py` names it; the code compares with the name.",
+        "",
+        "| name | value | keys | meaning |",
+        "|---|---|---|---|",
     ]
+    for name, value, keys, meaning in C.NAMED_VALUES:
+        lines.append(f"| `{name}` | `{value!r}` | {keys} | {meaning} |")
+    app = flwr_app_config(root)
+    class_defaults = C.flat_defaults()
     lines += [
         "",
         "## `flwr run` defaults",
         "",
         "`[tool.flwr.app.config]` in `pyproject.toml` declares "
-        f"{len(app)} keys (Flower accepts only those). Their values are the ones "
-        "above, with `0` for *preset*, except:",
+        f"{len(app)} keys (Flower accepts only those). Their values are the class "
+        "defaults above (`PRESET_FLAT` for *preset*), so `flwr run` and the CLI "
+        "run the same defaults, except where a deployment default is deliberate "
+        "(`FLWR_RUN_DEFAULTS` in `fed_unlearn/config.py`: the loopback deployment "
+        "demo of [deployment.md](deployment.md) runs the tiny model on two "
+        "SuperNodes, client 1 departs, results go apart from the CLI's). "
+        "`tests/test_config.py` fails when the two disagree anywhere else.",
         "",
         "| key | `pyproject.toml` | `RunConfig` |",
         "|---|---|---|",
     ]
-    for key, value in differ:
+    for key, value in C.FLWR_RUN_DEFAULTS.items():
         lines.append(
             f"| `{key}` | {fmt_default(value)} | {fmt_default(class_defaults[key])} |"
         )
-    missing = sorted(set(class_defaults) - set(app))
-    if missing:
+    if C.FLWR_RUN_UNDECLARED:
         lines += [
             "",
-            "Not declared there (so not settable with `flwr run`): "
-            + ", ".join(f"`{k}`" for k in missing)
+            "Not declared there (so not settable with `flwr run`; a deployment gets "
+            "the class default): "
+            + ", ".join(f"`{k}`" for k in C.FLWR_RUN_UNDECLARED)
             + ".",
         ]
     lines += [

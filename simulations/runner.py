@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_unlearn import seeds
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import AnyConfig, ResolvedConfig, resolve
 from fed_unlearn.methods import Requirement, get_method
 from fed_unlearn.types import AdapterState
 
@@ -82,7 +82,7 @@ def git_sha() -> str:
 
 
 def needs_flower(
-    cfg: RunConfig, steps: tuple[str, ...], federation: Path | None = None
+    cfg: AnyConfig, steps: tuple[str, ...], federation: Path | None = None
 ) -> bool:
     """Whether the pipeline must start the Simulation Engine (something not cached)."""
     from server.pipeline import (
@@ -108,7 +108,7 @@ def needs_flower(
 
 
 def simulate(
-    cfg: RunConfig,
+    cfg: AnyConfig,
     steps: tuple[str, ...],
     progress: bool = True,
     client_app: Any = None,
@@ -118,8 +118,8 @@ def simulate(
 
     Parameters
     ----------
-    cfg : RunConfig
-        Validated configuration.
+    cfg : RunConfig or ResolvedConfig
+        Validated configuration (resolved here if it is not yet).
     steps : tuple[str, ...]
         Pipeline steps.
     progress : bool
@@ -136,6 +136,7 @@ def simulate(
     """
     from server.pipeline import run_pipeline
 
+    cfg = resolve(cfg)
     bar = _RoundBar(cfg, steps) if progress else None
     if not needs_flower(cfg, steps, federation):
         log.info("all FL phases are cached; running the pipeline without Flower")
@@ -187,7 +188,7 @@ def simulate(
 class _RoundBar:
     """Rich progress bar of FL rounds per phase (fed from the ServerApp thread)."""
 
-    def __init__(self, cfg: RunConfig, steps: tuple[str, ...]) -> None:
+    def __init__(self, cfg: ResolvedConfig, steps: tuple[str, ...]) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -196,7 +197,7 @@ class _RoundBar:
             TimeElapsedColumn,
         )
 
-        self.rounds = int(cfg.resolved().num_server_rounds)  # type: ignore[arg-type]
+        self.rounds = int(cfg.num_server_rounds)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -224,12 +225,12 @@ class _RoundBar:
         self.progress.update(self.tasks[phase], completed=server_round, info=text)
 
 
-def eval_splits(cfg: RunConfig) -> Any:
+def eval_splits(cfg: ResolvedConfig) -> Any:
     """Return the run's evaluation splits (each capped at ``eval-max-items``).
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run configuration (data and departed clients).
 
     Returns
@@ -249,25 +250,26 @@ def eval_splits(cfg: RunConfig) -> Any:
     )
 
 
-def eval_options(cfg: RunConfig) -> dict[str, Any]:
+def eval_options(cfg: ResolvedConfig) -> dict[str, Any]:
     """Return the run's keyword arguments of :func:`fed_unlearn.metrics.evaluate`."""
-    r = cfg.resolved()
     return {
         "batch_size": cfg.eval_batch_size,
-        "max_new_tokens": int(r.eval_max_new_tokens),  # type: ignore[arg-type]
-        "max_length": int(r.max_length),  # type: ignore[arg-type]
+        "max_new_tokens": int(cfg.eval_max_new_tokens),
+        "max_length": int(cfg.max_length),
         "gradnorm": cfg.eval_gradnorm,
     }
 
 
 def evaluate_adapters(
-    cfg: RunConfig, adapters: dict[str, AdapterState], reference_name: str = "retrain"
+    cfg: ResolvedConfig,
+    adapters: dict[str, AdapterState],
+    reference_name: str = "retrain",
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Evaluate several adapters on the run's splits (retrain first: the reference).
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run configuration (model, data, depart).
     adapters : dict[str, AdapterState]
         Name -> adapter (``original``, ``unlearned``, ``retrain``).
@@ -312,13 +314,13 @@ def evaluate_adapters(
 
 
 def relearn_adapters(
-    cfg: RunConfig, adapters: dict[str, AdapterState]
+    cfg: ResolvedConfig, adapters: dict[str, AdapterState]
 ) -> dict[str, Any]:
     """Run the relearning attack (:mod:`fed_unlearn.metrics.relearn`) on each adapter.
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : ResolvedConfig
         Run configuration (``eval-relearn-steps`` > 0, ``eval-relearn-fraction``,
         ``eval-relearn-lr``; the attack uses the run's batch size and length).
     adapters : dict[str, AdapterState]
@@ -341,16 +343,15 @@ def relearn_adapters(
     from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
     from fed_unlearn.training import derive_seed
 
-    r = cfg.resolved()
     attack, probes = split_attack(
         dataset(cfg).forget_items(cfg.departed()), cfg.eval_relearn_fraction
     )
     spec = RelearnSpec(
         steps=cfg.eval_relearn_steps,
         fraction=cfg.eval_relearn_fraction,
-        lr=cfg.eval_relearn_lr or float(r.lr) / 5,  # type: ignore[arg-type]
-        batch_size=int(r.batch_size),  # type: ignore[arg-type]
-        max_length=int(r.max_length),  # type: ignore[arg-type]
+        lr=cfg.relearn_lr(),
+        batch_size=int(cfg.batch_size),
+        max_length=int(cfg.max_length),
         seed=derive_seed(cfg.seed, seeds.RELEARN),
     )
     model, tok = load_lora_model(
@@ -556,7 +557,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def run_all(
-    cfg: RunConfig,
+    cfg: AnyConfig,
     out_dir: Path,
     steps: tuple[str, ...] = ("train", "unlearn"),
     do_eval: bool = True,
@@ -567,8 +568,8 @@ def run_all(
 
     Parameters
     ----------
-    cfg : RunConfig
-        Validated configuration.
+    cfg : RunConfig or ResolvedConfig
+        Validated configuration (resolved here if it is not yet).
     out_dir : Path
         Run directory (must not already hold a run).
     steps : tuple[str, ...]
@@ -589,6 +590,7 @@ def run_all(
     from server.pipeline import save_federation
     from server.server_app import write_outputs
 
+    cfg = resolve(cfg)
     t0 = time.perf_counter()
     out = simulate(cfg, steps, progress, federation=federation)
     if steps == ("train",):
@@ -597,7 +599,7 @@ def run_all(
     write_outputs(out, out_dir)
     run: dict[str, Any] = {
         "command": " ".join(sys.argv),
-        "config": cfg.resolved().to_flat(),
+        "config": cfg.to_flat(),
         "seeds": {
             "seed": cfg.seed,
             "lora_init": cfg.seed,

@@ -136,7 +136,7 @@ def test_runner_passes_eval_gradnorm(monkeypatch):
     adapters = {"retrain": {"a": torch.zeros(1)}, "unlearned": {"a": torch.ones(1)}}
     for flag in (False, True):
         cfg = RunConfig.from_flat({"preset": "tiny", "eval-gradnorm": flag})
-        runner.evaluate_adapters(cfg, adapters)
+        runner.evaluate_adapters(cfg.resolved(), adapters)
     assert seen == [False, False, True, True]
 
 
@@ -184,3 +184,101 @@ def test_a_single_departing_client_given_as_a_number_is_accepted():
 def test_values_no_run_can_use_are_refused_before_training(flat, match):
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_flat({"preset": "tiny", **flat})
+
+
+def test_resolved_config_is_frozen_complete_and_flattens_as_before():
+    """The resolved form holds every value, cannot be changed, keeps RunConfig's
+    field order (run.json's `config` and the FL cache key read `to_flat`), and
+    sends the clients the config as given (the wire is unchanged)."""
+    import dataclasses
+
+    from fed_unlearn.config import (
+        PRESET,
+        PRESET_DEFAULTS,
+        PRESET_FIELDS,
+        ResolvedConfig,
+        resolve,
+    )
+    from fed_unlearn.protocol import encode_run
+
+    given = RunConfig.from_flat({"preset": "tiny", "lr": 0.5, "x-note": "n"})
+    r = given.resolved()
+    assert isinstance(r, ResolvedConfig) and resolve(r) is r
+    assert [f.name for f in dataclasses.fields(ResolvedConfig)] == [
+        *(f.name for f in dataclasses.fields(RunConfig)),
+        "from_preset",
+    ]
+    assert all(getattr(r, k) is not PRESET for k in PRESET_FIELDS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.lr = 0.1  # type: ignore[misc]
+    # to_flat: every value the run uses, in RunConfig's order
+    want = {**given.to_flat()}
+    for k in PRESET_FIELDS:
+        want.setdefault(k.replace("_", "-"), PRESET_DEFAULTS["tiny"][k])
+    assert r.to_flat() == want
+    assert list(r.to_flat())[:3] == ["preset", "model-path", "data-dir"]
+    assert RunConfig.from_flat(r.to_flat()).resolved() == r
+    # the wire carries what was given, as before the resolved form existed
+    assert r.given_flat() == given.to_flat()
+    assert list(r.given_flat()) == list(given.to_flat())
+    assert encode_run(r) == encode_run(given)
+    assert r.from_preset == frozenset(PRESET_FIELDS) - {"lr"}
+    # the preset's values of a model path, and the relearning attack's rate
+    custom = RunConfig.from_flat({"model-path": "/somewhere"}).resolved()
+    assert custom.lr == 1e-3 and custom.relearn_lr() == pytest.approx(2e-4)
+    assert RunConfig.from_flat({"eval-relearn-lr": 0.3}).resolved().relearn_lr() == 0.3
+
+
+def test_flwr_run_defaults_are_the_class_defaults_but_the_deliberate_ones():
+    """`[tool.flwr.app.config]` declares every key with RunConfig's default (0 for
+    the preset's), except the documented FLWR_RUN_DEFAULTS of the deployment
+    demo and the FLWR_RUN_UNDECLARED keys: nothing differs silently."""
+    import pathlib
+
+    from fed_unlearn.config import (
+        FLWR_RUN_DEFAULTS,
+        FLWR_RUN_UNDECLARED,
+        flat_defaults,
+    )
+    from simulations.docs import flwr_app_config
+
+    app = flwr_app_config(pathlib.Path(__file__).resolve().parent.parent)
+    defaults = flat_defaults()
+    want = {**defaults, **FLWR_RUN_DEFAULTS}
+    for key in FLWR_RUN_UNDECLARED:
+        del want[key]
+    assert app == want
+    assert {k: type(v) for k, v in app.items()} == {k: type(v) for k, v in want.items()}
+    # every allowed difference is one (a stale entry fails too)
+    assert all(defaults[k] != v for k, v in FLWR_RUN_DEFAULTS.items())
+    # and a `flwr run` with no --run-config is the CLI run with those keys set
+    assert (
+        RunConfig.from_flat(app).resolved()
+        == RunConfig.from_flat(FLWR_RUN_DEFAULTS).resolved()
+    )
+
+
+def test_named_unset_values_keep_the_values_that_travel_and_are_stored():
+    """The names replace literals only: method configs (stored in run.json's
+    method_config) and the wire keep 0 / 0.0 of the same types."""
+    import dataclasses
+
+    from fed_unlearn.config import ALL_ITEMS, FIFTH_OF_LR, OFF, PRESET, PRESET_FLAT
+    from fed_unlearn.methods.base import NO_BUDGET, RUN_BATCH, RUN_LR
+    from fed_unlearn.methods.foul import FoulConfig
+    from fed_unlearn.methods.mpu import MPUConfig
+    from fed_unlearn.training import NO_CAP
+
+    named = (PRESET, PRESET_FLAT, ALL_ITEMS, OFF, FIFTH_OF_LR)
+    assert named == (None, 0, 0, 0, 0.0)
+    assert [type(v) for v in (RUN_LR, RUN_BATCH, NO_BUDGET, NO_CAP)] == [
+        float,
+        int,
+        float,
+        int,
+    ]
+    assert (RUN_LR, RUN_BATCH, NO_BUDGET, NO_CAP) == (0.0, 0, 0.0, 0)
+    foul = dataclasses.asdict(FoulConfig())
+    assert [foul[k] for k in ("local_steps", "lr", "recovery_batch_size")] == [0, 0, 0]
+    assert isinstance(foul["lr"], float) and isinstance(foul["recovery_budget"], float)
+    assert isinstance(dataclasses.asdict(MPUConfig())["lr"], float)

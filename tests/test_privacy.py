@@ -60,7 +60,7 @@ def test_client_refuses_a_single_example_update_before_any_work():
         max_steps=1,
     )
     context = _context({"partition-id": 0, "num-partitions": 3})
-    cfg = RunConfig(preset="tiny", num_clients=3)
+    cfg = RunConfig(preset="tiny", num_clients=3).resolved()
     with pytest.raises(PolicyError, match="rest on 1 example.*floor of 8"):
         local_update(req, context, cfg)
     assert not context.state
@@ -108,7 +108,9 @@ def test_a_budget_request_is_sized_up_to_the_floor_not_refused(monkeypatch):
     req = LocalUpdateRequest(
         copies=[{"w": torch.zeros(2)}], loss="nll", budget=1 / 6, max_steps=2
     )
-    cfg = RunConfig(preset="tiny", num_clients=3, num_server_rounds=1, local_epochs=1)
+    cfg = RunConfig(
+        preset="tiny", num_clients=3, num_server_rounds=1, local_epochs=1
+    ).resolved()
     with pytest.raises(Reached):  # past the policy check, at the model
         unlearn.local_update(req, _context({"partition-id": 0}), cfg)
     # with a floor above the client's 30 items there is nothing to size up to

@@ -23,6 +23,20 @@ from fed_unlearn.protocol import (
 )
 from fed_unlearn.types import AdapterState, ClientId
 
+#: A method's learning-rate option (``lr``, ``post_lr``) at this value: the
+#: run's ``lr`` (times the method's ``lr_scale`` where it has one). It stays a
+#: method option's value; on the wire ``lr`` is then left out.
+RUN_LR = 0.0
+
+#: A method's batch-size option (``recovery_batch_size``) at this value: the
+#: run's ``batch-size`` (on the wire ``batch-size`` is then left out).
+RUN_BATCH = 0
+
+#: A method's ``recovery_budget`` (or a recovery round's ``budget``) at this
+#: value: no budget (the batches are the run's or ``RUN_BATCH``'s). A step cap
+#: at ``fed_unlearn.training.NO_CAP`` caps nothing.
+NO_BUDGET = 0.0
+
 
 class Requirement(StrEnum):
     """What a method may need from the federation."""

@@ -40,6 +40,7 @@ from fed_unlearn import adapters as ad
 from fed_unlearn import seeds
 from fed_unlearn.conflict import orthogonal_direction, post_project
 from fed_unlearn.methods.base import (
+    RUN_LR,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -69,13 +70,14 @@ class FedOSDConfig(StopOptions):
     local_epochs : int
         Local epochs behind each pseudo-gradient (default: 1).
     lr : float
-        Clients' learning rate in the unlearning stage; 0 = ``lr_scale`` x the
-        run's (default: 0).
+        Clients' learning rate in the unlearning stage; 0 (``RUN_LR``) =
+        ``lr_scale`` x the run's (default: 0).
     lr_scale : float
         Unlearning-stage rate relative to the FL one when ``lr`` is 0 (default:
         0.1; at the FL rate one round of UCE wipes out the tiny model).
     post_lr : float
-        Clients' learning rate in post-training; 0 = the run's (default: 0).
+        Clients' learning rate in post-training; 0 (``RUN_LR``) = the run's
+        (default: 0).
     tol : float
         Relative cut-off of the pseudo-inverse's eigenvalues (default: 1e-6).
     stop, audit_tol
@@ -86,9 +88,9 @@ class FedOSDConfig(StopOptions):
     post_rounds: int = 1
     server_lr: float = 1.0
     local_epochs: int = 1
-    lr: float = 0.0
+    lr: float = RUN_LR
     lr_scale: float = 0.1
-    post_lr: float = 0.0
+    post_lr: float = RUN_LR
     tol: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -131,8 +133,8 @@ class FedOSD(UnlearningMethod):
         theta = {k: v.clone() for k, v in theta0.items()}
         log = cfg.round_log(ctx)
         log.start(theta)
-        unl = {"lr": cfg.lr} if cfg.lr > 0 else {"lr_scale": cfg.lr_scale}
-        post = {"lr": cfg.post_lr} if cfg.post_lr > 0 else {}
+        unl = {"lr": cfg.lr} if cfg.lr > RUN_LR else {"lr_scale": cfg.lr_scale}
+        post = {"lr": cfg.post_lr} if cfg.post_lr > RUN_LR else {}
         r = 0
         for r in range(1, cfg.unlearn_rounds + 1):
             tgt = ctx.clients.query(

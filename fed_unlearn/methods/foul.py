@@ -96,6 +96,9 @@ from fed_unlearn.conflict import cagrad_direction, select_subnetwork
 from fed_unlearn.dual import v_units
 from fed_unlearn.history import HistoryStore
 from fed_unlearn.methods.base import (
+    NO_BUDGET,
+    RUN_BATCH,
+    RUN_LR,
     MissingRequirementError,
     Requirement,
     UnlearnContext,
@@ -112,6 +115,7 @@ from fed_unlearn.methods.rounds import (
     wire_dtype,
 )
 from fed_unlearn.protocol import LocalUpdateRequest
+from fed_unlearn.training import NO_CAP
 from fed_unlearn.types import AdapterState
 
 MODES = ("server", "cached", "live")
@@ -177,18 +181,20 @@ class FoulConfig(StopOptions):
         Local epochs behind each pseudo-gradient (default: 1).
     local_steps : int
         Cap on the local steps behind each pseudo-gradient and each recovery
-        round (the spec's E; default: 0 = no cap, ``local_epochs`` epochs).
+        round (the spec's E; default: 0 = ``NO_CAP``, ``local_epochs`` epochs).
     lr : float
-        Clients' local learning rate; 0 = the run's (default: 0).
+        Clients' local learning rate; 0 (``RUN_LR``) = the run's (default: 0).
     recovery_rounds : int
         FedAvg rounds of the remaining clients after the stop (default: 0).
     recovery_batch_size : int
-        Examples per local step in those rounds; 0 = the run's (default: 0).
+        Examples per local step in those rounds; 0 (``RUN_BATCH``) = the run's
+        (default: 0).
     recovery_budget : float
         When ``recovery_batch_size`` is 0 and ``local_steps`` > 0: each
         remaining client's ``local_steps`` recovery steps see this share of the
         examples retraining would show it (FL rounds x local epochs x its items),
-        split evenly over the steps (default: 0 = the run's batch).
+        split evenly over the steps (default: 0 = ``NO_BUDGET``, the run's
+        batch).
     wire_dtype : str
         ``"float32"`` (default) or ``"float16"``: the dtype of the adapters and
         deltas that clients send and receive (fp16 halves the bytes; the server
@@ -207,11 +213,11 @@ class FoulConfig(StopOptions):
     server_step: str = "fixed"
     server_direction: str = "foul"
     local_epochs: int = 1
-    local_steps: int = 0
-    lr: float = 0.0
+    local_steps: int = NO_CAP
+    lr: float = RUN_LR
     recovery_rounds: int = 0
-    recovery_batch_size: int = 0
-    recovery_budget: float = 0.0
+    recovery_batch_size: int = RUN_BATCH
+    recovery_budget: float = NO_BUDGET
     wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -656,7 +662,7 @@ class Foul(UnlearningMethod):
                 loss="nll",
                 epochs=cfg.local_epochs,
                 max_steps=cfg.local_steps,
-                lr=cfg.lr if cfg.lr > 0 else None,
+                lr=cfg.lr if cfg.lr > RUN_LR else None,
                 ranks=sub.ranks,
                 seed_round=seeds.FOUL_LIVE + r,
             )

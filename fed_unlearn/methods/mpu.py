@@ -42,6 +42,7 @@ from fed_unlearn import adapters as ad
 from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
+    RUN_LR,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -99,7 +100,8 @@ class InnerLossConfig(StopOptions):
     local_epochs : int
         Epochs E per copy and round (default: 1).
     lr : float
-        Client learning rate; 0 = ``lr_scale`` x the run's (default: 0).
+        Client learning rate; 0 (``RUN_LR``) = ``lr_scale`` x the run's
+        (default: 0).
     lr_scale : float
         Unlearning learning rate relative to the FL one when ``lr`` is 0
         (default: 0.1; the run's own rate overshoots the oracle in one round).
@@ -131,7 +133,7 @@ class InnerLossConfig(StopOptions):
     loss_params: str = ""
     rounds: int = 4
     local_epochs: int = 1
-    lr: float = 0.0
+    lr: float = RUN_LR
     lr_scale: float = 0.1
     server_lr: float = 1.0
     departed_merge: str = "sum"
@@ -146,7 +148,7 @@ class InnerLossConfig(StopOptions):
             )
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError("rounds and local_epochs must be >= 1")
-        if self.lr < 0:
+        if self.lr < RUN_LR:
             raise ValueError(f"lr must be >= 0 (0 = the run's), got {self.lr}")
         check_positive(server_lr=self.server_lr, lr_scale=self.lr_scale)
         if self.departed_merge not in DEPARTED_MERGES:
@@ -289,7 +291,7 @@ class InnerLossConfig(StopOptions):
             retain=self.retain,
             epochs=self.local_epochs,
             loss_params=loss_params(self.loss_params),
-            **({"lr": self.lr} if self.lr > 0 else {"lr_scale": self.lr_scale}),
+            **({"lr": self.lr} if self.lr > RUN_LR else {"lr_scale": self.lr_scale}),
             seed_round=seed_round,
         )
 

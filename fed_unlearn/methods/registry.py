@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fed_unlearn.methods.base import UnlearnConfig, UnlearningMethod
+from fed_unlearn.values import coerce, scalar_kind
 
 
 @dataclass(frozen=True)
@@ -99,29 +100,18 @@ def get_method(name: str, options: dict[str, Any] | None = None) -> UnlearningMe
 
 
 def _coerce(method: str, key: str, value: Any, annotation: Any) -> Any:
-    """Coerce a CLI/TOML option value to the field's declared scalar type."""
-    want = str(annotation or "")
+    """Coerce a CLI/TOML option value to the field's declared scalar type.
+
+    :func:`fed_unlearn.values.coerce` with the method-option (lenient) rules, for
+    fields annotated exactly ``bool``, ``int``, ``float`` or ``str``; any other
+    type takes the value as given.
+    """
     try:
-        if want == "bool":
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError("not a boolean")
-                return low in ("true", "1", "yes")
-            return bool(value)
-        if want == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("not an integer")
-            return int(value)
-        if want == "float":
-            return float(value)
-        if want == "str":
-            return str(value)
+        return coerce(value, scalar_kind(annotation, exact=True), strict=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(
             f"method {method!r} option {key!r}: bad value {value!r} ({exc})"
         ) from exc
-    return value
 
 
 def list_methods() -> list[tuple[str, str, list[str]]]:

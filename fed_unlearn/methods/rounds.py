@@ -47,8 +47,14 @@ import torch
 from fed_unlearn import adapters as ad
 from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
-from fed_unlearn.methods.base import UnlearnConfig, UnlearnContext
+from fed_unlearn.methods.base import (
+    NO_BUDGET,
+    RUN_BATCH,
+    UnlearnConfig,
+    UnlearnContext,
+)
 from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
+from fed_unlearn.training import NO_CAP
 from fed_unlearn.types import AdapterState, ClientId
 
 STOP_RULES = ("budget", "self_audit", "oracle")
@@ -194,9 +200,9 @@ def recovery_rounds(
     first_round: int,
     method: str,
     dtype: torch.dtype = torch.float32,
-    max_steps: int = 0,
-    batch_size: int = 0,
-    budget: float = 0.0,
+    max_steps: int = NO_CAP,
+    batch_size: int = RUN_BATCH,
+    budget: float = NO_BUDGET,
     seed_offset: int = 0,
 ) -> AdapterState:
     """Retain recovery [R]: plain FedAvg rounds of the remaining clients.
@@ -227,14 +233,14 @@ def recovery_rounds(
     dtype : torch.dtype
         Wire dtype of the adapters and deltas (default: fp32).
     max_steps : int
-        Cap on each client's local steps (default: 0 = one full epoch).
+        Cap on each client's local steps (default: ``NO_CAP``: one full epoch).
     batch_size : int
-        Examples per local step (default: 0 = the run's).
+        Examples per local step (default: ``RUN_BATCH``: the run's).
     budget : float
         With ``max_steps`` > 0 and no ``batch_size``: each client's
         ``max_steps`` steps see this share of the examples that retraining
         would show it, ``budget`` x FL rounds x local epochs x its items
-        (:func:`fed_unlearn.training.budget_batches`; default: 0 = unused).
+        (:func:`fed_unlearn.training.budget_batches`; default: ``NO_BUDGET``).
     seed_offset : int
         Round p's data order is the stream ``seeds.RECOVERY + seed_offset + p``
         (default: 0; a method that used ``RECOVERY + 1..k`` before passes k).
@@ -267,9 +273,9 @@ def recovery_step(
     seed_round: int,
     method: str,
     dtype: torch.dtype = torch.float32,
-    max_steps: int = 0,
-    batch_size: int = 0,
-    budget: float = 0.0,
+    max_steps: int = NO_CAP,
+    batch_size: int = RUN_BATCH,
+    budget: float = NO_BUDGET,
 ) -> AdapterState:
     """One FedAvg round of the remaining clients (see :func:`recovery_rounds`).
 
@@ -288,11 +294,11 @@ def recovery_step(
     dtype : torch.dtype
         Wire dtype (default: fp32).
     max_steps : int
-        Cap on each client's local steps (default: 0 = one full epoch).
+        Cap on each client's local steps (default: ``NO_CAP``: one full epoch).
     batch_size : int
-        Examples per local step (default: 0 = the run's).
+        Examples per local step (default: ``RUN_BATCH``: the run's).
     budget : float
-        See :func:`recovery_rounds` (default: 0 = unused).
+        See :func:`recovery_rounds` (default: ``NO_BUDGET``).
 
     Returns
     -------
@@ -305,8 +311,12 @@ def recovery_step(
         loss="nll",
         seed_round=seed_round,
         max_steps=max_steps,
-        batch_size=batch_size or None,
-        budget=budget if budget and max_steps and not batch_size else None,
+        batch_size=None if batch_size == RUN_BATCH else batch_size,
+        budget=(
+            budget
+            if budget != NO_BUDGET and max_steps != NO_CAP and batch_size == RUN_BATCH
+            else None
+        ),
     )
     replies = ctx.clients.query(dict.fromkeys(ctx.remaining, request))
     log.add_compute(replies)
