@@ -343,13 +343,18 @@ def test_fl_key_unchanged_when_domains_is_zero(monkeypatch: pytest.MonkeyPatch) 
     assert two.fl_key(()) != RunConfig.from_flat(
         {"preset": "tiny", "num-clients": 4, "domains": 1}
     ).fl_key(())
-    to_flat = RunConfig.to_flat
+    from fed_unlearn.config import ResolvedConfig
 
-    def without_domains(self: RunConfig) -> dict:
+    to_flat = ResolvedConfig.to_flat
+
+    def without_domains(self: ResolvedConfig) -> dict:
         return {k: v for k, v in to_flat(self).items() if k != "domains"}
 
-    monkeypatch.setattr(RunConfig, "to_flat", without_domains)  # the old config
+    # a config from before 'domains' existed (the key is computed on the
+    # resolved form) hashes the same
+    monkeypatch.setattr(ResolvedConfig, "to_flat", without_domains)
     assert base.fl_key(()) == keys[0] and base.fl_key((2,)) == departed
+    assert two.fl_key(()) != keys[2]  # the patch is in effect: domains=2 is gone
 
 
 def test_forget_retain_split() -> None:
