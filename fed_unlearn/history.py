@@ -1016,17 +1016,8 @@ class HistoryStore:
         AdapterState
             The adapter of the latest recorded unlearning, else :meth:`final`.
         """
-        meta = self._read_meta()
-        entries = meta.get("unlearnings", [])
-        if not entries:
-            return self.final()
-        i = len(entries)
-        return self._load_state(
-            self._root / _UNLEARNED.format(i),
-            self._schema(meta),
-            "float32",
-            entries[-1]["sha256"],
-        )
+        entries = self._read_meta().get("unlearnings", [])
+        return self.unlearned(len(entries)) if entries else self.final()
 
     def unlearned(self, index: int) -> AdapterState:
         """Return the adapter of the ``index``-th recorded unlearning (1-based)."""

@@ -182,6 +182,10 @@ class UnlearningMethod(ABC):
     #: True for a method whose result *is* the retrain oracle: its cost is the
     #: oracle's recorded cost, and its curve the oracle's.
     is_oracle: ClassVar[bool] = False
+    #: True for a method whose math assumes the history's global updates are
+    #: FedAvg of the recorded client deltas: a run with another aggregation is
+    #: refused when its config is validated (:meth:`check_run`).
+    needs_fedavg: ClassVar[bool] = False
 
     def __init__(self, config: UnlearnConfig) -> None:
         self.config = config
@@ -195,10 +199,11 @@ class UnlearningMethod(ABC):
         return self.requires
 
     def check_run(self, run: Mapping[str, Any]) -> None:
-        """Raise if the run's flat config cannot serve this method (default: never).
+        """Raise if the run's flat config cannot serve this method.
 
         Called when the run config is validated, before any FL phase runs, so a
-        method option that needs a particular FL recipe fails at once.
+        method option that needs a particular FL recipe fails at once. The base
+        refuses only a non-FedAvg run of a method with :attr:`needs_fedavg`.
 
         Parameters
         ----------
@@ -210,7 +215,12 @@ class UnlearningMethod(ABC):
         ValueError
             Naming the option and the missing run setting.
         """
-        del run  # no method option of the base class depends on the FL recipe
+        agg = run.get("aggregation", "fedavg")
+        if self.needs_fedavg and agg != "fedavg":
+            raise ValueError(
+                f"{self.name} assumes FedAvg of the recorded client deltas; this "
+                f"run aggregates with {agg!r} (aggregation=fedavg)"
+            )
 
     def check(self, ctx: UnlearnContext) -> None:
         """Raise if the context lacks something this method requires.

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from fed_unlearn import adapters as ad
 from fed_unlearn import seeds
@@ -117,27 +115,13 @@ class FedEraser(UnlearningMethod):
     )
     requires = frozenset({Requirement.HISTORY, Requirement.LIVE_CLIENTS})
     config: FedEraserConfig
+    needs_fedavg = True
 
     def needs(self) -> frozenset[Requirement]:
         """FedAccum (``calibrate=False``) needs the history only."""
         if not self.config.calibrate:
             return frozenset({Requirement.HISTORY})
         return self.requires
-
-    def check_run(self, run: Mapping[str, Any]) -> None:
-        """Refuse a run whose FL aggregation is not FedAvg (the contract).
-
-        Raises
-        ------
-        ValueError
-            Naming the run's ``aggregation``.
-        """
-        agg = run.get("aggregation", "fedavg")
-        if agg != "fedavg":
-            raise ValueError(
-                f"{self.name} assumes FedAvg of the recorded client deltas; this "
-                f"run aggregates with {agg!r} (aggregation=fedavg)"
-            )
 
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Run steps 1-4 of the module docstring."""

@@ -41,9 +41,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -128,21 +126,7 @@ class FedRecovery(UnlearningMethod):
     )
     requires = frozenset({Requirement.HISTORY})
     config: FedRecoveryConfig
-
-    def check_run(self, run: Mapping[str, Any]) -> None:
-        """Refuse a run whose FL aggregation is not FedAvg (the contract).
-
-        Raises
-        ------
-        ValueError
-            Naming the run's ``aggregation``.
-        """
-        agg = run.get("aggregation", "fedavg")
-        if agg != "fedavg":
-            raise ValueError(
-                f"{self.name} assumes FedAvg of the recorded client deltas; this "
-                f"run aggregates with {agg!r} (aggregation=fedavg)"
-            )
+    needs_fedavg = True
 
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Apply steps 1-5 of the module docstring."""

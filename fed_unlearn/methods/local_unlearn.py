@@ -47,9 +47,7 @@ class LocalUnlearn(UnlearningMethod):
         self.check(ctx)
         cfg = self.config
         assert ctx.clients is not None
-        theta = {k: v.float().clone() for k, v in ctx.trained.items()}
-        log = cfg.round_log(ctx)
-        log.start(theta)
+        theta, log = cfg.begin(ctx)
         r = 0
         for r in range(1, cfg.rounds + 1):
             request = cfg.request([theta], seed_round=r)

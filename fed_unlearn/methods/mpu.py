@@ -182,6 +182,13 @@ class InnerLossConfig(StopOptions):
             total = ad.add(total, step)
         return total
 
+    def begin(self, ctx: UnlearnContext) -> tuple[AdapterState, RoundLog]:
+        """Return the fp32 starting adapter and the started round log."""
+        theta = {k: v.float().clone() for k, v in ctx.trained.items()}
+        log = self.round_log(ctx)
+        log.start(theta)
+        return theta, log
+
     def repair(
         self,
         ctx: UnlearnContext,
@@ -353,9 +360,7 @@ class MPU(UnlearningMethod):
         self.check(ctx)
         cfg = self.config
         assert ctx.clients is not None
-        theta = {k: v.float().clone() for k, v in ctx.trained.items()}
-        log = cfg.round_log(ctx)
-        log.start(theta)
+        theta, log = cfg.begin(ctx)
         pre = post = 0.0
         r = 0
         for r in range(1, cfg.rounds + 1):
