@@ -59,6 +59,11 @@ def sum_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricReco
     return MetricRecord(out)
 
 
+#: A global dual prototype is made of at least this many clients' prototypes:
+#: the mean of two lets each client compute the other's exactly.
+MIN_PROTOTYPE_CLIENTS = 3
+
+
 def check_prototype(value: object, current: list[float] | None) -> None:
     """Validate a client's ``dual-prototype``: finite floats, the global's size.
 
@@ -278,10 +283,20 @@ class HistoryFedAvg(FedAvg):
             metrics = sum_train_metrics(
                 [g[1].content for g in good], self.weighted_by_key
             )
-        if self.dual and good:
+        if self.dual and len(good) >= MIN_PROTOTYPE_CLIENTS:
             self.prototype = mean_prototype(
                 [list(g[1].content["metrics"]["dual-prototype"]) for g in good],
                 [float(g[3]) for g in good],
+            )
+        elif self.dual and good:
+            # from the mean of two, each client would recover the other's exact
+            # prototype: keep the last one made of enough clients (or none)
+            log.warning(
+                "round %d: %d client prototype(s), fewer than %d; the global "
+                "prototype is not updated",
+                server_round,
+                len(good),
+                MIN_PROTOTYPE_CLIENTS,
             )
         rec = RoundRecord(
             round=server_round,

@@ -251,7 +251,7 @@ def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_pat
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     s = HistoryFedAvg(
         run=ConfigRecord({"preset": "tiny", "dual-adapter": True}),
-        node_to_client={101: 0, 102: 1, 103: 2},
+        node_to_client={101: 0, 102: 1, 103: 2, 104: 3},
         exclude=(),
         history=HistoryStore(tmp_path / "h"),
         seed=0,
@@ -284,16 +284,15 @@ def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_pat
             reply(101, 0, 10, [1.0, 0.0]),
             reply(102, 1, 30, [0.0, 2.0]),
             reply(103, 2, 10, [float("nan"), 0.0]),
+            reply(104, 3, 10, [1.0, 1.0]),
         ],
     )
     rec = s.history.load(1)
-    assert rec.participants == [0, 1] and "non-finite" in rec.rejected[2]
-    # (10·[1, 0] + 30·[0, 2]) / 40
-    assert s.prototype == pytest.approx([0.25, 1.5])
+    assert rec.participants == [0, 1, 3] and "non-finite" in rec.rejected[2]
+    # (10·[1, 0] + 30·[0, 2] + 10·[1, 1]) / 50
+    assert s.prototype == pytest.approx([0.4, 1.4])
     nxt = list(s.configure_train(2, ArrayRecord(glob), ConfigRecord(), grid=None))
-    assert list(nxt[0].content["config"]["dual-prototype"]) == pytest.approx(
-        [0.25, 1.5]
-    )
+    assert list(nxt[0].content["config"]["dual-prototype"]) == pytest.approx([0.4, 1.4])
     s.aggregate_train(2, [reply(m.metadata.dst_node_id, 0, 10, [1.0]) for m in nxt])
     assert "has 1 entries, the global one 2" in s.history.load(2).rejected[0]
 
@@ -328,3 +327,48 @@ def test_foul_dual_steps_only_the_client_specific_half(tmp_path):
     )
     with pytest.raises(MissingRequirementError, match="dual-adapter=true"):
         get_method("foul", opts).unlearn(single)
+
+
+def test_no_global_prototype_from_fewer_than_three_clients(tmp_path):
+    """From the weighted mean of two prototypes and its own, a client computes
+    the other's exactly: the server neither makes nor sends such a mean."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fed_unlearn.history import HistoryStore
+    from server.strategy import HistoryFedAvg
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    s = HistoryFedAvg(
+        run=ConfigRecord({"preset": "tiny", "dual-adapter": True}),
+        node_to_client={101: 0, 102: 1},
+        exclude=(),
+        history=HistoryStore(tmp_path / "h"),
+        seed=0,
+    )
+    glob = {"m.lora_A.weight": torch.zeros(2, 3)}
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in s.configure_train(1, ArrayRecord(glob), ConfigRecord(), grid=None)
+    }
+
+    def reply(node, cid, proto):
+        metrics = {
+            "num-examples": 10,
+            "client-id": cid,
+            "train-loss": 1.0,
+            "local-steps": 1,
+            "tokens": 8,
+            "train-seconds": 0.1,
+            "dual-prototype": proto,
+        }
+        content = RecordDict(
+            {"arrays": ArrayRecord(glob), "metrics": MetricRecord(metrics)}
+        )
+        return Message(content=content, reply_to=sent[node])
+
+    s.aggregate_train(1, [reply(101, 0, [1.0, 0.0]), reply(102, 1, [0.0, 2.0])])
+    assert s.history.load(1).participants == [0, 1]
+    assert s.prototype is None
+    nxt = list(s.configure_train(2, ArrayRecord(glob), ConfigRecord(), grid=None))
+    assert all("dual-prototype" not in m.content["config"] for m in nxt)
