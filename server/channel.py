@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fed_unlearn.config import AnyConfig, ResolvedConfig
+from fed_unlearn.methods.base import ClientFailure
 from fed_unlearn.protocol import (
     AuditReply,
     AuditRequest,
@@ -114,8 +115,13 @@ def decode_reply(kind: str, msg: Message) -> Reply:
     return decode_reply_fields(kind, metrics, arrays)
 
 
-class ChannelError(RuntimeError):
-    """A client did not answer a request properly."""
+class ChannelError(ClientFailure):
+    """A client did not answer a request properly.
+
+    ``replies`` holds the replies of the clients that did answer and ``failed``
+    the reason of each that did not, so a method that can go on without a
+    client (a recovery round) may.
+    """
 
 
 class FlowerChannel:
@@ -203,6 +209,7 @@ class FlowerChannel:
         replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
         client_of = {node: cid for cid, node in self.node_of.items()}
         out: dict[ClientId, Reply] = {}
+        failed: dict[ClientId, str] = {}
         for rep in replies:
             cid = client_of.get(rep.metadata.src_node_id)
             if cid is None or cid not in requests:
@@ -211,17 +218,21 @@ class FlowerChannel:
                     "which was not asked"
                 )
             if rep.has_error():
-                raise ChannelError(
-                    f"client {cid} failed the {kind!r} request: {rep.error.reason}"
-                )
+                failed[cid] = f"failed the {kind!r} request: {rep.error.reason}"
+                continue
             try:
                 out[cid] = decode_reply(kind, rep)
             except ProtocolError as exc:
-                raise ChannelError(f"client {cid}: {exc}") from exc
-        missing = [c for c in clients if c not in out]
-        if missing:
+                failed[cid] = str(exc)
+        for c in clients:
+            if c not in out and c not in failed:
+                failed[c] = (
+                    f"did not answer the {kind!r} request within {self.timeout:.0f} s"
+                )
+        if failed:
             raise ChannelError(
-                f"client(s) {missing} did not answer the {kind!r} request "
-                f"within {self.timeout:.0f} s"
+                "; ".join(f"client {c} {why}" for c, why in sorted(failed.items())),
+                replies=out,
+                failed=failed,
             )
         return out

@@ -406,3 +406,29 @@ def test_the_channel_sends_per_client_payloads_as_given(flower):
         channel.query({0: one, 1: AuditRequest(_adapter())})
     with pytest.raises(ChannelError, match=r"client\(s\) \[5\] are not connected"):
         channel.query({5: one})
+
+
+def test_a_client_that_fails_or_stays_silent_is_named_and_the_others_kept(flower):
+    """Node 102 answers with an error and node 103 not at all: the error names
+    both and why, and carries node 101's decoded reply."""
+    from flwr.app import Error, Message
+
+    from fed_unlearn.methods import ClientFailure
+    from server.channel import ChannelError, FlowerChannel
+
+    class Flaky(_LoopbackGrid):
+        def send_and_receive(self, messages, timeout=None):
+            msgs = list(messages)
+            ok = super().send_and_receive(msgs[:1], timeout)
+            bad = Message(Error(code=0, reason="ValueError: boom"), reply_to=msgs[1])
+            return [*ok, bad]  # the third node's reply never comes
+
+    channel = FlowerChannel(Flaky(), RunConfig(), {101: 0, 102: 1, 103: 2}, timeout=5)
+    req = LocalUpdateRequest(copies=[_adapter(1.0)])
+    with pytest.raises(ChannelError) as got:
+        channel.query(dict.fromkeys((0, 1, 2), req))
+    exc = got.value
+    assert isinstance(exc, ClientFailure)
+    assert sorted(exc.replies) == [0] and isinstance(exc.replies[0], LocalUpdateReply)
+    assert "boom" in exc.failed[1] and "did not answer" in exc.failed[2]
+    assert "client 1 failed" in str(exc) and "client 2 did not answer" in str(exc)

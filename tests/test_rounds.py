@@ -521,3 +521,36 @@ def test_seed_streams_of_interleaved_and_final_recovery_do_not_collide():
     used = [next(iter(q.values())).seed_round for q in clients.requests]
     r = seeds.RECOVERY
     assert used == [1, r + 1, 2, r + 2, r + 3]
+
+
+def test_a_recovery_round_goes_on_with_the_clients_that_answered():
+    """Clients 0 and 1 answer (deltas 1 and 3, sizes 10 and 30), client 2 drops
+    out: the round is (10·1 + 30·3)/40 = 2.5 and the log names client 2; if
+    nobody answers, the failure is raised."""
+    from types import SimpleNamespace
+
+    from fed_unlearn.methods import ClientFailure
+    from fed_unlearn.methods.rounds import RoundLog, recovery_step
+
+    theta = {"w": torch.zeros(1)}
+    answers = _replies(
+        {0: ({"w": torch.tensor([1.0])}, 10), 1: ({"w": torch.tensor([3.0])}, 30)}
+    )
+
+    class Clients:
+        def __init__(self, replies):
+            self.replies = replies
+
+        def query(self, requests):
+            raise ClientFailure("client 2 dropped", self.replies, {2: "dropped"})
+
+    ctx = SimpleNamespace(remaining=(0, 1, 2), clients=Clients(answers))
+    log = RoundLog(
+        SimpleNamespace(evaluate=None, audit=None, forget_target=None), "budget"
+    )
+    out = recovery_step(ctx, theta, log, 1, "foul_server")
+    assert float(out["w"][0]) == pytest.approx(2.5)
+    assert log.info()["dropped_clients"] == {"2": "dropped"}
+    ctx.clients = Clients({})
+    with pytest.raises(ClientFailure, match="dropped"):
+        recovery_step(ctx, theta, log, 2, "foul_server")

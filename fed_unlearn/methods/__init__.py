@@ -2,6 +2,7 @@
 
 from fed_unlearn.methods.base import (
     ClientChannel,
+    ClientFailure,
     MissingRequirementError,
     Requirement,
     UnlearnConfig,
@@ -42,6 +43,7 @@ register_method(name="fed_eraser", config_cls=FedEraserConfig, method_cls=FedEra
 __all__ = [
     "METHOD_REGISTRY",
     "ClientChannel",
+    "ClientFailure",
     "MissingRequirementError",
     "Requirement",
     "UnlearnConfig",

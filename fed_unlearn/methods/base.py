@@ -51,6 +51,30 @@ class MissingRequirementError(RuntimeError):
     """A method's declared requirement is not available in this context."""
 
 
+class ClientFailure(RuntimeError):
+    """Some clients of a query failed or did not answer.
+
+    Parameters
+    ----------
+    message : str
+        What happened, naming the clients.
+    replies : Mapping, optional
+        The replies of the clients that did answer.
+    failed : Mapping, optional
+        Client id -> why it gave no reply.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        replies: Mapping[ClientId, Any] | None = None,
+        failed: Mapping[ClientId, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.replies = dict(replies or {})
+        self.failed = dict(failed or {})
+
+
 class ClientChannel(Protocol):
     """How a method talks to clients (implemented over Flower by ``server/``).
 

@@ -50,6 +50,7 @@ from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
     NO_BUDGET,
     RUN_BATCH,
+    ClientFailure,
     UnlearnConfig,
     UnlearnContext,
 )
@@ -318,7 +319,15 @@ def recovery_step(
             else None
         ),
     )
-    replies = ctx.clients.query(dict.fromkeys(ctx.remaining, request))
+    try:
+        replies = ctx.clients.query(dict.fromkeys(ctx.remaining, request))
+    except ClientFailure as exc:
+        # a recovery round goes on with the clients that answered
+        if not exc.replies:
+            raise
+        replies = exc.replies
+        log.dropped.update({str(c): why for c, why in exc.failed.items()})
+        _logger.warning("%s: recovery round without %s", method, sorted(exc.failed))
     log.add_compute(replies)
     # a recovery round goes on without a client whose update is invalid
     rejected: dict[ClientId, str] = {}
@@ -402,6 +411,7 @@ class RoundLog:
         self.audit_tol = audit_tol
         self.audit_gaps: list[float] = []
         self.rejected: dict[str, str] = {}  #: client -> why its update was left out
+        self.dropped: dict[str, str] = {}  #: client -> why it gave no reply
 
     def start(self, state: AdapterState) -> None:
         """Evaluate the starting adapter (round 0)."""
@@ -504,5 +514,6 @@ class RoundLog:
             "rounds": self.rounds_log,
             **({"audit_gaps": self.audit_gaps} if self.audit_gaps else {}),
             **({"rejected_updates": self.rejected} if self.rejected else {}),
+            **({"dropped_clients": self.dropped} if self.dropped else {}),
             **more,
         }
