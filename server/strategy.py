@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -57,6 +58,42 @@ def sum_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricReco
                 for c in contents
             ) / max(total_n, 1.0)
     return MetricRecord(out)
+
+
+#: An update whose delta is longer than this many times the round's median delta
+#: is rejected (with at least three updates): one hostile or broken client must
+#: not write an arbitrary step into the history later departures read.
+MAX_NORM_RATIO = 10.0
+
+
+def outlying_updates(deltas: dict[int, dict[str, torch.Tensor]]) -> dict[int, str]:
+    """Clients whose delta is over :data:`MAX_NORM_RATIO` x the median's length.
+
+    Parameters
+    ----------
+    deltas : dict[int, AdapterState]
+        Client id -> its update minus the global adapter.
+
+    Returns
+    -------
+    dict[int, str]
+        Client id -> why it is rejected (empty with fewer than three updates or
+        a zero median).
+    """
+    if len(deltas) < 3:
+        return {}
+    norms = {c: float(ad.flatten(d).norm()) for c, d in deltas.items()}
+    median = statistics.median(norms.values())
+    if median <= 0:
+        return {}
+    return {
+        c: (
+            f"update norm {n:.4g} is more than {MAX_NORM_RATIO:g} x the round's "
+            f"median {median:.4g}"
+        )
+        for c, n in norms.items()
+        if n > MAX_NORM_RATIO * median
+    }
 
 
 #: A global dual prototype is made of at least this many clients' prototypes:
@@ -265,6 +302,17 @@ class HistoryFedAvg(FedAvg):
                 continue
             good.append((cid, msg, state, n))
         good.sort(key=lambda g: g[0])
+        for cid, why in outlying_updates(
+            {g[0]: ad.sub(g[2], self._global) for g in good}
+        ).items():
+            rejected[cid] = why
+            log.warning(
+                "round %d: rejected the update of client %s: %s",
+                server_round,
+                cid,
+                why,
+            )
+        good = [g for g in good if g[0] not in rejected]
         if not good:
             log.warning(
                 "round %d: no valid update; the global adapter is unchanged",

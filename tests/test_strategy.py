@@ -157,3 +157,48 @@ def test_exclusion_happens_after_sampling(tmp_path):
         # excluding a client the round did not sample changes nothing
         unsampled = min(set(range(10)) - full)
         assert _sent_clients(tmp_path, (unsampled,), server_round) == full
+
+
+def test_an_update_far_longer_than_the_rounds_median_is_rejected(tmp_path):
+    """Deltas of length 1, 2, 3 and 40 (median 2.5): 40 > 10 x 2.5, so client 3's
+    update is rejected and never reaches the history; 3 < 25 is kept."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from server.strategy import outlying_updates
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    s = HistoryFedAvg(
+        run=ConfigRecord({"preset": "tiny"}),
+        node_to_client={101: 0, 102: 1, 103: 2, 104: 3},
+        exclude=(),
+        history=HistoryStore(tmp_path / "h"),
+        seed=0,
+    )
+    glob = {"m.lora_A.weight": torch.zeros(1, 1)}
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in s.configure_train(1, ArrayRecord(glob), ConfigRecord(), grid=None)
+    }
+
+    def reply(node, cid, length):
+        metrics = {
+            "num-examples": 10,
+            "client-id": cid,
+            "train-loss": 1.0,
+            "local-steps": 1,
+            "tokens": 8,
+            "train-seconds": 0.1,
+        }
+        arrays = ArrayRecord({"m.lora_A.weight": torch.full((1, 1), float(length))})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=sent[node])
+
+    arrays, _ = s.aggregate_train(
+        1, [reply(101, 0, 1), reply(102, 1, 2), reply(103, 2, 3), reply(104, 3, 40)]
+    )
+    rec = s.history.load(1)
+    assert rec.participants == [0, 1, 2]
+    assert "more than 10 x the round's median 2.5" in rec.rejected[3]
+    # the new global adapter is FedAvg of the three kept: (1 + 2 + 3) / 3 = 2
+    assert float(arrays.to_torch_state_dict()["m.lora_A.weight"]) == 2.0
+    assert outlying_updates({0: glob, 1: glob}) == {}  # fewer than three: none
