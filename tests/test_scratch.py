@@ -39,3 +39,45 @@ def test_scratch_dir_is_fresh_and_cleans_its_parent(tmp_path):
     tmp = scratch_dir(final)
     assert tmp == mine and not tmp.exists()  # this process's earlier try is gone
     assert not old.exists()
+
+
+def test_fl_killed_mid_run_leaves_nothing_used_and_the_same_command_redoes_it(tmp_path):
+    """kill -9 of `fed-unlearn train` after its first FL round is in the history:
+    no FL phase is published, and the same command computes the phase anew (the
+    half-written one is neither used nor left behind) and publishes it."""
+    import json
+    import signal
+    import time
+
+    from helpers import ROOT, run_cli
+
+    runs = tmp_path / "runs"
+    args = ["train", "--preset", "tiny", "--clients", "2", "--rounds", "3", "--quiet"]
+    env = {**os.environ, "FED_UNLEARN_RUNS": str(runs)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", *args, "--out", str(tmp_path / "a")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while not list(runs.glob("fl-*.part*/history/round_0001")):
+            assert proc.poll() is None, "the run ended before its first round"
+            assert time.time() < deadline, "no FL round after 10 minutes"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert list(runs.glob("fl-*.part*"))  # the half-written phase
+    assert not [p for p in runs.glob("fl-*") if ".part" not in p.name]
+    run_cli([*args, "--out", str(tmp_path / "b")], runs)
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["cached"]["train"] is False and run["rounds"]["train"] == 3
+    assert not list(runs.glob("fl-*.part*"))  # removed, not reused
+    (phase,) = [p for p in runs.glob("fl-*") if ".part" not in p.name]
+    assert json.loads((phase / "phase.json").read_text())["rounds"] == 3
