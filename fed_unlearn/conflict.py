@@ -29,20 +29,17 @@ Everything is pure torch/numpy/scipy and works on flattened fp32 vectors (see
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from fed_unlearn.types import AdapterState
 
@@ -142,48 +139,18 @@ def _raise_non_finite(grads: torch.Tensor) -> None:
 _BLAS_LOCK = threading.Lock()
 
 
-@functools.cache
-def _scipy_openblas() -> ctypes.CDLL | None:
-    """Return scipy's bundled OpenBLAS if it is loaded, else None.
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Run the block with the BLAS libraries limited to one thread.
 
     SLSQP's subproblems are tiny (U×U) but run through scipy's BLAS/LAPACK; with
     OpenBLAS's thread pool on a few shared cores every call pays a thread
     hand-off, which made a 20-client solve take 80-200 ms instead of about
-    1.5 ms in our measurements. :func:`_single_threaded_blas` uses this handle to
-    run the solve on one thread. Wheels bundle ``scipy.libs/libscipy_openblas*``;
-    other builds (system BLAS, MKL) are left alone.
+    1.5 ms in our measurements. ``threadpoolctl`` sets every loaded BLAS to one
+    thread for the block and restores the previous counts after it.
     """
-    try:
-        import scipy
-
-        libdir = Path(scipy.__file__).resolve().parent.parent / "scipy.libs"
-        for path in sorted(libdir.glob("libscipy_openblas*.so*")):
-            lib = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD)
-            if hasattr(lib, "scipy_openblas_set_num_threads") and hasattr(
-                lib, "scipy_openblas_get_num_threads"
-            ):
-                lib.scipy_openblas_set_num_threads.argtypes = [ctypes.c_int]
-                lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
-                return lib
-    except (OSError, AttributeError, ImportError):  # pragma: no cover - platform
-        pass
-    return None
-
-
-@contextlib.contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """Run the block with scipy's OpenBLAS limited to one thread (best effort)."""
-    lib = _scipy_openblas()
-    if lib is None:  # pragma: no cover - non-wheel scipy
+    with _BLAS_LOCK, threadpool_limits(limits=1, user_api="blas"):
         yield
-        return
-    with _BLAS_LOCK:
-        before = int(lib.scipy_openblas_get_num_threads())
-        lib.scipy_openblas_set_num_threads(1)
-        try:
-            yield
-        finally:
-            lib.scipy_openblas_set_num_threads(before)
 
 
 def _solve_dual(
