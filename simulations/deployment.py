@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -105,6 +106,10 @@ def flwr_env(home: Path) -> dict[str, str]:
     }
 
 
+#: Environment variable marking the processes a :class:`Processes` started.
+TOKEN_ENV = "FED_UNLEARN_PROCESSES"
+
+
 class Processes:
     """Start processes in their own process groups; stop them and their children.
 
@@ -121,7 +126,11 @@ class Processes:
 
     def __init__(self, workdir: Path, env: Mapping[str, str]) -> None:
         self.workdir = Path(workdir)
-        self.env = dict(env)
+        # a marker every started process and its descendants inherit, so that
+        # stop() also finds a child started in a session of its own after its
+        # parent died (reparented, no longer a descendant)
+        self.token = secrets.token_hex(8)
+        self.env = {**env, TOKEN_ENV: self.token}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
 
@@ -210,9 +219,35 @@ class Processes:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+        for _ in range(3):
+            strays = self._marked()
+            if not strays:
+                break
+            for p in strays:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    continue
+            psutil.wait_procs(strays, timeout=5)
+            time.sleep(0.5)
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+    def _marked(self) -> list[Any]:
+        """Live processes carrying this instance's marker (any parent)."""
+        import psutil
+
+        found = []
+        for p in psutil.process_iter(["pid", "status"]):
+            if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            try:
+                if p.environ().get(TOKEN_ENV) == self.token:
+                    found.append(p)
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        return found
 
 
 def write_cli_config(

@@ -52,7 +52,8 @@ def test_fl_killed_mid_run_leaves_nothing_used_and_the_same_command_redoes_it(tm
     from helpers import ROOT, run_cli
 
     runs = tmp_path / "runs"
-    args = ["train", "--preset", "tiny", "--clients", "2", "--rounds", "3", "--quiet"]
+    args = ["train", "--preset", "tiny", "--clients", "2", "--depart", "1"]
+    args += ["--rounds", "3", "--quiet"]
     env = {**os.environ, "FED_UNLEARN_RUNS": str(runs)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "simulations.cli", *args, "--out", str(tmp_path / "a")],
