@@ -329,12 +329,15 @@ def test_foul_server_defaults_one_two_step_recovery_round_in_fp16(cached, tmp_pa
     assert run["client_compute"]["unlearn"]["tokens"] < 72 * per_example
 
 
-def test_foul_dual_adapter_run_from_the_cli(tmp_path_factory):
+def test_foul_dual_adapter_run_from_the_cli(tmp_path_factory, monkeypatch):
     """FOUL-LoRA option A end to end: FL with the dual adapter (rank 2r, the
     K/V regularisers, the prototype broadcast from round 2), then FOUL on the
     server with θ_V = V; K leaves unlearning exactly as FL trained it."""
     from safetensors.torch import load_file
 
+    from server.grid import AUDIT_ENV
+
+    monkeypatch.delenv(AUDIT_ENV, raising=False)  # its own federation, not audited
     runs = tmp_path_factory.mktemp("dual_runs")
     out = tmp_path_factory.mktemp("dual_out") / "foul"
     args = ["run", *E2E_BASE, "--method", "foul_server", "--quiet", "--no-eval"]
@@ -385,9 +388,12 @@ def test_default_run_is_oracle_free_and_an_oracle_stop_is_flagged(cached, tmp_pa
     )
 
 
-def test_mpu_self_audit_stop(tmp_path):
+def test_mpu_self_audit_stop(tmp_path, monkeypatch):
     """The departed client keeps 30 % of its items out of training; MPU stops on
     its one scalar per round, with no oracle level handed to the method."""
+    from server.grid import AUDIT_ENV
+
+    monkeypatch.delenv(AUDIT_ENV, raising=False)  # its own federation
     runs = tmp_path / "runs"
     out = tmp_path / "audit"
     args = [
