@@ -182,3 +182,24 @@ def assert_parity(out, sim):
         assert dep[name].keys() == simu[name].keys()
         for k in dep[name]:
             assert torch.equal(dep[name][k], simu[name][k]), (name, k)
+
+
+def train_reply(to, cid, adapter, n=10, proto=None):
+    """A client's Flower reply to the train message ``to``: ``adapter``, ``n``
+    examples and the metrics a train reply must carry (plus ``dual-prototype``)."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    metrics = {
+        "num-examples": n,
+        "client-id": cid,
+        "train-loss": 1.0,
+        "local-steps": 1,
+        "tokens": 8,
+        "train-seconds": 0.1,
+    }
+    if proto is not None:
+        metrics["dual-prototype"] = proto
+    content = RecordDict(
+        {"arrays": ArrayRecord(adapter), "metrics": MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=to)

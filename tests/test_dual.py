@@ -242,8 +242,9 @@ def test_dual_training_adds_the_regularisers_and_reports_the_nll(dual_model, ite
 
 
 def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_path):
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord
     from flwr.supercore.task_identity import TaskIdentity
+    from helpers import train_reply
 
     from fed_unlearn.history import HistoryStore
     from server.strategy import HistoryFedAvg
@@ -264,19 +265,7 @@ def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_pat
     assert all("dual-prototype" not in m.content["config"] for m in sent.values())
 
     def reply(node, cid, n, proto):
-        metrics = {
-            "num-examples": n,
-            "client-id": cid,
-            "train-loss": 1.0,
-            "local-steps": 1,
-            "tokens": 8,
-            "train-seconds": 0.1,
-            "dual-prototype": proto,
-        }
-        content = RecordDict(
-            {"arrays": ArrayRecord(glob), "metrics": MetricRecord(metrics)}
-        )
-        return Message(content=content, reply_to=sent[node])
+        return train_reply(sent[node], cid, glob, n, proto)
 
     s.aggregate_train(
         1,
@@ -332,8 +321,9 @@ def test_foul_dual_steps_only_the_client_specific_half(tmp_path):
 def test_no_global_prototype_from_fewer_than_three_clients(tmp_path):
     """From the weighted mean of two prototypes and its own, a client computes
     the other's exactly: the server neither makes nor sends such a mean."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord
     from flwr.supercore.task_identity import TaskIdentity
+    from helpers import train_reply
 
     from fed_unlearn.history import HistoryStore
     from server.strategy import HistoryFedAvg
@@ -353,19 +343,7 @@ def test_no_global_prototype_from_fewer_than_three_clients(tmp_path):
     }
 
     def reply(node, cid, proto):
-        metrics = {
-            "num-examples": 10,
-            "client-id": cid,
-            "train-loss": 1.0,
-            "local-steps": 1,
-            "tokens": 8,
-            "train-seconds": 0.1,
-            "dual-prototype": proto,
-        }
-        content = RecordDict(
-            {"arrays": ArrayRecord(glob), "metrics": MetricRecord(metrics)}
-        )
-        return Message(content=content, reply_to=sent[node])
+        return train_reply(sent[node], cid, glob, 10, proto)
 
     s.aggregate_train(1, [reply(101, 0, [1.0, 0.0]), reply(102, 1, [0.0, 2.0])])
     assert s.history.load(1).participants == [0, 1]

@@ -162,7 +162,7 @@ def test_exclusion_happens_after_sampling(tmp_path):
 def test_an_update_far_longer_than_the_rounds_median_is_rejected(tmp_path):
     """Deltas of length 1, 2, 3 and 40 (median 2.5): 40 > 10 x 2.5, so client 3's
     update is rejected and never reaches the history; 3 < 25 is kept."""
-    from flwr.app import Message, MetricRecord, RecordDict
+    from helpers import train_reply
 
     from server.strategy import outlying_updates
 
@@ -181,17 +181,8 @@ def test_an_update_far_longer_than_the_rounds_median_is_rejected(tmp_path):
     }
 
     def reply(node, cid, length):
-        metrics = {
-            "num-examples": 10,
-            "client-id": cid,
-            "train-loss": 1.0,
-            "local-steps": 1,
-            "tokens": 8,
-            "train-seconds": 0.1,
-        }
-        arrays = ArrayRecord({"m.lora_A.weight": torch.full((1, 1), float(length))})
-        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
-        return Message(content=content, reply_to=sent[node])
+        state = {"m.lora_A.weight": torch.full((1, 1), float(length))}
+        return train_reply(sent[node], cid, state)
 
     arrays, _ = s.aggregate_train(
         1, [reply(101, 0, 1), reply(102, 1, 2), reply(103, 2, 3), reply(104, 3, 40)]
