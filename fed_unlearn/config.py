@@ -411,13 +411,21 @@ class RunConfig(_Clients):
     proximal_mu : float
         FedProx's μ: each client adds (μ/2)·‖θ - θ_global‖² over its adapter to
         its loss (default: 0.01).
-    server_eta, server_beta_1, server_beta_2, server_tau : float
-        FedAdam / FedYogi / FedAdagrad's server learning rate η, moment decays
-        β1, β2 and adaptivity τ (defaults: 0.01, 0.9, 0.99, 1e-3; Flower's are
-        the same except η, 0.1 for FedAdam and FedAdagrad, which is ten times a
-        LoRA factor's typical round-to-round change).
-    server_lr, server_momentum : float
-        FedAvgM's server learning rate and momentum (defaults: 1.0, 0.9).
+    server_eta : float
+        FedAdam / FedYogi / FedAdagrad's server learning rate η (default: 0.01;
+        Flower's is 0.1 for FedAdam and FedAdagrad, 0.01 for FedYogi). An
+        adaptive server step moves every adapter entry by up to about η per
+        round, whatever the size of the clients' update, so η must be small
+        against the LoRA factors' entries.
+    server_beta_1, server_beta_2 : float
+        FedAdam / FedYogi's moment decays β1, β2 (defaults: 0.9, 0.99, as
+        Flower's).
+    server_tau : float
+        FedAdam / FedYogi / FedAdagrad's adaptivity τ (default: 1e-3, as Flower's).
+    server_lr : float
+        FedAvgM's server learning rate (default: 1.0, as Flower's).
+    server_momentum : float
+        FedAvgM's server momentum (default: 0.9; Flower's 0.0 is plain FedAvg).
     dual_adapter : bool
         FOUL-LoRA's dual adapters (:mod:`fed_unlearn.dual`): the LoRA has rank
         2·``lora_r`` (alpha 2·``lora_alpha``), ranks [0, r) a shared adapter K and
