@@ -125,8 +125,12 @@ def test_replay_steps_by_hand():
     for t, d in ((1, 0.1), (2, -0.05)):
         m = b1 * m + (1 - b1) * d
         v = b2 * v + (1 - b2) * d * d
-        theta += eta * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1)) * m / (
-            math.sqrt(v) + tau
+        theta += (
+            eta
+            * math.sqrt(1 - b2 ** (t + 1))
+            / (1 - b1 ** (t + 1))
+            * m
+            / (math.sqrt(v) + tau)
         )
     out = replay_server_steps(_cfg("fedadam"), start, steps)
     assert float(out["a"]) == pytest.approx(theta, abs=1e-6)
@@ -192,7 +196,10 @@ def test_proximal_term_value_and_gradient_by_hand():
         ({"strategy": "fedadam", "server_beta_1": 1.0}, "'server-beta-1' is out of"),
         ({"strategy": "fedprox", "proximal_mu": -0.1}, "'proximal-mu' is out of"),
         ({"strategy": "fedadam", "aggregation": "product_svd"}, "needs aggregation"),
-        ({"strategy": "fedadam", "server_tau": math.inf}, "'server-tau' must be finite"),
+        (
+            {"strategy": "fedadam", "server_tau": math.inf},
+            "'server-tau' must be finite",
+        ),
     ],
 )
 def test_bad_strategy_settings_are_named(kw, needle):
@@ -216,3 +223,71 @@ def test_strategy_keys_stay_out_of_the_fl_key_unless_read():
     assert _cfg("fedprox", proximal_mu=0.1).fl_key(()) != _cfg("fedprox").fl_key(())
     assert _cfg("fedadam").fl_key(()) != _cfg("fedyogi").fl_key(())
     assert _cfg("fedadam", server_eta=0.02).fl_key(()) != _cfg("fedadam").fl_key(())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedadam", "fedprox"])
+def test_whole_pipeline_under_a_strategy(name, tmp_path):
+    """FL, a departure, foul_server and the retrain oracle, all under ``name``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fed_unlearn.history import HistoryStore
+    from tests.helpers import E2E_BASE, run_cli
+
+    out = tmp_path / "run"
+    args = [*E2E_BASE, "--method", "foul_server", "--set", f"strategy={name}"]
+    run_cli([*args, "--out", str(out)], tmp_path / "runs")
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["strategy"] == name
+    for model in ("original", "unlearned", "retrain"):
+        assert run["summary"][model]["forget_Q_A_Prob"] is not None
+    adapters = {
+        m: load_file(out / "adapters" / m / "adapter_model.safetensors")
+        for m in ("original", "unlearned", "retrain")
+    }
+    assert any(
+        not torch.equal(adapters["original"][k], adapters["unlearned"][k])
+        for k in adapters["original"]
+    )
+    if name == "fedadam":
+        # the replay of the recorded rounds ends where FL ended
+        store = HistoryStore(run["history"]["path"])
+        cfg = RunConfig.from_flat(run["config"]).validated().resolved()
+        rounds = [store.load(r) for r in store.rounds()]
+        steps = []
+        for rec in rounds:
+            n = sum(rec.num_examples[c] for c in rec.participants)
+            steps.append(
+                {
+                    k: sum(
+                        rec.num_examples[c] / n * rec.client_deltas[c][k].float()
+                        for c in rec.participants
+                    )
+                    for k in rounds[0].global_state
+                }
+            )
+        end = replay_server_steps(cfg, rounds[0].global_state, steps)
+        final = store.final()
+        for k in final:
+            torch.testing.assert_close(end[k], final[k].float(), rtol=1e-4, atol=1e-6)
+    # a FedAvg-assuming method is refused under a server optimiser, before any work
+    proc = run_cli(
+        [
+            *E2E_BASE,
+            "--method",
+            "fed_eraser",
+            "--set",
+            f"strategy={name}",
+            "--out",
+            str(tmp_path / "eraser"),
+        ],
+        tmp_path / "runs",
+        check=False,
+    )
+    if name == "fedadam":
+        assert proc.returncode != 0 and "server optimiser" in proc.stderr
+        assert not (tmp_path / "eraser").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
