@@ -41,7 +41,13 @@ from fed_unlearn.protocol import (
     TrainReply,
     TrainRequest,
 )
-from fed_unlearn.training import derive_seed, local_train
+from fed_unlearn.training import (
+    ProximalTerm,
+    Regulariser,
+    SumOfRegularisers,
+    derive_seed,
+    local_train,
+)
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -118,6 +124,9 @@ def train(msg: Message, context: Context) -> Message:
         reg = DualRegulariser(
             model, dual, None if proto is None else torch.tensor(proto)
         )
+    terms: list[Regulariser] = [] if reg is None else [reg]
+    if request.proximal_mu > 0:
+        terms.append(ProximalTerm(model, request.proximal_mu))
     with (
         local_steps_bar(f"client {cid} round {server_round}", total) as on_step,
         reg if reg is not None else contextlib.nullcontext(),
@@ -130,7 +139,13 @@ def train(msg: Message, context: Context) -> Message:
             spec,
             seed=derive_seed(cfg.seed, server_round, cid),
             on_step=on_step,
-            regulariser=reg,
+            regulariser=(
+                None
+                if not terms
+                else terms[0]
+                if len(terms) == 1
+                else SumOfRegularisers(*terms)
+            ),
         )
     log.info(
         "client %d round %d: %d steps, loss %.4f, %.0f tok/s",

@@ -521,12 +521,24 @@ class TrainRequest(_AdapterRequest):
         Round number (1-based; seeds the client's data order).
     dual_prototype : list[float], optional
         The global K prototype of a dual-adapter run (absent in round 1).
+    proximal_mu : float
+        FedProx's μ (``strategy=fedprox``): the client adds (μ/2)·‖θ -
+        ``adapter``‖² to its loss (0: plain local training).
     """
 
     kind: ClassVar[str] = "train"
     role: ClassVar[str] = "request"
     server_round: int = _wire("server-round", "int")
     dual_prototype: list[float] | None = _wire("dual-prototype", "floats", default=None)
+    proximal_mu: float = _wire("proximal-mu", "float", default=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ProtocolError(
+                f"{self.where()}: 'proximal-mu' must be finite and >= 0, got "
+                f"{self.proximal_mu}"
+            )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from flwr.app import (
 )
 
 from fed_unlearn import adapters as ad
-from fed_unlearn.config import ResolvedConfig
+from fed_unlearn.config import SERVER_OPTIMIZERS, ResolvedConfig
 from fed_unlearn.history import HistoryError, HistoryStore, load_key
 from fed_unlearn.methods import UnlearnContext, get_method
 from fed_unlearn.methods.rounds import uses_oracle
@@ -53,7 +54,7 @@ from fed_unlearn.protocol import (
 from fed_unlearn.scratch import scratch_dir
 from server.channel import FlowerChannel, decode_reply, encode_request, run_record
 from server.grid import CountingGrid
-from server.strategy import HistoryFedAvg
+from server.strategy import history_strategy, replay_server_steps
 
 log = logging.getLogger(__name__)
 
@@ -369,14 +370,12 @@ def run_fl_phase(
     tmp = scratch_dir(final_dir)  # and stale ones of killed runs are removed
     key = history_key(cfg)
     store = HistoryStore(tmp / "history", dtype=cfg.history_dtype, key=key)
-    strategy = HistoryFedAvg(
+    strategy = history_strategy(
+        cfg,
         run=run_record(cfg),
         node_to_client=node_map,
         exclude=exclude,
         history=store,
-        seed=cfg.seed,
-        fraction=cfg.fraction_train,
-        aggregation=cfg.aggregation,
         on_round=on_round,
     )
     evaluate_fn = curve_evaluator(cfg)
@@ -643,6 +642,11 @@ def run_pipeline(
         forget_target=_forget_target(train, out.retrain) if oracle_stop else None,
         dual_split=dual.split if (dual := cfg.dual_spec()) is not None else 0,
         audit=audit,
+        server_replay=(
+            functools.partial(replay_server_steps, cfg)
+            if cfg.strategy in SERVER_OPTIMIZERS
+            else None
+        ),
     )
     method.check(ctx)
     down0, up0 = counting.snapshot() if counting is not None else (0, 0)
