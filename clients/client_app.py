@@ -142,11 +142,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     dual_figures: dict[str, Any] = {}
     if reg is not None:
-        # one aggregate vector of the client's data (FOUL-LoRA's K prototype)
+        # two scalars over all of the round's batches; no vector of the data
+        losses = reg.mean_losses()
         dual_figures = {
-            "dual_prototype": reg.client_prototype(),
-            "dual_loss_k": reg.last["loss_k"],
-            "dual_loss_v": reg.last["loss_v"],
+            "dual_loss_k": losses["loss_k"],
+            "dual_loss_v": losses["loss_v"],
         }
     reply = TrainReply(
         get_adapter(model),

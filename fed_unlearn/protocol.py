@@ -10,9 +10,11 @@ What crosses the wire
 ---------------------
 Only adapter tensors (LoRA ``A``/``B`` factors, whole or as selected ranks, and
 deltas of them), aggregate scalar metrics of a client (its number of items, its
-local work, its mean loss, one audit gap, one answer probability, the
-dual-adapter prototype: one mean vector of the client's data) and configs. Never
-text, tokens, items or per-example values.
+local work, its mean loss, one audit gap, one answer probability) and configs.
+Never text, tokens, items, per-example values or any list-valued statistic of a
+client's data: the one list a train message carries, the dual-adapter
+prototype, goes from the server to the clients and is computed from public
+probes (:func:`fed_unlearn.dual.public_prototype`).
 
 Envelope
 --------
@@ -48,11 +50,13 @@ Kinds (sender: server; receiver: one client per message)
     ``num-examples`` (int). The client loads its model before it answers.
 ``train`` (:class:`TrainRequest` -> :class:`TrainReply`)
     One FL round. Fields: ``server-round`` (int), ``dual-prototype``
-    (list[float], dual-adapter runs after round 1). Arrays: the global adapter.
-    Reply arrays: the locally trained adapter; metrics ``num-examples``,
-    ``client-id``, ``train-loss`` (float), ``local-steps``, ``tokens`` (int),
-    ``train-seconds`` (float) and, in a dual-adapter run, ``dual-prototype``
-    (list[float]), ``dual-loss-k``, ``dual-loss-v`` (float).
+    (list[float], dual-adapter runs: the K-only mean hidden state of the public
+    general-knowledge probes under the global adapter, computed by the server).
+    Arrays: the global adapter. Reply arrays: the locally trained adapter;
+    metrics ``num-examples``, ``client-id``, ``train-loss`` (float),
+    ``local-steps``, ``tokens`` (int), ``train-seconds`` (float) and, in a
+    dual-adapter run, ``dual-loss-k``, ``dual-loss-v`` (float). A reply never
+    carries a prototype (a ``dual-prototype`` key is refused).
 ``evaluate`` (:class:`EvaluateRequest` -> :class:`EvaluateReply`)
     Federated evaluation. No fields. Arrays: the adapter. Reply: ``Q_A_Prob``
     (the mean answer probability on the client's items), ``eval-seconds``
@@ -520,7 +524,8 @@ class TrainRequest(_AdapterRequest):
     server_round : int
         Round number (1-based; seeds the client's data order).
     dual_prototype : list[float], optional
-        The global K prototype of a dual-adapter run (absent in round 1).
+        The K-invariance target of a dual-adapter run: the server's
+        :func:`~fed_unlearn.dual.public_prototype` under ``adapter``.
     """
 
     kind: ClassVar[str] = "train"
@@ -685,8 +690,7 @@ class HelloReply(_Message):
 class TrainReply(_Message):
     """Reply to ``train``: the trained adapter and the client's figures.
 
-    ``dual_prototype``, ``dual_loss_k`` and ``dual_loss_v`` are set in
-    dual-adapter runs only.
+    ``dual_loss_k`` and ``dual_loss_v`` are set in dual-adapter runs only.
     """
 
     kind: ClassVar[str] = "train"
@@ -698,7 +702,6 @@ class TrainReply(_Message):
     local_steps: int = _wire("local-steps", "int")
     tokens: int = _wire("tokens", "int")
     train_seconds: float = _wire("train-seconds", "float")
-    dual_prototype: list[float] | None = _wire("dual-prototype", "floats", default=None)
     dual_loss_k: float | None = _wire("dual-loss-k", "float", default=None)
     dual_loss_v: float | None = _wire("dual-loss-v", "float", default=None)
 

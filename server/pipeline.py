@@ -284,6 +284,45 @@ def curve_evaluator(
     return evaluate_fn
 
 
+def prototype_maker(
+    cfg: ResolvedConfig,
+) -> Callable[[dict[str, torch.Tensor]], list[float]] | None:
+    """Build the server's dual prototype: global adapter -> public-probe prototype.
+
+    The K-invariance target of a dual-adapter run
+    (:func:`fed_unlearn.dual.public_prototype`): the server's own model, the
+    public general-knowledge probes and the adapter it is about to send; no
+    data of any client and no statistic a client sent.
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        Run configuration.
+
+    Returns
+    -------
+    Callable or None
+        ``adapter -> prototype``; ``None`` without ``dual-adapter``.
+    """
+    from fed_unlearn.dual import public_prototype
+    from fed_unlearn.models import prompt_formatter
+
+    spec = cfg.dual_spec()
+    if spec is None:
+        return None
+    model, tok = load_lora_model(
+        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
+    )
+    prompt_fn = prompt_formatter(tok)
+    max_length = int(cfg.max_length)
+
+    def make(state: dict[str, torch.Tensor]) -> list[float]:
+        set_adapter(model, state)
+        return public_prototype(model, tok, prompt_fn, spec, max_length)
+
+    return make
+
+
 def _state_evaluator(
     cfg: ResolvedConfig,
 ) -> tuple[Callable[[dict[str, torch.Tensor]], dict[str, float]] | None, list[float]]:
@@ -378,6 +417,7 @@ def run_fl_phase(
         fraction=cfg.fraction_train,
         aggregation=cfg.aggregation,
         on_round=on_round,
+        prototype_fn=prototype_maker(cfg),
     )
     evaluate_fn = curve_evaluator(cfg)
     eval_spent = [0.0]

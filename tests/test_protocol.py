@@ -86,7 +86,6 @@ def _replies():
             local_steps=8,
             tokens=640,
             train_seconds=1.5,
-            dual_prototype=[0.1, 0.2],
             dual_loss_k=0.3,
             dual_loss_v=0.4,
         ),
