@@ -20,7 +20,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.task import client_audit_items, client_id, client_items, client_model
+from clients.task import (
+    client_audit_items,
+    client_id,
+    client_items,
+    client_model,
+    reads_node_data,
+)
 from clients.unlearn import local_update
 from clients.wire import decode_request, encode_reply
 from fed_unlearn.config import ResolvedConfig
@@ -182,14 +188,18 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _hello(request: HelloRequest, context: Context, cfg: ResolvedConfig) -> HelloReply:
-    """Discovery: this node's client id and number of items."""
+    """Discovery: this node's client id, number of items and data source."""
     del request  # a hello has no fields
     items = client_items(cfg, context.node_config)
     # A node is ready when its model is loaded: the cold start then falls in the
     # discovery, not in the first round of whichever phase runs next (FL,
     # retrain or unlearning), so their wall times compare like with like.
     client_model(cfg)
-    return HelloReply(client_id=client_id(context.node_config), num_examples=len(items))
+    return HelloReply(
+        client_id=client_id(context.node_config),
+        num_examples=len(items),
+        local_data=reads_node_data(context.node_config),
+    )
 
 
 def _audit(request: AuditRequest, context: Context, cfg: ResolvedConfig) -> AuditReply:

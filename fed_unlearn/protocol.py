@@ -47,7 +47,9 @@ Kinds (sender: server; receiver: one client per message)
 --------------------------------------------------------
 ``hello`` (:class:`HelloRequest` -> :class:`HelloReply`)
     Discovery. No fields, no arrays. Reply: ``client-id`` (int),
-    ``num-examples`` (int). The client loads its model before it answers.
+    ``num-examples`` (int), ``local-data`` (flag: the node reads its own
+    ``data-path``, never the path itself; the server then draws no per-round
+    curve on data of its own). The client loads its model before it answers.
 ``train`` (:class:`TrainRequest` -> :class:`TrainReply`)
     One FL round. Fields: ``server-round`` (int), ``dual-prototype``
     (list[float], dual-adapter runs: the K-only mean hidden state of the public
@@ -146,7 +148,8 @@ def _wire(key: str, codec: str, **kw: Any) -> Any:
     """Declare a dataclass field travelling as ``key``.
 
     A dict field travels as the family ``key.<name>``. ``codec`` is ``int``,
-    ``float``, ``str``, ``floats`` (list[float]), ``ranks`` (dict[str,
+    ``float``, ``str``, ``flag`` (a bool, travelling as the int 0 or 1: Flower
+    metrics hold numbers only), ``floats`` (list[float]), ``ranks`` (dict[str,
     list[int]]) or ``params`` (dict[str, float]).
     """
     return field(metadata={"key": key, "codec": codec}, **kw)
@@ -167,6 +170,12 @@ def _check(where: str, key: str, codec: str, value: object) -> Any:
             return float(value)  # type: ignore[arg-type]
         raise ProtocolError(
             f"{where}: {key!r} must be a number, got {_type_name(value)}"
+        )
+    if codec == "flag":
+        if type(value) is bool or (type(value) is int and value in (0, 1)):
+            return bool(value)
+        raise ProtocolError(
+            f"{where}: {key!r} must be a flag (0 or 1), got {_type_name(value)}"
         )
     if codec == "str":
         if type(value) is str:
@@ -227,6 +236,8 @@ def _scalars_to_fields(obj: Any) -> dict[str, Value]:
             continue
         if codec in ("ranks", "params"):
             out.update({f"{key}.{n}": v for n, v in sorted(value.items())})
+        elif codec == "flag":
+            out[key] = int(value)
         else:
             out[key] = value
     return out
@@ -678,12 +689,18 @@ def decode_request(
 # ----------------------------------------------------------------------- replies
 @dataclass(frozen=True)
 class HelloReply(_Message):
-    """Reply to ``hello``: the node's client id and number of items."""
+    """Reply to ``hello``: the node's client id, number of items, data source.
+
+    ``local_data`` is whether the node reads its own ``data-path`` (node config)
+    rather than its partition of the run's data set: then the server holds none
+    of the clients' data and measures no per-round curve on its own.
+    """
 
     kind: ClassVar[str] = "hello"
     role: ClassVar[str] = "reply"
     client_id: int = _wire("client-id", "int")
     num_examples: int = _wire("num-examples", "int")
+    local_data: bool = _wire("local-data", "flag")
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,9 @@ def test_foul_server_mode_runs_without_clients(cached, tmp_path):
     curve = run["curves"]["unlearn"]
     assert [p["round"] for p in curve] == [0, 1, 2, 3]
     assert curve[3]["forget_Q_A_Prob"] != curve[0]["forget_Q_A_Prob"]
+    # simulated clients take their partition of the server's data set
+    clients = "clients'"
+    assert run["curve_data"] == dict.fromkeys(("train", "retrain", "unlearn"), clients)
     wall = run["wall_time_s"]
     assert wall["curve_eval"]["unlearn"] > 0
     assert wall["curve_eval"]["retrain"] > 0  # the fixture's phases were timed
