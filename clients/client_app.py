@@ -20,7 +20,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.task import client_audit_items, client_id, client_items, client_model
+from clients.task import (
+    client_audit_items,
+    client_id,
+    client_items,
+    client_model,
+    reads_node_data,
+)
 from clients.unlearn import local_update
 from clients.wire import decode_request, encode_reply
 from fed_unlearn.config import ResolvedConfig
@@ -157,11 +163,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     dual_figures: dict[str, Any] = {}
     if reg is not None:
-        # one aggregate vector of the client's data (FOUL-LoRA's K prototype)
+        # two scalars over all of the round's batches; no vector of the data
+        losses = reg.mean_losses()
         dual_figures = {
-            "dual_prototype": reg.client_prototype(),
-            "dual_loss_k": reg.last["loss_k"],
-            "dual_loss_v": reg.last["loss_v"],
+            "dual_loss_k": losses["loss_k"],
+            "dual_loss_v": losses["loss_v"],
         }
     reply = TrainReply(
         get_adapter(model),
@@ -197,14 +203,18 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _hello(request: HelloRequest, context: Context, cfg: ResolvedConfig) -> HelloReply:
-    """Discovery: this node's client id and number of items."""
+    """Discovery: this node's client id, number of items and data source."""
     del request  # a hello has no fields
     items = client_items(cfg, context.node_config)
     # A node is ready when its model is loaded: the cold start then falls in the
     # discovery, not in the first round of whichever phase runs next (FL,
     # retrain or unlearning), so their wall times compare like with like.
     client_model(cfg)
-    return HelloReply(client_id=client_id(context.node_config), num_examples=len(items))
+    return HelloReply(
+        client_id=client_id(context.node_config),
+        num_examples=len(items),
+        local_data=reads_node_data(context.node_config),
+    )
 
 
 def _audit(request: AuditRequest, context: Context, cfg: ResolvedConfig) -> AuditReply:

@@ -274,8 +274,6 @@ def train_steps(
     try:
         for epoch in range(spec.epochs):
             total, count = 0.0, 0
-            if regulariser is not None:
-                regulariser.start_epoch()
             for batch in batches_per_epoch(epoch):
                 out = model(
                     input_ids=batch["input_ids"],

@@ -17,16 +17,16 @@ on without it. Client sampling is seeded per round over *all* clients and the
 excluded ones are dropped afterwards, so the retrain oracle sees exactly the
 original participation minus the departed clients.
 
-In a dual-adapter run (FOUL-LoRA, :mod:`fed_unlearn.dual`) every client also
-reports its K-only prototype (one vector, ``dual-prototype`` in its metrics); the
-strategy broadcasts their ``num-examples``-weighted mean in the next round's
-config. A missing, non-finite or wrongly sized prototype rejects the update.
+In a dual-adapter run (FOUL-LoRA, :mod:`fed_unlearn.dual`) every train request
+also carries the K-invariance prototype, which the server computes itself from
+public probes under the adapter it sends (``prototype_fn``,
+:func:`fed_unlearn.dual.public_prototype`); clients send none back (a reply with
+a ``dual-prototype`` is refused by the protocol and the update rejected).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import statistics
 from collections.abc import Callable, Iterable
@@ -113,44 +113,6 @@ def outlying_updates(deltas: dict[int, dict[str, torch.Tensor]]) -> dict[int, st
         for c, n in norms.items()
         if n > MAX_NORM_RATIO * median
     }
-
-
-#: A global dual prototype is made of at least this many clients' prototypes:
-#: the mean of two lets each client compute the other's exactly.
-MIN_PROTOTYPE_CLIENTS = 3
-
-
-def check_prototype(value: object, current: list[float] | None) -> None:
-    """Validate a client's ``dual-prototype``: finite floats, the global's size.
-
-    Raises
-    ------
-    ValueError
-        Naming what is wrong.
-    """
-    if not isinstance(value, list) or not value:
-        raise ValueError("dual-adapter run: the reply has no 'dual-prototype' list")
-    if not all(isinstance(x, int | float) and math.isfinite(x) for x in value):
-        raise ValueError("dual-prototype has a non-finite or non-numeric entry")
-    if current is not None and len(value) != len(current):
-        raise ValueError(
-            f"dual-prototype has {len(value)} entries, the global one {len(current)}"
-        )
-
-
-def mean_prototype(protos: list[list[float]], weights: list[float]) -> list[float]:
-    """Weighted mean of the clients' prototypes (equal sizes checked).
-
-    Raises
-    ------
-    ValueError
-        Prototypes of different sizes.
-    """
-    if len({len(p) for p in protos}) != 1:
-        raise ValueError("the clients' dual-prototypes differ in size")
-    t = torch.tensor(protos, dtype=torch.float64)
-    w = torch.tensor(weights, dtype=torch.float64)
-    return ((w[:, None] * t).sum(0) / w.sum()).tolist()
 
 
 def sample_clients(
@@ -247,8 +209,16 @@ class HistoryMixin:
         ``"fedavg"`` (Flower's factor-space FedAvg) or ``"product_svd"``.
     on_round : Callable[[int, dict[str, Any]], None], optional
         Called after each round with its figures (progress display).
+    prototype_fn : Callable[[AdapterState], list[float]], optional
+        Global adapter -> the dual prototype sent with it (required in, and only
+        in, a dual-adapter run).
     **options : float
         The Flower strategy's own hyper-parameters (:func:`strategy_options`).
+
+    Raises
+    ------
+    ValueError
+        A dual-adapter run without ``prototype_fn``, or one with it otherwise.
     """
 
     def __init__(
@@ -262,6 +232,7 @@ class HistoryMixin:
         fraction: float = 1.0,
         aggregation: str = "fedavg",
         on_round: Callable[[int, dict[str, Any]], None] | None = None,
+        prototype_fn: Callable[[dict[str, torch.Tensor]], list[float]] | None = None,
         **options: float,
     ) -> None:
         super().__init__(  # type: ignore[call-arg]
@@ -284,6 +255,14 @@ class HistoryMixin:
         self.on_round = on_round
         self._global: dict[str, torch.Tensor] = {}
         self.dual = bool(run.get("dual-adapter", False))
+        if self.dual != (prototype_fn is not None):
+            raise ValueError(
+                "a dual-adapter run needs the server's prototype_fn"
+                if self.dual
+                else "prototype_fn is for dual-adapter runs only"
+            )
+        self.prototype_fn = prototype_fn
+        #: The prototype of the last train request (dual-adapter runs).
         self.prototype: list[float] | None = None
         self.round_log: list[dict[str, Any]] = []
 
@@ -322,6 +301,9 @@ class HistoryMixin:
         ]
         self._global = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
         flower = self._flower_round_config(server_round, arrays, grid)
+        if self.prototype_fn is not None:
+            # from public probes and the adapter every client receives anyway
+            self.prototype = self.prototype_fn(self._global)
         request = TrainRequest(
             self._global,
             server_round=server_round,
@@ -370,8 +352,6 @@ class HistoryMixin:
                 f"reported client-id {reply.client_id} != node's client {cid}"
             )
         ad.validate_update(reply.adapter, self._global)
-        if self.dual:
-            check_prototype(reply.dual_prototype, self.prototype)
         return cid, reply.adapter, n
 
     def aggregate_train(
@@ -425,21 +405,6 @@ class HistoryMixin:
             metrics = sum_train_metrics(
                 [g[1].content for g in good],
                 self.weighted_by_key,  # type: ignore[attr-defined]
-            )
-        if self.dual and len(good) >= MIN_PROTOTYPE_CLIENTS:
-            self.prototype = mean_prototype(
-                [list(g[1].content["metrics"]["dual-prototype"]) for g in good],
-                [float(g[3]) for g in good],
-            )
-        elif self.dual and good:
-            # from the mean of two, each client would recover the other's exact
-            # prototype: keep the last one made of enough clients (or none)
-            log.warning(
-                "round %d: %d client prototype(s), fewer than %d; the global "
-                "prototype is not updated",
-                server_round,
-                len(good),
-                MIN_PROTOTYPE_CLIENTS,
             )
         rec = RoundRecord(
             round=server_round,
