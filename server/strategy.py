@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,11 +34,10 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg
 
 from fed_unlearn import adapters as ad
-from fed_unlearn import seeds
 from fed_unlearn.aggregation import product_space_aggregate
 from fed_unlearn.history import HistoryStore, RoundRecord
 from fed_unlearn.protocol import TrainReply, TrainRequest
-from fed_unlearn.training import derive_seed
+from fed_unlearn.training import sample_clients
 from server.channel import decode_reply, encode_request
 
 log = logging.getLogger(__name__)
@@ -132,32 +130,6 @@ def mean_prototype(protos: list[list[float]], weights: list[float]) -> list[floa
     t = torch.tensor(protos, dtype=torch.float64)
     w = torch.tensor(weights, dtype=torch.float64)
     return ((w[:, None] * t).sum(0) / w.sum()).tolist()
-
-
-def sample_clients(
-    seed: int, server_round: int, num_clients: int, fraction: float
-) -> list[int]:
-    """Seeded per-round sample over all clients (before exclusions).
-
-    Parameters
-    ----------
-    seed : int
-        Run seed.
-    server_round : int
-        Round number (1-based).
-    num_clients : int
-        All clients of the federation.
-    fraction : float
-        Fraction to sample.
-
-    Returns
-    -------
-    list[int]
-        Sorted client ids.
-    """
-    k = max(1, round(fraction * num_clients))
-    rng = random.Random(derive_seed(seed, server_round, seeds.SAMPLING_SALT))
-    return sorted(rng.sample(range(num_clients), k))
 
 
 class HistoryFedAvg(FedAvg):
