@@ -335,7 +335,8 @@ def audit_run_dir(
     Raises
     ------
     AuditError
-        A bad run directory, negative counts or both at 0.
+        A bad run directory, negative counts or both at 0, or data the audit
+        cannot use (e.g. no forgotten person with two items to split).
     """
     from simulations.runner import write_json
 
@@ -349,13 +350,18 @@ def audit_run_dir(
     if not steps and not rounds:
         raise AuditError("--steps 0 and --rounds 0: nothing to audit")
     remaining = run.get("remaining")
-    audit = relearn_audit(
-        cfg,
-        adapters,
-        steps=steps,
-        rounds=rounds,
-        remaining=None if remaining is None else [int(c) for c in remaining],
-    )
+    try:
+        audit = relearn_audit(
+            cfg,
+            adapters,
+            steps=steps,
+            rounds=rounds,
+            remaining=None if remaining is None else [int(c) for c in remaining],
+        )
+    except AuditError:
+        raise
+    except ValueError as exc:  # e.g. no forgotten person with two items to split
+        raise AuditError(f"relearning audit of {run_dir}: {exc}") from exc
     path = out if out is not None else run_dir / RELEARN_JSON
     write_json(path, audit)
     if out is None:
