@@ -636,7 +636,7 @@ def _relearn_rows(runs: Sequence[_Run]) -> list[list[str]]:
                 continue
             spec = sc.get("spec") or {}
             budget = spec.get("rounds" if x == "round" else "steps")
-            unit = "rounds" if x == "round" else "steps"
+            unit = x if _num(budget) == 1 else f"{x}s"
             rows.append(
                 [
                     r.label,

@@ -221,16 +221,17 @@ def relearn_audit(
     dict[str, Any]
         ``{"adversarial": ... | None, "benign": ... | None}``.
     """
+    from fed_unlearn.metrics.relearn import MODELS
     from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
 
-    missing = [m for m in ("original", "retrain", "unlearned") if m not in adapters]
+    missing = [m for m in MODELS if m not in adapters]
     if missing:
         raise AuditError(f"relearning audit: no {', '.join(missing)} adapter")
     model, tok = load_lora_model(
         resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
     )
     prompt_fn = prompt_formatter(tok)
-    ordered = {m: adapters[m] for m in ("original", "retrain", "unlearned")}
+    ordered = {m: adapters[m] for m in MODELS}
     return {
         "adversarial": (
             adversarial_scenario(cfg, ordered, model, tok, prompt_fn, steps)
@@ -293,7 +294,7 @@ def load_run(run_dir: Path) -> tuple[ResolvedConfig, dict[str, Any], dict[str, A
     except ConfigError as exc:
         raise AuditError(f"{run_json}: bad config ({exc})") from None
     adapters: dict[str, Any] = {}
-    for name in ("original", "unlearned", "retrain"):
+    for name in ("original", "unlearned", "retrain"):  # the run's save order
         path = run_dir / "adapters" / name / "adapter_model.safetensors"
         if not path.is_file():
             raise AuditError(
