@@ -98,7 +98,8 @@ NAMED_VALUES: tuple[tuple[str, Any, str, str], ...] = (
     (
         "OFF",
         OFF,
-        "`domains`, `eval-curve-items`, `eval-relearn-steps`",
+        "`domains`, `eval-curve-items`, `eval-relearn-steps`, "
+        "`eval-relearn-benign-rounds`",
         "off",
     ),
     ("FIFTH_OF_LR", FIFTH_OF_LR, "`eval-relearn-lr`", "a fifth of the run's `lr`"),
@@ -472,6 +473,11 @@ class RunConfig(_Clients):
         the run's ``lr``
         (default: 0; at the run's own rate the attack also disturbs the facts
         it does not train on, and the original model's probes fall).
+    eval_relearn_benign_rounds : int
+        Benign relearning (:mod:`fed_unlearn.metrics.relearn`, scenario (a)):
+        this many more FL rounds of the remaining clients from the original,
+        retrained and unlearned adapters, the forget set scored after each;
+        0 (:data:`OFF`) = off (default: 0).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
     mode : str
@@ -538,6 +544,7 @@ class RunConfig(_Clients):
     eval_relearn_steps: int = OFF
     eval_relearn_fraction: float = 0.5
     eval_relearn_lr: float = FIFTH_OF_LR
+    eval_relearn_benign_rounds: int = OFF
     out_dir: str = "runs/latest"
     mode: str = "run"
     federation_dir: str = ""
@@ -651,6 +658,10 @@ class RunConfig(_Clients):
             raise ConfigError("config key 'eval-max-items' must be >= 0")
         if self.eval_relearn_steps < OFF:
             raise ConfigError("config key 'eval-relearn-steps' must be >= 0 (0 = off)")
+        if self.eval_relearn_benign_rounds < OFF:
+            raise ConfigError(
+                "config key 'eval-relearn-benign-rounds' must be >= 0 (0 = off)"
+            )
         if self.eval_relearn_lr < FIFTH_OF_LR:
             raise ConfigError(
                 "config key 'eval-relearn-lr' must be >= 0 (0 = a fifth of lr)"
@@ -883,6 +894,7 @@ class ResolvedConfig(_Clients):
     eval_relearn_steps: int
     eval_relearn_fraction: float
     eval_relearn_lr: float
+    eval_relearn_benign_rounds: int
     out_dir: str
     mode: str
     federation_dir: str
@@ -976,6 +988,7 @@ class ResolvedConfig(_Clients):
                 "eval-relearn-steps",
                 "eval-relearn-fraction",
                 "eval-relearn-lr",
+                "eval-relearn-benign-rounds",
                 "departed-online",
                 "history-key-file",
                 "mode",

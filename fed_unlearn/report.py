@@ -8,6 +8,7 @@ run per unlearning method) and writes into ``out_dir``::
     report.html                  the same, self-contained (inline CSS, <img> tags)
     forgetting_curve.png         forget_Q_A_Prob per unlearning round
     utility_vs_forgetting.png    model_utility against forget_Q_A_Prob
+    relearning_attack.png        the relearning audit's curves (runs that ran it)
 
 A run directory holds ``run.json`` and, once evaluated,
 ``evals/{original,unlearned,retrain}/TOFU_SUMMARY.json`` and ``TOFU_EVAL.json``.
@@ -72,6 +73,32 @@ _TABLE_NOTE = (
     "the relearning attack, the unlearned model's forget_Q_A_Prob on the held-out "
     "probes minus the attacked oracle's, over the original-oracle gap before the "
     "attack (0: no more comes back than the oracle learns; 1: the whole gap)."
+)
+
+#: The relearning audit's scenarios (:mod:`fed_unlearn.metrics.relearn`):
+#: (``run.json`` key, name, x axis of its curves, x-axis label).
+_RELEARN_SCENARIOS = (
+    ("relearn_benign", "benign", "round", "FL rounds of the remaining clients"),
+    ("relearn", "adversarial", "step", "attack steps on part of the forget set"),
+)
+_RELEARN_HEADERS = (
+    "method",
+    "scenario",
+    "budget",
+    "recovery ratio ↓",
+    "oracle's (floor)",
+    "relearn gap ≈0",
+)
+_RELEARN_NOTE = (
+    "The relearning audit (fed-unlearn audit relearn, or eval-relearn-steps / "
+    "eval-relearn-benign-rounds). benign: the remaining clients go on with "
+    "more FL rounds, forget_Q_A_Prob on the forget set; adversarial: a "
+    "rejoining client fine-tunes on some of each forgotten person's items, "
+    "forget_Q_A_Prob on the others. recovery ratio: (after - before) / "
+    "(original before - before) of the model's score, the share of what "
+    "unlearning removed that comes back (0: none, 1: all; – when nothing was "
+    "removed). The retrain oracle's ratio under the same attack is the floor "
+    "(genuine learning); a robust method is close to it."
 )
 
 _NUM_SAMPLES = 3
@@ -317,10 +344,12 @@ def _table_rows(runs: Sequence[_Run]) -> tuple[list[list[str]], list[list[str]]]
     return ref_rows, run_rows
 
 
-def _relearn_curves(runs: Sequence[_Run]) -> dict[str, Any] | None:
-    """Relearning curves of the first run that ran the attack."""
+def _relearn_curves(
+    runs: Sequence[_Run], key: str = "relearn"
+) -> dict[str, Any] | None:
+    """Curves of scenario ``key`` of the first run that ran it."""
     for r in runs:
-        curves = _dig(r.run, "relearn", "curves")
+        curves = _dig(r.run, key, "curves")
         if isinstance(curves, dict) and "original" in curves and "retrain" in curves:
             return curves
     return None
@@ -528,53 +557,97 @@ def _plot_forgetting(runs: Sequence[_Run], path: Path) -> str:
 
 
 def _plot_relearn(runs: Sequence[_Run], path: Path) -> str | None:
-    """Write the relearning-attack figure (None when no run ran the attack)."""
-    refs = _relearn_curves(runs)
-    if refs is None:
+    """Write the relearning-audit figure, a panel per scenario (None: no audit)."""
+    panels = [
+        (key, name, x, label, refs)
+        for key, name, x, label in _RELEARN_SCENARIOS
+        if (refs := _relearn_curves(runs, key)) is not None
+    ]
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    key = "forget_Q_A_Prob"
-    for name, style in (
-        (
-            "retrain",
-            {"color": "tab:green", "linestyle": "--", "label": "retrain oracle"},
-        ),
-        ("original", {"color": "0.3", "linestyle": ":", "label": "before unlearning"}),
-    ):
-        pts = refs[name]
-        ax.plot([p["step"] for p in pts], [p[key] for p in pts], linewidth=1.8, **style)
-    skipped = []
-    for i, r in enumerate(runs):
-        pts = _dig(r.run, "relearn", "curves", "unlearned")
-        if not pts:
-            skipped.append(r.label)
-            continue
-        ax.plot(
-            [p["step"] for p in pts],
-            [p[key] for p in pts],
-            marker="o",
-            markersize=4,
-            linewidth=1.6,
-            color=_color(i),
-            label=r.label,
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(7.5 * len(panels), 4.5), dpi=120, squeeze=False
+    )
+    score = "forget_Q_A_Prob"
+    skipped: set[str] = set()
+    for ax, (key, name, x, label, refs) in zip(axes[0], panels, strict=True):
+        for ref, style in (
+            (
+                "retrain",
+                {"color": "tab:green", "linestyle": "--", "label": "retrain oracle"},
+            ),
+            (
+                "original",
+                {"color": "0.3", "linestyle": ":", "label": "before unlearning"},
+            ),
+        ):
+            pts = refs[ref]
+            ax.plot(
+                [p[x] for p in pts], [p[score] for p in pts], linewidth=1.8, **style
+            )
+        for i, r in enumerate(runs):
+            pts = _dig(r.run, key, "curves", "unlearned")
+            if not pts:
+                skipped.add(r.label)
+                continue
+            ax.plot(
+                [p[x] for p in pts],
+                [p[score] for p in pts],
+                marker="o",
+                markersize=4,
+                linewidth=1.6,
+                color=_color(i),
+                label=r.label,
+            )
+        ax.set_xlabel(label)
+        ax.set_ylabel(
+            "forget_Q_A_Prob on held-out probes"
+            if name == "adversarial"
+            else "forget_Q_A_Prob on the forget set"
         )
-    ax.set_xlabel("relearning-attack steps on part of the forget set")
-    ax.set_ylabel("forget_Q_A_Prob on held-out probes")
-    ax.set_title("Relearning attack")
-    ax.grid(alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=9, loc="best")
+        ax.set_title(f"Relearning: {name}")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=9, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    names = [p[1] for p in panels]
     caption = (
-        "Each model fine-tuned on some forget-set items (the attacker's); "
-        "forget_Q_A_Prob on the forget items it never saw. A curve that climbs "
-        "above the oracle's means the knowledge was hidden, not removed."
+        "Each model under the relearning audit ("
+        + " and ".join(names)
+        + "): benign, the remaining clients' next FL rounds; adversarial, a "
+        "fine-tune on some forget-set items (the attacker's), scored on the "
+        "forget items it never saw. A curve that climbs above the oracle's means "
+        "the knowledge was hidden, not removed."
     )
     if skipped:
-        caption += f" No attack recorded for: {', '.join(skipped)}."
+        caption += f" No attack recorded for: {', '.join(sorted(skipped))}."
     return caption
+
+
+def _relearn_rows(runs: Sequence[_Run]) -> list[list[str]]:
+    """Rows of the relearning-audit table (empty when no run ran it)."""
+    rows = []
+    for r in runs:
+        for key, name, x, _ in _RELEARN_SCENARIOS:
+            sc = r.run.get(key)
+            if not isinstance(sc, dict) or not sc.get("curves"):
+                continue
+            spec = sc.get("spec") or {}
+            budget = spec.get("rounds" if x == "round" else "steps")
+            unit = x if _num(budget) == 1 else f"{x}s"
+            rows.append(
+                [
+                    r.label,
+                    name,
+                    f"{_fmt_int(budget)} {unit}",
+                    _fmt(sc.get("recovery_ratio"), 3),
+                    _fmt(sc.get("recovery_ratio_retrain"), 3),
+                    _fmt(sc.get("relearn_gap"), 3),
+                ]
+            )
+    return rows
 
 
 def _plot_utility(runs: Sequence[_Run], path: Path) -> str:
@@ -672,7 +745,20 @@ def _render_md(
         lines.append("| " + " | ".join([f"*{row[0]}*", *row[1:]]) + " |")
     for row in run_rows:
         lines.append("| " + " | ".join([_md_text(row[0]), *row[1:]]) + " |")
-    lines += ["", f"*Reference rows in italics.* {_TABLE_NOTE}", "", "## Figures", ""]
+    lines += ["", f"*Reference rows in italics.* {_TABLE_NOTE}", ""]
+    relearn = _relearn_rows(runs)
+    if relearn:
+        lines += ["## Relearning audit", ""]
+        lines.append("| " + " | ".join(_RELEARN_HEADERS) + " |")
+        lines.append(
+            "|"
+            + "|".join(["---", "---", *["---:"] * (len(_RELEARN_HEADERS) - 2)])
+            + "|"
+        )
+        for row in relearn:
+            lines.append("| " + " | ".join([_md_text(row[0]), *row[1:]]) + " |")
+        lines += ["", _RELEARN_NOTE, ""]
+    lines += ["## Figures", ""]
     for png, caption in captions.items():
         lines += [f"![{png}]({png})", "", caption, ""]
     lines += ["## Sample generations", "", "Forget-set questions, unlearned model.", ""]
@@ -733,7 +819,16 @@ def _render_html(
         for row in block:
             out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
         out.append("</tbody>")
-    out += ["</table>", f'<p class="note">{e(_TABLE_NOTE)}</p>', "<h2>Figures</h2>"]
+    out += ["</table>", f'<p class="note">{e(_TABLE_NOTE)}</p>']
+    relearn = _relearn_rows(runs)
+    if relearn:
+        out += ["<h2>Relearning audit</h2>", "<table>", "<thead><tr>"]
+        out += [f"<th>{e(h)}</th>" for h in _RELEARN_HEADERS]
+        out.append("</tr></thead><tbody>")
+        for row in relearn:
+            out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
+        out += ["</tbody></table>", f'<p class="note">{e(_RELEARN_NOTE)}</p>']
+    out.append("<h2>Figures</h2>")
     for png, caption in captions.items():
         out += [
             "<figure>",
@@ -777,8 +872,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     out_dir : str | Path
         Output directory (created if needed); receives ``report.md``,
         ``report.html``, ``forgetting_curve.png``,
-        ``utility_vs_forgetting.png`` and, when a run ran the relearning attack,
-        ``relearning_attack.png``.
+        ``utility_vs_forgetting.png`` and, when a run ran the relearning audit
+        (either scenario), ``relearning_attack.png`` and a "Relearning audit"
+        table.
 
     Returns
     -------

@@ -7,6 +7,7 @@ there is exactly one training loop. Only adapter tensors have ``requires_grad``.
 from __future__ import annotations
 
 import math
+import random
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fed_unlearn import seeds
 from fed_unlearn.data.qa import PromptFn, collate, encode_qa
 from fed_unlearn.types import QAItem
 
@@ -370,6 +372,35 @@ def derive_seed(*parts: int) -> int:
 
     blob = ",".join(str(int(p)) for p in parts).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+
+def sample_clients(
+    seed: int, server_round: int, num_clients: int, fraction: float
+) -> list[int]:
+    """Seeded per-round sample over all clients (before exclusions).
+
+    The FL strategy (``server.strategy.HistoryFedAvg``) and the benign
+    relearning audit (:mod:`fed_unlearn.metrics.relearn`) both draw from it.
+
+    Parameters
+    ----------
+    seed : int
+        Run seed.
+    server_round : int
+        Round number (1-based).
+    num_clients : int
+        All clients of the federation.
+    fraction : float
+        Fraction to sample.
+
+    Returns
+    -------
+    list[int]
+        Sorted client ids.
+    """
+    k = max(1, round(fraction * num_clients))
+    rng = random.Random(derive_seed(seed, server_round, seeds.SAMPLING_SALT))
+    return sorted(rng.sample(range(num_clients), k))
 
 
 def budget_batches(

@@ -27,7 +27,6 @@ a ``dual-prototype`` is refused by the protocol and the update rejected).
 from __future__ import annotations
 
 import logging
-import random
 import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -53,12 +52,11 @@ from flwr.serverapp.strategy import (
 )
 
 from fed_unlearn import adapters as ad
-from fed_unlearn import seeds
 from fed_unlearn.aggregation import product_space_aggregate
 from fed_unlearn.config import STRATEGIES, ResolvedConfig
 from fed_unlearn.history import HistoryStore, RoundRecord
 from fed_unlearn.protocol import TrainReply, TrainRequest
-from fed_unlearn.training import derive_seed
+from fed_unlearn.training import sample_clients
 from server.channel import decode_reply, encode_request
 
 log = logging.getLogger(__name__)
@@ -113,32 +111,6 @@ def outlying_updates(deltas: dict[int, dict[str, torch.Tensor]]) -> dict[int, st
         for c, n in norms.items()
         if n > MAX_NORM_RATIO * median
     }
-
-
-def sample_clients(
-    seed: int, server_round: int, num_clients: int, fraction: float
-) -> list[int]:
-    """Seeded per-round sample over all clients (before exclusions).
-
-    Parameters
-    ----------
-    seed : int
-        Run seed.
-    server_round : int
-        Round number (1-based).
-    num_clients : int
-        All clients of the federation.
-    fraction : float
-        Fraction to sample.
-
-    Returns
-    -------
-    list[int]
-        Sorted client ids.
-    """
-    k = max(1, round(fraction * num_clients))
-    rng = random.Random(derive_seed(seed, server_round, seeds.SAMPLING_SALT))
-    return sorted(rng.sample(range(num_clients), k))
 
 
 #: ``strategy`` key -> Flower's class.

@@ -31,6 +31,13 @@ Per cell, from ``run.json`` (unlearned model against the retrain oracle of the
 same cell): ``gap_closed`` = (original - unlearned) / (original - retrain) on
 ``forget_Q_A_Prob``; ``forget_quality``; ``utility_ratio`` = model_utility /
 retrain's; ``privleak``; ``relearn_gap`` (with ``eval-relearn-steps``);
+the relearning audit's recovery ratios (:mod:`fed_unlearn.metrics.relearn`)
+of the unlearned model and, as their floor, of the retrain oracle under the
+same attack: ``relearn_adv_recovery`` / ``relearn_adv_floor`` (with
+``eval-relearn-steps``) and ``relearn_benign_recovery`` /
+``relearn_benign_floor`` (with ``eval-relearn-benign-rounds``: that many more
+FL rounds of the remaining clients; their columns show only in suites that
+measure them);
 ``wall_ratio`` and ``bytes_ratio`` = the method's wall time (without the
 simulation's per-round curve evaluation) and bytes over the retrain's, counting
 the oracle for an oracle-stopped run. Aggregated per (scenario, method) as the
@@ -70,8 +77,21 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("utility_ratio", "model_utility × retrain", 2),
     ("privleak", "privleak", 1),
     ("relearn_gap", "relearn gap", 2),
+    ("relearn_adv_recovery", "adversarial recovery", 2),
+    ("relearn_adv_floor", "adversarial recovery, oracle", 2),
+    ("relearn_benign_recovery", "benign recovery", 2),
+    ("relearn_benign_floor", "benign recovery, oracle", 2),
     ("wall_ratio", "wall × retrain", 3),
     ("bytes_ratio", "bytes × retrain", 3),
+)
+#: Metrics whose column a scenario's table shows only when some row has a value.
+OPTIONAL_METRICS = frozenset(
+    {
+        "relearn_adv_recovery",
+        "relearn_adv_floor",
+        "relearn_benign_recovery",
+        "relearn_benign_floor",
+    }
 )
 _SUITE_KEYS = {"description", "seeds", "purpose", "defaults", "scenario", "method"}
 _SCENARIO_KEYS = {"name", "departs", "methods"}
@@ -427,6 +447,14 @@ def cell_metrics(run_dir: Path) -> dict[str, Any]:
         "utility_ratio": _ratio(unl.get("model_utility"), ret.get("model_utility")),
         "privleak": full.get("privleak"),
         "relearn_gap": (run.get("relearn") or {}).get("relearn_gap"),
+        "relearn_adv_recovery": (run.get("relearn") or {}).get("recovery_ratio"),
+        "relearn_adv_floor": (run.get("relearn") or {}).get("recovery_ratio_retrain"),
+        "relearn_benign_recovery": (run.get("relearn_benign") or {}).get(
+            "recovery_ratio"
+        ),
+        "relearn_benign_floor": (run.get("relearn_benign") or {}).get(
+            "recovery_ratio_retrain"
+        ),
         "wall_ratio": wall,
         "bytes_ratio": _ratio(
             (by.get("unlearn") or {}).get("total"),
@@ -523,15 +551,19 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[str]]) -> str
     for sc, rows in results["aggregate"].items():
         conf = results["scenarios"][sc]
         lines += ["", f"## {sc}", "", "`" + json.dumps(conf, sort_keys=True) + "`", ""]
-        lines.append(
-            "| method | seeds | " + " | ".join(h for _, h, _ in METRICS) + " |"
-        )
-        lines.append("|---|---:|" + "---:|" * len(METRICS))
+        shown = [
+            (k, h, d)
+            for k, h, d in METRICS
+            if k not in OPTIONAL_METRICS
+            or any(e.get(k, {}).get("mean") is not None for e in rows.values())
+        ]
+        lines.append("| method | seeds | " + " | ".join(h for _, h, _ in shown) + " |")
+        lines.append("|---|---:|" + "---:|" * len(shown))
         for label, e in rows.items():
             name = label + (
                 " — oracle-stopped (upper bound)" if e["oracle_stopped"] else ""
             )
-            cells_ = " | ".join(_fmt(e[k], d) for k, _, d in METRICS)
+            cells_ = " | ".join(_fmt(e[k], d) for k, _, d in shown)
             lines.append(f"| {name} | {e['seeds']} | {cells_} |")
         for png in plots.get(sc, []):
             lines += ["", f"![{png}]({png})"]

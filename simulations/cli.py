@@ -1,7 +1,8 @@
 """``fed-unlearn`` command line.
 
 Subcommands: ``run`` (FL -> departure -> unlearning -> retrain oracle -> evaluation),
-``train``, ``unlearn DIR``, ``evaluate DIR``, ``methods``, ``deploy demo`` (the
+``train``, ``unlearn DIR``, ``evaluate DIR``, ``audit relearn DIR`` (the
+relearning audit, :mod:`simulations.audit`), ``methods``, ``deploy demo`` (the
 secure cross-silo federation on loopback: TLS, authenticated SuperNodes). Bad input
 exits with status 2 and one readable line, before anything is written.
 """
@@ -259,6 +260,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``audit relearn DIR``: the two-scenario relearning audit of a run."""
+    from simulations.audit import AuditError, audit_run_dir
+
+    run_dir = Path(args.run_dir)
+    try:
+        audit, path = audit_run_dir(
+            run_dir,
+            steps=args.steps,
+            rounds=args.rounds,
+            out=Path(args.out) if args.out else None,
+        )
+    except AuditError as exc:
+        raise UsageError(str(exc)) from None
+    for name, scenario in (
+        ("benign", audit["benign"]),
+        ("adversarial", audit["adversarial"]),
+    ):
+        if scenario is None:
+            continue
+        print(
+            f"{name:12s} recovery ratio {_fmt(scenario['recovery_ratio'])} "
+            f"(retrain oracle {_fmt(scenario['recovery_ratio_retrain'])}), "
+            f"relearn gap {_fmt(scenario['relearn_gap'])}"
+        )
+    print(f"relearning audit: {path}")
+    if args.out is None and (run_dir / "report").is_dir():
+        from fed_unlearn.report import write_report
+
+        print(f"report: {write_report([run_dir], run_dir / 'report')}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``report DIR [DIR ...] --out REPORT_DIR``: markdown + HTML + PNG report."""
     from fed_unlearn.report import write_report
@@ -436,6 +470,30 @@ def parser() -> argparse.ArgumentParser:
     p_fg.add_argument("--quiet", action="store_true", help="no progress bars")
     p_ev = sub.add_parser("evaluate", help="evaluate the adapters of a run directory")
     p_ev.add_argument("run_dir")
+    p_au = sub.add_parser("audit", help="audits of a finished run directory")
+    ausub = p_au.add_subparsers(dest="audit_cmd", required=True)
+    p_rl = ausub.add_parser(
+        "relearn",
+        help="relearning audit: benign FL rounds and an adversarial attack",
+    )
+    p_rl.add_argument("run_dir", help="a `fed-unlearn run` / `unlearn` directory")
+    p_rl.add_argument(
+        "--steps",
+        type=int,
+        help="adversarial attack steps (default: the run's eval-relearn-steps, "
+        "else 25; 0 skips it)",
+    )
+    p_rl.add_argument(
+        "--rounds",
+        type=int,
+        help="benign FL rounds of the remaining clients (default: the run's "
+        "eval-relearn-benign-rounds, else 3; 0 skips them)",
+    )
+    p_rl.add_argument(
+        "--out",
+        help="write the JSON here (default: RUN_DIR/relearn.json, which also "
+        "updates RUN_DIR/run.json and its report)",
+    )
     p_rep = sub.add_parser("report", help="write report.md/.html with plots for runs")
     p_rep.add_argument("run_dirs", nargs="+")
     p_rep.add_argument("--out", required=True, help="report directory")
@@ -610,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_forget(args)
         if args.cmd == "report":
             return cmd_report(args)
+        if args.cmd == "audit":
+            return cmd_audit(args)
         if args.cmd == "bench":
             return cmd_bench(args)
         if args.cmd == "history":

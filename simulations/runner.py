@@ -19,7 +19,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn import seeds
 from fed_unlearn.config import AnyConfig, ResolvedConfig, resolve
 from fed_unlearn.methods import Requirement, get_method
 from fed_unlearn.types import AdapterState
@@ -311,75 +310,6 @@ def evaluate_adapters(
             model, tok, prompt_fn, splits, reference, **eval_options(cfg)
         )
     return results
-
-
-def relearn_adapters(
-    cfg: ResolvedConfig, adapters: dict[str, AdapterState]
-) -> dict[str, Any]:
-    """Run the relearning attack (:mod:`fed_unlearn.metrics.relearn`) on each adapter.
-
-    Parameters
-    ----------
-    cfg : ResolvedConfig
-        Run configuration (``eval-relearn-steps`` > 0, ``eval-relearn-fraction``,
-        ``eval-relearn-lr``; the attack uses the run's batch size and length).
-    adapters : dict[str, AdapterState]
-        ``original``, ``retrain`` and ``unlearned``.
-
-    Returns
-    -------
-    dict[str, Any]
-        ``spec`` (the attack's settings and item counts), ``curves`` (name ->
-        probe ``forget_Q_A_Prob`` per attack step), ``final`` (name -> last
-        value) and ``relearn_gap`` of the unlearned adapter.
-    """
-    from clients.task import dataset
-    from fed_unlearn.metrics.relearn import (
-        RelearnSpec,
-        relearn_curve,
-        relearn_gap,
-        split_attack,
-    )
-    from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
-    from fed_unlearn.training import derive_seed
-
-    attack, probes = split_attack(
-        dataset(cfg).forget_items(cfg.departed()), cfg.eval_relearn_fraction
-    )
-    spec = RelearnSpec(
-        steps=cfg.eval_relearn_steps,
-        fraction=cfg.eval_relearn_fraction,
-        lr=cfg.relearn_lr(),
-        batch_size=int(cfg.batch_size),
-        max_length=int(cfg.max_length),
-        seed=derive_seed(cfg.seed, seeds.RELEARN),
-    )
-    model, tok = load_lora_model(
-        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
-    )
-    prompt_fn = prompt_formatter(tok)
-    curves: dict[str, list[dict[str, float]]] = {}
-    for name, state in adapters.items():
-        same = next((o for o in curves if _same(adapters[o], state)), None)
-        curves[name] = (
-            curves[same]  # identical adapter (method none): same attack, same curve
-            if same is not None
-            else relearn_curve(model, tok, prompt_fn, state, attack, probes, spec)
-        )
-    final = {name: c[-1]["forget_Q_A_Prob"] for name, c in curves.items()}
-    return {
-        "spec": {
-            "steps": spec.steps,
-            "fraction": spec.fraction,
-            "lr": spec.lr,
-            "batch_size": spec.batch_size,
-            "attack_items": len(attack),
-            "probe_items": len(probes),
-        },
-        "curves": curves,
-        "final": final,
-        "relearn_gap": relearn_gap(curves),
-    }
 
 
 def _same(a: AdapterState, b: AdapterState) -> bool:
@@ -680,17 +610,23 @@ def run_all(
         )
         run["summary"] = write_evals(out_dir, results)
         run["wall_time_s"]["eval"] = time.perf_counter() - te
-        if cfg.eval_relearn_steps:
+        if cfg.eval_relearn_steps or cfg.eval_relearn_benign_rounds:
+            from simulations.audit import RELEARN_JSON, put_in_run, relearn_audit
+
             tr = time.perf_counter()
-            run["relearn"] = relearn_adapters(
+            audit = relearn_audit(
                 cfg,
                 {
                     "original": out.train.final,
                     "retrain": out.retrain.final,
                     "unlearned": out.unlearned,
                 },
+                steps=cfg.eval_relearn_steps,
+                rounds=cfg.eval_relearn_benign_rounds,
+                remaining=run["remaining"],
             )
-            write_json(out_dir / "RELEARN.json", run["relearn"])
+            put_in_run(run, audit)
+            write_json(out_dir / RELEARN_JSON, audit)
             run["wall_time_s"]["relearn"] = time.perf_counter() - tr
     run["wall_time_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "run.json", run)

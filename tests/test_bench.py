@@ -142,6 +142,53 @@ def test_cell_metrics_from_a_hand_made_run(tmp_path):
     assert m["wall_ratio"] == pytest.approx(0.1)  # without the curve evaluation
     assert m["bytes_ratio"] == pytest.approx(0.2)
     assert m["privleak"] == -10.0 and m["relearn_gap"] is None
+    assert m["relearn_adv_recovery"] is None and m["relearn_benign_recovery"] is None
+
+
+def test_relearning_audit_metrics_and_their_columns(tmp_path):
+    """The audit's recovery ratios come from run.json's two scenarios; their
+    columns appear only in a scenario where some cell measured them."""
+    _fake_run(tmp_path / "a", forget=0.1, utility=0.5)
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    run["relearn"] = {
+        "relearn_gap": 0.5,
+        "recovery_ratio": 0.4,
+        "recovery_ratio_retrain": 0.1,
+    }
+    run["relearn_benign"] = {
+        "relearn_gap": None,
+        "recovery_ratio": 0.25,
+        "recovery_ratio_retrain": 0.0,
+    }
+    (tmp_path / "a" / "run.json").write_text(json.dumps(run))
+    m = bench.cell_metrics(tmp_path / "a")
+    assert (m["relearn_adv_recovery"], m["relearn_adv_floor"]) == (0.4, 0.1)
+    assert (m["relearn_benign_recovery"], m["relearn_benign_floor"]) == (0.25, 0.0)
+
+    def results(with_audit):
+        entry = {k: bench.mean_ci([None]) for k, _, _ in bench.METRICS}
+        if with_audit:
+            entry["relearn_benign_recovery"] = bench.mean_ci([0.2, 0.3])
+        entry.update(seeds=2, oracle_stopped=False)
+        return {
+            "suite": "s",
+            "description": "d",
+            "purpose": "evaluation",
+            "seeds": [1, 2],
+            "scenarios": {"x": {}},
+            "aggregate": {"x": {"m": entry}},
+        }
+
+    md = bench.render_markdown(results(True), {})
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert "benign recovery" in header and "adversarial recovery" not in header
+    assert "| 0.25 ± " in md
+    header = next(
+        line
+        for line in bench.render_markdown(results(False), {}).splitlines()
+        if line.startswith("| method")
+    )
+    assert "recovery" not in header and "relearn gap" in header
 
 
 def test_run_suite_skips_finished_cells_and_reruns_half_written_ones(tmp_path):

@@ -375,3 +375,45 @@ def test_relearning_attack_column_and_figure(runs, tmp_path):
     (runs[0] / "run.json").write_text(json.dumps(ga))
     write_report(runs, tmp_path / "without")
     assert not (tmp_path / "without" / "relearning_attack.png").exists()
+
+
+def test_relearning_audit_section(runs, tmp_path):
+    """Both scenarios of the audit: one table row each with the run's recovery
+    ratios and gap, and a two-panel figure; only the adversarial one: one row."""
+    ga = json.loads((runs[0] / "run.json").read_text())
+
+    def curve(x, values):
+        return [{x: i, "forget_Q_A_Prob": v} for i, v in enumerate(values)]
+
+    def scenario(x, spec, rr, floor, gap):
+        return {
+            "spec": spec,
+            "curves": {
+                "original": curve(x, [0.9, 0.9]),
+                "retrain": curve(x, [0.1, 0.2]),
+                "unlearned": curve(x, [0.15, 0.4]),
+            },
+            "recovery_ratio": rr,
+            "recovery_ratio_retrain": floor,
+            "relearn_gap": gap,
+        }
+
+    ga["relearn"] = scenario("step", {"steps": 8}, 0.3333, 0.125, 0.25)
+    ga["relearn_benign"] = scenario("round", {"rounds": 2}, 0.05, 0.0, None)
+    (runs[0] / "run.json").write_text(json.dumps(ga))
+    md = write_report(runs, tmp_path / "both").read_text()
+    section = md.split("## Relearning audit", 1)[1].split("## Figures", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| gradient")]
+    assert [r.split("|")[2:7] for r in rows] == [
+        [" benign ", " 2 rounds ", " 0.05 ", " 0 ", " – "],
+        [" adversarial ", " 8 steps ", " 0.333 ", " 0.125 ", " 0.25 "],
+    ]
+    assert "federaser" not in section  # no audit in that run
+    html_text = (tmp_path / "both" / "report.html").read_text()
+    assert "<h2>Relearning audit</h2>" in html_text
+    assert (tmp_path / "both" / "relearning_attack.png").read_bytes()[:8] == PNG_MAGIC
+    ga.pop("relearn_benign")
+    (runs[0] / "run.json").write_text(json.dumps(ga))
+    md = write_report(runs, tmp_path / "adv").read_text()
+    section = md.split("## Relearning audit", 1)[1].split("## Figures", 1)[0]
+    assert sum(line.startswith("| gradient") for line in section.splitlines()) == 1
