@@ -21,7 +21,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.task import client_audit_items, client_id, client_items, client_model
-from clients.unlearn import local_update
+from clients.unlearn import local_update, neuron_attribution
 from clients.wire import decode_request, encode_reply
 from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.dual import DualRegulariser
@@ -218,6 +218,7 @@ def _audit(request: AuditRequest, context: Context, cfg: ResolvedConfig) -> Audi
 QUERY_HANDLERS["hello"] = _hello
 QUERY_HANDLERS["audit"] = _audit
 QUERY_HANDLERS["local-update"] = local_update
+QUERY_HANDLERS["attribution"] = neuron_attribution
 
 
 @app.query()
