@@ -90,8 +90,9 @@ def _float64_answer_nll(model, batch):
 
 
 def _qa_batch(tok, items, max_length=48):
-    from fed_unlearn.data.qa import collate, encode_items
+    from fed_unlearn.data.qa import collate
     from fed_unlearn.models import prompt_formatter
+    from fed_unlearn.training import encode_items
 
     enc = encode_items(tok, prompt_formatter(tok), items, max_length)
     return collate(enc, int(tok.pad_token_id))
@@ -101,7 +102,9 @@ def test_integrated_gradients_on_a_llama_match_finite_differences(
     tiny_model_dir, tiny_tokenizer, items
 ):
     """Per neuron k of layer l: Att_k = (1/m) Σ_j d/dε L(α_j h + ε e_k⊙h⊙pos),
-    the derivative taken by central differences of forward passes only."""
+    the derivative taken by central differences of forward passes only (ε =
+    1e-3: Llama's RMSNorm computes in float32 even in a float64 model, so a
+    smaller ε drowns in rounding)."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir).double().eval()
@@ -113,7 +116,7 @@ def test_integrated_gradients_on_a_llama_match_finite_differences(
         model, downs, [batch], steps=m, loss_fn=_float64_answer_nll
     )
     assert [g.shape for g in got] == [torch.Size([64])] * 2
-    eps = 1e-5
+    eps = 1e-3
 
     def loss_at(layer, alpha, k, e):
         def hook(_mod, args):
@@ -141,7 +144,7 @@ def test_integrated_gradients_on_a_llama_match_finite_differences(
                 )
                 / m
             )
-            assert got[layer][k].item() == pytest.approx(fd, rel=1e-4, abs=1e-6)
+            assert got[layer][k].item() == pytest.approx(fd, rel=5e-3, abs=2e-5)
     # neuron_scores is the attribution of the log-likelihood: minus Att
     model.float()
     scores = neuron_scores(model, [batch], steps=m)
@@ -440,3 +443,26 @@ def test_attribution_messages_round_trip_and_refuse_what_does_not_fit():
             passes=1,
             attribution_seconds=0.0,
         )
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_simu_runs_from_the_cli_on_tiny(tmp_path):
+    """Both FL phases, the attribution query to every client, two masked SophiaG
+    rounds on live Flower clients, then the evaluation."""
+    import json
+
+    from helpers import E2E_BASE, run_cli
+
+    out = tmp_path / "simu"
+    args = ["run", *E2E_BASE, "--method", "simu", "--quiet", "--out", str(out)]
+    run_cli([*args, "--opt", "rounds=2", "--opt", "ig_steps=4"], tmp_path / "runs")
+    run = json.loads((out / "run.json").read_text())
+    info = run["unlearn_info"]
+    assert info["optimizer"] == "sophia" and info["mask"] is True
+    assert len(info["selected_per_layer"]) == len(info["duals_per_layer"]) > 0
+    assert 0 < info["trainable_fraction"] < 1
+    assert info["attribution_passes"] > 0
+    curve = run["curves"]["unlearn"]
+    assert len(curve) == 3
+    assert curve[-1]["forget_Q_A_Prob"] < curve[0]["forget_Q_A_Prob"]

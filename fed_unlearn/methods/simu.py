@@ -70,6 +70,7 @@ import torch
 from fed_unlearn import attribution as attr
 from fed_unlearn.adapters import neuron_axis
 from fed_unlearn.methods.base import (
+    ClientFailure,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -139,6 +140,11 @@ class SimuConfig(InnerLossConfig):
     exclude_duals : bool
         Leave the dual neurons out of the mask (default: False, the paper's
         better ablation).
+    retain_attribution : bool
+        The remaining clients score their items too, for the dual neurons
+        (default: True). With duals kept in the mask (the default) they only
+        inform ``info["duals_per_layer"]``: False skips that cost. Needed by
+        ``exclude_duals``.
     sophia_beta1, sophia_beta2, sophia_rho, sophia_bs : float
         SophiaG's β1, β2, ρ and bs (defaults: SOUL's 0.9, 0.95, 0.04, 5120).
     weight_decay : float
@@ -155,6 +161,7 @@ class SimuConfig(InnerLossConfig):
     threshold: float = 0.2
     ig_steps: int = 20
     exclude_duals: bool = False
+    retain_attribution: bool = True
     sophia_beta1: float = SOPHIA_DEFAULTS["beta1"]
     sophia_beta2: float = SOPHIA_DEFAULTS["beta2"]
     sophia_rho: float = SOPHIA_DEFAULTS["rho"]
@@ -168,6 +175,11 @@ class SimuConfig(InnerLossConfig):
             )
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.exclude_duals and not self.retain_attribution:
+            raise ValueError(
+                "exclude_duals needs the remaining clients' retain attribution "
+                "(retain_attribution=true)"
+            )
         if self.ig_steps < 1:
             raise ValueError(f"ig_steps must be >= 1, got {self.ig_steps}")
         for name in ("sophia_beta1", "sophia_beta2"):
@@ -301,20 +313,32 @@ class Simu(UnlearningMethod):
 
     def _attribute(
         self, ctx: UnlearnContext, theta: AdapterState
-    ) -> tuple[NeuronMask, dict[str, float]]:
+    ) -> tuple[NeuronMask, dict[str, Any]]:
         """Stage 1: one ``attribution`` request to every client; build the mask."""
         cfg = self.config
         assert ctx.clients is not None
         request = AttributionRequest(theta, steps=cfg.ig_steps)
-        every = (*ctx.departed, *ctx.remaining)
-        replies: dict[ClientId, AttributionReply] = ctx.clients.query(
-            dict.fromkeys(every, request)
-        )
+        every = (*ctx.departed, *(ctx.remaining if cfg.retain_attribution else ()))
+        dropped: dict[ClientId, str] = {}
+        try:
+            replies: dict[ClientId, AttributionReply] = ctx.clients.query(
+                dict.fromkeys(every, request)
+            )
+        except ClientFailure as exc:
+            # the duals can do without a remaining client; the forget set cannot
+            if any(c not in exc.replies for c in ctx.departed):
+                raise
+            replies, dropped = dict(exc.replies), dict(exc.failed)
         forget = attr.sum_scores([replies[c].scores for c in ctx.departed])
         kept = [replies[c].scores for c in ctx.remaining if c in replies]
         retain = attr.sum_scores(kept) if kept else None
         mask = build_mask(theta, forget, retain, cfg.threshold, cfg.exclude_duals)
-        cost = {
+        cost: dict[str, Any] = {
+            **(
+                {"attribution_dropped": {str(c): w for c, w in dropped.items()}}
+                if dropped
+                else {}
+            ),
             "attribution_passes": float(sum(r.passes for r in replies.values())),
             "attribution_seconds": float(
                 sum(r.attribution_seconds for r in replies.values())
