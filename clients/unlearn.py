@@ -195,7 +195,8 @@ def neuron_attribution(
         for s in range(0, len(encoded), size)
     ]
     t0 = time.perf_counter()
-    scores = neuron_scores(model, batches, req.steps)
+    stats: dict[str, int] = {}
+    scores = neuron_scores(model, batches, req.steps, stats=stats)
     seconds = time.perf_counter() - t0
     log.info(
         "client %d attribution: %d items, %d layers, m=%d, %.1f s",
@@ -209,7 +210,7 @@ def neuron_attribution(
         scores,
         client_id=cid,
         num_examples=len(items),
-        passes=len(scores) * len(batches) * req.steps,
+        passes=stats["passes"],
         attribution_seconds=seconds,
     )
 

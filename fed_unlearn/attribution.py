@@ -10,13 +10,15 @@ batch of their answer-token NLL) and layer ``l``, the neuron activations at the
 *answer positions* (the positions whose logits predict an answer token) are
 scaled together by ``α_j = j/m``, ``j = 1..m``, every other position and layer
 left as it is; one backward per ``j`` reads ``∂L/∂a`` at every neuron and position
-at once. The right Riemann sum of integrated gradients, summed over answer
+at once (several steps per pass, as stacked copies of the batch). The right
+Riemann sum of integrated gradients, summed over answer
 positions and examples, is::
 
     Att_k^l = Σ_i Σ_t h_{k,t}^{l,i} · (1/m) Σ_j ∂L_i/∂a_{k,t}(α_j · h)
 
 Completeness: ``Σ_k Att_k^l → L(h) − L(h with those activations zeroed)`` as
-``m → ∞``. Cost: ``m`` forward/backward passes per layer and batch.
+``m → ∞``. Cost: ``m`` forward/backward passes' worth of rows per layer and
+batch.
 
 Sign convention [R]: the *score* is ``−Att``, the attribution of the answer's
 log-likelihood. A neuron with a large positive score raises the probability of
@@ -135,12 +137,17 @@ def integrated_gradients(
     steps: int = 20,
     loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = answer_nll,
     positions_fn: Callable[[Batch], torch.Tensor] = answer_positions,
+    steps_per_pass: int = 1,
+    stats: dict[str, int] | None = None,
 ) -> list[torch.Tensor]:
     """Integrated gradients of ``loss_fn`` w.r.t. each module's input neurons.
 
     For every module (one layer at a time), the input coordinates at the
     positions ``positions_fn`` selects are scaled by ``j/steps``,
-    ``j = 1..steps``; one backward per step (module docstring).
+    ``j = 1..steps`` (module docstring). The scaling is batched: one
+    forward/backward pass runs ``steps_per_pass`` scaling steps at once, as
+    copies of the batch stacked along the batch axis (each copy's loss depends
+    on its own rows only, so one backward gives every step's gradient).
 
     Parameters
     ----------
@@ -151,7 +158,8 @@ def integrated_gradients(
         The modules whose *input* (last dimension = neurons, ``[B, T, d]``) is
         attributed; :func:`mlp_down_projections` for SIMU.
     batches : Sequence[dict[str, torch.Tensor]]
-        Batches on the model's device (iterated once per module).
+        Batches on the model's device (iterated once per module); every value
+        is a tensor whose first axis is the batch.
     steps : int
         ``m >= 1`` scaling steps (default: 20, knowledge-neuron practice).
     loss_fn : Callable, optional
@@ -160,6 +168,11 @@ def integrated_gradients(
     positions_fn : Callable, optional
         ``batch -> [B, T]`` bool positions to scale and attribute (default:
         :func:`answer_positions`).
+    steps_per_pass : int
+        Scaling steps per forward/backward pass (default: 1: one backward per
+        step; more trades memory for fewer passes).
+    stats : dict[str, int], optional
+        When given, ``stats["passes"]`` counts the passes run.
 
     Returns
     -------
@@ -170,10 +183,13 @@ def integrated_gradients(
     Raises
     ------
     ValueError
-        ``steps < 1``, no batches or no modules.
+        ``steps < 1``, ``steps_per_pass < 1``, no batches or no modules.
     """
-    if steps < 1:
-        raise ValueError(f"integrated_gradients: steps must be >= 1, got {steps}")
+    if steps < 1 or steps_per_pass < 1:
+        raise ValueError(
+            f"integrated_gradients: steps and steps_per_pass must be >= 1, got "
+            f"{steps} and {steps_per_pass}"
+        )
     if not batches or not modules:
         raise ValueError("integrated_gradients needs at least one batch and module")
     state: dict[str, Any] = {}
@@ -181,8 +197,8 @@ def integrated_gradients(
     def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         h = args[0].detach()
         pos = state["pos"].to(h.device)[..., None]
-        scale = torch.where(pos, state["alpha"], 1.0).to(h.dtype)
-        hs = (h * scale).requires_grad_(True)
+        alpha = state["alpha"].to(device=h.device, dtype=h.dtype)[:, None, None]
+        hs = (h * torch.where(pos, alpha, torch.ones_like(alpha))).requires_grad_(True)
         state["h"], state["hs"] = h, hs
         return (hs, *args[1:])
 
@@ -197,17 +213,29 @@ def integrated_gradients(
                 try:
                     for batch in batches:
                         pos = positions_fn(batch)
-                        state["pos"] = pos
+                        rows = pos.shape[0]
                         grad_sum: torch.Tensor | None = None
-                        for j in range(1, steps + 1):
-                            state["alpha"] = j / steps
-                            loss = loss_fn(model, batch)
+                        for first in range(1, steps + 1, steps_per_pass):
+                            js = torch.arange(
+                                first, min(first + steps_per_pass, steps + 1)
+                            )
+                            c = len(js)
+                            state["pos"] = pos.repeat(c, 1)
+                            state["alpha"] = (js / steps).repeat_interleave(rows)
+                            stacked = {
+                                k: v.repeat(c, *[1] * (v.dim() - 1))
+                                for k, v in batch.items()
+                            }
+                            loss = loss_fn(model, stacked)
                             (g,) = torch.autograd.grad(loss, state["hs"])
-                            g = g.float()
+                            g = g.float().view(c, rows, *g.shape[1:]).sum(0)
                             grad_sum = g if grad_sum is None else grad_sum + g
+                            if stats is not None:
+                                stats["passes"] = stats.get("passes", 0) + 1
                         assert grad_sum is not None
+                        h = state["h"][:rows].float()  # every copy's h is the same
                         mask = pos.to(grad_sum.device)[..., None]
-                        att = (state["h"].float() * grad_sum / steps * mask).sum((0, 1))
+                        att = (h * grad_sum / steps * mask).sum((0, 1))
                         total = att if total is None else total + att
                 finally:
                     handle.remove()
@@ -223,6 +251,8 @@ def neuron_scores(
     model: torch.nn.Module,
     batches: Sequence[Batch],
     steps: int = 20,
+    rows_per_pass: int = 32,
+    stats: dict[str, int] | None = None,
 ) -> list[torch.Tensor]:
     """SIMU neuron scores of a causal LM on some batches: ``−Att`` per layer.
 
@@ -234,6 +264,11 @@ def neuron_scores(
         Collated Q/A batches on the model's device.
     steps : int
         Scaling steps m (default: 20).
+    rows_per_pass : int
+        Rows (examples x scaling steps) per forward/backward pass (default: 32):
+        ``steps_per_pass = max(1, rows_per_pass // batch size)``.
+    stats : dict[str, int], optional
+        When given, ``stats["passes"]`` counts the passes run.
 
     Returns
     -------
@@ -241,7 +276,15 @@ def neuron_scores(
         Per decoder layer, the ``[d_ff]`` score vector summed over the examples
         (positive = supports the answers; module docstring).
     """
-    att = integrated_gradients(model, mlp_down_projections(model), batches, steps)
+    size = max(int(b["input_ids"].shape[0]) for b in batches) if batches else 1
+    att = integrated_gradients(
+        model,
+        mlp_down_projections(model),
+        batches,
+        steps,
+        steps_per_pass=max(1, rows_per_pass // size),
+        stats=stats,
+    )
     return [-a for a in att]
 
 

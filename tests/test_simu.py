@@ -46,8 +46,8 @@ class _Quadratic(torch.nn.Module):
         return self.down_proj(h)
 
 
-@pytest.mark.parametrize("m", [1, 4, 20])
-def test_integrated_gradients_of_a_quadratic_match_the_closed_form(m):
+@pytest.mark.parametrize(("m", "per_pass"), [(1, 1), (4, 1), (20, 1), (20, 3)])
+def test_integrated_gradients_of_a_quadratic_match_the_closed_form(m, per_pass):
     """With ∂L/∂a = DᵀD·(α h) at a scaled position, the right Riemann sum is
     Att_k = Σ_{scaled (b,t)} h_k (DᵀD h)_k · (1/m) Σ_j j/m
           = Σ h_k (DᵀD h)_k · (m+1)/(2m);
@@ -65,7 +65,10 @@ def test_integrated_gradients_of_a_quadratic_match_the_closed_form(m):
         steps=m,
         loss_fn=lambda mod, b: 0.5 * (mod(b["h"]) ** 2).sum(),
         positions_fn=lambda b: b["pos"],
+        steps_per_pass=per_pass,
+        stats=(stats := {}),
     )
+    assert stats["passes"] == -(-m // per_pass)
     gram = weight.T @ weight
     want = torch.zeros(5, dtype=torch.float64)
     for b in range(2):
@@ -147,9 +150,10 @@ def test_integrated_gradients_on_a_llama_match_finite_differences(
             assert got[layer][k].item() == pytest.approx(fd, rel=5e-3, abs=2e-5)
     # neuron_scores is the attribution of the log-likelihood: minus Att
     model.float()
-    scores = neuron_scores(model, [batch], steps=m)
+    scores = neuron_scores(model, [batch], steps=m)  # all 3 steps in one pass
     ref = integrated_gradients(model, downs, [batch], steps=m)
-    assert all(torch.equal(s, -r) for s, r in zip(scores, ref, strict=True))
+    for s, r in zip(scores, ref, strict=True):
+        torch.testing.assert_close(s, -r, rtol=1e-4, atol=1e-6)
 
 
 def test_answer_positions_are_those_predicting_an_answer_token():
@@ -398,7 +402,9 @@ def test_attribution_reply_carries_one_summed_vector_per_layer(
     assert sorted(arrays) == ["scores.0", "scores.1"]
     assert all(v.shape == (64,) for v in arrays.values())
     assert set(fields) == {"client-id", "num-examples", "passes", "attribution-seconds"}
-    assert fields["num-examples"] == 10 and fields["passes"] == 2 * 3 * 2
+    assert (
+        fields["num-examples"] == 10 and fields["passes"] == 2 * 3
+    )  # layers x batches, both steps in one pass
     # the sum over items, item by item
     items = unlearn.client_items(cfg, node)
     per_item = [neuron_scores(model, [_qa_batch(tok, [it], 64)], 2) for it in items]
