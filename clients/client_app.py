@@ -27,7 +27,7 @@ from clients.task import (
     client_model,
     reads_node_data,
 )
-from clients.unlearn import local_update
+from clients.unlearn import local_update, neuron_attribution
 from clients.wire import decode_request, encode_reply
 from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.dual import DualRegulariser
@@ -243,6 +243,7 @@ def _audit(request: AuditRequest, context: Context, cfg: ResolvedConfig) -> Audi
 QUERY_HANDLERS["hello"] = _hello
 QUERY_HANDLERS["audit"] = _audit
 QUERY_HANDLERS["local-update"] = local_update
+QUERY_HANDLERS["attribution"] = neuron_attribution
 
 
 @app.query()

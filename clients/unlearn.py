@@ -15,13 +15,18 @@ Tensors a copy does not carry are frozen and taken from a *base* adapter: the
 request's ``base``, which the client also keeps in its Flower ``context.state``
 so later rounds can send only the sub-network (FOUL's θ_V).
 
-Only adapter deltas and scalar metrics leave the client; its items never do.
+An ``attribution`` request (SIMU's stage 1) returns the client's neuron scores,
+one vector per layer summed over its items (:func:`neuron_attribution`).
+
+Only adapter deltas, those score sums and scalar metrics leave the client; its
+items never do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,8 +39,14 @@ from fed_unlearn import seeds
 from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
+from fed_unlearn.optim import MaskedOptimizer, entry_grad_masks, make_optimizer
 from fed_unlearn.privacy import ClientPolicy, examples_behind
-from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
+from fed_unlearn.protocol import (
+    AttributionReply,
+    AttributionRequest,
+    LocalUpdateReply,
+    LocalUpdateRequest,
+)
 from fed_unlearn.training import TrainSpec, budget_batches, derive_seed, local_train
 from fed_unlearn.types import AdapterState, QAItem
 
@@ -112,6 +123,98 @@ def only_ranks(model: torch.nn.Module, ranks: dict[str, list[int]]) -> Iterator[
             h.remove()
 
 
+def neuron_masks(
+    model: torch.nn.Module, neurons: dict[str, list[int]]
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Boolean masks of the selected neurons' entries of some LoRA parameters.
+
+    Parameters
+    ----------
+    model : peft.PeftModel
+        Adapted model.
+    neurons : dict[str, list[int]]
+        Adapter key -> neuron indices along :func:`fed_unlearn.adapters.neuron_axis`
+        (rows of ``lora_B``, columns of ``lora_A``).
+
+    Returns
+    -------
+    dict[torch.nn.Parameter, torch.Tensor]
+        Parameter -> mask of its shape, True on the selected rows/columns.
+    """
+    out: dict[torch.nn.Parameter, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        key = name.replace(".default", "")
+        if key in neurons:
+            mask = torch.zeros_like(param, dtype=torch.bool)
+            index = torch.tensor(neurons[key], device=param.device)
+            mask.index_fill_(ad.neuron_axis(key), index, True)
+            out[param] = mask
+    return out
+
+
+def neuron_attribution(
+    req: AttributionRequest, context: Context, cfg: ResolvedConfig
+) -> AttributionReply:
+    """SIMU stage 1: integrated-gradient neuron scores on this client's items.
+
+    The scores of every item are summed into one ``[d_ff]`` vector per layer
+    (:func:`fed_unlearn.attribution.neuron_scores`): no per-item value leaves
+    the client, and a client below its ``min-examples`` floor refuses.
+
+    Parameters
+    ----------
+    req : AttributionRequest
+        The adapter, the scaling steps and the batch size.
+    context : Context
+        Flower context (node config: data, privacy floor).
+    cfg : ResolvedConfig
+        The run configuration.
+
+    Returns
+    -------
+    AttributionReply
+        The per-layer score sums and the client's figures.
+    """
+    from fed_unlearn.attribution import neuron_scores
+    from fed_unlearn.data.qa import collate
+    from fed_unlearn.training import _encoded
+
+    cid = client_id(context.node_config)
+    items = client_items(cfg, context.node_config)
+    ClientPolicy.from_node_config(context.node_config).check(
+        "a neuron attribution", len(items)
+    )
+    model, tok, prompt_fn = client_model(cfg)
+    set_adapter(model, req.adapter)
+    device = next(p for p in model.parameters()).device
+    size = int(cfg.batch_size if req.batch_size is None else req.batch_size)
+    encoded = _encoded(tok, prompt_fn, tuple(items), int(cfg.max_length))
+    pad = int(tok.pad_token_id)  # type: ignore[attr-defined]
+    batches = [
+        {k: v.to(device) for k, v in collate(encoded[s : s + size], pad).items()}
+        for s in range(0, len(encoded), size)
+    ]
+    t0 = time.perf_counter()
+    stats: dict[str, int] = {}
+    scores = neuron_scores(model, batches, req.steps, stats=stats)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "client %d attribution: %d items, %d layers, m=%d, %.1f s",
+        cid,
+        len(items),
+        len(scores),
+        req.steps,
+        seconds,
+    )
+    return AttributionReply(
+        scores,
+        client_id=cid,
+        num_examples=len(items),
+        passes=stats["passes"],
+        attribution_seconds=seconds,
+    )
+
+
 def _retain_items(source: str, node_config: dict[str, Any]) -> list[QAItem] | None:
     if source in ("", "none"):
         return None
@@ -158,6 +261,11 @@ def local_update(
     loss = req.loss
     if loss != "nll":
         get_loss(loss)  # unknown loss -> clear error before any work
+    elif req.optimizer != "adamw" or req.optimizer_params or req.neurons:
+        raise ValueError(
+            "a local-update's optimizer, optimizer-params and neurons apply to an "
+            "inner unlearning loss, not to loss 'nll'"
+        )
     # deltas go back in the dtype the copies came in (fp16 wire: fp16 back)
     wire = (
         torch.float16
@@ -191,6 +299,7 @@ def local_update(
         lr=req.lr if req.lr is not None else float(cfg.lr) * req.lr_scale,
         max_length=int(cfg.max_length),
         max_steps=max_steps,
+        **({} if req.weight_decay is None else {"weight_decay": req.weight_decay}),
     )
     policy.check(
         f"a {loss} local-update",
@@ -207,6 +316,12 @@ def local_update(
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
     expected = set(shapes)
     ranks = ad.check_ranks(req.ranks, shapes)
+    neurons = ad.check_ranks(req.neurons, shapes, ad.neuron_axis, "neurons")
+    if set(neurons) & set(ranks):
+        raise ValueError(
+            f"a tensor cannot be sliced by ranks and neurons at once: "
+            f"{sorted(set(neurons) & set(ranks))[:3]}"
+        )
     retain = _retain_items(req.retain, dict(context.node_config))
     deltas: list[AdapterState] = []
     steps = tokens = 0
@@ -232,9 +347,20 @@ def local_update(
                     "whole tensor in the base adapter"
                 )
             full[n] = ad.put_ranks(base[n], n, picked, copy[n])
+        outside = sorted(set(neurons) - set(copy))
+        if outside:
+            raise ValueError(
+                f"copy {k}: neurons of {outside[:3]} select entries of tensors the "
+                "copy does not carry (those are frozen)"
+            )
         set_adapter(model, full)
         seed = derive_seed(cfg.seed, req.seed_round, cid, k)
-        with only_trainable(model, set(copy)), only_ranks(model, ranks):
+        masks = neuron_masks(model, neurons)
+        with (
+            only_trainable(model, set(copy)),
+            only_ranks(model, ranks),
+            entry_grad_masks(masks),
+        ):
             if loss == "nll":
                 stats = local_train(model, tok, prompt_fn, items, spec, seed=seed)
             else:
@@ -248,6 +374,16 @@ def local_update(
                     seed=seed,
                     retain_items=retain,
                     params=req.loss_params,
+                    optimizer=lambda params, m=masks: MaskedOptimizer(
+                        make_optimizer(
+                            req.optimizer,
+                            params,
+                            spec.lr,
+                            spec.weight_decay,
+                            req.optimizer_params,
+                        ),
+                        m,
+                    ),
                 )
         after = get_adapter(model)
         delta: AdapterState = {}

@@ -11,7 +11,7 @@ scaling ``s``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -342,8 +342,26 @@ def rank_axis(key: str) -> int:
     raise ValueError(f"{key} is not a lora_A / lora_B tensor: it has no ranks")
 
 
+def neuron_axis(key: str) -> int:
+    """Return the axis of LoRA tensor ``key`` that indexes its module's neurons.
+
+    The other axis than :func:`rank_axis`: rows of ``lora_B`` (out x r: the
+    module's outputs, e.g. the MLP neurons of ``gate_proj``/``up_proj``),
+    columns of ``lora_A`` (r x in: its inputs, those of ``down_proj``).
+
+    Raises
+    ------
+    ValueError
+        ``key`` is neither a ``lora_A`` nor a ``lora_B`` tensor.
+    """
+    return 1 - rank_axis(key)
+
+
 def check_ranks(
-    ranks: object, shapes: Mapping[str, torch.Size]
+    ranks: object,
+    shapes: Mapping[str, torch.Size],
+    axis: Callable[[str], int] = rank_axis,
+    what: str = "ranks",
 ) -> dict[str, list[int]]:
     """Validate a ``{tensor: [rank, ...]}`` selection against adapter shapes.
 
@@ -353,6 +371,11 @@ def check_ranks(
         The selection (e.g. a parsed JSON object).
     shapes : Mapping[str, torch.Size]
         The adapter's tensor shapes.
+    axis : Callable[[str], int]
+        The axis the indices select along (default: :func:`rank_axis`;
+        :func:`neuron_axis` for neurons).
+    what : str
+        What the indices are, for error messages (default: ``"ranks"``).
 
     Returns
     -------
@@ -366,13 +389,12 @@ def check_ranks(
         in-range integer ranks.
     """
     if not isinstance(ranks, Mapping):
-        raise ValueError(f"ranks must map tensor names to rank lists, got {ranks!r}")
+        raise ValueError(f"{what} must map tensor names to index lists, got {ranks!r}")
     out: dict[str, list[int]] = {}
     for key, picked in ranks.items():
         if key not in shapes:
-            raise ValueError(f"ranks name an unknown adapter tensor {key!r}")
-        axis = rank_axis(str(key))
-        size = shapes[key][axis]
+            raise ValueError(f"{what} name an unknown adapter tensor {key!r}")
+        size = shapes[key][axis(str(key))]
         if (
             not isinstance(picked, list)
             or not picked
@@ -380,7 +402,7 @@ def check_ranks(
             or len(set(picked)) != len(picked)
         ):
             raise ValueError(
-                f"ranks of {key} must be distinct integers in [0, {size}), "
+                f"{what} of {key} must be distinct integers in [0, {size}), "
                 f"got {picked!r}"
             )
         out[str(key)] = sorted(picked)

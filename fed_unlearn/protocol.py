@@ -10,16 +10,18 @@ What crosses the wire
 ---------------------
 Only adapter tensors (LoRA ``A``/``B`` factors, whole or as selected ranks, and
 deltas of them), aggregate scalar metrics of a client (its number of items, its
-local work, its mean loss, one audit gap, one answer probability) and configs.
-Never text, tokens, items, per-example values or any list-valued statistic of a
-client's data: the one list a train message carries, the dual-adapter
-prototype, goes from the server to the clients and is computed from public
-probes (:func:`fed_unlearn.dual.public_prototype`).
+local work, its mean loss, one audit gap, one answer probability, SIMU's
+neuron attribution: one score vector per layer summed over the client's items)
+and configs. Never text, tokens, items, per-example values or a list-valued
+statistic of a client's data in its metrics: the one list a train message
+carries, the dual-adapter prototype, goes from the server to the clients and is
+computed from public probes (:func:`fed_unlearn.dual.public_prototype`).
 
 Envelope
 --------
-A request is one Flower message (``QUERY`` for ``hello``, ``audit`` and
-``local-update``, ``TRAIN`` for ``train``, ``EVALUATE`` for ``evaluate``) with
+A request is one Flower message (``QUERY`` for ``hello``, ``audit``,
+``local-update`` and ``attribution``, ``TRAIN`` for ``train``, ``EVALUATE``
+for ``evaluate``) with
 
 - ``config`` (ConfigRecord): ``kind`` and the request's scalar fields;
 - ``run`` (ConfigRecord): the run config the client needs, :func:`encode_run`:
@@ -85,7 +87,23 @@ Kinds (sender: server; receiver: one client per message)
     the copies and the base. Reply arrays: one delta (after - before) per copy,
     of the tensors that copy carried, in the copies' dtype; metrics
     ``client-id``, ``num-examples``, ``local-steps``, ``tokens`` (int),
-    ``train-seconds``, ``loss`` (float).
+    ``train-seconds``, ``loss`` (float). With an inner loss it also takes
+    ``optimizer`` (str: ``adamw``, the default, or ``sophia``, SOUL's SophiaG,
+    :mod:`fed_unlearn.optim`), ``optimizer-params.<name>`` (float: Sophia's
+    ``beta1``, ``beta2``, ``rho``, ``bs``), ``weight-decay`` (float, default:
+    0, as FL training) and ``neurons.<tensor>`` (list[int]: only these rows of that
+    ``lora_B`` / columns of that ``lora_A``, the MLP neurons SIMU selected,
+    train; the tensor's other entries come back with a zero delta, unchanged).
+``attribution`` (:class:`AttributionRequest` -> :class:`AttributionReply`)
+    SIMU's stage 1 (:mod:`fed_unlearn.attribution`): integrated-gradient
+    scores of every MLP neuron of ``adapter`` on the client's own items (the
+    departed client's are its forget set, a remaining client's its retain
+    set). Fields: ``steps`` (int: m scaling steps), ``batch-size`` (int,
+    default: the run's). Arrays: the adapter. Reply arrays: ``scores.<l>``,
+    one ``[d_ff]`` vector per decoder layer ``l``, *summed over all the
+    client's items* (never per item); metrics ``client-id``,
+    ``num-examples``, ``passes`` (int: forward/backward passes),
+    ``attribution-seconds`` (float).
 """
 
 from __future__ import annotations
@@ -109,6 +127,8 @@ from fed_unlearn.training import NO_CAP
 from fed_unlearn.types import AdapterState
 
 __all__ = [
+    "AttributionReply",
+    "AttributionRequest",
     "AuditReply",
     "AuditRequest",
     "EvaluateReply",
@@ -604,6 +624,15 @@ class LocalUpdateRequest(_Message):
         Overrides of the inner loss's parameters.
     seed_round : int
         Seed stream of the client's data order.
+    optimizer : str
+        ``"adamw"`` (default) or ``"sophia"`` (inner losses only).
+    optimizer_params : dict[str, float]
+        Overrides of the optimiser's parameters (Sophia's).
+    weight_decay : float, optional
+        Decoupled weight decay (``None``: 0, as FL training).
+    neurons : dict[str, list[int]]
+        Tensor -> the neurons (rows of ``lora_B``, columns of ``lora_A``) that
+        train; its other entries stay unchanged.
 
     Raises
     ------
@@ -626,6 +655,12 @@ class LocalUpdateRequest(_Message):
     retain: str = _wire("retain", "str", default="none")
     loss_params: dict[str, float] = _wire("loss-params", "params", default_factory=dict)
     seed_round: int = _wire("seed-round", "int", default=0)
+    optimizer: str = _wire("optimizer", "str", default="adamw")
+    optimizer_params: dict[str, float] = _wire(
+        "optimizer-params", "params", default_factory=dict
+    )
+    weight_decay: float | None = _wire("weight-decay", "float", default=None)
+    neurons: dict[str, list[int]] = _wire("neurons", "ranks", default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -638,11 +673,15 @@ class LocalUpdateRequest(_Message):
                 f"{self.where()}: a 'budget' request sizes its own batches: it "
                 "needs max-steps >= 1 and no batch-size"
             )
-        for name, value in self.loss_params.items():
-            if not math.isfinite(value):
-                raise ProtocolError(
-                    f"{self.where()}: 'loss-params.{name}' must be finite"
-                )
+        for family, params in (
+            ("loss-params", self.loss_params),
+            ("optimizer-params", self.optimizer_params),
+        ):
+            for name, value in params.items():
+                if not math.isfinite(value):
+                    raise ProtocolError(
+                        f"{self.where()}: '{family}.{name}' must be finite"
+                    )
 
     def arrays(self) -> AdapterState:
         """Return the copies and the base as ``copy<k>.*`` / ``base.*`` arrays."""
@@ -654,8 +693,46 @@ class LocalUpdateRequest(_Message):
         return {"copies": copies, "base": base}
 
 
+@dataclass(frozen=True)
+class AttributionRequest(_AdapterRequest):
+    """``attribution``: SIMU's neuron scores of ``adapter`` on the client's items.
+
+    Parameters
+    ----------
+    adapter : AdapterState
+        The adapter to attribute (the global one at the unlearning request).
+    steps : int
+        m >= 1 integrated-gradient scaling steps.
+    batch_size : int, optional
+        Examples per batch (``None``: the run's).
+
+    Raises
+    ------
+    ProtocolError
+        An ill-typed field, ``steps < 1`` or ``batch_size < 1``.
+    """
+
+    kind: ClassVar[str] = "attribution"
+    role: ClassVar[str] = "request"
+    steps: int = _wire("steps", "int", default=20)
+    batch_size: int | None = _wire("batch-size", "int", default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise ProtocolError(
+                f"{self.where()}: 'steps' and 'batch-size' must be >= 1, got "
+                f"{self.steps} and {self.batch_size}"
+            )
+
+
 Request = (
-    HelloRequest | TrainRequest | EvaluateRequest | AuditRequest | LocalUpdateRequest
+    HelloRequest
+    | TrainRequest
+    | EvaluateRequest
+    | AuditRequest
+    | LocalUpdateRequest
+    | AttributionRequest
 )
 #: kind -> request class.
 REQUESTS: dict[str, type[Request]] = {
@@ -666,6 +743,7 @@ REQUESTS: dict[str, type[Request]] = {
         EvaluateRequest,
         AuditRequest,
         LocalUpdateRequest,
+        AttributionRequest,
     )
 }
 
@@ -794,11 +872,95 @@ class LocalUpdateReply(_Message):
         return {"deltas": deltas}
 
 
-Reply = HelloReply | TrainReply | EvaluateReply | AuditReply | LocalUpdateReply
+#: Array-key prefix of an ``attribution`` reply's per-layer score vectors.
+SCORES_PREFIX = "scores."
+
+
+@dataclass(frozen=True)
+class AttributionReply(_Message):
+    """Reply to ``attribution``: one score vector per layer, summed over items.
+
+    Parameters
+    ----------
+    scores : list[torch.Tensor]
+        Per decoder layer ``l`` (array ``scores.<l>``), the ``[d_ff]`` scores
+        summed over the client's items.
+    client_id, num_examples : int
+        The client and how many items the sums run over.
+    passes : int
+        Forward/backward passes the client ran.
+    attribution_seconds : float
+        Its wall time.
+
+    Raises
+    ------
+    ProtocolError
+        No layers, or a score that is not a finite 1-D float vector.
+    """
+
+    kind: ClassVar[str] = "attribution"
+    role: ClassVar[str] = "reply"
+    scores: list[torch.Tensor]
+    client_id: int = _wire("client-id", "int")
+    num_examples: int = _wire("num-examples", "int")
+    passes: int = _wire("passes", "int")
+    attribution_seconds: float = _wire("attribution-seconds", "float")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.scores:
+            raise ProtocolError(f"{self.where()}: carries no scores.<l> arrays")
+        for i, s in enumerate(self.scores):
+            if (
+                not isinstance(s, torch.Tensor)
+                or s.dim() != 1
+                or not s.is_floating_point()
+                or not bool(torch.isfinite(s).all())
+            ):
+                raise ProtocolError(
+                    f"{self.where()}: 'scores.{i}' must be a finite 1-D float vector"
+                )
+
+    def arrays(self) -> AdapterState:
+        """Return the scores as ``scores.<l>`` arrays."""
+        return {f"{SCORES_PREFIX}{i}": s for i, s in enumerate(self.scores)}
+
+    @classmethod
+    def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
+        found: dict[int, torch.Tensor] = {}
+        for key, value in _tensors(cls.where(), arrays or {}).items():
+            index = key[len(SCORES_PREFIX) :]
+            if not key.startswith(SCORES_PREFIX) or not index.isdigit():
+                raise ProtocolError(
+                    f"{cls.where()}: unexpected array {key!r} (want scores.<l>)"
+                )
+            found[int(index)] = value
+        if sorted(found) != list(range(len(found))):
+            raise ProtocolError(
+                f"{cls.where()}: layer indices {sorted(found)} are not 0..L-1"
+            )
+        return {"scores": [found[i] for i in range(len(found))]}
+
+
+Reply = (
+    HelloReply
+    | TrainReply
+    | EvaluateReply
+    | AuditReply
+    | LocalUpdateReply
+    | AttributionReply
+)
 #: kind -> reply class.
 REPLIES: dict[str, type[Reply]] = {
     c.kind: c
-    for c in (HelloReply, TrainReply, EvaluateReply, AuditReply, LocalUpdateReply)
+    for c in (
+        HelloReply,
+        TrainReply,
+        EvaluateReply,
+        AuditReply,
+        LocalUpdateReply,
+        AttributionReply,
+    )
 }
 
 

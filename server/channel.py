@@ -22,6 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from fed_unlearn.config import AnyConfig, ResolvedConfig
 from fed_unlearn.methods.base import ClientFailure
 from fed_unlearn.protocol import (
+    AttributionReply,
+    AttributionRequest,
     AuditReply,
     AuditRequest,
     LocalUpdateReply,
@@ -161,6 +163,11 @@ class FlowerChannel:
     def query(
         self, requests: Mapping[ClientId, AuditRequest]
     ) -> dict[ClientId, AuditReply]: ...
+
+    @overload
+    def query(
+        self, requests: Mapping[ClientId, AttributionRequest]
+    ) -> dict[ClientId, AttributionReply]: ...
 
     def query(self, requests: Mapping[ClientId, Request]) -> dict[ClientId, Any]:
         """Send each client its request (one message each) and collect the replies.

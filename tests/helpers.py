@@ -55,7 +55,8 @@ class LinearClients:
     delta = -0.5 (t_c - x)), for every tensor of every copy of a
     ``local-update`` request (a tensor named in the request's ``ranks`` travels
     as those ranks of it, and so does its target). Enough to exercise a
-    method's contract without Flower.
+    method's contract without Flower. An ``attribution`` request gets two
+    layers of four neuron scores, client ``c``'s largest at neuron ``c``.
     """
 
     def __init__(self, targets):
@@ -65,10 +66,26 @@ class LinearClients:
 
     def query(self, requests):
         from fed_unlearn.adapters import take_ranks
-        from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
+        from fed_unlearn.protocol import (
+            AttributionReply,
+            AttributionRequest,
+            LocalUpdateReply,
+            LocalUpdateRequest,
+        )
 
         out = {}
         for cid, req in requests.items():
+            if isinstance(req, AttributionRequest):
+                # two layers of four neurons; client c favours neuron c
+                scores = [torch.arange(4.0) - 3 * (torch.arange(4) != cid)] * 2
+                out[cid] = AttributionReply(
+                    scores,
+                    client_id=cid,
+                    num_examples=10,
+                    passes=1,
+                    attribution_seconds=0.0,
+                )
+                continue
             assert isinstance(req, LocalUpdateRequest)
             sign = 1.0 if req.loss == "nll" else -1.0
             deltas = []

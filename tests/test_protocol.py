@@ -9,6 +9,8 @@ from fed_unlearn.config import RunConfig
 from fed_unlearn.protocol import (
     REPLIES,
     REQUESTS,
+    AttributionReply,
+    AttributionRequest,
     AuditReply,
     AuditRequest,
     EvaluateReply,
@@ -63,6 +65,15 @@ def _requests():
             budget=1 / 6,
             max_steps=2,
         ),
+        LocalUpdateRequest(
+            copies=[_adapter()],
+            loss="gd",
+            optimizer="sophia",
+            optimizer_params={"rho": 0.04, "bs": 5120},
+            weight_decay=0.1,
+            neurons={B: [0, 2]},
+        ),
+        AttributionRequest(_adapter(), steps=4, batch_size=2),
     ]
 
 
@@ -100,6 +111,13 @@ def _replies():
             train_seconds=0.5,
             loss=2.5,
         ),
+        AttributionReply(
+            [torch.tensor([0.5, -1.0, 2.0]), torch.zeros(3)],
+            client_id=2,
+            num_examples=30,
+            passes=12,
+            attribution_seconds=0.3,
+        ),
     ]
 
 
@@ -117,7 +135,14 @@ def _same(a, b) -> None:
 
 def test_every_kind_has_a_request_and_a_reply_and_both_are_tested():
     assert set(REQUESTS) == set(REPLIES)
-    assert set(REQUESTS) == {"hello", "train", "evaluate", "audit", "local-update"}
+    assert set(REQUESTS) == {
+        "hello",
+        "train",
+        "evaluate",
+        "audit",
+        "local-update",
+        "attribution",
+    }
     assert {r.kind for r in _requests()} == set(REQUESTS)
     assert {r.kind for r in _replies()} == set(REPLIES)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -23,6 +24,18 @@ from fed_unlearn.training import TrainSpec, TrainStats, _encoded, derive_seed
 from fed_unlearn.types import QAItem
 
 Encoded = list[tuple[list[int], list[int]]]
+
+
+class Stepper(Protocol):
+    """What the loop needs of an optimiser."""
+
+    def step(self) -> Any:
+        """Update the parameters from their gradients."""
+        ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients."""
+        ...
 
 
 def _retain_stream(
@@ -64,6 +77,7 @@ def unlearn_train(
     retain_items: Sequence[QAItem] | None = None,
     params: Mapping[str, float] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    optimizer: Callable[[list[torch.nn.Parameter]], Stepper] | None = None,
 ) -> TrainStats:
     """Run an inner unlearning loss on the model's trainable adapter tensors.
 
@@ -91,6 +105,12 @@ def unlearn_train(
         Overrides of the loss's :attr:`LossSpec.defaults`.
     on_step : Callable[[int, float], None], optional
         Called after every step with ``(step, loss)``.
+    optimizer : Callable, optional
+        Builds the optimiser of the trainable parameters (anything with
+        ``step()`` and ``zero_grad(set_to_none=...)``, e.g.
+        :func:`fed_unlearn.optim.make_optimizer` wrapped in a
+        :class:`~fed_unlearn.optim.MaskedOptimizer`); default: AdamW with the
+        spec's learning rate and weight decay.
 
     Returns
     -------
@@ -140,7 +160,11 @@ def unlearn_train(
         if retain
         else None
     )
-    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
+    opt: Stepper = (
+        torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
+        if optimizer is None
+        else optimizer(trainable)
+    )
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     was_training = model.training
     t0 = time.perf_counter()

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Protocol, overload
 from fed_unlearn.config import SERVER_OPTIMIZERS
 from fed_unlearn.history import HistoryStore
 from fed_unlearn.protocol import (
+    AttributionReply,
+    AttributionRequest,
     AuditReply,
     AuditRequest,
     LocalUpdateReply,
@@ -94,9 +96,21 @@ class ClientChannel(Protocol):
         self, requests: Mapping[ClientId, AuditRequest]
     ) -> dict[ClientId, AuditReply]: ...
 
+    @overload
     def query(
-        self, requests: Mapping[ClientId, LocalUpdateRequest | AuditRequest]
-    ) -> dict[ClientId, LocalUpdateReply] | dict[ClientId, AuditReply]:
+        self, requests: Mapping[ClientId, AttributionRequest]
+    ) -> dict[ClientId, AttributionReply]: ...
+
+    def query(
+        self,
+        requests: Mapping[
+            ClientId, LocalUpdateRequest | AuditRequest | AttributionRequest
+        ],
+    ) -> (
+        dict[ClientId, LocalUpdateReply]
+        | dict[ClientId, AuditReply]
+        | dict[ClientId, AttributionReply]
+    ):
         """Send each client its request and return its typed reply."""
         ...
 
