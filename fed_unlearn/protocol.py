@@ -10,14 +10,16 @@ What crosses the wire
 ---------------------
 Only adapter tensors (LoRA ``A``/``B`` factors, whole or as selected ranks, and
 deltas of them), aggregate scalar metrics of a client (its number of items, its
-local work, its mean loss, one audit gap, one answer probability, the
-dual-adapter prototype: one mean vector of the client's data) and configs. Never
-text, tokens, items or per-example values.
+local work, its mean loss, one audit gap, one answer probability, one token
+accuracy, the dual-adapter prototype: one mean vector of the client's data; the
+``layer-grams`` Gram matrices: sums over all tokens of its items) and configs.
+Never text, tokens, items or per-example values.
 
 Envelope
 --------
-A request is one Flower message (``QUERY`` for ``hello``, ``audit`` and
-``local-update``, ``TRAIN`` for ``train``, ``EVALUATE`` for ``evaluate``) with
+A request is one Flower message (``QUERY`` for ``hello``, ``audit``,
+``local-update``, ``token-accuracy`` and ``layer-grams``, ``TRAIN`` for
+``train``, ``EVALUATE`` for ``evaluate``) with
 
 - ``config`` (ConfigRecord): ``kind`` and the request's scalar fields;
 - ``run`` (ConfigRecord): the run config the client needs, :func:`encode_run`:
@@ -80,6 +82,20 @@ Kinds (sender: server; receiver: one client per message)
     of the tensors that copy carried, in the copies' dtype; metrics
     ``client-id``, ``num-examples``, ``local-steps``, ``tokens`` (int),
     ``train-seconds``, ``loss`` (float).
+``token-accuracy`` (:class:`TokenAccuracyRequest` -> :class:`TokenAccuracyReply`)
+    A client's teacher-forced token accuracy on its own items (PGA's early
+    stop). No fields. Arrays: the adapter. Reply: ``token-accuracy`` (float:
+    the mean over its items of the share of answer tokens, EOS excluded, that
+    greedy decoding predicts), ``num-examples`` (int).
+``layer-grams`` (:class:`LayerGramRequest` -> :class:`LayerGramReply`)
+    The input subspace of each adapted layer (SFU). Fields: ``max-items``
+    (int: items to forward, 0 = all). Arrays: the adapter. Reply arrays: per
+    adapted layer, named by its ``lora_A`` tensor, the ``d_in x d_in`` Gram
+    matrix ``sum_i lambda_i x_i x_i^T`` over every non-padding token ``i`` of
+    the items forwarded, ``x_i`` the token's input to that layer and
+    ``lambda_i > 0`` a random scale the client draws and keeps; metrics
+    ``num-examples`` (items behind the sums), ``tokens`` (int). An aggregate:
+    no single token's representation travels.
 """
 
 from __future__ import annotations
@@ -109,11 +125,15 @@ __all__ = [
     "EvaluateRequest",
     "HelloReply",
     "HelloRequest",
+    "LayerGramReply",
+    "LayerGramRequest",
     "LocalUpdateReply",
     "LocalUpdateRequest",
     "ProtocolError",
     "Reply",
     "Request",
+    "TokenAccuracyReply",
+    "TokenAccuracyRequest",
     "TrainReply",
     "TrainRequest",
     "decode_reply",
@@ -626,8 +646,46 @@ class LocalUpdateRequest(_Message):
         return {"copies": copies, "base": base}
 
 
+@dataclass(frozen=True)
+class TokenAccuracyRequest(_AdapterRequest):
+    """``token-accuracy``: the client's token accuracy of ``adapter``."""
+
+    kind: ClassVar[str] = "token-accuracy"
+    role: ClassVar[str] = "request"
+
+
+@dataclass(frozen=True)
+class LayerGramRequest(_AdapterRequest):
+    """``layer-grams``: per adapted layer, the Gram matrix of its inputs.
+
+    Parameters
+    ----------
+    adapter : AdapterState
+        The adapter to forward with.
+    max_items : int
+        Items to forward (0 = all of the client's).
+    """
+
+    kind: ClassVar[str] = "layer-grams"
+    role: ClassVar[str] = "request"
+    max_items: int = _wire("max-items", "int", default=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_items < 0:
+            raise ProtocolError(
+                f"{self.where()}: 'max-items' must be >= 0, got {self.max_items}"
+            )
+
+
 Request = (
-    HelloRequest | TrainRequest | EvaluateRequest | AuditRequest | LocalUpdateRequest
+    HelloRequest
+    | TrainRequest
+    | EvaluateRequest
+    | AuditRequest
+    | LocalUpdateRequest
+    | TokenAccuracyRequest
+    | LayerGramRequest
 )
 #: kind -> request class.
 REQUESTS: dict[str, type[Request]] = {
@@ -638,6 +696,8 @@ REQUESTS: dict[str, type[Request]] = {
         EvaluateRequest,
         AuditRequest,
         LocalUpdateRequest,
+        TokenAccuracyRequest,
+        LayerGramRequest,
     )
 }
 
@@ -762,11 +822,59 @@ class LocalUpdateReply(_Message):
         return {"deltas": deltas}
 
 
-Reply = HelloReply | TrainReply | EvaluateReply | AuditReply | LocalUpdateReply
+@dataclass(frozen=True)
+class TokenAccuracyReply(_Message):
+    """Reply to ``token-accuracy``: the mean token accuracy on the client's items."""
+
+    kind: ClassVar[str] = "token-accuracy"
+    role: ClassVar[str] = "reply"
+    token_accuracy: float = _wire("token-accuracy", "float")
+    num_examples: int = _wire("num-examples", "int")
+
+
+@dataclass(frozen=True)
+class LayerGramReply(_Message):
+    """Reply to ``layer-grams``: one summed Gram matrix per adapted layer.
+
+    ``grams`` maps each ``lora_A`` tensor name to its ``d_in x d_in`` matrix.
+    """
+
+    kind: ClassVar[str] = "layer-grams"
+    role: ClassVar[str] = "reply"
+    grams: AdapterState
+    num_examples: int = _wire("num-examples", "int")
+    tokens: int = _wire("tokens", "int")
+
+    def arrays(self) -> AdapterState:
+        """Return the Gram matrices."""
+        return self.grams
+
+    @classmethod
+    def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"grams": _adapter(cls.where(), arrays)}
+
+
+Reply = (
+    HelloReply
+    | TrainReply
+    | EvaluateReply
+    | AuditReply
+    | LocalUpdateReply
+    | TokenAccuracyReply
+    | LayerGramReply
+)
 #: kind -> reply class.
 REPLIES: dict[str, type[Reply]] = {
     c.kind: c
-    for c in (HelloReply, TrainReply, EvaluateReply, AuditReply, LocalUpdateReply)
+    for c in (
+        HelloReply,
+        TrainReply,
+        EvaluateReply,
+        AuditReply,
+        LocalUpdateReply,
+        TokenAccuracyReply,
+        LayerGramReply,
+    )
 }
 
 

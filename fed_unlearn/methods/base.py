@@ -18,8 +18,12 @@ from fed_unlearn.history import HistoryStore
 from fed_unlearn.protocol import (
     AuditReply,
     AuditRequest,
+    LayerGramReply,
+    LayerGramRequest,
     LocalUpdateReply,
     LocalUpdateRequest,
+    TokenAccuracyReply,
+    TokenAccuracyRequest,
 )
 from fed_unlearn.types import AdapterState, ClientId
 
@@ -93,9 +97,17 @@ class ClientChannel(Protocol):
         self, requests: Mapping[ClientId, AuditRequest]
     ) -> dict[ClientId, AuditReply]: ...
 
+    @overload
     def query(
-        self, requests: Mapping[ClientId, LocalUpdateRequest | AuditRequest]
-    ) -> dict[ClientId, LocalUpdateReply] | dict[ClientId, AuditReply]:
+        self, requests: Mapping[ClientId, TokenAccuracyRequest]
+    ) -> dict[ClientId, TokenAccuracyReply]: ...
+
+    @overload
+    def query(
+        self, requests: Mapping[ClientId, LayerGramRequest]
+    ) -> dict[ClientId, LayerGramReply]: ...
+
+    def query(self, requests: Mapping[ClientId, Any]) -> dict[ClientId, Any]:
         """Send each client its request and return its typed reply."""
         ...
 
