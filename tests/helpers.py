@@ -56,6 +56,10 @@ class LinearClients:
     ``local-update`` request (a tensor named in the request's ``ranks`` travels
     as those ranks of it, and so does its target). Enough to exercise a
     method's contract without Flower.
+
+    A ``token-accuracy`` request gets 1 / (1 + ‖x - t_c‖) (the whole adapter),
+    a ``layer-grams`` request ``A_cᵀ A_c`` per ``lora_A`` tensor of ``t_c``
+    (its rows as the client's inputs).
     """
 
     def __init__(self, targets):
@@ -65,10 +69,30 @@ class LinearClients:
 
     def query(self, requests):
         from fed_unlearn.adapters import take_ranks
-        from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
+        from fed_unlearn.protocol import (
+            LayerGramReply,
+            LayerGramRequest,
+            LocalUpdateReply,
+            LocalUpdateRequest,
+            TokenAccuracyReply,
+            TokenAccuracyRequest,
+        )
 
         out = {}
         for cid, req in requests.items():
+            if isinstance(req, TokenAccuracyRequest):
+                t = self.targets[cid]
+                gap = sum(float((req.adapter[k] - t[k]).pow(2).sum()) for k in t)
+                out[cid] = TokenAccuracyReply(
+                    token_accuracy=1.0 / (1.0 + gap**0.5), num_examples=10
+                )
+                continue
+            if isinstance(req, LayerGramRequest):
+                grams = {
+                    k: v.T @ v for k, v in self.targets[cid].items() if ".lora_A." in k
+                }
+                out[cid] = LayerGramReply(grams, num_examples=10, tokens=20)
+                continue
             assert isinstance(req, LocalUpdateRequest)
             sign = 1.0 if req.loss == "nll" else -1.0
             deltas = []
