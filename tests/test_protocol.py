@@ -15,9 +15,13 @@ from fed_unlearn.protocol import (
     EvaluateRequest,
     HelloReply,
     HelloRequest,
+    LayerGramReply,
+    LayerGramRequest,
     LocalUpdateReply,
     LocalUpdateRequest,
     ProtocolError,
+    TokenAccuracyReply,
+    TokenAccuracyRequest,
     TrainReply,
     TrainRequest,
     decode_reply,
@@ -63,6 +67,9 @@ def _requests():
             budget=1 / 6,
             max_steps=2,
         ),
+        TokenAccuracyRequest(_adapter()),
+        LayerGramRequest(_adapter()),
+        LayerGramRequest(_adapter(), max_items=12),
     ]
 
 
@@ -101,6 +108,8 @@ def _replies():
             train_seconds=0.5,
             loss=2.5,
         ),
+        TokenAccuracyReply(token_accuracy=0.25, num_examples=30),
+        LayerGramReply({A: torch.eye(3)}, num_examples=30, tokens=400),
     ]
 
 
@@ -118,7 +127,15 @@ def _same(a, b) -> None:
 
 def test_every_kind_has_a_request_and_a_reply_and_both_are_tested():
     assert set(REQUESTS) == set(REPLIES)
-    assert set(REQUESTS) == {"hello", "train", "evaluate", "audit", "local-update"}
+    assert set(REQUESTS) == {
+        "hello",
+        "train",
+        "evaluate",
+        "audit",
+        "local-update",
+        "token-accuracy",
+        "layer-grams",
+    }
     assert {r.kind for r in _requests()} == set(REQUESTS)
     assert {r.kind for r in _replies()} == set(REPLIES)
 
@@ -171,6 +188,9 @@ def test_dicts_travel_as_typed_key_families_not_json():
         ({"kind": "train", "server-round": 1, "phase": "train"}, "unknown key 'phase'"),
         ({"kind": "train", "server-round": 1, "dual-prototype": ["a"]}, "list of num"),
         ({"kind": "hello", "x": 1}, "hello request: unknown key 'x'"),
+        ({"kind": "layer-grams", "max-items": -1}, "'max-items' must be >= 0"),
+        ({"kind": "layer-grams", "max-items": 1.0}, "'max-items' must be an int"),
+        ({"kind": "token-accuracy", "tau": 0.1}, "unknown key 'tau'"),
         ({"kind": "recover"}, "unknown request kind 'recover'"),
         ({}, "unknown request kind None"),
     ],
