@@ -200,3 +200,106 @@ def layer_input_grams(
     finally:
         model.train(was_training)
     return {k: g.float() for k, g in grams.items()}, tokens
+
+
+def gram_membership_score(
+    gram: torch.Tensor, reference: torch.Tensor, inputs: torch.Tensor
+) -> float:
+    """Score a candidate's tokens for membership in a client's Gram matrix.
+
+    The attack of ``docs/methods/sfu.md``: the attacker holds the model, a
+    candidate item and a Gram matrix of public data (``reference``); it scores
+    how much more of each token's energy the client's trace-normalised Gram
+    matrix ``Ĝ = G / tr G`` holds than the reference's,
+    ``mean_t (x_tᵀ Ĝ x_t − x_tᵀ Ĝ_ref x_t) / ‖x_t‖²``. Higher = more likely a
+    member.
+
+    Parameters
+    ----------
+    gram, reference : torch.Tensor
+        ``d x d`` Gram matrices (the client's and the public reference's).
+    inputs : torch.Tensor
+        ``n x d``: the candidate's token inputs to the same layer.
+
+    Returns
+    -------
+    float
+        The score.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not fit, or a zero matrix.
+    """
+    if inputs.dim() != 2 or inputs.shape[1] != gram.shape[0]:
+        raise ValueError(
+            f"inputs {tuple(inputs.shape)} do not fit the Gram matrix "
+            f"{tuple(gram.shape)}"
+        )
+    if gram.shape != reference.shape:
+        raise ValueError(
+            f"the reference {tuple(reference.shape)} differs from the Gram matrix "
+            f"{tuple(gram.shape)}"
+        )
+    g, r, x = gram.double(), reference.double(), inputs.double()
+    tg, tr = float(torch.trace(g)), float(torch.trace(r))
+    if tg <= 0 or tr <= 0:
+        raise ValueError("a Gram matrix with zero trace has no energy to compare")
+    norms = (x * x).sum(1).clamp_min(1e-30)
+    quad = ((x @ g) * x).sum(1) / tg - ((x @ r) * x).sum(1) / tr
+    return float((quad / norms).mean())
+
+
+@torch.no_grad()
+def layer_token_inputs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_fn: PromptFn,
+    items: Sequence[QAItem],
+    max_length: int,
+) -> list[dict[str, torch.Tensor]]:
+    """Per item, its tokens' inputs to every LoRA A (the attacker's side).
+
+    Parameters
+    ----------
+    model : peft.PeftModel
+        Adapted model (evaluated in eval mode; its mode is restored).
+    tokenizer : PreTrainedTokenizerBase
+        Its tokenizer.
+    prompt_fn : PromptFn
+        Prompt format.
+    items : Sequence[QAItem]
+        Candidate items.
+    max_length : int
+        Token limit per item.
+
+    Returns
+    -------
+    list[dict[str, torch.Tensor]]
+        Per item: ``lora_A`` key -> ``n_tokens x d_in`` (float64).
+    """
+    modules = _lora_a_inputs(model)
+    out: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(key: str) -> Any:
+        def pre(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            current[key] = args[0].detach().double().reshape(-1, args[0].shape[-1])
+
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(k)) for k, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for it in items:
+            enc = encode_qa(tokenizer, prompt_fn(it.question), it.answer, max_length)
+            batch = collate([enc], int(tokenizer.pad_token_id))
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out.append({k: v.cpu() for k, v in current.items()})
+            current.clear()
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return out
