@@ -8,7 +8,7 @@ The attacker here is the server: it holds the model with the global adapter, a
 public reference set (the proxy retain people every party can generate) and
 candidate items; it scores each candidate by how much more of its tokens'
 energy G holds than the reference's Gram matrix
-(:func:`~fed_unlearn.subspace.gram_membership_score`, averaged over the
+(:func:`~fed_unlearn.subspace.gram_membership_scores`, averaged over the
 layers) and decides membership by thresholding. The figure is the ROC AUC of
 that score, members against non-members of the same client (0.5 = chance).
 
@@ -41,7 +41,7 @@ from fed_unlearn.models import (
     set_adapter,
 )
 from fed_unlearn.subspace import (
-    gram_membership_score,
+    gram_membership_scores,
     layer_input_grams,
     layer_token_inputs,
 )
@@ -107,19 +107,23 @@ def main() -> None:
                 model, tok, fmt, [items[i] for i in mem], length, gen
             )
 
-            def score(i: int, keys: list[str], gram: dict = gram) -> float:
-                return sum(
-                    gram_membership_score(gram[k], ref[k], inputs[i][k]) for k in keys
-                ) / len(keys)
-
             keys = sorted(gram)
-            s_mem = [score(i, keys) for i in mem]
-            s_non = [score(i, keys) for i in non]
+            # per layer, every candidate's score; a candidate's score is their mean
+            cand = mem + non
+            table = torch.tensor(
+                [
+                    gram_membership_scores(
+                        gram[k], ref[k], [inputs[i][k] for i in cand]
+                    )
+                    for k in keys
+                ]
+            )  # [layers, candidates]
+            agg = table.mean(0).tolist()
+            m_n = len(mem)
             # roc_auc: higher score = non-member, so negate (higher = member)
-            aucs.append(roc_auc([-s for s in s_mem], [-s for s in s_non]))
+            aucs.append(roc_auc([-s for s in agg[:m_n]], [-s for s in agg[m_n:]]))
             per_layer = [
-                roc_auc([-score(i, [k]) for i in mem], [-score(i, [k]) for i in non])
-                for k in keys
+                roc_auc((-row[:m_n]).tolist(), (-row[m_n:]).tolist()) for row in table
             ]
             best.append(max(per_layer))
         sd = statistics.stdev(aucs) if len(aucs) > 1 else 0.0
@@ -127,7 +131,8 @@ def main() -> None:
             f"{name:10s} members {len(mem):3d} non-members {len(non):3d}: "
             f"AUC {statistics.mean(aucs):.3f} ± {sd:.3f} "
             f"(min {min(aucs):.3f}, max {max(aucs):.3f}); best single layer "
-            f"{statistics.mean(best):.3f} (an optimistic, post-hoc choice)"
+            f"{statistics.mean(best):.3f} (an optimistic, post-hoc choice)",
+            flush=True,
         )
 
 

@@ -202,52 +202,55 @@ def layer_input_grams(
     return {k: g.float() for k, g in grams.items()}, tokens
 
 
-def gram_membership_score(
-    gram: torch.Tensor, reference: torch.Tensor, inputs: torch.Tensor
-) -> float:
-    """Score a candidate's tokens for membership in a client's Gram matrix.
+def gram_membership_scores(
+    gram: torch.Tensor, reference: torch.Tensor, candidates: Sequence[torch.Tensor]
+) -> list[float]:
+    """Score candidates' tokens for membership in a client's Gram matrix.
 
-    The attack of ``docs/methods/sfu.md``: the attacker holds the model, a
-    candidate item and a Gram matrix of public data (``reference``); it scores
+    The attack of ``docs/methods/sfu.md``: the attacker holds the model, the
+    candidate items and a Gram matrix of public data (``reference``); it scores
     how much more of each token's energy the client's trace-normalised Gram
     matrix ``Ĝ = G / tr G`` holds than the reference's,
-    ``mean_t (x_tᵀ Ĝ x_t − x_tᵀ Ĝ_ref x_t) / ‖x_t‖²``. Higher = more likely a
-    member.
+    ``mean_t x_tᵀ (Ĝ − Ĝ_ref) x_t / ‖x_t‖²`` over a candidate's tokens. Higher =
+    more likely a member.
 
     Parameters
     ----------
     gram, reference : torch.Tensor
         ``d x d`` Gram matrices (the client's and the public reference's).
-    inputs : torch.Tensor
-        ``n x d``: the candidate's token inputs to the same layer.
+    candidates : Sequence[torch.Tensor]
+        Per candidate, ``n x d``: its token inputs to the same layer.
 
     Returns
     -------
-    float
-        The score.
+    list[float]
+        One score per candidate.
 
     Raises
     ------
     ValueError
-        Shapes that do not fit, or a zero matrix.
+        Shapes that do not fit, or a matrix of zero trace.
     """
-    if inputs.dim() != 2 or inputs.shape[1] != gram.shape[0]:
-        raise ValueError(
-            f"inputs {tuple(inputs.shape)} do not fit the Gram matrix "
-            f"{tuple(gram.shape)}"
-        )
     if gram.shape != reference.shape:
         raise ValueError(
             f"the reference {tuple(reference.shape)} differs from the Gram matrix "
             f"{tuple(gram.shape)}"
         )
-    g, r, x = gram.double(), reference.double(), inputs.double()
+    g, r = gram.double(), reference.double()
     tg, tr = float(torch.trace(g)), float(torch.trace(r))
     if tg <= 0 or tr <= 0:
         raise ValueError("a Gram matrix with zero trace has no energy to compare")
-    norms = (x * x).sum(1).clamp_min(1e-30)
-    quad = ((x @ g) * x).sum(1) / tg - ((x @ r) * x).sum(1) / tr
-    return float((quad / norms).mean())
+    diff = g / tg - r / tr
+    out = []
+    for x in candidates:
+        if x.dim() != 2 or x.shape[1] != g.shape[0]:
+            raise ValueError(
+                f"inputs {tuple(x.shape)} do not fit the Gram matrix {tuple(g.shape)}"
+            )
+        x = x.double()
+        norms = (x * x).sum(1).clamp_min(1e-30)
+        out.append(float((((x @ diff) * x).sum(1) / norms).mean()))
+    return out
 
 
 @torch.no_grad()
