@@ -33,8 +33,9 @@ in it, Δ_k client k's delta and n_k its examples in that round:
 5. Early stop [P: "accuracy drops below τ"; R: the LLM mapping]: with τ > 0,
    after every round the departed clients report their token accuracy on their
    own items (teacher-forced greedy, EOS excluded: exact memorization, one
-   scalar each, size-weighted mean over them); the ascent stops once it is
-   below τ. Oracle-free: only the departed clients' own scalar decides.
+   scalar each, size-weighted mean over them; also once at the start point);
+   the ascent stops once it is below τ. Oracle-free: only the departed
+   clients' own scalar decides.
 6. Post-training [V]: ``recovery_rounds`` FedAvg rounds of the remaining
    clients from the unlearned w (:func:`~fed_unlearn.methods.rounds.recovery_rounds`).
 
@@ -240,7 +241,7 @@ class PGA(UnlearningMethod):
         )
         server_s = time.perf_counter() - t0
         log = RoundLog(ctx, "budget")
-        log.start(theta)
+        log.start(trained)  # the curve's round 0 is the trained adapter
         accuracy = [self._accuracy(ctx, theta)] if cfg.tau > 0 else []
         stopped_by, r = "budget", 0
         for r in range(1, cfg.rounds + 1):
