@@ -143,3 +143,26 @@ def test_no_accuracy_query_without_tau_and_bad_options_are_refused(tmp_path):
     ):
         with pytest.raises(ValueError, match=opt):
             get_method("pga", {opt: bad})
+
+
+def test_token_accuracy_is_the_greedy_share_of_answer_tokens(tiny_model_dir, items):
+    """Per item, argmax of the logits at each answer position (EOS excluded)
+    against the answer token, averaged per item then over items."""
+    from fed_unlearn.data.qa import encode_qa
+    from fed_unlearn.metrics.quick import token_accuracy
+    from fed_unlearn.models import LoraSpec, load_lora_model, prompt_formatter
+
+    model, tok = load_lora_model(tiny_model_dir, LoraSpec(r=4, alpha=8), cache=False)
+    fmt = prompt_formatter(tok)
+    few = items[:4]
+    per_item = []
+    with torch.no_grad():
+        for it in few:
+            ids_list, labels_list = encode_qa(tok, fmt(it.question), it.answer, 64)
+            ids = torch.tensor([ids_list])
+            labels = torch.tensor(labels_list)
+            pred = model(input_ids=ids).logits[0, :-1].argmax(-1)
+            pos = (labels[1:] != -100).nonzero().squeeze(-1)[:-1]  # no EOS
+            per_item.append(float((pred[pos] == labels[1:][pos]).float().mean()))
+    got = token_accuracy(model, tok, fmt, few, 64, batch_size=3)
+    assert got == pytest.approx(sum(per_item) / len(per_item))
