@@ -20,7 +20,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.task import client_audit_items, client_id, client_items, client_model
+from clients.task import (
+    client_audit_items,
+    client_id,
+    client_items,
+    client_model,
+    reads_node_data,
+)
 from clients.unlearn import layer_grams, local_update
 from clients.wire import decode_request, encode_reply
 from fed_unlearn.config import ResolvedConfig
@@ -43,7 +49,13 @@ from fed_unlearn.protocol import (
     TrainReply,
     TrainRequest,
 )
-from fed_unlearn.training import derive_seed, local_train
+from fed_unlearn.training import (
+    ProximalTerm,
+    Regulariser,
+    SumOfRegularisers,
+    derive_seed,
+    local_train,
+)
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -120,6 +132,9 @@ def train(msg: Message, context: Context) -> Message:
         reg = DualRegulariser(
             model, dual, None if proto is None else torch.tensor(proto)
         )
+    terms: list[Regulariser] = [] if reg is None else [reg]
+    if request.proximal_mu > 0:
+        terms.append(ProximalTerm(model, request.proximal_mu))
     with (
         local_steps_bar(f"client {cid} round {server_round}", total) as on_step,
         reg if reg is not None else contextlib.nullcontext(),
@@ -132,7 +147,13 @@ def train(msg: Message, context: Context) -> Message:
             spec,
             seed=derive_seed(cfg.seed, server_round, cid),
             on_step=on_step,
-            regulariser=reg,
+            regulariser=(
+                None
+                if not terms
+                else terms[0]
+                if len(terms) == 1
+                else SumOfRegularisers(*terms)
+            ),
         )
     log.info(
         "client %d round %d: %d steps, loss %.4f, %.0f tok/s",
@@ -144,11 +165,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     dual_figures: dict[str, Any] = {}
     if reg is not None:
-        # one aggregate vector of the client's data (FOUL-LoRA's K prototype)
+        # two scalars over all of the round's batches; no vector of the data
+        losses = reg.mean_losses()
         dual_figures = {
-            "dual_prototype": reg.client_prototype(),
-            "dual_loss_k": reg.last["loss_k"],
-            "dual_loss_v": reg.last["loss_v"],
+            "dual_loss_k": losses["loss_k"],
+            "dual_loss_v": losses["loss_v"],
         }
     reply = TrainReply(
         get_adapter(model),
@@ -184,14 +205,18 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _hello(request: HelloRequest, context: Context, cfg: ResolvedConfig) -> HelloReply:
-    """Discovery: this node's client id and number of items."""
+    """Discovery: this node's client id, number of items and data source."""
     del request  # a hello has no fields
     items = client_items(cfg, context.node_config)
     # A node is ready when its model is loaded: the cold start then falls in the
     # discovery, not in the first round of whichever phase runs next (FL,
     # retrain or unlearning), so their wall times compare like with like.
     client_model(cfg)
-    return HelloReply(client_id=client_id(context.node_config), num_examples=len(items))
+    return HelloReply(
+        client_id=client_id(context.node_config),
+        num_examples=len(items),
+        local_data=reads_node_data(context.node_config),
+    )
 
 
 def _audit(request: AuditRequest, context: Context, cfg: ResolvedConfig) -> AuditReply:

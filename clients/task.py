@@ -116,6 +116,23 @@ def full_dataset(cfg: AnyConfig) -> TofuData:
     )
 
 
+def reads_node_data(node_config: Mapping[str, Any]) -> bool:
+    """Return whether this node reads its own ``data-path`` (a deployment's data).
+
+    Parameters
+    ----------
+    node_config : Mapping[str, Any]
+        ``context.node_config``.
+
+    Returns
+    -------
+    bool
+        ``True`` when the node config names a ``data-path``; ``False`` when the
+        client takes its partition of the run's data set (:func:`dataset`).
+    """
+    return bool(node_config.get("data-path"))
+
+
 def client_items(cfg: AnyConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
     """Return this client's private training items (without its audit items)."""
     return split_audit(_own_items(cfg, node_config), cfg.audit_fraction, cfg.seed)[0]
@@ -144,9 +161,8 @@ def _own_items(cfg: AnyConfig, node_config: Mapping[str, Any]) -> list[QAItem]:
     list[QAItem]
         The items.
     """
-    path = node_config.get("data-path")
-    if path:
-        return load_jsonl(str(path))
+    if reads_node_data(node_config):
+        return load_jsonl(str(node_config["data-path"]))
     cid = client_id(node_config)
     data = full_dataset(cfg)
     if cid not in data.clients:

@@ -125,6 +125,38 @@ PRESET_FIELDS: tuple[str, ...] = tuple(PRESET_DEFAULTS["tiny"])
 
 AGGREGATIONS = ("fedavg", "product_svd")
 
+#: Flower strategies a run can train with (``strategy`` key; ``server/strategy.py``
+#: records the history under each).
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+
+#: The strategies whose server step is not FedAvg of the client deltas: a server
+#: optimiser turns that average into the step (FedProx changes only the clients'
+#: objective, so its server step is FedAvg's).
+SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+
+#: Strategy -> the run-config keys of its hyper-parameters. A key set away from
+#: its default under a strategy that does not read it is a config error.
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedprox": ("proximal-mu",),
+    "fedadam": ("server-eta", "server-beta-1", "server-beta-2", "server-tau"),
+    "fedyogi": ("server-eta", "server-beta-1", "server-beta-2", "server-tau"),
+    "fedadagrad": ("server-eta", "server-tau"),
+    "fedavgm": ("server-lr", "server-momentum"),
+}
+
+_ALL_STRATEGY_KEYS = frozenset(k for ks in STRATEGY_KEYS.values() for k in ks)
+
+_STRATEGY_RANGES = {
+    "proximal-mu": ">= 0",
+    "server-tau": "> 0",
+    "server-eta": "> 0",
+    "server-lr": "> 0",
+    "server-beta-1": "in [0, 1)",
+    "server-beta-2": "in [0, 1)",
+    "server-momentum": "in [0, 1)",
+}
+
 #: Bump when the training recipe changes in a way no config key shows (it is part
 #: of the cache key of FL phases).
 FL_RECIPE_VERSION = 2
@@ -370,6 +402,30 @@ class RunConfig(_Clients):
         LoRA dropout (default: 0.0).
     aggregation : str
         ``"fedavg"`` (factor space, default) or ``"product_svd"``.
+    strategy : str
+        Flower strategy of FL and of the retrain oracle (:data:`STRATEGIES`):
+        ``"fedavg"`` (default), ``"fedprox"``, ``"fedadam"``, ``"fedyogi"``,
+        ``"fedadagrad"`` or ``"fedavgm"``; Flower's own classes, wrapped to
+        record the history (``server/strategy.py``). Needs ``aggregation``
+        ``"fedavg"``.
+    proximal_mu : float
+        FedProx's μ: each client adds (μ/2)·‖θ - θ_global‖² over its adapter to
+        its loss (default: 0.01).
+    server_eta : float
+        FedAdam / FedYogi / FedAdagrad's server learning rate η (default: 0.01;
+        Flower's is 0.1 for FedAdam and FedAdagrad, 0.01 for FedYogi). An
+        adaptive server step moves every adapter entry by up to about η per
+        round, whatever the size of the clients' update, so η must be small
+        against the LoRA factors' entries.
+    server_beta_1, server_beta_2 : float
+        FedAdam / FedYogi's moment decays β1, β2 (defaults: 0.9, 0.99, as
+        Flower's).
+    server_tau : float
+        FedAdam / FedYogi / FedAdagrad's adaptivity τ (default: 1e-3, as Flower's).
+    server_lr : float
+        FedAvgM's server learning rate (default: 1.0, as Flower's).
+    server_momentum : float
+        FedAvgM's server momentum (default: 0.9; Flower's 0.0 is plain FedAvg).
     dual_adapter : bool
         FOUL-LoRA's dual adapters (:mod:`fed_unlearn.dual`): the LoRA has rank
         2·``lora_r`` (alpha 2·``lora_alpha``), ranks [0, r) a shared adapter K and
@@ -459,6 +515,14 @@ class RunConfig(_Clients):
     lora_alpha: int | None = PRESET
     lora_dropout: float = 0.0
     aggregation: str = "fedavg"
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_eta: float = 0.01
+    server_beta_1: float = 0.9
+    server_beta_2: float = 0.99
+    server_tau: float = 1e-3
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
     dual_adapter: bool = False
     dual_k_weight: float = 0.1
     dual_v_weight: float = 0.1
@@ -649,6 +713,7 @@ class RunConfig(_Clients):
                 f"config key 'aggregation': {self.aggregation!r} is not one of "
                 f"{AGGREGATIONS}"
             )
+        self._check_strategy()
         if self.history_dtype not in ("float32", "float16"):
             raise ConfigError(
                 "config key 'history-dtype' must be 'float32' or 'float16'"
@@ -673,6 +738,48 @@ class RunConfig(_Clients):
         return self
 
     # ----------------------------------------------------------- resolution
+    def _check_strategy(self) -> None:
+        """Check ``strategy`` and its hyper-parameters (:data:`STRATEGY_KEYS`)."""
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"config key 'strategy': {self.strategy!r} is not one of {STRATEGIES}"
+            )
+        if self.strategy != "fedavg" and self.aggregation != "fedavg":
+            raise ConfigError(
+                f"config key 'strategy' {self.strategy!r} needs aggregation "
+                f"'fedavg' (Flower's strategies average the LoRA factors), got "
+                f"{self.aggregation!r}"
+            )
+        own = STRATEGY_KEYS[self.strategy]
+        for key in sorted(_ALL_STRATEGY_KEYS):
+            name = key.replace("-", "_")
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"config key {key!r} must be finite, got {value}")
+            if key in own:
+                continue
+            if value != RunConfig.__dataclass_fields__[name].default:
+                users = sorted(s for s, ks in STRATEGY_KEYS.items() if key in ks)
+                raise ConfigError(
+                    f"config key {key!r} is read only by strategy "
+                    f"{' / '.join(users)}; this run's strategy is {self.strategy!r}"
+                )
+        in_range = {
+            "proximal-mu": self.proximal_mu >= 0,
+            "server-tau": self.server_tau > 0,
+            "server-eta": self.server_eta > 0,
+            "server-lr": self.server_lr > 0,
+            "server-beta-1": 0 <= self.server_beta_1 < 1,
+            "server-beta-2": 0 <= self.server_beta_2 < 1,
+            "server-momentum": 0 <= self.server_momentum < 1,
+        }
+        bad = [k for k, ok in in_range.items() if not ok and k in own]
+        if bad:
+            raise ConfigError(
+                f"config key {bad[0]!r} is out of range ({_STRATEGY_RANGES[bad[0]]}), "
+                f"got {getattr(self, bad[0].replace('-', '_'))}"
+            )
+
     def resolved(self) -> ResolvedConfig:
         """Return the frozen config with every :data:`PRESET` value filled in.
 
@@ -753,6 +860,14 @@ class ResolvedConfig(_Clients):
     lora_alpha: int
     lora_dropout: float
     aggregation: str
+    strategy: str
+    proximal_mu: float
+    server_eta: float
+    server_beta_1: float
+    server_beta_2: float
+    server_tau: float
+    server_lr: float
+    server_momentum: float
     dual_adapter: bool
     dual_k_weight: float
     dual_v_weight: float
@@ -875,6 +990,11 @@ class ResolvedConfig(_Clients):
             )
             # the dual settings change nothing while the dual adapter is off
             and (r.dual_adapter or not k.startswith("dual-"))
+            # nor the hyper-parameters of another strategy than the run's
+            # (and plain FedAvg leaves the key out: the phases cached before
+            # there was a choice keep their keys)
+            and (k in STRATEGY_KEYS[r.strategy] or k not in _ALL_STRATEGY_KEYS)
+            and (k != "strategy" or r.strategy != "fedavg")
         }
         # evaluation-only data settings: no FL phase reads them, so any value
         # reuses the phase; they stay in the hash at their defaults, which keeps

@@ -12,11 +12,16 @@ The disentangling regularisers (A.7's LLM analogues of L2U's L_K and L_V; L_rec
 is dropped because the LM loss already makes K and V explain the text):
 
 - K invariance: the mean hidden state at decoder layer ``layer``, computed with V
-  switched off, over the batch's tokens, is pulled to the server-broadcast global
-  prototype p by L_K = 1 - cos(h_K, p). A client uploads its own running mean of
-  h_K over its last local epoch (one vector: an aggregate of its data, no text,
-  tokens or per-example values); the server broadcasts their num-examples-weighted
-  mean the next round. Round 1 has no prototype, so no L_K.
+  switched off, over the batch's tokens, is pulled to the server-broadcast
+  prototype p by L_K = 1 - cos(h_K, p). The server computes p itself
+  (:func:`public_prototype`): the same K-only mean hidden state over the tokens
+  of the public general-knowledge probes
+  (:func:`fed_unlearn.data.synthetic.general_knowledge`: hand-written facts, no
+  client's data) under the global adapter it sends, and broadcasts it with every
+  train request. No client statistic goes into it and no client sends one back:
+  whatever records the clients hold, the same global adapter gives the same p.
+  (The first port had each client upload its running mean of h_K and broadcast
+  their weighted mean; that vector revealed which records a client holds.)
 - V variance: a VICReg-style hinge L_V = mean_j max(0, 1 - sqrt(Var_b[z_bj] + ε))
   on the V-path features z_b (per example, the mean over its tokens of A_V x at
   every adapted module of layer ``layer``), across the batch.
@@ -29,10 +34,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from fed_unlearn.data.qa import PromptFn, collate, encode_qa
+from fed_unlearn.data.synthetic import general_knowledge
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -149,8 +158,8 @@ class DualRegulariser:
     V ranks during the K-only pass and keep the V-path features of layer
     ``spec.layer`` during the normal pass. :meth:`__call__` is the training loop's
     extra loss: after the normal forward of a batch it returns
-    λ_K·L_K + λ_V·L_V (running one more, K-only forward) and adds the batch's
-    K-only hidden mean to the client's running prototype.
+    λ_K·L_K + λ_V·L_V (running one more, K-only forward);
+    :meth:`k_only_hidden` is that K-only pass alone (:func:`k_prototype`).
 
     Parameters
     ----------
@@ -159,7 +168,7 @@ class DualRegulariser:
     spec : DualSpec
         Settings.
     prototype : torch.Tensor, optional
-        The server's global prototype (``None`` in round 1: no L_K).
+        The server's prototype (``None``: no L_K).
     """
 
     def __init__(
@@ -181,9 +190,8 @@ class DualRegulariser:
         self._k_only = False
         self._features: list[torch.Tensor] = []
         self._handles: list[Any] = []
-        self._sum: torch.Tensor | None = None
-        self._tokens = 0.0
-        self.last: dict[str, float] = {"loss_k": 0.0, "loss_v": 0.0}
+        self._totals: dict[str, float] = {"loss_k": 0.0, "loss_v": 0.0}
+        self._batches = 0
 
     # ----------------------------------------------------------------- hooks
     def __enter__(self) -> DualRegulariser:
@@ -237,8 +245,45 @@ class DualRegulariser:
         if feats and self.spec.v_weight > 0:
             z = torch.cat([masked_token_mean(f, mask) for f in feats], dim=-1)
             loss_v = variance_hinge(z)
-            self.last["loss_v"] = float(loss_v.detach())
+            self._totals["loss_v"] += float(loss_v.detach())
             loss = loss + self.spec.v_weight * loss_v
+        self._batches += 1
+        h_sum, n_tok = self.k_only_hidden(model, batch)
+        h = h_sum / max(n_tok, 1.0)
+        if self.prototype is not None and self.spec.k_weight > 0:
+            loss_k = prototype_loss(h, self.prototype)
+            self._totals["loss_k"] += float(loss_k.detach())
+            loss = loss + self.spec.k_weight * loss_k
+        return loss
+
+    def mean_losses(self) -> dict[str, float]:
+        """Return ``loss_k`` and ``loss_v``, each its mean over every batch so far.
+
+        A term that is off (λ = 0, no prototype) counts 0. Over all batches, not
+        the last one: a last batch may hold a single example.
+        """
+        n = max(self._batches, 1)
+        return {k: v / n for k, v in self._totals.items()}
+
+    def k_only_hidden(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, float]:
+        """Run the K-only forward of a batch (V switched off).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The peft model the hooks are on.
+        batch : dict[str, torch.Tensor]
+            ``input_ids`` and ``attention_mask``.
+
+        Returns
+        -------
+        tuple[torch.Tensor, float]
+            The sum over the batch's (unmasked) tokens of the hidden state at
+            the regulariser's layer, and the number of those tokens.
+        """
+        mask = batch["attention_mask"]
         self._k_only = True
         try:
             out = model(
@@ -250,29 +295,100 @@ class DualRegulariser:
             self._k_only = False
         hidden = out.hidden_states[self.layer + 1]  # [0] is the embeddings
         m = mask.to(hidden.dtype).unsqueeze(-1)
-        h_sum = (hidden * m).sum(dim=(0, 1))
-        n_tok = float(m.sum())
-        h = h_sum / max(n_tok, 1.0)
-        self._sum = h_sum.detach().float() + (0.0 if self._sum is None else self._sum)
-        self._tokens += n_tok
-        if self.prototype is not None and self.spec.k_weight > 0:
-            loss_k = prototype_loss(h, self.prototype)
-            self.last["loss_k"] = float(loss_k.detach())
-            loss = loss + self.spec.k_weight * loss_k
-        return loss
+        return (hidden * m).sum(dim=(0, 1)), float(m.sum())
 
-    def start_epoch(self) -> None:
-        """Reset the running prototype (it covers the last epoch)."""
-        self._sum, self._tokens = None, 0.0
 
-    def client_prototype(self) -> list[float]:
-        """Return the mean K-only hidden state over the last epoch's tokens."""
-        if self._sum is None or self._tokens == 0:
-            raise RuntimeError("no batch was trained: no prototype to report")
-        p = (self._sum / self._tokens).tolist()
-        if not all(math.isfinite(x) for x in p):
-            raise RuntimeError("the client prototype is not finite")
-        return p
+@torch.no_grad()
+def k_prototype(
+    model: torch.nn.Module,
+    spec: DualSpec,
+    batches: Iterable[dict[str, torch.Tensor]],
+) -> list[float]:
+    """Return the mean K-only hidden state at ``spec.layer`` over ``batches``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Peft model with a rank-2·split LoRA (run in eval mode, restored after).
+    spec : DualSpec
+        Settings (split and layer).
+    batches : Iterable[dict[str, torch.Tensor]]
+        ``input_ids`` and ``attention_mask`` per batch.
+
+    Returns
+    -------
+    list[float]
+        The prototype (the model's hidden size).
+
+    Raises
+    ------
+    ValueError
+        No token in ``batches``, or a non-finite prototype.
+    """
+    was_training = model.training
+    model.eval()
+    total: torch.Tensor | None = None
+    tokens = 0.0
+    try:
+        with DualRegulariser(model, spec) as reg:
+            for batch in batches:
+                h_sum, n_tok = reg.k_only_hidden(model, batch)
+                total = h_sum.float() + (0.0 if total is None else total)
+                tokens += n_tok
+    finally:
+        model.train(was_training)
+    if total is None or tokens == 0:
+        raise ValueError("no tokens to compute a dual prototype from")
+    p = (total / tokens).tolist()
+    if not all(math.isfinite(x) for x in p):
+        raise ValueError("the dual prototype is not finite")
+    return p
+
+
+def public_prototype(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_fn: PromptFn,
+    spec: DualSpec,
+    max_length: int,
+    batch_size: int = 16,
+) -> list[float]:
+    """Return the K-invariance target: :func:`k_prototype` of the public probes.
+
+    The probes are every hand-written general-knowledge fact
+    (:func:`~fed_unlearn.data.synthetic.general_knowledge`), prompt and answer
+    as training encodes them; they are public and no client's data, so the
+    prototype depends on the adapter loaded in ``model`` and nothing else.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Peft model with the global (rank-2·split) adapter loaded.
+    tokenizer : PreTrainedTokenizerBase
+        Its tokenizer.
+    prompt_fn : PromptFn
+        Prompt format.
+    spec : DualSpec
+        Settings.
+    max_length : int
+        Token limit per probe.
+    batch_size : int
+        Probes per forward pass.
+
+    Returns
+    -------
+    list[float]
+        The prototype.
+    """
+    enc = [
+        encode_qa(tokenizer, prompt_fn(it.question), it.answer, max_length)
+        for it in general_knowledge()
+    ]
+    pad = int(tokenizer.pad_token_id)
+    batches = (
+        collate(enc[s : s + batch_size], pad) for s in range(0, len(enc), batch_size)
+    )
+    return k_prototype(model, spec, batches)
 
 
 def _config(model: torch.nn.Module) -> Any:

@@ -11,9 +11,14 @@ What crosses the wire
 Only adapter tensors (LoRA ``A``/``B`` factors, whole or as selected ranks, and
 deltas of them), aggregate scalar metrics of a client (its number of items, its
 local work, its mean loss, one audit gap, one answer probability, one token
-accuracy, the dual-adapter prototype: one mean vector of the client's data; the
-``layer-grams`` Gram matrices: sums over all tokens of its items) and configs.
-Never text, tokens, items or per-example values.
+accuracy) and configs. Never text, tokens, items, per-example values or any
+list-valued statistic of a client's data: the one list a train message carries,
+the dual-adapter prototype, goes from the server to the clients and is computed
+from public probes (:func:`fed_unlearn.dual.public_prototype`). One exception,
+SFU's ``layer-grams``: per adapted layer a Gram matrix of the client's layer
+inputs summed over the tokens of at least ``min-examples`` items, an aggregate
+that still reveals which items and people a client holds
+(``docs/methods/sfu.md``).
 
 Envelope
 --------
@@ -47,14 +52,18 @@ Kinds (sender: server; receiver: one client per message)
 --------------------------------------------------------
 ``hello`` (:class:`HelloRequest` -> :class:`HelloReply`)
     Discovery. No fields, no arrays. Reply: ``client-id`` (int),
-    ``num-examples`` (int). The client loads its model before it answers.
+    ``num-examples`` (int), ``local-data`` (flag: the node reads its own
+    ``data-path``, never the path itself; the server then draws no per-round
+    curve on data of its own). The client loads its model before it answers.
 ``train`` (:class:`TrainRequest` -> :class:`TrainReply`)
     One FL round. Fields: ``server-round`` (int), ``dual-prototype``
-    (list[float], dual-adapter runs after round 1). Arrays: the global adapter.
-    Reply arrays: the locally trained adapter; metrics ``num-examples``,
-    ``client-id``, ``train-loss`` (float), ``local-steps``, ``tokens`` (int),
-    ``train-seconds`` (float) and, in a dual-adapter run, ``dual-prototype``
-    (list[float]), ``dual-loss-k``, ``dual-loss-v`` (float).
+    (list[float], dual-adapter runs: the K-only mean hidden state of the public
+    general-knowledge probes under the global adapter, computed by the server).
+    Arrays: the global adapter. Reply arrays: the locally trained adapter;
+    metrics ``num-examples``, ``client-id``, ``train-loss`` (float),
+    ``local-steps``, ``tokens`` (int), ``train-seconds`` (float) and, in a
+    dual-adapter run, ``dual-loss-k``, ``dual-loss-v`` (float). A reply never
+    carries a prototype (a ``dual-prototype`` key is refused).
 ``evaluate`` (:class:`EvaluateRequest` -> :class:`EvaluateReply`)
     Federated evaluation. No fields. Arrays: the adapter. Reply: ``Q_A_Prob``
     (the mean answer probability on the client's items), ``eval-seconds``
@@ -162,7 +171,8 @@ def _wire(key: str, codec: str, **kw: Any) -> Any:
     """Declare a dataclass field travelling as ``key``.
 
     A dict field travels as the family ``key.<name>``. ``codec`` is ``int``,
-    ``float``, ``str``, ``floats`` (list[float]), ``ranks`` (dict[str,
+    ``float``, ``str``, ``flag`` (a bool, travelling as the int 0 or 1: Flower
+    metrics hold numbers only), ``floats`` (list[float]), ``ranks`` (dict[str,
     list[int]]) or ``params`` (dict[str, float]).
     """
     return field(metadata={"key": key, "codec": codec}, **kw)
@@ -183,6 +193,12 @@ def _check(where: str, key: str, codec: str, value: object) -> Any:
             return float(value)  # type: ignore[arg-type]
         raise ProtocolError(
             f"{where}: {key!r} must be a number, got {_type_name(value)}"
+        )
+    if codec == "flag":
+        if type(value) is bool or (type(value) is int and value in (0, 1)):
+            return bool(value)
+        raise ProtocolError(
+            f"{where}: {key!r} must be a flag (0 or 1), got {_type_name(value)}"
         )
     if codec == "str":
         if type(value) is str:
@@ -243,6 +259,8 @@ def _scalars_to_fields(obj: Any) -> dict[str, Value]:
             continue
         if codec in ("ranks", "params"):
             out.update({f"{key}.{n}": v for n, v in sorted(value.items())})
+        elif codec == "flag":
+            out[key] = int(value)
         else:
             out[key] = value
     return out
@@ -540,13 +558,26 @@ class TrainRequest(_AdapterRequest):
     server_round : int
         Round number (1-based; seeds the client's data order).
     dual_prototype : list[float], optional
-        The global K prototype of a dual-adapter run (absent in round 1).
+        The K-invariance target of a dual-adapter run: the server's
+        :func:`~fed_unlearn.dual.public_prototype` under ``adapter``.
+    proximal_mu : float
+        FedProx's μ (``strategy=fedprox``): the client adds (μ/2)·‖θ -
+        ``adapter``‖² to its loss (0: plain local training).
     """
 
     kind: ClassVar[str] = "train"
     role: ClassVar[str] = "request"
     server_round: int = _wire("server-round", "int")
     dual_prototype: list[float] | None = _wire("dual-prototype", "floats", default=None)
+    proximal_mu: float = _wire("proximal-mu", "float", default=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ProtocolError(
+                f"{self.where()}: 'proximal-mu' must be finite and >= 0, got "
+                f"{self.proximal_mu}"
+            )
 
 
 @dataclass(frozen=True)
@@ -733,20 +764,25 @@ def decode_request(
 # ----------------------------------------------------------------------- replies
 @dataclass(frozen=True)
 class HelloReply(_Message):
-    """Reply to ``hello``: the node's client id and number of items."""
+    """Reply to ``hello``: the node's client id, number of items, data source.
+
+    ``local_data`` is whether the node reads its own ``data-path`` (node config)
+    rather than its partition of the run's data set: then the server holds none
+    of the clients' data and measures no per-round curve on its own.
+    """
 
     kind: ClassVar[str] = "hello"
     role: ClassVar[str] = "reply"
     client_id: int = _wire("client-id", "int")
     num_examples: int = _wire("num-examples", "int")
+    local_data: bool = _wire("local-data", "flag")
 
 
 @dataclass(frozen=True)
 class TrainReply(_Message):
     """Reply to ``train``: the trained adapter and the client's figures.
 
-    ``dual_prototype``, ``dual_loss_k`` and ``dual_loss_v`` are set in
-    dual-adapter runs only.
+    ``dual_loss_k`` and ``dual_loss_v`` are set in dual-adapter runs only.
     """
 
     kind: ClassVar[str] = "train"
@@ -758,7 +794,6 @@ class TrainReply(_Message):
     local_steps: int = _wire("local-steps", "int")
     tokens: int = _wire("tokens", "int")
     train_seconds: float = _wire("train-seconds", "float")
-    dual_prototype: list[float] | None = _wire("dual-prototype", "floats", default=None)
     dual_loss_k: float | None = _wire("dual-loss-k", "float", default=None)
     dual_loss_v: float | None = _wire("dual-loss-v", "float", default=None)
 

@@ -11,12 +11,11 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from fed_unlearn.data.qa import PromptFn, collate, encode_qa
-from fed_unlearn.dual import DualRegulariser
 from fed_unlearn.types import QAItem
 
 #: A step cap (``max_steps``, ``max-steps`` on the wire, ``local_steps`` of a
@@ -167,12 +166,79 @@ def make_batches(
     ]
 
 
+class Regulariser(Protocol):
+    """An extra loss term of local training (dual adapters, FedProx)."""
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Return the term for this batch (a scalar with a graph)."""
+        ...
+
+    def start_epoch(self) -> None:
+        """Start a local epoch."""
+        ...
+
+
+class ProximalTerm:
+    """FedProx's proximal term (μ/2)·‖θ - θ_global‖² over the trainable parameters.
+
+    Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020,
+    eq. (2); Flower's ``FedProx`` sends μ and leaves the term to the client.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The client's model with the round's global adapter loaded: its
+        trainable parameters now are θ_global.
+    mu : float
+        μ >= 0.
+    """
+
+    def __init__(self, model: torch.nn.Module, mu: float) -> None:
+        if not (math.isfinite(mu) and mu >= 0):
+            raise ValueError(f"proximal mu must be finite and >= 0, got {mu}")
+        self.mu = mu
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.anchor = [p.detach().clone() for p in params]
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Return (μ/2)·Σ_p ‖p - p_global‖² (``batch`` is not read)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        pairs = zip(params, self.anchor, strict=True)
+        squares = torch.stack([((p - a) ** 2).sum() for p, a in pairs])
+        return 0.5 * self.mu * squares.sum()
+
+    def start_epoch(self) -> None:
+        """Nothing per epoch."""
+
+
+class SumOfRegularisers:
+    """The sum of several :class:`Regulariser` terms."""
+
+    def __init__(self, *terms: Regulariser) -> None:
+        self.terms = terms
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Return Σ of the terms."""
+        return torch.stack([t(model, batch) for t in self.terms]).sum()
+
+    def start_epoch(self) -> None:
+        """Start an epoch of every term."""
+        for t in self.terms:
+            t.start_epoch()
+
+
 def train_steps(
     model: torch.nn.Module,
     batches_per_epoch: Callable[[int], list[dict[str, torch.Tensor]]],
     spec: TrainSpec,
     on_step: Callable[[int, float], None] | None = None,
-    regulariser: DualRegulariser | None = None,
+    regulariser: Regulariser | None = None,
 ) -> TrainStats:
     """Run ``spec.epochs`` epochs of AdamW on the trainable (adapter) parameters.
 
@@ -186,9 +252,10 @@ def train_steps(
         Hyper-parameters.
     on_step : Callable[[int, float], None], optional
         Called after every step with (step, loss), e.g. for a progress bar.
-    regulariser : DualRegulariser, optional
+    regulariser : Regulariser, optional
         Extra loss added to each batch's NLL (a dual-adapter run's K/V
-        regularisers; its hooks must be active). The reported loss is the NLL.
+        regularisers, whose hooks must be active; FedProx's
+        :class:`ProximalTerm`). The reported loss is the NLL.
 
     Returns
     -------
@@ -207,8 +274,6 @@ def train_steps(
     try:
         for epoch in range(spec.epochs):
             total, count = 0.0, 0
-            if regulariser is not None:
-                regulariser.start_epoch()
             for batch in batches_per_epoch(epoch):
                 out = model(
                     input_ids=batch["input_ids"],
@@ -246,7 +311,7 @@ def local_train(
     spec: TrainSpec,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
-    regulariser: DualRegulariser | None = None,
+    regulariser: Regulariser | None = None,
 ) -> TrainStats:
     """Train the model's LoRA adapter on a client's items.
 
@@ -266,7 +331,7 @@ def local_train(
         Seed of the data order (derive it from run seed, round and client id).
     on_step : Callable[[int, float], None], optional
         Progress callback.
-    regulariser : DualRegulariser, optional
+    regulariser : Regulariser, optional
         See :func:`train_steps`.
 
     Returns

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from flwr.app import (
 )
 
 from fed_unlearn import adapters as ad
-from fed_unlearn.config import ResolvedConfig
+from fed_unlearn.config import SERVER_OPTIMIZERS, ResolvedConfig
 from fed_unlearn.history import HistoryError, HistoryStore, load_key
 from fed_unlearn.methods import UnlearnContext, get_method
 from fed_unlearn.methods.rounds import uses_oracle
@@ -53,7 +54,7 @@ from fed_unlearn.protocol import (
 from fed_unlearn.scratch import scratch_dir
 from server.channel import FlowerChannel, decode_reply, encode_request, run_record
 from server.grid import CountingGrid
-from server.strategy import HistoryFedAvg
+from server.strategy import history_strategy, replay_server_steps
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,57 @@ def load_phase(cfg: ResolvedConfig, exclude: tuple[int, ...]) -> PhaseResult | N
     return PhaseResult(final, stats, path, cached=True, key=key)
 
 
+#: ``curve_data`` of a phase whose per-round curve the server measured on the
+#: data set the clients train on (synthetic from the seed, or ``data-dir``).
+CURVE_CLIENTS = "clients'"
+#: ``curve_data`` of a phase without a per-round curve: clients read node-local
+#: data the server does not hold, ``eval-curve-items`` is 0, or the server
+#: cannot read the data.
+CURVE_NONE = "none"
+
+
+def curve_data(local_data: dict[int, bool]) -> str:
+    """Decide, from the hello replies, whether the server may draw a curve.
+
+    The server's per-round curve is measured on its own copy of the run's data
+    set. That is the clients' data only when every client takes its partition
+    of that data set; a client that reads its own ``data-path`` trains on data
+    the server never saw, and a curve on the server's data would say nothing
+    about it.
+
+    Parameters
+    ----------
+    local_data : dict[int, bool]
+        Client id -> its hello's ``local-data`` flag.
+
+    Returns
+    -------
+    str
+        :data:`CURVE_CLIENTS` when no client reads node-local data, else
+        :data:`CURVE_NONE`.
+
+    Raises
+    ------
+    ValueError
+        No client (nothing to decide on).
+    """
+    if not local_data:
+        raise ValueError("curve_data needs the hello replies of the clients")
+    local = sorted(c for c, flag in local_data.items() if flag)
+    if local:
+        log.warning(
+            "client(s) %s read node-local data-path: the server measures no "
+            "per-round curve (it holds none of their data); the federated "
+            "evaluation is what the clients measured",
+            local,
+        )
+        return CURVE_NONE
+    return CURVE_CLIENTS
+
+
 def discover_clients(
     grid: Any, cfg: ResolvedConfig, timeout: float = 300.0
-) -> dict[int, int]:
+) -> tuple[dict[int, int], dict[int, bool]]:
     """Wait for all SuperNodes and map Flower node ids to client ids.
 
     Parameters
@@ -176,8 +225,9 @@ def discover_clients(
 
     Returns
     -------
-    dict[int, int]
-        Node id -> client id.
+    tuple[dict[int, int], dict[int, bool]]
+        Node id -> client id, and client id -> whether it reads node-local
+        data (its hello's ``local-data``).
     """
     t0 = time.time()
     while len(list(grid.get_node_ids())) < cfg.num_clients:
@@ -196,6 +246,7 @@ def discover_clients(
     ]
     replies = grid.send_and_receive(msgs, timeout=timeout)
     mapping: dict[int, int] = {}
+    local: dict[int, bool] = {}
     for rep in replies:
         if rep.has_error():
             raise PipelineError(
@@ -211,6 +262,7 @@ def discover_clients(
             raise PipelineError(f"two SuperNodes claim client id {cid}")
         if 0 <= cid < cfg.num_clients:
             mapping[rep.metadata.src_node_id] = cid
+            local[cid] = hello.local_data
         else:
             log.warning(
                 "ignoring SuperNode with client id %d (num-clients=%d)",
@@ -223,29 +275,32 @@ def discover_clients(
             f"SuperNodes report client ids {ids}; "
             f"expected 0..{cfg.num_clients - 1} once each"
         )
-    return mapping
+    return mapping, local
 
 
 def curve_evaluator(
-    cfg: ResolvedConfig,
+    cfg: ResolvedConfig, source: str = CURVE_CLIENTS
 ) -> Callable[[int, ArrayRecord], MetricRecord | None] | None:
     """Per-round server-side evaluation hook (forget/retain ``Q_A_Prob``).
 
-    Runs only where the server can read the evaluation data (synthetic data, or a
-    ``data-dir`` visible to the server, i.e. simulations); returns ``None`` when it
-    cannot, or when ``eval-curve-items`` is 0.
+    Runs only where the server's data is the clients' (synthetic data, or a
+    ``data-dir`` visible to the server, i.e. simulations): returns ``None`` when
+    ``source`` (:func:`curve_data`) is not :data:`CURVE_CLIENTS`, when the
+    server cannot read the data, or when ``eval-curve-items`` is 0.
 
     Parameters
     ----------
     cfg : ResolvedConfig
         Run configuration.
+    source : str
+        :func:`curve_data`'s decision on the clients' hello replies.
 
     Returns
     -------
     Callable or None
         ``(round, arrays) -> MetricRecord`` for Flower's ``Strategy.start``.
     """
-    if cfg.eval_curve_items <= 0:
+    if cfg.eval_curve_items <= 0 or source != CURVE_CLIENTS:
         return None
     from clients.task import dataset
     from fed_unlearn.metrics.quick import answer_prob, spread_items
@@ -284,11 +339,50 @@ def curve_evaluator(
     return evaluate_fn
 
 
-def _state_evaluator(
+def prototype_maker(
     cfg: ResolvedConfig,
+) -> Callable[[dict[str, torch.Tensor]], list[float]] | None:
+    """Build the server's dual prototype: global adapter -> public-probe prototype.
+
+    The K-invariance target of a dual-adapter run
+    (:func:`fed_unlearn.dual.public_prototype`): the server's own model, the
+    public general-knowledge probes and the adapter it is about to send; no
+    data of any client and no statistic a client sent.
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        Run configuration.
+
+    Returns
+    -------
+    Callable or None
+        ``adapter -> prototype``; ``None`` without ``dual-adapter``.
+    """
+    from fed_unlearn.dual import public_prototype
+    from fed_unlearn.models import prompt_formatter
+
+    spec = cfg.dual_spec()
+    if spec is None:
+        return None
+    model, tok = load_lora_model(
+        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
+    )
+    prompt_fn = prompt_formatter(tok)
+    max_length = int(cfg.max_length)
+
+    def make(state: dict[str, torch.Tensor]) -> list[float]:
+        set_adapter(model, state)
+        return public_prototype(model, tok, prompt_fn, spec, max_length)
+
+    return make
+
+
+def _state_evaluator(
+    cfg: ResolvedConfig, source: str
 ) -> tuple[Callable[[dict[str, torch.Tensor]], dict[str, float]] | None, list[float]]:
     """Wrap :func:`curve_evaluator` for methods: adapter -> metrics (timed)."""
-    fn = curve_evaluator(cfg)
+    fn = curve_evaluator(cfg, source)
     spent = [0.0]
     if fn is None:
         return None, spent
@@ -334,6 +428,7 @@ def run_fl_phase(
     exclude: tuple[int, ...],
     initial: dict[str, torch.Tensor],
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    curve: str = CURVE_CLIENTS,
 ) -> PhaseResult:
     """Run (or load from cache) FedAvg over all clients but ``exclude``.
 
@@ -351,6 +446,9 @@ def run_fl_phase(
         Initial adapter (seed-determined).
     on_round : Callable, optional
         Progress callback.
+    curve : str
+        :func:`curve_data`'s decision: whether the server measures a
+        per-round curve (recorded as the phase's ``curve_data``).
 
     Returns
     -------
@@ -369,17 +467,16 @@ def run_fl_phase(
     tmp = scratch_dir(final_dir)  # and stale ones of killed runs are removed
     key = history_key(cfg)
     store = HistoryStore(tmp / "history", dtype=cfg.history_dtype, key=key)
-    strategy = HistoryFedAvg(
+    strategy = history_strategy(
+        cfg,
         run=run_record(cfg),
         node_to_client=node_map,
         exclude=exclude,
         history=store,
-        seed=cfg.seed,
-        fraction=cfg.fraction_train,
-        aggregation=cfg.aggregation,
         on_round=on_round,
+        prototype_fn=prototype_maker(cfg),
     )
-    evaluate_fn = curve_evaluator(cfg)
+    evaluate_fn = curve_evaluator(cfg, curve)
     eval_spent = [0.0]
 
     def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -399,7 +496,7 @@ def run_fl_phase(
         timeout=3600,
         evaluate_fn=timed_evaluate if evaluate_fn is not None else None,
     )
-    curve = [
+    points = [
         {"round": int(rnd), **{k: float(v) for k, v in dict(rec).items()}}
         for rnd, rec in sorted(result.evaluate_metrics_serverapp.items())
     ]
@@ -421,7 +518,9 @@ def run_fl_phase(
         "rounds": int(cfg.num_server_rounds),
         "round_log": strategy.round_log,
         "history_bytes_per_round": [store.round_nbytes(i) for i in store.rounds()],
-        "curve": curve,
+        "curve": points,
+        # what the curve was measured on: the clients' data set, or no curve
+        "curve_data": CURVE_CLIENTS if evaluate_fn is not None else CURVE_NONE,
     }
     (tmp / "phase.json").write_text(json.dumps(stats, indent=2, default=str))
     try:
@@ -587,8 +686,11 @@ def run_pipeline(
     model, _tok = load_lora_model(model_dir, cfg.lora_spec())
     counting = CountingGrid(grid) if grid is not None else None
     node_map = None
+    # without a grid (all cached) the curves are the cached phases' own
+    curve = CURVE_CLIENTS
     if counting is not None:
-        node_map = discover_clients(counting, cfg)
+        node_map, local_data = discover_clients(counting, cfg)
+        curve = curve_data(local_data)
 
     initial = init_adapter(model, cfg.seed)
 
@@ -598,7 +700,7 @@ def run_pipeline(
     if fed is not None:
         train = fed
     else:
-        train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"))
+        train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"), curve)
     out = PipelineOutput(
         cfg, train, grid=counting, node_map=node_map, federation=federation
     )
@@ -609,7 +711,7 @@ def run_pipeline(
     def retrain() -> dict[str, torch.Tensor]:
         if out.retrain is None:
             out.retrain = run_fl_phase(
-                counting, cfg, node_map, excluded, initial, cb("retrain")
+                counting, cfg, node_map, excluded, initial, cb("retrain"), curve
             )
         return out.retrain.final
 
@@ -624,7 +726,7 @@ def run_pipeline(
         if counting is not None and node_map is not None
         else None
     )
-    evaluate, eval_seconds = _state_evaluator(cfg)
+    evaluate, eval_seconds = _state_evaluator(cfg, curve)
     audit = (
         _self_audit(channel, departed)
         if channel is not None and cfg.audit_fraction and cfg.departed_online
@@ -643,6 +745,11 @@ def run_pipeline(
         forget_target=_forget_target(train, out.retrain) if oracle_stop else None,
         dual_split=dual.split if (dual := cfg.dual_spec()) is not None else 0,
         audit=audit,
+        server_replay=(
+            functools.partial(replay_server_steps, cfg)
+            if cfg.strategy in SERVER_OPTIMIZERS
+            else None
+        ),
     )
     method.check(ctx)
     down0, up0 = counting.snapshot() if counting is not None else (0, 0)
@@ -680,6 +787,8 @@ def run_pipeline(
         "requested_at": requested_at,
         "finished_at": finished_at,
         "method_config": dataclasses.asdict(method.config),
+        # the method's per-round curve: on the clients' data set, or none
+        "curve_data": CURVE_CLIENTS if evaluate is not None else CURVE_NONE,
     }
     return out
 

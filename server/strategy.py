@@ -1,4 +1,13 @@
-"""``HistoryFedAvg``: Flower's Message-API FedAvg that validates and records updates.
+"""Flower's Message-API strategies, wrapped to validate and record updates.
+
+:class:`HistoryFedAvg` is Flower's ``FedAvg``; :func:`history_strategy` builds
+the same wrapper around ``FedProx``, ``FedAdam``, ``FedYogi``, ``FedAdagrad`` or
+``FedAvgM`` (the run's ``strategy`` key). The wrapper only chooses the clients,
+sends typed ``train`` requests and screens and records the replies; the
+aggregate and any server optimiser step are the Flower class's own
+``aggregate_train``, and what its ``configure_train`` records for that step (the
+current arrays of FedAdam & co., FedProx's μ) it records by running that
+``configure_train`` itself, with its node sampling switched off.
 
 Per round it stores the global adapter it sent, every accepted client's delta,
 ``num-examples`` and participation in a :class:`fed_unlearn.history.HistoryStore`.
@@ -8,16 +17,16 @@ on without it. Client sampling is seeded per round over *all* clients and the
 excluded ones are dropped afterwards, so the retrain oracle sees exactly the
 original participation minus the departed clients.
 
-In a dual-adapter run (FOUL-LoRA, :mod:`fed_unlearn.dual`) every client also
-reports its K-only prototype (one vector, ``dual-prototype`` in its metrics); the
-strategy broadcasts their ``num-examples``-weighted mean in the next round's
-config. A missing, non-finite or wrongly sized prototype rejects the update.
+In a dual-adapter run (FOUL-LoRA, :mod:`fed_unlearn.dual`) every train request
+also carries the K-invariance prototype, which the server computes itself from
+public probes under the adapter it sends (``prototype_fn``,
+:func:`fed_unlearn.dual.public_prototype`); clients send none back (a reply with
+a ``dual-prototype`` is refused by the protocol and the update rejected).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import statistics
 from collections.abc import Callable, Iterable
@@ -29,14 +38,24 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MessageType,
+    Metadata,
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy import FedAvg
+from flwr.app.constants import DEFAULT_TTL
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+)
 
 from fed_unlearn import adapters as ad
 from fed_unlearn import seeds
 from fed_unlearn.aggregation import product_space_aggregate
+from fed_unlearn.config import STRATEGIES, ResolvedConfig
 from fed_unlearn.history import HistoryStore, RoundRecord
 from fed_unlearn.protocol import TrainReply, TrainRequest
 from fed_unlearn.training import derive_seed
@@ -96,44 +115,6 @@ def outlying_updates(deltas: dict[int, dict[str, torch.Tensor]]) -> dict[int, st
     }
 
 
-#: A global dual prototype is made of at least this many clients' prototypes:
-#: the mean of two lets each client compute the other's exactly.
-MIN_PROTOTYPE_CLIENTS = 3
-
-
-def check_prototype(value: object, current: list[float] | None) -> None:
-    """Validate a client's ``dual-prototype``: finite floats, the global's size.
-
-    Raises
-    ------
-    ValueError
-        Naming what is wrong.
-    """
-    if not isinstance(value, list) or not value:
-        raise ValueError("dual-adapter run: the reply has no 'dual-prototype' list")
-    if not all(isinstance(x, int | float) and math.isfinite(x) for x in value):
-        raise ValueError("dual-prototype has a non-finite or non-numeric entry")
-    if current is not None and len(value) != len(current):
-        raise ValueError(
-            f"dual-prototype has {len(value)} entries, the global one {len(current)}"
-        )
-
-
-def mean_prototype(protos: list[list[float]], weights: list[float]) -> list[float]:
-    """Weighted mean of the clients' prototypes (equal sizes checked).
-
-    Raises
-    ------
-    ValueError
-        Prototypes of different sizes.
-    """
-    if len({len(p) for p in protos}) != 1:
-        raise ValueError("the clients' dual-prototypes differ in size")
-    t = torch.tensor(protos, dtype=torch.float64)
-    w = torch.tensor(weights, dtype=torch.float64)
-    return ((w[:, None] * t).sum(0) / w.sum()).tolist()
-
-
 def sample_clients(
     seed: int, server_round: int, num_clients: int, fraction: float
 ) -> list[int]:
@@ -160,8 +141,55 @@ def sample_clients(
     return sorted(rng.sample(range(num_clients), k))
 
 
-class HistoryFedAvg(FedAvg):
-    """FedAvg over LoRA adapters that validates updates and records history.
+#: ``strategy`` key -> Flower's class.
+FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+}
+assert tuple(FLOWER_STRATEGIES) == STRATEGIES
+
+
+def strategy_options(cfg: ResolvedConfig) -> dict[str, float]:
+    """Return the Flower constructor arguments of the run's strategy.
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        The run (``strategy`` and its keys, :data:`fed_unlearn.config.STRATEGY_KEYS`).
+
+    Returns
+    -------
+    dict[str, float]
+        Keyword arguments of ``FLOWER_STRATEGIES[cfg.strategy]`` beyond the
+        sampling ones (``eta_l`` is the clients' ``lr``: Flower only logs it).
+    """
+    name = cfg.strategy
+    if name == "fedprox":
+        return {"proximal_mu": cfg.proximal_mu}
+    if name in ("fedadam", "fedyogi"):
+        return {
+            "eta": cfg.server_eta,
+            "eta_l": float(cfg.lr),
+            "beta_1": cfg.server_beta_1,
+            "beta_2": cfg.server_beta_2,
+            "tau": cfg.server_tau,
+        }
+    if name == "fedadagrad":
+        return {"eta": cfg.server_eta, "eta_l": float(cfg.lr), "tau": cfg.server_tau}
+    if name == "fedavgm":
+        return {
+            "server_learning_rate": cfg.server_lr,
+            "server_momentum": cfg.server_momentum,
+        }
+    return {}
+
+
+class HistoryMixin:
+    """Validates updates and records history around a Flower strategy.
 
     Parameters
     ----------
@@ -181,6 +209,16 @@ class HistoryFedAvg(FedAvg):
         ``"fedavg"`` (Flower's factor-space FedAvg) or ``"product_svd"``.
     on_round : Callable[[int, dict[str, Any]], None], optional
         Called after each round with its figures (progress display).
+    prototype_fn : Callable[[AdapterState], list[float]], optional
+        Global adapter -> the dual prototype sent with it (required in, and only
+        in, a dual-adapter run).
+    **options : float
+        The Flower strategy's own hyper-parameters (:func:`strategy_options`).
+
+    Raises
+    ------
+    ValueError
+        A dual-adapter run without ``prototype_fn``, or one with it otherwise.
     """
 
     def __init__(
@@ -194,14 +232,17 @@ class HistoryFedAvg(FedAvg):
         fraction: float = 1.0,
         aggregation: str = "fedavg",
         on_round: Callable[[int, dict[str, Any]], None] | None = None,
+        prototype_fn: Callable[[dict[str, torch.Tensor]], list[float]] | None = None,
+        **options: float,
     ) -> None:
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=1,
             min_evaluate_nodes=1,
             min_available_nodes=1,
             train_metrics_aggr_fn=sum_train_metrics,
+            **options,
         )
         self.run = run
         self.node_to_client = dict(node_to_client)
@@ -214,14 +255,23 @@ class HistoryFedAvg(FedAvg):
         self.on_round = on_round
         self._global: dict[str, torch.Tensor] = {}
         self.dual = bool(run.get("dual-adapter", False))
+        if self.dual != (prototype_fn is not None):
+            raise ValueError(
+                "a dual-adapter run needs the server's prototype_fn"
+                if self.dual
+                else "prototype_fn is for dual-adapter runs only"
+            )
+        self.prototype_fn = prototype_fn
+        #: The prototype of the last train request (dual-adapter runs).
         self.prototype: list[float] | None = None
         self.round_log: list[dict[str, Any]] = []
 
     def summary(self) -> None:
         """Log the settings (as Flower strategies do)."""
-        super().summary()
+        super().summary()  # type: ignore[misc]
         log.info(
-            "\t├──> HistoryFedAvg: aggregation=%s, excluded clients=%s, history=%s",
+            "\t├──> %s: aggregation=%s, excluded clients=%s, history=%s",
+            type(self).__name__,
             self.aggregation,
             sorted(self.exclude),
             self.history.root,
@@ -250,13 +300,38 @@ class HistoryFedAvg(FedAvg):
             if c not in self.exclude
         ]
         self._global = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        flower = self._flower_round_config(server_round, arrays, grid)
+        if self.prototype_fn is not None:
+            # from public probes and the adapter every client receives anyway
+            self.prototype = self.prototype_fn(self._global)
         request = TrainRequest(
-            self._global, server_round=server_round, dual_prototype=self.prototype
+            self._global,
+            server_round=server_round,
+            dual_prototype=self.prototype,
+            proximal_mu=float(flower.get("proximal-mu", 0.0)),
         )
         record = encode_request(request, self.run)
-        return self._construct_messages(
+        return self._construct_messages(  # type: ignore[attr-defined]
             record, [self.client_to_node[c] for c in chosen], MessageType.TRAIN
         )
+
+    def _flower_round_config(
+        self, server_round: int, arrays: ArrayRecord, grid: Any
+    ) -> ConfigRecord:
+        """Run the Flower class's ``configure_train`` for what it records.
+
+        FedAdam & co. keep the arrays they send (their server step needs them),
+        FedProx writes ``proximal-mu`` into the round's config. With
+        ``fraction_train`` at 0 Flower's FedAvg samples no node and sends
+        nothing, so only those records happen; the config is returned.
+        """
+        config = ConfigRecord()
+        saved, self.fraction_train = self.fraction_train, 0.0
+        try:
+            super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        finally:
+            self.fraction_train = saved
+        return config
 
     def _check_reply(self, msg: Message) -> tuple[int, dict[str, torch.Tensor], int]:
         node = msg.metadata.src_node_id
@@ -277,8 +352,6 @@ class HistoryFedAvg(FedAvg):
                 f"reported client-id {reply.client_id} != node's client {cid}"
             )
         ad.validate_update(reply.adapter, self._global)
-        if self.dual:
-            check_prototype(reply.dual_prototype, self.prototype)
         return cid, reply.adapter, n
 
     def aggregate_train(
@@ -320,7 +393,8 @@ class HistoryFedAvg(FedAvg):
             )
             arrays, metrics = None, None
         elif self.aggregation == "fedavg":
-            arrays, metrics = super().aggregate_train(
+            # Flower's aggregate, and the server optimiser step of FedAdam & co.
+            arrays, metrics = super().aggregate_train(  # type: ignore[misc]
                 server_round, [g[1] for g in good]
             )
         else:
@@ -329,22 +403,8 @@ class HistoryFedAvg(FedAvg):
             )
             arrays = ArrayRecord(new)
             metrics = sum_train_metrics(
-                [g[1].content for g in good], self.weighted_by_key
-            )
-        if self.dual and len(good) >= MIN_PROTOTYPE_CLIENTS:
-            self.prototype = mean_prototype(
-                [list(g[1].content["metrics"]["dual-prototype"]) for g in good],
-                [float(g[3]) for g in good],
-            )
-        elif self.dual and good:
-            # from the mean of two, each client would recover the other's exact
-            # prototype: keep the last one made of enough clients (or none)
-            log.warning(
-                "round %d: %d client prototype(s), fewer than %d; the global "
-                "prototype is not updated",
-                server_round,
-                len(good),
-                MIN_PROTOTYPE_CLIENTS,
+                [g[1].content for g in good],
+                self.weighted_by_key,  # type: ignore[attr-defined]
             )
         rec = RoundRecord(
             round=server_round,
@@ -368,3 +428,102 @@ class HistoryFedAvg(FedAvg):
         if self.on_round is not None:
             self.on_round(server_round, info)
         return arrays, metrics
+
+
+class HistoryFedAvg(HistoryMixin, FedAvg):
+    """Flower's FedAvg over LoRA adapters, validating and recording updates."""
+
+
+def history_strategy(cfg: ResolvedConfig, **kwargs: Any) -> HistoryMixin:
+    """Return the run's Flower strategy wrapped by :class:`HistoryMixin`.
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        The run; ``strategy`` picks the Flower class, :func:`strategy_options`
+        its hyper-parameters, and ``aggregation`` / ``fraction-train`` / ``seed``
+        are passed on.
+    **kwargs : Any
+        :class:`HistoryMixin`'s other arguments (``run``, ``node_to_client``,
+        ``exclude``, ``history``, ``on_round``).
+
+    Returns
+    -------
+    HistoryMixin
+        ``HistoryFedAvg``, or ``History<FlowerClass>`` for another strategy.
+    """
+    base = FLOWER_STRATEGIES[cfg.strategy]
+    cls = (
+        HistoryFedAvg
+        if base is FedAvg
+        else type(f"History{base.__name__}", (HistoryMixin, base), {})
+    )
+    return cls(
+        seed=cfg.seed,
+        fraction=cfg.fraction_train,
+        aggregation=cfg.aggregation,
+        **kwargs,
+        **strategy_options(cfg),
+    )
+
+
+def replay_server_steps(
+    cfg: ResolvedConfig,
+    start: dict[str, torch.Tensor],
+    steps: list[dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Run the run's Flower strategy on given FedAvg steps, from ``start``.
+
+    Round t tells a fresh instance of the strategy (same hyper-parameters) the
+    current adapter θ, through its own ``configure_train`` (node sampling off),
+    and hands its ``aggregate_train`` one reply θ + ``steps[t]`` of weight 1:
+    Flower's FedAvg of it is θ + ``steps[t]``, and the server optimiser's step
+    on that is the strategy's own (FedAdam's moments carry over the rounds).
+    Under ``fedavg`` and ``fedprox`` the result is ``start + Σ steps``.
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        The run (``strategy`` and its hyper-parameters).
+    start : dict[str, torch.Tensor]
+        θ_0, the adapter round 1 was sent.
+    steps : list[dict[str, torch.Tensor]]
+        Per round, the FedAvg average of the client deltas to feed in.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        The adapter after the last round (fp32).
+    """
+    base = FLOWER_STRATEGIES[cfg.strategy]
+    strategy = base(**strategy_options(cfg))  # type: ignore[arg-type]
+    strategy.fraction_train = 0.0  # configure_train samples and sends nothing
+    theta = {k: v.float().clone() for k, v in start.items()}
+    for t, step in enumerate(steps, 1):
+        arrays = ArrayRecord(theta)
+        strategy.configure_train(t, arrays, ConfigRecord(), grid=None)  # type: ignore[arg-type]
+        reply = Message(
+            content=RecordDict(
+                {
+                    "arrays": ArrayRecord(ad.add(theta, step)),
+                    "metrics": MetricRecord({"num-examples": 1}),
+                }
+            ),
+            # a reply's metadata, with no Flower run around it
+            metadata=Metadata(
+                run_id=0,
+                message_id="",
+                src_node_id=1,
+                dst_node_id=0,
+                reply_to_message_id="",
+                group_id=str(t),
+                created_at=0.0,
+                ttl=DEFAULT_TTL,
+                message_type=MessageType.TRAIN,
+            ),
+        )
+        new, _ = strategy.aggregate_train(t, [reply])
+        if new is None:
+            raise RuntimeError(f"{cfg.strategy} replay: round {t} gave no adapter")
+        theta = {k: v.float().clone() for k, v in new.to_torch_state_dict().items()}
+    return theta

@@ -639,12 +639,22 @@ def run_all(
     if out.retrain is not None:
         run["client_compute"]["retrain"] = client_compute(out.retrain.stats)
     run["curves"] = {"train": out.train.stats.get("curve", [])}
+    # what each curve was measured on (server.pipeline.curve_data): "clients'"
+    # (the data set the clients train on) or "none" (no curve: e.g. clients
+    # read node-local data the server does not hold)
+    run["curve_data"] = {"train": out.train.stats.get("curve_data", "unrecorded")}
     if out.retrain is not None:
         run["curves"]["retrain"] = out.retrain.stats.get("curve", [])
+        run["curve_data"]["retrain"] = out.retrain.stats.get("curve_data", "unrecorded")
     if out.unlearned is not None:
         info = out.unlearn_stats.get("info", {})
         is_oracle = bool(out.unlearn_stats.get("is_oracle"))
         add_unlearning_curve(run, is_oracle, info)
+        run["curve_data"]["unlearn"] = (
+            run["curve_data"].get("retrain", "none")
+            if is_oracle  # its curve is the retrain phase's
+            else out.unlearn_stats.get("curve_data", "none")
+        )
         if is_oracle and out.retrain is not None:
             run["client_compute"]["unlearn"] = client_compute(out.retrain.stats)
         else:

@@ -210,7 +210,8 @@ def assert_parity(out, sim):
 
 def train_reply(to, cid, adapter, n=10, proto=None):
     """A client's Flower reply to the train message ``to``: ``adapter``, ``n``
-    examples and the metrics a train reply must carry (plus ``dual-prototype``)."""
+    examples and the metrics a train reply must carry (plus a ``dual-prototype``,
+    which no reply may carry)."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
     metrics = {

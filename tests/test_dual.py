@@ -1,4 +1,4 @@
-"""FOUL-LoRA's dual adapters: K/V split, regularisers, prototype exchange, θ_V."""
+"""FOUL-LoRA's dual adapters: K/V split, regularisers, the server's prototype, θ_V."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fed_unlearn.config import ConfigError, RunConfig
 from fed_unlearn.dual import (
     DualRegulariser,
     DualSpec,
+    k_prototype,
     masked_token_mean,
     prototype_loss,
     v_units,
@@ -159,6 +160,7 @@ def test_the_k_only_pass_equals_the_adapter_with_v_zeroed(dual_model):
     with DualRegulariser(model, spec, prototype=proto) as reg:
         model(**batch)
         loss = reg(model, batch)
+    proto_of_batch = k_prototype(model, spec, [batch])
     k_only = {k: v.clone() for k, v in state.items()}
     for k, v in k_only.items():
         if "lora_A" in k:
@@ -170,7 +172,7 @@ def test_the_k_only_pass_equals_the_adapter_with_v_zeroed(dual_model):
     h = (hidden * m).sum((0, 1)) / m.sum()
     want = 1 - torch.nn.functional.cosine_similarity(h, proto, dim=0)
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)
-    assert reg.client_prototype() == pytest.approx(h.tolist(), rel=1e-4, abs=1e-6)
+    assert proto_of_batch == pytest.approx(h.tolist(), rel=1e-4, abs=1e-6)
     # and V does matter in the normal pass, so the mask is not a no-op
     set_adapter(model, state)
     with torch.no_grad():
@@ -233,7 +235,11 @@ def test_dual_training_adds_the_regularisers_and_reports_the_nll(dual_model, ite
                 stats = local_train(
                     model, tok, prompt_formatter(tok), items, spec, 5, regulariser=reg
                 )
-            assert len(reg.client_prototype()) == 32
+            means = reg.mean_losses()
+            if k_w:  # 1 - cos is in [0, 2]; the hinge in [0, 1]
+                assert 0 < means["loss_k"] <= 2 and 0 < means["loss_v"] <= 1
+            else:  # both terms off: nothing computed, nothing reported
+                assert means == {"loss_k": 0.0, "loss_v": 0.0}
         ends.append((get_adapter(model), stats.loss))
     for k in state:
         assert torch.allclose(ends[0][0][k], ends[1][0][k], atol=1e-6), k
@@ -241,7 +247,9 @@ def test_dual_training_adds_the_regularisers_and_reports_the_nll(dual_model, ite
     assert any(not torch.allclose(ends[0][0][k], ends[2][0][k]) for k in state)
 
 
-def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_path):
+def test_strategy_broadcasts_the_servers_prototype_and_refuses_a_clients(tmp_path):
+    """Every train request, round 1 included, carries prototype_fn of the adapter
+    it sends; a reply that carries a prototype of its own is rejected."""
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.supercore.task_identity import TaskIdentity
     from helpers import train_reply
@@ -250,40 +258,48 @@ def test_strategy_broadcasts_the_weighted_prototype_and_rejects_bad_ones(tmp_pat
     from server.strategy import HistoryFedAvg
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    run = ConfigRecord({"preset": "tiny", "dual-adapter": True})
+    nodes = {101: 0, 102: 1, 103: 2}
+    with pytest.raises(ValueError, match="needs the server's prototype_fn"):
+        HistoryFedAvg(run=run, node_to_client=nodes, exclude=(), history=None, seed=0)
+    with pytest.raises(ValueError, match="for dual-adapter runs only"):
+        HistoryFedAvg(
+            run=ConfigRecord({"preset": "tiny"}),
+            node_to_client=nodes,
+            exclude=(),
+            history=None,
+            seed=0,
+            prototype_fn=lambda st: [0.0],
+        )
     s = HistoryFedAvg(
-        run=ConfigRecord({"preset": "tiny", "dual-adapter": True}),
-        node_to_client={101: 0, 102: 1, 103: 2, 104: 3},
+        run=run,
+        node_to_client=nodes,
         exclude=(),
         history=HistoryStore(tmp_path / "h"),
         seed=0,
+        prototype_fn=lambda st: [float(st["m.lora_A.weight"].sum()), -1.0],
     )
-    glob = {"m.lora_A.weight": torch.zeros(2, 3)}
+    glob = {"m.lora_A.weight": torch.full((2, 3), 0.5)}
     sent = {
         m.metadata.dst_node_id: m
         for m in s.configure_train(1, ArrayRecord(glob), ConfigRecord(), grid=None)
     }
-    assert all("dual-prototype" not in m.content["config"] for m in sent.values())
-
-    def reply(node, cid, n, proto):
-        return train_reply(sent[node], cid, glob, n, proto)
-
+    for m in sent.values():  # 6 entries of 0.5
+        assert list(m.content["config"]["dual-prototype"]) == [3.0, -1.0]
     s.aggregate_train(
         1,
         [
-            reply(101, 0, 10, [1.0, 0.0]),
-            reply(102, 1, 30, [0.0, 2.0]),
-            reply(103, 2, 10, [float("nan"), 0.0]),
-            reply(104, 3, 10, [1.0, 1.0]),
+            train_reply(sent[101], 0, glob, 10),
+            train_reply(sent[102], 1, glob, 10, proto=[1.0, 0.0]),
+            train_reply(sent[103], 2, glob, 10),
         ],
     )
     rec = s.history.load(1)
-    assert rec.participants == [0, 1, 3] and "non-finite" in rec.rejected[2]
-    # (10·[1, 0] + 30·[0, 2] + 10·[1, 1]) / 50
-    assert s.prototype == pytest.approx([0.4, 1.4])
-    nxt = list(s.configure_train(2, ArrayRecord(glob), ConfigRecord(), grid=None))
-    assert list(nxt[0].content["config"]["dual-prototype"]) == pytest.approx([0.4, 1.4])
-    s.aggregate_train(2, [reply(m.metadata.dst_node_id, 0, 10, [1.0]) for m in nxt])
-    assert "has 1 entries, the global one 2" in s.history.load(2).rejected[0]
+    assert rec.participants == [0, 2]
+    assert "unknown key 'dual-prototype'" in rec.rejected[1]
+    glob2 = {"m.lora_A.weight": torch.ones(2, 3)}
+    nxt = list(s.configure_train(2, ArrayRecord(glob2), ConfigRecord(), grid=None))
+    assert list(nxt[0].content["config"]["dual-prototype"]) == [6.0, -1.0]
 
 
 def test_foul_dual_steps_only_the_client_specific_half(tmp_path):
@@ -318,35 +334,86 @@ def test_foul_dual_steps_only_the_client_specific_half(tmp_path):
         get_method("foul", opts).unlearn(single)
 
 
-def test_no_global_prototype_from_fewer_than_three_clients(tmp_path):
-    """From the weighted mean of two prototypes and its own, a client computes
-    the other's exactly: the server neither makes nor sends such a mean."""
-    from flwr.app import ArrayRecord, ConfigRecord
+def test_the_broadcast_prototype_is_the_same_whatever_records_clients_hold(
+    tmp_path, tiny_model_dir
+):
+    """Issue 17's decomposition, finding 2: two federations that differ only in
+    client 1's records. The K-only mean of client 1's records (what clients used
+    to send) tells them apart; the prototype the server broadcasts is the same,
+    bit for bit, and is a function of the global adapter alone; client 1's
+    real train reply carries its adapter and scalars, no vector of its data."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
-    from helpers import train_reply
 
+    from clients.client_app import train
+    from fed_unlearn.data import collate, generate_tofu, write_jsonl
     from fed_unlearn.history import HistoryStore
+    from fed_unlearn.models import (
+        init_adapter,
+        load_lora_model,
+        prompt_formatter,
+        set_adapter,
+    )
+    from fed_unlearn.training import encode_items
+    from server.channel import run_record
+    from server.pipeline import prototype_maker
     from server.strategy import HistoryFedAvg
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    s = HistoryFedAvg(
-        run=ConfigRecord({"preset": "tiny", "dual-adapter": True}),
-        node_to_client={101: 0, 102: 1},
-        exclude=(),
-        history=HistoryStore(tmp_path / "h"),
-        seed=0,
+    cfg = RunConfig(
+        preset="tiny",
+        model_path=str(tiny_model_dir),
+        num_clients=3,
+        dual_adapter=True,
+        local_epochs=1,
+    ).resolved()
+    spec = cfg.dual_spec()
+    model, tok = load_lora_model(tiny_model_dir, cfg.lora_spec())
+    initial = init_adapter(model, cfg.seed)
+    mine = generate_tofu(0, 3, people_per_client=1).clients[1]
+    held = {"A": mine, "B": mine[:5] + generate_tofu(7, 3, 1).clients[1][:5]}
+    pad = int(tok.pad_token_id)
+    fmt = prompt_formatter(tok)
+    broadcast, client_mean, globals_after, makers = {}, {}, {}, {}
+    for fed, records in held.items():
+        path = write_jsonl(tmp_path / f"{fed}.jsonl", records)
+        makers[fed] = prototype_maker(cfg)
+        s = HistoryFedAvg(
+            run=run_record(cfg),
+            node_to_client={101: 0, 102: 1, 103: 2},
+            exclude=(),
+            history=HistoryStore(tmp_path / f"h{fed}"),
+            seed=cfg.seed,
+            prototype_fn=makers[fed],
+        )
+        msgs = list(s.configure_train(1, ArrayRecord(initial), ConfigRecord(), None))
+        to_1 = next(m for m in msgs if m.metadata.dst_node_id == 102)
+        broadcast[fed] = list(to_1.content["config"]["dual-prototype"])
+        node = {"partition-id": 1, "data-path": str(path)}
+        context = Context(
+            run_id=1, node_id=102, node_config=node, state=RecordDict(), run_config={}
+        )
+        reply = train(to_1, context)
+        metrics = dict(reply.content["metrics"])
+        assert set(metrics) == {
+            "num-examples", "client-id", "train-loss", "local-steps", "tokens",
+            "train-seconds", "dual-loss-k", "dual-loss-v",
+        }  # fmt: skip
+        assert all(type(v) in (int, float) for v in metrics.values()), metrics
+        assert metrics["dual-loss-k"] > 0  # the broadcast target was used
+        s.aggregate_train(1, [reply])
+        assert s.history.load(1).participants == [1]
+        globals_after[fed] = s.history.load(1).client_deltas[1]
+        enc = encode_items(tok, fmt, records, int(cfg.max_length))
+        set_adapter(model, initial)
+        client_mean[fed] = k_prototype(model, spec, [collate(enc, pad)])
+    assert broadcast["A"] == broadcast["B"]
+    gap = max(
+        abs(a - b) for a, b in zip(client_mean["A"], client_mean["B"], strict=True)
     )
-    glob = {"m.lora_A.weight": torch.zeros(2, 3)}
-    sent = {
-        m.metadata.dst_node_id: m
-        for m in s.configure_train(1, ArrayRecord(glob), ConfigRecord(), grid=None)
-    }
-
-    def reply(node, cid, proto):
-        return train_reply(sent[node], cid, glob, 10, proto)
-
-    s.aggregate_train(1, [reply(101, 0, [1.0, 0.0]), reply(102, 1, [0.0, 2.0])])
-    assert s.history.load(1).participants == [0, 1]
-    assert s.prototype is None
-    nxt = list(s.configure_train(2, ArrayRecord(glob), ConfigRecord(), grid=None))
-    assert all("dual-prototype" not in m.content["config"] for m in nxt)
+    assert gap > 1e-3  # the old client statistic would have told A from B
+    # after round 1 the global adapters differ (by the updates, on the wire
+    # anyway); the prototype follows the adapter and nothing else
+    delta = globals_after["A"]
+    state = {k: initial[k] + delta[k] for k in initial}
+    assert makers["A"](state) == makers["B"](state)

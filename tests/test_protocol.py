@@ -75,7 +75,7 @@ def _requests():
 
 def _replies():
     return [
-        HelloReply(client_id=2, num_examples=30),
+        HelloReply(client_id=2, num_examples=30, local_data=True),
         TrainReply(
             _adapter(),
             num_examples=30,
@@ -93,7 +93,6 @@ def _replies():
             local_steps=8,
             tokens=640,
             train_seconds=1.5,
-            dual_prototype=[0.1, 0.2],
             dual_loss_k=0.3,
             dual_loss_v=0.4,
         ),
@@ -209,6 +208,24 @@ def test_unknown_missing_and_ill_typed_request_keys_are_refused(fields, match):
     ("kind", "fields", "arrays", "match"),
     [
         ("hello", {"client-id": 0}, None, "hello reply: missing key 'num-examples'"),
+        (
+            "hello",
+            {"client-id": 0, "num-examples": 3},
+            None,
+            "hello reply: missing key 'local-data'",
+        ),
+        (
+            "hello",
+            {"client-id": 0, "num-examples": 3, "local-data": 2},
+            None,
+            "'local-data' must be a flag \\(0 or 1\\), got int 2",
+        ),
+        (
+            "hello",
+            {"client-id": 0, "num-examples": 3, "local-data": "/data/c0.jsonl"},
+            None,
+            "'local-data' must be a flag",
+        ),
         (
             "hello",
             {"client-id": 0, "num-examples": 3.0},
@@ -452,3 +469,13 @@ def test_a_client_that_fails_or_stays_silent_is_named_and_the_others_kept(flower
     assert sorted(exc.replies) == [0] and isinstance(exc.replies[0], LocalUpdateReply)
     assert "boom" in exc.failed[1] and "did not answer" in exc.failed[2]
     assert "client 1 failed" in str(exc) and "client 2 did not answer" in str(exc)
+
+
+def test_a_flag_travels_as_the_int_0_or_1():
+    """Flower metrics hold numbers: ``local-data`` is 1 or 0 on the wire, a bool
+    in the typed reply."""
+    fields, _ = HelloReply(client_id=0, num_examples=3, local_data=True).to_fields()
+    assert fields == {"client-id": 0, "num-examples": 3, "local-data": 1}
+    assert type(fields["local-data"]) is int
+    back = decode_reply("hello", {**fields, "local-data": 0}, None)
+    assert back.local_data is False

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, overload
 
+from fed_unlearn.config import SERVER_OPTIMIZERS
 from fed_unlearn.history import HistoryStore
 from fed_unlearn.protocol import (
     AuditReply,
@@ -153,6 +154,11 @@ class UnlearnContext:
         cooperation): sends an adapter, returns their size-weighted gap in mean
         answer probability between trained and never-trained own items, for
         ``stop="self_audit"`` (:mod:`fed_unlearn.data.audit`).
+    server_replay : Callable[[AdapterState, list[AdapterState]], AdapterState], optional
+        Where FL stepped with a server optimiser (``strategy`` FedAdam, FedYogi,
+        FedAdagrad or FedAvgM): runs that Flower strategy afresh from an adapter
+        on given per-round FedAvg averages of client deltas and returns where it
+        ends. ``None``: the server step is FedAvg (θ + the average).
     """
 
     trained: AdapterState
@@ -167,6 +173,9 @@ class UnlearnContext:
     forget_target: tuple[float, float] | None = None
     dual_split: int = 0
     audit: Callable[[AdapterState], float] | None = None
+    server_replay: Callable[[AdapterState, list[AdapterState]], AdapterState] | None = (
+        None
+    )
 
     def available(self) -> set[Requirement]:
         """Return the requirements this context satisfies."""
@@ -219,8 +228,10 @@ class UnlearningMethod(ABC):
     #: oracle's recorded cost, and its curve the oracle's.
     is_oracle: ClassVar[bool] = False
     #: True for a method whose math assumes the history's global updates are
-    #: FedAvg of the recorded client deltas: a run with another aggregation is
-    #: refused when its config is validated (:meth:`check_run`).
+    #: FedAvg of the recorded client deltas: a run with another aggregation, or
+    #: with a server-optimiser strategy (FedAdam, FedYogi, FedAdagrad, FedAvgM;
+    #: FedProx's server step is FedAvg's), is refused when its config is
+    #: validated (:meth:`check_run`).
     needs_fedavg: ClassVar[bool] = False
 
     def __init__(self, config: UnlearnConfig) -> None:
@@ -239,7 +250,8 @@ class UnlearningMethod(ABC):
 
         Called when the run config is validated, before any FL phase runs, so a
         method option that needs a particular FL recipe fails at once. The base
-        refuses only a non-FedAvg run of a method with :attr:`needs_fedavg`.
+        refuses only a non-FedAvg run (``aggregation`` or ``strategy``) of a
+        method with :attr:`needs_fedavg`.
 
         Parameters
         ----------
@@ -256,6 +268,13 @@ class UnlearningMethod(ABC):
             raise ValueError(
                 f"{self.name} assumes FedAvg of the recorded client deltas; this "
                 f"run aggregates with {agg!r} (aggregation=fedavg)"
+            )
+        strategy = run.get("strategy", "fedavg")
+        if self.needs_fedavg and strategy in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"{self.name} assumes FedAvg of the recorded client deltas; this "
+                f"run's strategy {strategy!r} steps with a server optimiser "
+                "(strategy=fedavg or fedprox)"
             )
 
     def check(self, ctx: UnlearnContext) -> None:

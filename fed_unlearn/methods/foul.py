@@ -83,7 +83,7 @@ refused.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,6 +335,50 @@ def departed_share(
     """Σ_f p_f g_f, with p_f = n_f / Σ_c n_c (see :func:`departed_share_norm`)."""
     total = sum(weights[c] for c in grads)
     return torch.as_tensor(sum(weights[f] / total * grads[f] for f in departed))
+
+
+def replayed_contribution(
+    history: HistoryStore,
+    departed: tuple[int, ...],
+    replay: Callable[[AdapterState, list[AdapterState]], AdapterState],
+) -> AdapterState:
+    """Return what the departed clients added under a server optimiser (replayed).
+
+    Under FedAvg the departed clients added C = Σ_t Σ_f p_f,t Δ_f,t to the global
+    adapter (Δ_f,t their delta in round t, p_f,t = n_f / Σ of that round's
+    participants' n). A server optimiser (FedAdam, FedYogi, FedAdagrad, FedAvgM)
+    steps on the round's average Δ̄_t instead, so [R] C is θ_T minus where the
+    same optimiser ends when each round's average loses the departed terms,
+    Δ̄_t - Σ_f p_f,t Δ_f,t, the other clients' deltas unchanged. Under FedAvg
+    that is the C above exactly.
+
+    Parameters
+    ----------
+    history : HistoryStore
+        The FL run's history (its rounds and final adapter).
+    departed : tuple[int, ...]
+        Clients whose terms are dropped.
+    replay : Callable
+        :attr:`~fed_unlearn.methods.base.UnlearnContext.server_replay`.
+
+    Returns
+    -------
+    AdapterState
+        C, fp32.
+    """
+    rounds = history.rounds()
+    start = history.load(rounds[0]).global_state
+    steps = []
+    for r in rounds:
+        rec = history.load(r)
+        total = float(sum(rec.num_examples[c] for c in rec.participants))
+        keep = [c for c in rec.participants if c not in departed]
+        step = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in start.items()}
+        for c in keep:
+            share = rec.num_examples[c] / total
+            step = ad.add(step, ad.scale(rec.client_deltas[c], share))
+        steps.append(step)
+    return ad.sub(history.final(), replay(start, steps))
 
 
 def rank_units(state: AdapterState) -> AdapterState:
@@ -602,16 +646,23 @@ class Foul(UnlearningMethod):
         grads = {
             c: sub.flatten(hist[c]) for hist in (hist_retain, hist_forget) for c in hist
         }
+        if ctx.server_replay is None:
+            share = -departed_share(grads, weights, ctx.departed)
+        else:
+            assert ctx.history is not None
+            share = sub.flatten(
+                replayed_contribution(ctx.history, ctx.departed, ctx.server_replay)
+            )
         if cfg.server_direction == "remove":
-            d = -departed_share(grads, weights, ctx.departed)
+            d = share
             extra: dict[str, object] = {"direction": "remove"}
         else:
             d, extra = self._step(ctx, grads, weights)
+        if ctx.server_replay is not None:
+            extra["share"] = "replayed server optimiser"
         total = cfg.server_lr
         if cfg.server_step == "share":
-            total *= departed_share_norm(grads, weights, ctx.departed) / max(
-                float(d.norm()), 1e-12
-            )
+            total *= float(share.norm()) / max(float(d.norm()), 1e-12)
         extra["total_step"] = total
         eta = total / cfg.rounds
         r = 0

@@ -21,7 +21,13 @@ Paper: Nguyen, Le, Yong et al., "FOUL", CVPR 2026 (arXiv 2603.13795); spec
    evaluation suite uses them) over 0.4-0.6 and 1-4: the whole share (1.0)
    overshot the oracle's forgetting, because the later rounds' updates of
    the other clients were computed on a model that held the departed
-   contribution and carry part of it too.
+   contribution and carry part of it too. Under a server-optimiser strategy
+   (``strategy`` FedAdam, FedYogi, FedAdagrad, FedAvgM) the global step is not
+   the average of the client deltas; there [R] the share is θ_T minus where
+   that Flower strategy ends when replayed on the recorded rounds with the
+   departed clients' terms taken out of each average
+   (:func:`fed_unlearn.methods.foul.replayed_contribution`; under FedAvg it is
+   the share above exactly). The factor 0.5 was calibrated under FedAvg only.
 3. ``subnetwork="all"``: θ_V is the whole adapter. Nothing travels during the
    server step, so FOUL's byte argument for a small θ_V does not apply.
 4. ``recovery_rounds=1``, ``local_steps=2``, ``recovery_budget=1/6``,
