@@ -27,11 +27,11 @@ from clients.task import (
     client_model,
     reads_node_data,
 )
-from clients.unlearn import local_update, neuron_attribution
+from clients.unlearn import layer_grams, local_update, neuron_attribution
 from clients.wire import decode_request, encode_reply
 from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.dual import DualRegulariser
-from fed_unlearn.metrics.quick import answer_prob
+from fed_unlearn.metrics.quick import answer_prob, token_accuracy
 from fed_unlearn.models import get_adapter, set_adapter
 from fed_unlearn.privacy import ClientPolicy, examples_behind
 from fed_unlearn.protocol import (
@@ -44,6 +44,8 @@ from fed_unlearn.protocol import (
     ProtocolError,
     Reply,
     Request,
+    TokenAccuracyReply,
+    TokenAccuracyRequest,
     TrainReply,
     TrainRequest,
 )
@@ -240,10 +242,28 @@ def _audit(request: AuditRequest, context: Context, cfg: ResolvedConfig) -> Audi
     return AuditReply(audit_gap=float(gap), num_examples=len(trained))
 
 
+def _token_accuracy(
+    request: TokenAccuracyRequest, context: Context, cfg: ResolvedConfig
+) -> TokenAccuracyReply:
+    """PGA's early stop: the adapter's mean token accuracy on this client's items.
+
+    One scalar over all of its items (and their number, the FedAvg weight every
+    update carries anyway) leaves the client.
+    """
+    items = client_items(cfg, context.node_config)
+    _floor(context, "the token accuracy", len(items))
+    model, tok, prompt_fn = client_model(cfg)
+    set_adapter(model, request.adapter)
+    acc = token_accuracy(model, tok, prompt_fn, items, int(cfg.max_length))
+    return TokenAccuracyReply(token_accuracy=acc, num_examples=len(items))
+
+
 QUERY_HANDLERS["hello"] = _hello
 QUERY_HANDLERS["audit"] = _audit
 QUERY_HANDLERS["local-update"] = local_update
 QUERY_HANDLERS["attribution"] = neuron_attribution
+QUERY_HANDLERS["token-accuracy"] = _token_accuracy
+QUERY_HANDLERS["layer-grams"] = layer_grams
 
 
 @app.query()

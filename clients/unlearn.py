@@ -16,16 +16,20 @@ request's ``base``, which the client also keeps in its Flower ``context.state``
 so later rounds can send only the sub-network (FOUL's θ_V).
 
 An ``attribution`` request (SIMU's stage 1) returns the client's neuron scores,
-one vector per layer summed over its items (:func:`neuron_attribution`).
+one vector per layer summed over its items (:func:`neuron_attribution`). A
+:class:`~fed_unlearn.protocol.LayerGramRequest` (SFU) asks a remaining client
+for one Gram matrix per adapted layer, summed over every token of its items
+(:func:`layer_grams`).
 
-Only adapter deltas, those score sums and scalar metrics leave the client; its
-items never do.
+Only adapter deltas, scalar metrics and those sums leave the client; its items
+never do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -44,9 +48,12 @@ from fed_unlearn.privacy import ClientPolicy, examples_behind
 from fed_unlearn.protocol import (
     AttributionReply,
     AttributionRequest,
+    LayerGramReply,
+    LayerGramRequest,
     LocalUpdateReply,
     LocalUpdateRequest,
 )
+from fed_unlearn.subspace import layer_input_grams
 from fed_unlearn.training import TrainSpec, budget_batches, derive_seed, local_train
 from fed_unlearn.types import AdapterState, QAItem
 
@@ -415,3 +422,51 @@ def local_update(
         train_seconds=seconds,
         loss=last_loss,
     )
+
+
+def layer_grams(
+    req: LayerGramRequest, context: Context, cfg: ResolvedConfig
+) -> LayerGramReply:
+    """Per adapted layer, the scaled Gram matrix of this client's layer inputs.
+
+    The client forwards (no gradient) the first ``max_items`` of its items (all
+    when 0) with the received adapter and sums ``lambda_i x_i x_i^T`` over every
+    non-padding token, ``lambda_i ~ U(0, 1]`` drawn from a seed of ``secrets``
+    that never leaves it (:func:`fed_unlearn.subspace.layer_input_grams`). Only
+    the sums over at least ``min-examples`` items travel: no representation of a
+    single token or item does.
+
+    Parameters
+    ----------
+    req : LayerGramRequest
+        The request (its adapter and ``max_items``).
+    context : Context
+        Flower context (its node config holds the privacy floor).
+    cfg : ResolvedConfig
+        The run configuration.
+
+    Returns
+    -------
+    LayerGramReply
+        ``lora_A`` key -> ``d_in x d_in`` matrix, the items and tokens behind.
+    """
+    items = client_items(cfg, context.node_config)
+    if req.max_items:
+        items = items[: req.max_items]
+    ClientPolicy.from_node_config(context.node_config).check(
+        "the layer-input Gram matrices", len(items)
+    )
+    model, tok, prompt_fn = client_model(cfg)
+    set_adapter(model, req.adapter)
+    gen = torch.Generator().manual_seed(secrets.randbits(63))
+    grams, tokens = layer_input_grams(
+        model, tok, prompt_fn, items, int(cfg.max_length), gen
+    )
+    log.info(
+        "client %s layer-grams: %d layers over %d items (%d tokens)",
+        client_id(context.node_config),
+        len(grams),
+        len(items),
+        tokens,
+    )
+    return LayerGramReply(grams, num_examples=len(items), tokens=tokens)

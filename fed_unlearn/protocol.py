@@ -10,18 +10,22 @@ What crosses the wire
 ---------------------
 Only adapter tensors (LoRA ``A``/``B`` factors, whole or as selected ranks, and
 deltas of them), aggregate scalar metrics of a client (its number of items, its
-local work, its mean loss, one audit gap, one answer probability, SIMU's
-neuron attribution: one score vector per layer summed over the client's items)
-and configs. Never text, tokens, items, per-example values or a list-valued
-statistic of a client's data in its metrics: the one list a train message
-carries, the dual-adapter prototype, goes from the server to the clients and is
-computed from public probes (:func:`fed_unlearn.dual.public_prototype`).
+local work, its mean loss, one audit gap, one answer probability, one token
+accuracy, SIMU's neuron attribution: one score vector per layer summed over the
+client's items) and configs. Never text, tokens, items, per-example values or a
+list-valued statistic of a client's data in its metrics: the one list a train
+message carries, the dual-adapter prototype, goes from the server to the
+clients and is computed from public probes
+(:func:`fed_unlearn.dual.public_prototype`). One exception, SFU's
+``layer-grams``: per adapted layer a Gram matrix of the client's layer inputs
+summed over the tokens of at least ``min-examples`` items, an aggregate that
+still reveals which items and people a client holds (``docs/methods/sfu.md``).
 
 Envelope
 --------
 A request is one Flower message (``QUERY`` for ``hello``, ``audit``,
-``local-update`` and ``attribution``, ``TRAIN`` for ``train``, ``EVALUATE``
-for ``evaluate``) with
+``local-update``, ``attribution``, ``token-accuracy`` and ``layer-grams``,
+``TRAIN`` for ``train``, ``EVALUATE`` for ``evaluate``) with
 
 - ``config`` (ConfigRecord): ``kind`` and the request's scalar fields;
 - ``run`` (ConfigRecord): the run config the client needs, :func:`encode_run`:
@@ -104,6 +108,20 @@ Kinds (sender: server; receiver: one client per message)
     client's items* (never per item); metrics ``client-id``,
     ``num-examples``, ``passes`` (int: forward/backward passes),
     ``attribution-seconds`` (float).
+``token-accuracy`` (:class:`TokenAccuracyRequest` -> :class:`TokenAccuracyReply`)
+    A client's teacher-forced token accuracy on its own items (PGA's early
+    stop). No fields. Arrays: the adapter. Reply: ``token-accuracy`` (float:
+    the mean over its items of the share of answer tokens, EOS excluded, that
+    greedy decoding predicts), ``num-examples`` (int).
+``layer-grams`` (:class:`LayerGramRequest` -> :class:`LayerGramReply`)
+    The input subspace of each adapted layer (SFU). Fields: ``max-items``
+    (int: items to forward, 0 = all). Arrays: the adapter. Reply arrays: per
+    adapted layer, named by its ``lora_A`` tensor, the ``d_in x d_in`` Gram
+    matrix ``sum_i lambda_i x_i x_i^T`` over every non-padding token ``i`` of
+    the items forwarded, ``x_i`` the token's input to that layer and
+    ``lambda_i > 0`` a random scale the client draws and keeps; metrics
+    ``num-examples`` (items behind the sums), ``tokens`` (int). An aggregate:
+    no single token's representation travels.
 """
 
 from __future__ import annotations
@@ -128,6 +146,10 @@ from fed_unlearn.types import AdapterState
 
 __all__ = [
     "AttributionReply",
+    "TokenAccuracyRequest",
+    "TokenAccuracyReply",
+    "LayerGramRequest",
+    "LayerGramReply",
     "AttributionRequest",
     "AuditReply",
     "AuditRequest",
@@ -726,6 +748,38 @@ class AttributionRequest(_AdapterRequest):
             )
 
 
+@dataclass(frozen=True)
+class TokenAccuracyRequest(_AdapterRequest):
+    """``token-accuracy``: the client's token accuracy of ``adapter``."""
+
+    kind: ClassVar[str] = "token-accuracy"
+    role: ClassVar[str] = "request"
+
+
+@dataclass(frozen=True)
+class LayerGramRequest(_AdapterRequest):
+    """``layer-grams``: per adapted layer, the Gram matrix of its inputs.
+
+    Parameters
+    ----------
+    adapter : AdapterState
+        The adapter to forward with.
+    max_items : int
+        Items to forward (0 = all of the client's).
+    """
+
+    kind: ClassVar[str] = "layer-grams"
+    role: ClassVar[str] = "request"
+    max_items: int = _wire("max-items", "int", default=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_items < 0:
+            raise ProtocolError(
+                f"{self.where()}: 'max-items' must be >= 0, got {self.max_items}"
+            )
+
+
 Request = (
     HelloRequest
     | TrainRequest
@@ -733,6 +787,8 @@ Request = (
     | AuditRequest
     | LocalUpdateRequest
     | AttributionRequest
+    | TokenAccuracyRequest
+    | LayerGramRequest
 )
 #: kind -> request class.
 REQUESTS: dict[str, type[Request]] = {
@@ -744,6 +800,8 @@ REQUESTS: dict[str, type[Request]] = {
         AuditRequest,
         LocalUpdateRequest,
         AttributionRequest,
+        TokenAccuracyRequest,
+        LayerGramRequest,
     )
 }
 
@@ -942,6 +1000,38 @@ class AttributionReply(_Message):
         return {"scores": [found[i] for i in range(len(found))]}
 
 
+@dataclass(frozen=True)
+class TokenAccuracyReply(_Message):
+    """Reply to ``token-accuracy``: the mean token accuracy on the client's items."""
+
+    kind: ClassVar[str] = "token-accuracy"
+    role: ClassVar[str] = "reply"
+    token_accuracy: float = _wire("token-accuracy", "float")
+    num_examples: int = _wire("num-examples", "int")
+
+
+@dataclass(frozen=True)
+class LayerGramReply(_Message):
+    """Reply to ``layer-grams``: one summed Gram matrix per adapted layer.
+
+    ``grams`` maps each ``lora_A`` tensor name to its ``d_in x d_in`` matrix.
+    """
+
+    kind: ClassVar[str] = "layer-grams"
+    role: ClassVar[str] = "reply"
+    grams: AdapterState
+    num_examples: int = _wire("num-examples", "int")
+    tokens: int = _wire("tokens", "int")
+
+    def arrays(self) -> AdapterState:
+        """Return the Gram matrices."""
+        return self.grams
+
+    @classmethod
+    def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"grams": _adapter(cls.where(), arrays)}
+
+
 Reply = (
     HelloReply
     | TrainReply
@@ -949,6 +1039,8 @@ Reply = (
     | AuditReply
     | LocalUpdateReply
     | AttributionReply
+    | TokenAccuracyReply
+    | LayerGramReply
 )
 #: kind -> reply class.
 REPLIES: dict[str, type[Reply]] = {
@@ -960,6 +1052,8 @@ REPLIES: dict[str, type[Reply]] = {
         AuditReply,
         LocalUpdateReply,
         AttributionReply,
+        TokenAccuracyReply,
+        LayerGramReply,
     )
 }
 

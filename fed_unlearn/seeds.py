@@ -16,6 +16,8 @@ Streams of client data order (``seed_round``):
 - ``FOUL_LIVE``: FOUL's pseudo-gradient rounds with live clients.
 - ``FEDOSD_UNLEARN``, ``FEDOSD_POST``: FedOSD's unlearning and post-training.
 - ``FEDERASER``: FedEraser's calibration round j.
+- ``PGA``: PGA's ascent round r of the departed clients.
+- ``SFU``: SFU's ascent pass of the departed clients (``SFU + 1``).
 - ``RECOVERY``: recovery rounds of the remaining clients. A method that also
   repairs after each of its R unlearning rounds (``mpu``'s
   ``interleave_recovery``) uses ``RECOVERY + r`` there, and its final recovery
@@ -39,6 +41,8 @@ FEDOSD_UNLEARN = 20_000
 FEDOSD_POST = 30_000
 RECOVERY = 40_000
 FEDERASER = 50_000
+PGA = 60_000
+SFU = 70_000
 SAMPLING_SALT = 7919
 RELEARN = 31_337
 PROXY_DATA = 987_654
@@ -50,9 +54,11 @@ __all__ = [
     "FEDOSD_UNLEARN",
     "FL_ROUND",
     "FOUL_LIVE",
+    "PGA",
     "PROXY_DATA",
     "RECOVERY",
     "RELEARN",
     "SAMPLING_SALT",
+    "SFU",
     "TINY_PEOPLE",
 ]

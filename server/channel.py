@@ -26,11 +26,15 @@ from fed_unlearn.protocol import (
     AttributionRequest,
     AuditReply,
     AuditRequest,
+    LayerGramReply,
+    LayerGramRequest,
     LocalUpdateReply,
     LocalUpdateRequest,
     ProtocolError,
     Reply,
     Request,
+    TokenAccuracyReply,
+    TokenAccuracyRequest,
     encode_run,
 )
 from fed_unlearn.protocol import decode_reply as decode_reply_fields
@@ -168,6 +172,16 @@ class FlowerChannel:
     def query(
         self, requests: Mapping[ClientId, AttributionRequest]
     ) -> dict[ClientId, AttributionReply]: ...
+
+    @overload
+    def query(
+        self, requests: Mapping[ClientId, TokenAccuracyRequest]
+    ) -> dict[ClientId, TokenAccuracyReply]: ...
+
+    @overload
+    def query(
+        self, requests: Mapping[ClientId, LayerGramRequest]
+    ) -> dict[ClientId, LayerGramReply]: ...
 
     def query(self, requests: Mapping[ClientId, Request]) -> dict[ClientId, Any]:
         """Send each client its request (one message each) and collect the replies.

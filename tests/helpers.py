@@ -57,6 +57,10 @@ class LinearClients:
     as those ranks of it, and so does its target). Enough to exercise a
     method's contract without Flower. An ``attribution`` request gets two
     layers of four neuron scores, client ``c``'s largest at neuron ``c``.
+
+    A ``token-accuracy`` request gets 1 / (1 + ‖x - t_c‖) (the whole adapter),
+    a ``layer-grams`` request ``A_cᵀ A_c`` per ``lora_A`` tensor of ``t_c``
+    (its rows as the client's inputs).
     """
 
     def __init__(self, targets):
@@ -69,8 +73,12 @@ class LinearClients:
         from fed_unlearn.protocol import (
             AttributionReply,
             AttributionRequest,
+            LayerGramReply,
+            LayerGramRequest,
             LocalUpdateReply,
             LocalUpdateRequest,
+            TokenAccuracyReply,
+            TokenAccuracyRequest,
         )
 
         out = {}
@@ -85,6 +93,19 @@ class LinearClients:
                     passes=1,
                     attribution_seconds=0.0,
                 )
+                continue
+            if isinstance(req, TokenAccuracyRequest):
+                t = self.targets[cid]
+                gap = sum(float((req.adapter[k] - t[k]).pow(2).sum()) for k in t)
+                out[cid] = TokenAccuracyReply(
+                    token_accuracy=1.0 / (1.0 + gap**0.5), num_examples=10
+                )
+                continue
+            if isinstance(req, LayerGramRequest):
+                grams = {
+                    k: v.T @ v for k, v in self.targets[cid].items() if ".lora_A." in k
+                }
+                out[cid] = LayerGramReply(grams, num_examples=10, tokens=20)
                 continue
             assert isinstance(req, LocalUpdateRequest)
             sign = 1.0 if req.loss == "nll" else -1.0

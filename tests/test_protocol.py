@@ -17,9 +17,13 @@ from fed_unlearn.protocol import (
     EvaluateRequest,
     HelloReply,
     HelloRequest,
+    LayerGramReply,
+    LayerGramRequest,
     LocalUpdateReply,
     LocalUpdateRequest,
     ProtocolError,
+    TokenAccuracyReply,
+    TokenAccuracyRequest,
     TrainReply,
     TrainRequest,
     decode_reply,
@@ -74,6 +78,9 @@ def _requests():
             neurons={B: [0, 2]},
         ),
         AttributionRequest(_adapter(), steps=4, batch_size=2),
+        TokenAccuracyRequest(_adapter()),
+        LayerGramRequest(_adapter()),
+        LayerGramRequest(_adapter(), max_items=12),
     ]
 
 
@@ -118,6 +125,8 @@ def _replies():
             passes=12,
             attribution_seconds=0.3,
         ),
+        TokenAccuracyReply(token_accuracy=0.25, num_examples=30),
+        LayerGramReply({A: torch.eye(3)}, num_examples=30, tokens=400),
     ]
 
 
@@ -142,6 +151,8 @@ def test_every_kind_has_a_request_and_a_reply_and_both_are_tested():
         "audit",
         "local-update",
         "attribution",
+        "token-accuracy",
+        "layer-grams",
     }
     assert {r.kind for r in _requests()} == set(REQUESTS)
     assert {r.kind for r in _replies()} == set(REPLIES)
@@ -195,6 +206,9 @@ def test_dicts_travel_as_typed_key_families_not_json():
         ({"kind": "train", "server-round": 1, "phase": "train"}, "unknown key 'phase'"),
         ({"kind": "train", "server-round": 1, "dual-prototype": ["a"]}, "list of num"),
         ({"kind": "hello", "x": 1}, "hello request: unknown key 'x'"),
+        ({"kind": "layer-grams", "max-items": -1}, "'max-items' must be >= 0"),
+        ({"kind": "layer-grams", "max-items": 1.0}, "'max-items' must be an int"),
+        ({"kind": "token-accuracy", "tau": 0.1}, "unknown key 'tau'"),
         ({"kind": "recover"}, "unknown request kind 'recover'"),
         ({}, "unknown request kind None"),
     ],

@@ -18,6 +18,7 @@ from fed_unlearn.methods.foul_server import FoulServer, FoulServerConfig
 from fed_unlearn.methods.local_unlearn import LocalUnlearn, LocalUnlearnConfig
 from fed_unlearn.methods.mpu import MPU, MPUConfig
 from fed_unlearn.methods.none import NoneConfig, NoUnlearning
+from fed_unlearn.methods.pga import PGA, PGAConfig
 from fed_unlearn.methods.registry import (
     METHOD_REGISTRY,
     get_method,
@@ -25,6 +26,7 @@ from fed_unlearn.methods.registry import (
     register_method,
 )
 from fed_unlearn.methods.retrain import Retrain, RetrainConfig
+from fed_unlearn.methods.sfu import SFU, SFUConfig
 from fed_unlearn.methods.simu import Simu, SimuConfig
 
 register_method(name="none", config_cls=NoneConfig, method_cls=NoUnlearning)
@@ -41,6 +43,8 @@ register_method(
 )
 register_method(name="fed_eraser", config_cls=FedEraserConfig, method_cls=FedEraser)
 register_method(name="simu", config_cls=SimuConfig, method_cls=Simu)
+register_method(name="pga", config_cls=PGAConfig, method_cls=PGA)
+register_method(name="sfu", config_cls=SFUConfig, method_cls=SFU)
 
 __all__ = [
     "METHOD_REGISTRY",

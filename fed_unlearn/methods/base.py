@@ -21,8 +21,12 @@ from fed_unlearn.protocol import (
     AttributionRequest,
     AuditReply,
     AuditRequest,
+    LayerGramReply,
+    LayerGramRequest,
     LocalUpdateReply,
     LocalUpdateRequest,
+    TokenAccuracyReply,
+    TokenAccuracyRequest,
 )
 from fed_unlearn.types import AdapterState, ClientId
 
@@ -101,16 +105,17 @@ class ClientChannel(Protocol):
         self, requests: Mapping[ClientId, AttributionRequest]
     ) -> dict[ClientId, AttributionReply]: ...
 
+    @overload
     def query(
-        self,
-        requests: Mapping[
-            ClientId, LocalUpdateRequest | AuditRequest | AttributionRequest
-        ],
-    ) -> (
-        dict[ClientId, LocalUpdateReply]
-        | dict[ClientId, AuditReply]
-        | dict[ClientId, AttributionReply]
-    ):
+        self, requests: Mapping[ClientId, TokenAccuracyRequest]
+    ) -> dict[ClientId, TokenAccuracyReply]: ...
+
+    @overload
+    def query(
+        self, requests: Mapping[ClientId, LayerGramRequest]
+    ) -> dict[ClientId, LayerGramReply]: ...
+
+    def query(self, requests: Mapping[ClientId, Any]) -> dict[ClientId, Any]:
         """Send each client its request and return its typed reply."""
         ...
 

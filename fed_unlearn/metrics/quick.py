@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fed_unlearn.data.qa import PromptFn, collate, encode_qa
-from fed_unlearn.metrics.primitives import avg_loss
+from fed_unlearn.metrics.primitives import avg_loss, exact_memorization, token_logprobs
 from fed_unlearn.types import QAItem
 
 
@@ -67,6 +67,73 @@ def answer_prob(
     finally:
         model.train(was_training)
     return float(sum(probs) / len(probs))
+
+
+@torch.no_grad()
+def token_accuracy(
+    model: Any,
+    tokenizer: Any,
+    prompt_fn: PromptFn,
+    items: Sequence[QAItem],
+    max_length: int,
+    batch_size: int = 16,
+) -> float:
+    """Mean per-item teacher-forced token accuracy of the answers.
+
+    Per item, the share of answer tokens (EOS excluded) that the greedy
+    prediction gets right: exact memorization (open-unlearning's
+    ``exact_memorization``, :func:`~fed_unlearn.metrics.primitives.exact_memorization`);
+    items without such a token are skipped.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        Causal LM (its training mode is restored afterwards).
+    tokenizer : PreTrainedTokenizerBase
+        Its tokenizer.
+    prompt_fn : PromptFn
+        Prompt format.
+    items : Sequence[QAItem]
+        Items to score (must not be empty).
+    max_length : int
+        Token limit per example.
+    batch_size : int
+        Batch size.
+
+    Returns
+    -------
+    float
+        The mean accuracy in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        No items, or no item with an answer token besides EOS.
+    """
+    if not items:
+        raise ValueError("token_accuracy needs at least one item")
+    was_training = model.training
+    model.eval()
+    accs: list[float] = []
+    try:
+        for s in range(0, len(items), batch_size):
+            enc = [
+                encode_qa(tokenizer, prompt_fn(it.question), it.answer, max_length)
+                for it in items[s : s + batch_size]
+            ]
+            batch = collate(enc, int(tokenizer.pad_token_id))
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            for _tok, vocab_lp, labels in token_logprobs(logits, batch["labels"]):
+                em = exact_memorization(vocab_lp.argmax(-1), labels)
+                if em is not None:
+                    accs.append(em)
+    finally:
+        model.train(was_training)
+    if not accs:
+        raise ValueError("token_accuracy: no answer has a token besides EOS")
+    return float(sum(accs) / len(accs))
 
 
 #: T2F's tolerance: this share of the |original - oracle| forget-level gap.
