@@ -15,6 +15,13 @@ Tensors a copy does not carry are frozen and taken from a *base* adapter: the
 request's ``base``, which the client also keeps in its Flower ``context.state``
 so later rounds can send only the sub-network (FOUL's θ_V).
 
+With ``attribution-weight`` (Ssiuu) the inner loss gets the attribution
+regulariser (:mod:`fed_unlearn.losses.attribution_reg`). Its reference
+attributions A^0 (per item and neuron) are computed by the client from the
+adapter of the request that says ``attribution-reference = 1`` (the first,
+carrying the pre-unlearning adapter), before its first step, and kept in
+``context.state`` for the later rounds; they never leave the client.
+
 Only adapter deltas and scalar metrics leave the client; its items never do.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +50,7 @@ from fed_unlearn.types import AdapterState, QAItem
 log = logging.getLogger(__name__)
 
 _BASE_STATE = "fed-unlearn-base"
+_ATTRIBUTION_STATE = "fed-unlearn-attribution-reference"
 #: Seed of the public proxy retain set (fictitious people outside every client).
 PROXY_SEED = seeds.PROXY_DATA
 
@@ -129,6 +138,54 @@ def _retain_items(source: str, node_config: dict[str, Any]) -> list[QAItem] | No
     raise ValueError(f"unknown retain source {source!r}; use none, proxy or local")
 
 
+def _attribution_regulariser(
+    req: LocalUpdateRequest,
+    context: Context,
+    model: torch.nn.Module,
+    tok: Any,
+    prompt_fn: Any,
+    items: list[QAItem],
+    spec: TrainSpec,
+) -> Any:
+    """Build the request's attribution regulariser on the loaded adapter.
+
+    ``attribution-reference = 1``: A^0 is computed now, from the adapter just
+    loaded (before any step), and kept in ``context.state``; otherwise the kept
+    A^0 is used.
+
+    Raises
+    ------
+    ValueError
+        No kept A^0 (no earlier reference request), or one of another size.
+    """
+    from fed_unlearn.losses.attribution_reg import (
+        AttributionRegulariser,
+        AttributionSpec,
+        reference_attributions,
+    )
+
+    assert req.attribution_weight is not None
+    aspec = AttributionSpec(
+        weight=req.attribution_weight,
+        variant=req.attribution_variant or "increase",
+        exact=bool(req.attribution_exact),
+    )
+    if req.attribution_reference:
+        ref = reference_attributions(
+            model, tok, prompt_fn, items, spec.max_length, spec.batch_size
+        )
+        context.state[_ATTRIBUTION_STATE] = ArrayRecord({"reference": ref})
+    elif _ATTRIBUTION_STATE in context.state:
+        kept = context.state[_ATTRIBUTION_STATE].to_torch_state_dict()  # type: ignore[union-attr]
+        ref = kept["reference"]
+    else:
+        raise ValueError(
+            "the attribution regulariser needs reference attributions, and this "
+            "client holds none: its first request must say attribution-reference=1"
+        )
+    return AttributionRegulariser(model, aspec, ref)
+
+
 def local_update(
     req: LocalUpdateRequest, context: Context, cfg: ResolvedConfig
 ) -> LocalUpdateReply:
@@ -211,6 +268,7 @@ def local_update(
     deltas: list[AdapterState] = []
     steps = tokens = 0
     seconds = last_loss = 0.0
+    penalty: float | None = None
     for k, copy in enumerate(copies):
         unknown = sorted(set(copy) - expected)
         if unknown:
@@ -234,6 +292,15 @@ def local_update(
             full[n] = ad.put_ranks(base[n], n, picked, copy[n])
         set_adapter(model, full)
         seed = derive_seed(cfg.seed, req.seed_round, cid, k)
+        t_ref = time.perf_counter()
+        regulariser = (
+            None
+            if req.attribution_weight is None
+            else _attribution_regulariser(
+                req, context, model, tok, prompt_fn, items, spec
+            )
+        )
+        seconds += time.perf_counter() - t_ref
         with only_trainable(model, set(copy)), only_ranks(model, ranks):
             if loss == "nll":
                 stats = local_train(model, tok, prompt_fn, items, spec, seed=seed)
@@ -248,7 +315,10 @@ def local_update(
                     seed=seed,
                     retain_items=retain,
                     params=req.loss_params,
+                    regulariser=regulariser,
                 )
+        if regulariser is not None:
+            penalty = regulariser.mean_penalty()
         after = get_adapter(model)
         delta: AdapterState = {}
         for name, before in copy.items():
@@ -278,4 +348,5 @@ def local_update(
         tokens=tokens,
         train_seconds=seconds,
         loss=last_loss,
+        attribution_penalty=penalty,
     )

@@ -416,6 +416,16 @@ class RunConfig(_Clients):
         the run's ``lr``
         (default: 0; at the run's own rate the attack also disturbs the facts
         it does not train on, and the original model's probes fall).
+    eval_attribution : bool
+        Measure the MLP-neuron attribution of the original, unlearned and
+        retrained models to the forget answers
+        (:mod:`fed_unlearn.metrics.attribution`: histograms, neurons that
+        turned negative, positive against negative mass; one forward and one
+        backward per forget item and model; default: False).
+    eval_attribution_tau : float
+        A neuron "turned negative" when its mean attribution went from >= 0 in
+        the original model to < -τ, with τ this many times the original's mean
+        |attribution| over neurons (default: 1.0).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
     mode : str
@@ -474,6 +484,8 @@ class RunConfig(_Clients):
     eval_relearn_steps: int = OFF
     eval_relearn_fraction: float = 0.5
     eval_relearn_lr: float = FIFTH_OF_LR
+    eval_attribution: bool = False
+    eval_attribution_tau: float = 1.0
     out_dir: str = "runs/latest"
     mode: str = "run"
     federation_dir: str = ""
@@ -590,6 +602,13 @@ class RunConfig(_Clients):
         if self.eval_relearn_lr < FIFTH_OF_LR:
             raise ConfigError(
                 "config key 'eval-relearn-lr' must be >= 0 (0 = a fifth of lr)"
+            )
+        if not (
+            math.isfinite(self.eval_attribution_tau) and self.eval_attribution_tau >= 0
+        ):
+            raise ConfigError(
+                "config key 'eval-attribution-tau' must be a finite number >= 0, "
+                f"got {self.eval_attribution_tau}"
             )
         if not 0 < self.eval_relearn_fraction < 1:
             raise ConfigError(
@@ -768,6 +787,8 @@ class ResolvedConfig(_Clients):
     eval_relearn_steps: int
     eval_relearn_fraction: float
     eval_relearn_lr: float
+    eval_attribution: bool
+    eval_attribution_tau: float
     out_dir: str
     mode: str
     federation_dir: str
@@ -861,6 +882,8 @@ class ResolvedConfig(_Clients):
                 "eval-relearn-steps",
                 "eval-relearn-fraction",
                 "eval-relearn-lr",
+                "eval-attribution",
+                "eval-attribution-tau",
                 "departed-online",
                 "history-key-file",
                 "mode",

@@ -75,11 +75,20 @@ Kinds (sender: server; receiver: one client per message)
     ``lora_B`` of that tensor, the base holds it whole, only those ranks train
     and return), ``retain`` (str: ``none``, ``proxy``, ``local``),
     ``loss-params.<name>`` (float: overrides of the inner loss's parameters),
-    ``seed-round`` (int: the seed stream of the client's data order). Arrays:
+    ``seed-round`` (int: the seed stream of the client's data order),
+    ``attribution-weight`` (float λ > 0: add λ·R, the Ssiuu attribution
+    regulariser of :mod:`fed_unlearn.losses.attribution_reg`, to an inner
+    loss; one copy only), ``attribution-variant`` (str: ``increase`` or
+    ``negative``), ``attribution-exact`` (int 0/1: second-order R instead of
+    the detached-gradient surrogate), ``attribution-reference`` (int 0/1: 1 =
+    compute the reference attributions A^0 from this request's adapter before
+    the first step and keep them in the client's state; 0 = use the kept ones;
+    they never leave the client). Arrays:
     the copies and the base. Reply arrays: one delta (after - before) per copy,
     of the tensors that copy carried, in the copies' dtype; metrics
     ``client-id``, ``num-examples``, ``local-steps``, ``tokens`` (int),
-    ``train-seconds``, ``loss`` (float).
+    ``train-seconds``, ``loss`` (float) and, with the regulariser,
+    ``attribution-penalty`` (float: its mean normalised R over the steps).
 """
 
 from __future__ import annotations
@@ -576,11 +585,21 @@ class LocalUpdateRequest(_Message):
         Overrides of the inner loss's parameters.
     seed_round : int
         Seed stream of the client's data order.
+    attribution_weight : float, optional
+        λ of the attribution regulariser (``None``: off).
+    attribution_variant : str, optional
+        Its variant (``None``: ``"increase"``).
+    attribution_exact : int, optional
+        1 = exact second-order R (``None``: 0, the surrogate).
+    attribution_reference : int, optional
+        1 = compute and keep A^0 from this request's adapter (``None``: 0).
 
     Raises
     ------
     ProtocolError
-        No copies, an ill-typed field, or a budget that cannot size batches.
+        No copies, an ill-typed field, a budget that cannot size batches, or
+        attribution fields without a valid weight, with ``nll``, with several
+        copies or with a flag other than 0/1.
     """
 
     kind: ClassVar[str] = "local-update"
@@ -598,11 +617,20 @@ class LocalUpdateRequest(_Message):
     retain: str = _wire("retain", "str", default="none")
     loss_params: dict[str, float] = _wire("loss-params", "params", default_factory=dict)
     seed_round: int = _wire("seed-round", "int", default=0)
+    attribution_weight: float | None = _wire(
+        "attribution-weight", "float", default=None
+    )
+    attribution_variant: str | None = _wire("attribution-variant", "str", default=None)
+    attribution_exact: int | None = _wire("attribution-exact", "int", default=None)
+    attribution_reference: int | None = _wire(
+        "attribution-reference", "int", default=None
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.copies:
             raise ProtocolError(f"{self.where()}: carries no copy<k>.* arrays")
+        self._check_attribution()
         if self.budget is not None and (
             self.batch_size is not None or self.max_steps < 1
         ):
@@ -615,6 +643,45 @@ class LocalUpdateRequest(_Message):
                 raise ProtocolError(
                     f"{self.where()}: 'loss-params.{name}' must be finite"
                 )
+
+    def _check_attribution(self) -> None:
+        from fed_unlearn.losses.attribution_reg import VARIANTS
+
+        where = self.where()
+        extra = {
+            "attribution-variant": self.attribution_variant,
+            "attribution-exact": self.attribution_exact,
+            "attribution-reference": self.attribution_reference,
+        }
+        w = self.attribution_weight
+        if w is None:
+            given = sorted(k for k, v in extra.items() if v is not None)
+            if given:
+                raise ProtocolError(f"{where}: {given[0]!r} needs 'attribution-weight'")
+            return
+        if not (math.isfinite(w) and w > 0):
+            raise ProtocolError(
+                f"{where}: 'attribution-weight' must be finite and > 0, got {w}"
+            )
+        if self.loss == "nll":
+            raise ProtocolError(
+                f"{where}: the attribution regulariser goes with an inner "
+                "unlearning loss, not 'nll'"
+            )
+        if len(self.copies) != 1:
+            raise ProtocolError(
+                f"{where}: the attribution regulariser takes one copy, got "
+                f"{len(self.copies)}"
+            )
+        variant = self.attribution_variant
+        if variant is not None and variant not in VARIANTS:
+            raise ProtocolError(
+                f"{where}: 'attribution-variant' must be one of {VARIANTS}, got "
+                f"{variant!r}"
+            )
+        for key in ("attribution-exact", "attribution-reference"):
+            if extra[key] not in (None, 0, 1):
+                raise ProtocolError(f"{where}: {key!r} must be 0 or 1")
 
     def arrays(self) -> AdapterState:
         """Return the copies and the base as ``copy<k>.*`` / ``base.*`` arrays."""
@@ -749,6 +816,9 @@ class LocalUpdateReply(_Message):
     tokens: int = _wire("tokens", "int")
     train_seconds: float = _wire("train-seconds", "float")
     loss: float = _wire("loss", "float")
+    attribution_penalty: float | None = _wire(
+        "attribution-penalty", "float", default=None
+    )
 
     def arrays(self) -> AdapterState | None:
         """Return the deltas as ``copy<k>.*`` arrays (``None`` when empty)."""

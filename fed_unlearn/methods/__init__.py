@@ -25,6 +25,7 @@ from fed_unlearn.methods.registry import (
     register_method,
 )
 from fed_unlearn.methods.retrain import Retrain, RetrainConfig
+from fed_unlearn.methods.ssiuu import Ssiuu, SsiuuConfig
 
 register_method(name="none", config_cls=NoneConfig, method_cls=NoUnlearning)
 register_method(name="retrain", config_cls=RetrainConfig, method_cls=Retrain)
@@ -39,6 +40,7 @@ register_method(
     name="fed_recovery", config_cls=FedRecoveryConfig, method_cls=FedRecovery
 )
 register_method(name="fed_eraser", config_cls=FedEraserConfig, method_cls=FedEraser)
+register_method(name="ssiuu", config_cls=SsiuuConfig, method_cls=Ssiuu)
 
 __all__ = [
     "METHOD_REGISTRY",
