@@ -205,8 +205,8 @@ def attribution_from(
     Returns
     -------
     torch.Tensor
-        ``[B, Σ_l n_l]`` float32 attributions ``Σ_t h·∂logp/∂h``, layers
-        concatenated in order.
+        ``[B, Σ_l n_l]`` attributions ``Σ_t h·∂logp/∂h`` (float32, or the
+        activations' dtype when wider), layers concatenated in order.
 
     Raises
     ------
@@ -222,7 +222,6 @@ def attribution_from(
         create_graph=graph == "exact",
         allow_unused=True,
     )
-    mask = positions.to(torch.float32)
     parts = []
     for h, g in zip(activations, grads, strict=True):
         if g is None:  # a layer after every scored position cannot matter
@@ -231,7 +230,9 @@ def attribution_from(
             g = g.detach()
         elif graph == "none":
             h, g = h.detach(), g.detach()
-        parts.append(torch.einsum("btn,btn,bt->bn", h.float(), g.float(), mask))
+        dt = torch.promote_types(h.dtype, torch.float32)
+        mask = positions.to(dt)
+        parts.append(torch.einsum("btn,btn,bt->bn", h.to(dt), g.to(dt), mask))
     return torch.cat(parts, dim=1)
 
 
@@ -299,7 +300,8 @@ def reference_attributions(
     Returns
     -------
     torch.Tensor
-        ``[len(items), N]`` float32 on the CPU.
+        ``[len(items), N]`` on the CPU (float32, or the model's dtype when
+        wider).
 
     Raises
     ------
