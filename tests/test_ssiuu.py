@@ -21,8 +21,8 @@ from fed_unlearn.losses.attribution_reg import (
     penalty_terms,
     reference_attributions,
 )
-from fed_unlearn.metrics.attribution import neuron_summary
 from fed_unlearn.methods import get_method
+from fed_unlearn.metrics.attribution import neuron_summary
 from fed_unlearn.models import (
     LoraSpec,
     get_adapter,
@@ -393,6 +393,6 @@ def test_cli_ssiuu_runs_end_to_end_with_the_diagnostics(tmp_path):
     models = run["attribution"]["models"]
     assert set(models) == {"original", "unlearned", "retrain"}
     assert models["original"]["turned_negative"] == 0
-    assert sum(models["unlearned"]["histogram"]) == run["attribution"]["spec"][
-        "neurons"
-    ]
+    assert (
+        sum(models["unlearned"]["histogram"]) == run["attribution"]["spec"]["neurons"]
+    )
