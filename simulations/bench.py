@@ -31,6 +31,8 @@ Per cell, from ``run.json`` (unlearned model against the retrain oracle of the
 same cell): ``gap_closed`` = (original - unlearned) / (original - retrain) on
 ``forget_Q_A_Prob``; ``forget_quality``; ``utility_ratio`` = model_utility /
 retrain's; ``privleak``; ``relearn_gap`` (with ``eval-relearn-steps``);
+``turned_negative`` and ``negative_share`` of the unlearned model's neuron
+attribution (with ``eval-attribution``, :mod:`fed_unlearn.metrics.attribution`);
 ``wall_ratio`` and ``bytes_ratio`` = the method's wall time (without the
 simulation's per-round curve evaluation) and bytes over the retrain's, counting
 the oracle for an oracle-stopped run. Aggregated per (scenario, method) as the
@@ -70,6 +72,8 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("utility_ratio", "model_utility × retrain", 2),
     ("privleak", "privleak", 1),
     ("relearn_gap", "relearn gap", 2),
+    ("turned_negative", "neurons turned negative", 1),
+    ("negative_share", "negative attribution share", 3),
     ("wall_ratio", "wall × retrain", 3),
     ("bytes_ratio", "bytes × retrain", 3),
 )
@@ -419,6 +423,8 @@ def cell_metrics(run_dir: Path) -> dict[str, Any]:
     else:
         wall = _ratio(walls.get("unlearn"), walls.get("retrain"))
     by = run.get("bytes", {})
+    models = (run.get("attribution") or {}).get("models") or {}
+    attribution = models.get("unlearned") or {}
     return {
         "gap_closed": (orig["forget_Q_A_Prob"] - unl["forget_Q_A_Prob"]) / gap
         if gap
@@ -427,6 +433,8 @@ def cell_metrics(run_dir: Path) -> dict[str, Any]:
         "utility_ratio": _ratio(unl.get("model_utility"), ret.get("model_utility")),
         "privleak": full.get("privleak"),
         "relearn_gap": (run.get("relearn") or {}).get("relearn_gap"),
+        "turned_negative": attribution.get("turned_negative"),
+        "negative_share": attribution.get("negative_share"),
         "wall_ratio": wall,
         "bytes_ratio": _ratio(
             (by.get("unlearn") or {}).get("total"),

@@ -169,29 +169,36 @@ def test_batched_attribution_equals_one_item_at_a_time(lora, items):
 
 def test_exact_regulariser_matches_a_finite_difference_on_the_model(lora, items):
     """The exact R (through attention's double backward on the math kernel)
-    against central differences in float64 on two LoRA entries."""
+    against central differences on two LoRA entries; the surrogate's gradient
+    is not R's. The model runs in float64, but Llama's RMSNorm computes in
+    float32, so the step is 1e-2 (smaller steps drown in its rounding)."""
     model, tok, pf = lora
     model.double().eval()
     batch = collate(encode_items(tok, pf, items[:3], 64), int(tok.pad_token_id))
     ref = reference_attributions(model, tok, pf, items[:3], 64)
-    reg = AttributionRegulariser(model, AttributionSpec(1.0, "negative", True), ref)
     params = [p for n, p in model.named_parameters() if "lora_B" in n][:2]
+
+    def grads(exact):
+        reg = AttributionRegulariser(
+            model, AttributionSpec(1.0, "negative", exact), ref
+        )
+        with reg:
+            return torch.autograd.grad(reg(batch, [0, 1, 2]), params)
+
+    exact, surrogate = grads(True), grads(False)
+    reg = AttributionRegulariser(model, AttributionSpec(1.0, "negative"), ref)
+    eps = 1e-2
     with reg:
-        r = reg(batch, [0, 1, 2])
-        grads = torch.autograd.grad(r, params)
-        eps = 1e-6
-        for p, g in zip(params, grads, strict=True):
-            with torch.no_grad():
-                p.view(-1)[0] += eps
-            up = float(reg(batch, [0, 1, 2]))
-            with torch.no_grad():
-                p.view(-1)[0] -= 2 * eps
-            down = float(reg(batch, [0, 1, 2]))
-            with torch.no_grad():
-                p.view(-1)[0] += eps
-            fd = (up - down) / (2 * eps)
-            assert float(g.view(-1)[0]) == pytest.approx(fd, rel=1e-4, abs=1e-9)
-    assert any(float(g.abs().max()) > 0 for g in grads)
+        for p, g, s in zip(params, exact, surrogate, strict=True):
+            values = []
+            for step in (eps, -2 * eps, eps):
+                with torch.no_grad():
+                    p.view(-1)[0] += step
+                values.append(float(reg(batch, [0, 1, 2]).detach()))
+            fd = (values[0] - values[1]) / (2 * eps)
+            assert abs(fd) > 1e-6
+            assert float(g.view(-1)[0]) == pytest.approx(fd, rel=0.05)
+            assert abs(float(s.view(-1)[0]) - fd) > 0.2 * abs(fd)
 
 
 def test_first_step_penalty_is_zero_against_its_own_reference(lora, items):
@@ -363,8 +370,8 @@ def test_report_shows_the_attribution_section(tmp_path):
     md = write_report([d], tmp_path / "rep").read_text()
     # unit = mean |orig| = 1.25 = τ: neuron 0 (2 -> -2) turned negative
     assert "## Neuron attribution" in md
-    assert "| ssiuu | 1 | 2 | 0.500 | 4.000 | 0.889 |" in md
-    assert "| *original* | 0 | 0 | 4.000 | 1.000 | 0.200 |" in md
+    assert "| ssiuu | 1 | 2 | 0.5 | 4 | 0.889 |" in md
+    assert "| *original* | 0 | 0 | 4 | 1 | 0.2 |" in md
     assert (tmp_path / "rep" / "attribution_histograms.png").is_file()
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "<h2>Neuron attribution</h2>" in html
