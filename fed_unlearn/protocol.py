@@ -10,9 +10,9 @@ What crosses the wire
 ---------------------
 Only adapter tensors (LoRA ``A``/``B`` factors, whole or as selected ranks, and
 deltas of them), aggregate scalar metrics of a client (its number of items, its
-local work, its mean loss, one audit gap, one answer probability, the
-dual-adapter prototype: one mean vector of the client's data) and configs. Never
-text, tokens, items or per-example values.
+local work, its mean loss, its mean attribution penalty, one audit gap, one
+answer probability, the dual-adapter prototype: one mean vector of the client's
+data) and configs. Never text, tokens, items or per-example values.
 
 Envelope
 --------
