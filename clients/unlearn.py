@@ -21,6 +21,13 @@ one vector per layer summed over its items (:func:`neuron_attribution`). A
 for one Gram matrix per adapted layer, summed over every token of its items
 (:func:`layer_grams`).
 
+With ``attribution-weight`` (Ssiuu) the inner loss gets the attribution
+regulariser (:mod:`fed_unlearn.losses.attribution_reg`). Its reference
+attributions A^0 (per item and neuron) are computed by the client from the
+adapter of the request that says ``attribution-reference = 1`` (the first,
+carrying the pre-unlearning adapter), before its first step, and kept in
+``context.state`` for the later rounds; they never leave the client.
+
 Only adapter deltas, scalar metrics and those sums leave the client; its items
 never do.
 """
@@ -60,6 +67,7 @@ from fed_unlearn.types import AdapterState, QAItem
 log = logging.getLogger(__name__)
 
 _BASE_STATE = "fed-unlearn-base"
+_ATTRIBUTION_STATE = "fed-unlearn-attribution-reference"
 #: Seed of the public proxy retain set (fictitious people outside every client).
 PROXY_SEED = seeds.PROXY_DATA
 
@@ -239,6 +247,54 @@ def _retain_items(source: str, node_config: dict[str, Any]) -> list[QAItem] | No
     raise ValueError(f"unknown retain source {source!r}; use none, proxy or local")
 
 
+def _attribution_regulariser(
+    req: LocalUpdateRequest,
+    context: Context,
+    model: torch.nn.Module,
+    tok: Any,
+    prompt_fn: Any,
+    items: list[QAItem],
+    spec: TrainSpec,
+) -> Any:
+    """Build the request's attribution regulariser on the loaded adapter.
+
+    ``attribution-reference = 1``: A^0 is computed now, from the adapter just
+    loaded (before any step), and kept in ``context.state``; otherwise the kept
+    A^0 is used.
+
+    Raises
+    ------
+    ValueError
+        No kept A^0 (no earlier reference request), or one of another size.
+    """
+    from fed_unlearn.losses.attribution_reg import (
+        AttributionRegulariser,
+        AttributionSpec,
+        reference_attributions,
+    )
+
+    assert req.attribution_weight is not None
+    aspec = AttributionSpec(
+        weight=req.attribution_weight,
+        variant=req.attribution_variant or "increase",
+        exact=bool(req.attribution_exact),
+    )
+    if req.attribution_reference:
+        ref = reference_attributions(
+            model, tok, prompt_fn, items, spec.max_length, spec.batch_size
+        )
+        context.state[_ATTRIBUTION_STATE] = ArrayRecord({"reference": ref})
+    elif _ATTRIBUTION_STATE in context.state:
+        kept = context.state[_ATTRIBUTION_STATE].to_torch_state_dict()  # type: ignore[union-attr]
+        ref = kept["reference"]
+    else:
+        raise ValueError(
+            "the attribution regulariser needs reference attributions, and this "
+            "client holds none: its first request must say attribution-reference=1"
+        )
+    return AttributionRegulariser(model, aspec, ref)
+
+
 def local_update(
     req: LocalUpdateRequest, context: Context, cfg: ResolvedConfig
 ) -> LocalUpdateReply:
@@ -333,6 +389,7 @@ def local_update(
     deltas: list[AdapterState] = []
     steps = tokens = 0
     seconds = last_loss = 0.0
+    penalty: float | None = None
     for k, copy in enumerate(copies):
         unknown = sorted(set(copy) - expected)
         if unknown:
@@ -363,6 +420,15 @@ def local_update(
         set_adapter(model, full)
         seed = derive_seed(cfg.seed, req.seed_round, cid, k)
         masks = neuron_masks(model, neurons)
+        t_ref = time.perf_counter()
+        regulariser = (
+            None
+            if req.attribution_weight is None
+            else _attribution_regulariser(
+                req, context, model, tok, prompt_fn, items, spec
+            )
+        )
+        seconds += time.perf_counter() - t_ref
         with (
             only_trainable(model, set(copy)),
             only_ranks(model, ranks),
@@ -391,7 +457,10 @@ def local_update(
                         ),
                         m,
                     ),
+                    regulariser=regulariser,
                 )
+        if regulariser is not None:
+            penalty = regulariser.mean_penalty()
         after = get_adapter(model)
         delta: AdapterState = {}
         for name, before in copy.items():
@@ -421,6 +490,7 @@ def local_update(
         tokens=tokens,
         train_seconds=seconds,
         loss=last_loss,
+        attribution_penalty=penalty,
     )
 
 

@@ -478,6 +478,16 @@ class RunConfig(_Clients):
         this many more FL rounds of the remaining clients from the original,
         retrained and unlearned adapters, the forget set scored after each;
         0 (:data:`OFF`) = off (default: 0).
+    eval_attribution : bool
+        Measure the MLP-neuron attribution of the original, unlearned and
+        retrained models to the forget answers
+        (:mod:`fed_unlearn.metrics.attribution`: histograms, neurons that
+        turned negative, positive against negative mass; one forward and one
+        backward per forget item and model; default: False).
+    eval_attribution_tau : float
+        A neuron "turned negative" when its mean attribution went from >= 0 in
+        the original model to < -τ, with τ this many times the original's mean
+        |attribution| over neurons (default: 1.0).
     out_dir : str
         Where results go (default: ``"runs/latest"``).
     mode : str
@@ -545,6 +555,8 @@ class RunConfig(_Clients):
     eval_relearn_fraction: float = 0.5
     eval_relearn_lr: float = FIFTH_OF_LR
     eval_relearn_benign_rounds: int = OFF
+    eval_attribution: bool = False
+    eval_attribution_tau: float = 1.0
     out_dir: str = "runs/latest"
     mode: str = "run"
     federation_dir: str = ""
@@ -665,6 +677,13 @@ class RunConfig(_Clients):
         if self.eval_relearn_lr < FIFTH_OF_LR:
             raise ConfigError(
                 "config key 'eval-relearn-lr' must be >= 0 (0 = a fifth of lr)"
+            )
+        if not (
+            math.isfinite(self.eval_attribution_tau) and self.eval_attribution_tau >= 0
+        ):
+            raise ConfigError(
+                "config key 'eval-attribution-tau' must be a finite number >= 0, "
+                f"got {self.eval_attribution_tau}"
             )
         if not 0 < self.eval_relearn_fraction < 1:
             raise ConfigError(
@@ -895,6 +914,8 @@ class ResolvedConfig(_Clients):
     eval_relearn_fraction: float
     eval_relearn_lr: float
     eval_relearn_benign_rounds: int
+    eval_attribution: bool
+    eval_attribution_tau: float
     out_dir: str
     mode: str
     federation_dir: str
@@ -989,6 +1010,8 @@ class ResolvedConfig(_Clients):
                 "eval-relearn-fraction",
                 "eval-relearn-lr",
                 "eval-relearn-benign-rounds",
+                "eval-attribution",
+                "eval-attribution-tau",
                 "departed-online",
                 "history-key-file",
                 "mode",

@@ -10,13 +10,13 @@ What crosses the wire
 ---------------------
 Only adapter tensors (LoRA ``A``/``B`` factors, whole or as selected ranks, and
 deltas of them), aggregate scalar metrics of a client (its number of items, its
-local work, its mean loss, one audit gap, one answer probability, one token
-accuracy, SIMU's neuron attribution: one score vector per layer summed over the
-client's items) and configs. Never text, tokens, items, per-example values or a
-list-valued statistic of a client's data in its metrics: the one list a train
-message carries, the dual-adapter prototype, goes from the server to the
-clients and is computed from public probes
-(:func:`fed_unlearn.dual.public_prototype`). One exception, SFU's
+local work, its mean loss, its mean attribution penalty, one audit gap, one
+answer probability, one token accuracy, SIMU's neuron attribution: one score
+vector per layer summed over the client's items) and configs. Never text,
+tokens, items, per-example values or a list-valued statistic of a client's data
+in its metrics: the one list a train message carries, the dual-adapter
+prototype, goes from the server to the clients and is computed from public
+probes (:func:`fed_unlearn.dual.public_prototype`). One exception, SFU's
 ``layer-grams``: per adapted layer a Gram matrix of the client's layer inputs
 summed over the tokens of at least ``min-examples`` items, an aggregate that
 still reveals which items and people a client holds (``docs/methods/sfu.md``).
@@ -87,11 +87,21 @@ Kinds (sender: server; receiver: one client per message)
     ``lora_B`` of that tensor, the base holds it whole, only those ranks train
     and return), ``retain`` (str: ``none``, ``proxy``, ``local``),
     ``loss-params.<name>`` (float: overrides of the inner loss's parameters),
-    ``seed-round`` (int: the seed stream of the client's data order). Arrays:
+    ``seed-round`` (int: the seed stream of the client's data order),
+    ``attribution-weight`` (float λ > 0: add λ·R, the Ssiuu attribution
+    regulariser of :mod:`fed_unlearn.losses.attribution_reg`, to an inner
+    loss; one copy only), ``attribution-variant`` (str: ``increase`` or
+    ``negative``), ``attribution-exact`` (int 0/1: second-order R instead of
+    the detached-gradient surrogate), ``attribution-reference`` (int 0/1: 1 =
+    compute the reference attributions A^0 from this request's adapter before
+    the first step and keep them in the client's state; 0 = use the kept ones;
+    they never leave the client). Arrays:
     the copies and the base. Reply arrays: one delta (after - before) per copy,
     of the tensors that copy carried, in the copies' dtype; metrics
     ``client-id``, ``num-examples``, ``local-steps``, ``tokens`` (int),
-    ``train-seconds``, ``loss`` (float). With an inner loss it also takes
+    ``train-seconds``, ``loss`` (float) and, with the regulariser,
+    ``attribution-penalty`` (float: its mean normalised R over the steps).
+    With an inner loss the request also takes
     ``optimizer`` (str: ``adamw``, the default, or ``sophia``, SOUL's SophiaG,
     :mod:`fed_unlearn.optim`), ``optimizer-params.<name>`` (float: Sophia's
     ``beta1``, ``beta2``, ``rho``, ``bs``), ``weight-decay`` (float, default:
@@ -655,11 +665,21 @@ class LocalUpdateRequest(_Message):
     neurons : dict[str, list[int]]
         Tensor -> the neurons (rows of ``lora_B``, columns of ``lora_A``) that
         train; its other entries stay unchanged.
+    attribution_weight : float, optional
+        λ of the attribution regulariser (``None``: off).
+    attribution_variant : str, optional
+        Its variant (``None``: ``"increase"``).
+    attribution_exact : int, optional
+        1 = exact second-order R (``None``: 0, the surrogate).
+    attribution_reference : int, optional
+        1 = compute and keep A^0 from this request's adapter (``None``: 0).
 
     Raises
     ------
     ProtocolError
-        No copies, an ill-typed field, or a budget that cannot size batches.
+        No copies, an ill-typed field, a budget that cannot size batches, or
+        attribution fields without a valid weight, with ``nll``, with several
+        copies or with a flag other than 0/1.
     """
 
     kind: ClassVar[str] = "local-update"
@@ -683,11 +703,20 @@ class LocalUpdateRequest(_Message):
     )
     weight_decay: float | None = _wire("weight-decay", "float", default=None)
     neurons: dict[str, list[int]] = _wire("neurons", "ranks", default_factory=dict)
+    attribution_weight: float | None = _wire(
+        "attribution-weight", "float", default=None
+    )
+    attribution_variant: str | None = _wire("attribution-variant", "str", default=None)
+    attribution_exact: int | None = _wire("attribution-exact", "int", default=None)
+    attribution_reference: int | None = _wire(
+        "attribution-reference", "int", default=None
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.copies:
             raise ProtocolError(f"{self.where()}: carries no copy<k>.* arrays")
+        self._check_attribution()
         if self.budget is not None and (
             self.batch_size is not None or self.max_steps < 1
         ):
@@ -704,6 +733,45 @@ class LocalUpdateRequest(_Message):
                     raise ProtocolError(
                         f"{self.where()}: '{family}.{name}' must be finite"
                     )
+
+    def _check_attribution(self) -> None:
+        from fed_unlearn.losses.attribution_reg import VARIANTS
+
+        where = self.where()
+        extra = {
+            "attribution-variant": self.attribution_variant,
+            "attribution-exact": self.attribution_exact,
+            "attribution-reference": self.attribution_reference,
+        }
+        w = self.attribution_weight
+        if w is None:
+            given = sorted(k for k, v in extra.items() if v is not None)
+            if given:
+                raise ProtocolError(f"{where}: {given[0]!r} needs 'attribution-weight'")
+            return
+        if not (math.isfinite(w) and w > 0):
+            raise ProtocolError(
+                f"{where}: 'attribution-weight' must be finite and > 0, got {w}"
+            )
+        if self.loss == "nll":
+            raise ProtocolError(
+                f"{where}: the attribution regulariser goes with an inner "
+                "unlearning loss, not 'nll'"
+            )
+        if len(self.copies) != 1:
+            raise ProtocolError(
+                f"{where}: the attribution regulariser takes one copy, got "
+                f"{len(self.copies)}"
+            )
+        variant = self.attribution_variant
+        if variant is not None and variant not in VARIANTS:
+            raise ProtocolError(
+                f"{where}: 'attribution-variant' must be one of {VARIANTS}, got "
+                f"{variant!r}"
+            )
+        for key in ("attribution-exact", "attribution-reference"):
+            if extra[key] not in (None, 0, 1):
+                raise ProtocolError(f"{where}: {key!r} must be 0 or 1")
 
     def arrays(self) -> AdapterState:
         """Return the copies and the base as ``copy<k>.*`` / ``base.*`` arrays."""
@@ -917,6 +985,9 @@ class LocalUpdateReply(_Message):
     tokens: int = _wire("tokens", "int")
     train_seconds: float = _wire("train-seconds", "float")
     loss: float = _wire("loss", "float")
+    attribution_penalty: float | None = _wire(
+        "attribution-penalty", "float", default=None
+    )
 
     def arrays(self) -> AdapterState | None:
         """Return the deltas as ``copy<k>.*`` arrays (``None`` when empty)."""

@@ -9,6 +9,8 @@ run per unlearning method) and writes into ``out_dir``::
     forgetting_curve.png         forget_Q_A_Prob per unlearning round
     utility_vs_forgetting.png    model_utility against forget_Q_A_Prob
     relearning_attack.png        the relearning audit's curves (runs that ran it)
+    attribution_histograms.png   MLP-neuron attribution, before and after
+                                 (runs with eval-attribution)
 
 A run directory holds ``run.json`` and, once evaluated,
 ``evals/{original,unlearned,retrain}/TOFU_SUMMARY.json`` and ``TOFU_EVAL.json``.
@@ -107,6 +109,24 @@ _PALETTE = ("C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9")
 _FORGETTING_PNG = "forgetting_curve.png"
 _UTILITY_PNG = "utility_vs_forgetting.png"
 _RELEARN_PNG = "relearning_attack.png"
+_ATTRIBUTION_PNG = "attribution_histograms.png"
+#: Columns of the attribution table.
+_ATTRIBUTION_HEADERS = (
+    "model",
+    "turned negative ↓",
+    "negative neurons",
+    "positive mass",
+    "negative mass",
+    "negative share",
+)
+_ATTRIBUTION_NOTE = (
+    "MLP neurons' mean gradient x activation attribution to the forget answers "
+    "(eval-attribution). turned negative: neurons >= 0 in the original model "
+    "and below -τ after (τ = eval-attribution-tau x the original's mean "
+    "|attribution|); masses: sums of the positive and negative parts. A method "
+    "that hides the answers instead of erasing them grows negative neurons "
+    "(Ssiuu's spurious unlearning neurons)."
+)
 
 
 @dataclass
@@ -650,6 +670,72 @@ def _relearn_rows(runs: Sequence[_Run]) -> list[list[str]]:
     return rows
 
 
+def _attribution_rows(runs: Sequence[_Run]) -> list[list[str]]:
+    """Rows of the attribution table (empty when no run measured it).
+
+    The reference models (:data:`REFERENCE_MODELS`, from the first run that
+    measured them) come first, then each run's unlearned model.
+    """
+
+    def row(label: str, m: dict[str, Any]) -> list[str]:
+        return [
+            label,
+            _fmt_int(m.get("turned_negative")),
+            _fmt_int(m.get("negative_neurons")),
+            _fmt(m.get("positive_mass"), 3),
+            _fmt(m.get("negative_mass"), 3),
+            _fmt(m.get("negative_share"), 3),
+        ]
+
+    measured = [r for r in runs if _dig(r.run, "attribution", "models")]
+    if not measured:
+        return []
+    refs = measured[0].run["attribution"]["models"]
+    rows = [row(n, refs[n]) for n in REFERENCE_MODELS if n in refs]
+    for r in measured:
+        rows.append(row(r.label, r.run["attribution"]["models"]["unlearned"]))
+    return rows
+
+
+def _plot_attribution(runs: Sequence[_Run], path: Path) -> str | None:
+    """Write the attribution-histogram figure (None when no run measured it)."""
+    measured = [
+        (i, r) for i, r in enumerate(runs) if _dig(r.run, "attribution", "models")
+    ]
+    if not measured:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+
+    def stairs(att: dict[str, Any], name: str, **style: Any) -> None:
+        unit = _num(_dig(att, "spec", "unit")) or 1.0
+        edges = [e / unit for e in att["edges"]]
+        ax.stairs(att["models"][name]["histogram"], edges, linewidth=1.6, **style)
+
+    first = measured[0][1].run["attribution"]
+    stairs(first, "original", color="0.3", linestyle=":", label="before unlearning")
+    if "retrain" in first["models"]:
+        stairs(
+            first, "retrain", color="tab:green", linestyle="--", label="retrain oracle"
+        )
+    for i, r in measured:
+        stairs(r.run["attribution"], "unlearned", color=_color(i), label=r.label)
+    ax.axvline(0.0, color="0.6", linewidth=0.8)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("neuron attribution to the forget answers / original mean |attr|")
+    ax.set_ylabel("neurons")
+    ax.set_title("MLP-neuron attribution, before and after unlearning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return (
+        "Histogram of the MLP neurons' mean attribution to the forget answers, "
+        "in units of the original model's mean |attribution|. Mass growing on "
+        "the negative side means neurons that suppress the answer (hiding)."
+    )
+
+
 def _plot_utility(runs: Sequence[_Run], path: Path) -> str:
     """Write the utility-vs-forgetting scatter; return its caption."""
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
@@ -734,6 +820,7 @@ def _render_md(
     header: list[tuple[str, str]],
     rows: tuple[list[list[str]], list[list[str]]],
     captions: dict[str, str],
+    attribution: Sequence[list[str]] = (),
 ) -> str:
     lines = ["# Federated unlearning report", ""]
     lines += [f"- **{k}**: {_md_text(v)}" for k, v in header]
@@ -758,6 +845,16 @@ def _render_md(
         for row in relearn:
             lines.append("| " + " | ".join([_md_text(row[0]), *row[1:]]) + " |")
         lines += ["", _RELEARN_NOTE, ""]
+    if attribution:
+        lines += ["## Neuron attribution", ""]
+        lines.append("| " + " | ".join(_ATTRIBUTION_HEADERS) + " |")
+        lines.append(
+            "|" + "|".join(["---"] + ["---:"] * (len(_ATTRIBUTION_HEADERS) - 1)) + "|"
+        )
+        for row in attribution:
+            name = f"*{row[0]}*" if row[0] in REFERENCE_MODELS else _md_text(row[0])
+            lines.append("| " + " | ".join([name, *row[1:]]) + " |")
+        lines += ["", _ATTRIBUTION_NOTE, ""]
     lines += ["## Figures", ""]
     for png, caption in captions.items():
         lines += [f"![{png}]({png})", "", caption, ""]
@@ -800,6 +897,7 @@ def _render_html(
     header: list[tuple[str, str]],
     rows: tuple[list[list[str]], list[list[str]]],
     captions: dict[str, str],
+    attribution: Sequence[list[str]] = (),
 ) -> str:
     e = html.escape
     out = [
@@ -828,6 +926,13 @@ def _render_html(
         for row in relearn:
             out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
         out += ["</tbody></table>", f'<p class="note">{e(_RELEARN_NOTE)}</p>']
+    if attribution:
+        out += ["<h2>Neuron attribution</h2>", "<table>", "<thead><tr>"]
+        out += [f"<th>{e(h)}</th>" for h in _ATTRIBUTION_HEADERS]
+        out.append("</tr></thead><tbody>")
+        for row in attribution:
+            out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
+        out += ["</tbody></table>", f'<p class="note">{e(_ATTRIBUTION_NOTE)}</p>']
     out.append("<h2>Figures</h2>")
     for png, caption in captions.items():
         out += [
@@ -875,6 +980,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         ``utility_vs_forgetting.png`` and, when a run ran the relearning audit
         (either scenario), ``relearning_attack.png`` and a "Relearning audit"
         table.
+        ``utility_vs_forgetting.png`` and, when a run ran the relearning attack,
+        ``relearning_attack.png``; when a run measured the neuron attribution
+        (``eval-attribution``), a table and ``attribution_histograms.png``.
 
     Returns
     -------
@@ -906,13 +1014,17 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     relearn = _plot_relearn(runs, out / _RELEARN_PNG)
     if relearn is not None:
         captions[_RELEARN_PNG] = relearn
+    attribution = _plot_attribution(runs, out / _ATTRIBUTION_PNG)
+    if attribution is not None:
+        captions[_ATTRIBUTION_PNG] = attribution
     header = _header_items(runs)
     rows = _table_rows(runs)
+    arows = _attribution_rows(runs)
     md_path = out / "report.md"
     md_path.write_text(
-        _render_md(runs, header, rows, captions) + "\n", encoding="utf-8"
+        _render_md(runs, header, rows, captions, arows) + "\n", encoding="utf-8"
     )
     (out / "report.html").write_text(
-        _render_html(runs, header, rows, captions), encoding="utf-8"
+        _render_html(runs, header, rows, captions, arows), encoding="utf-8"
     )
     return md_path

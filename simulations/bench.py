@@ -38,6 +38,8 @@ same attack: ``relearn_adv_recovery`` / ``relearn_adv_floor`` (with
 ``relearn_benign_floor`` (with ``eval-relearn-benign-rounds``: that many more
 FL rounds of the remaining clients; their columns show only in suites that
 measure them);
+``turned_negative`` and ``negative_share`` of the unlearned model's neuron
+attribution (with ``eval-attribution``, :mod:`fed_unlearn.metrics.attribution`);
 ``wall_ratio`` and ``bytes_ratio`` = the method's wall time (without the
 simulation's per-round curve evaluation) and bytes over the retrain's, counting
 the oracle for an oracle-stopped run. Aggregated per (scenario, method) as the
@@ -81,6 +83,8 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("relearn_adv_floor", "adversarial recovery, oracle", 2),
     ("relearn_benign_recovery", "benign recovery", 2),
     ("relearn_benign_floor", "benign recovery, oracle", 2),
+    ("turned_negative", "neurons turned negative", 1),
+    ("negative_share", "negative attribution share", 3),
     ("wall_ratio", "wall × retrain", 3),
     ("bytes_ratio", "bytes × retrain", 3),
 )
@@ -439,6 +443,8 @@ def cell_metrics(run_dir: Path) -> dict[str, Any]:
     else:
         wall = _ratio(walls.get("unlearn"), walls.get("retrain"))
     by = run.get("bytes", {})
+    models = (run.get("attribution") or {}).get("models") or {}
+    attribution = models.get("unlearned") or {}
     return {
         "gap_closed": (orig["forget_Q_A_Prob"] - unl["forget_Q_A_Prob"]) / gap
         if gap
@@ -455,6 +461,8 @@ def cell_metrics(run_dir: Path) -> dict[str, Any]:
         "relearn_benign_floor": (run.get("relearn_benign") or {}).get(
             "recovery_ratio_retrain"
         ),
+        "turned_negative": attribution.get("turned_negative"),
+        "negative_share": attribution.get("negative_share"),
         "wall_ratio": wall,
         "bytes_ratio": _ratio(
             (by.get("unlearn") or {}).get("total"),

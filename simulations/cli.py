@@ -255,6 +255,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results = evaluate_adapters(cfg, adapters)
     run = json.loads((run_dir / "run.json").read_text())
     run["summary"] = write_evals(run_dir, results)
+    if cfg.eval_attribution:
+        from simulations.runner import attribution_adapters
+
+        run["attribution"] = attribution_adapters(cfg, adapters)
     write_json(run_dir / "run.json", run)
     print_table(run)
     return 0

@@ -312,6 +312,42 @@ def evaluate_adapters(
     return results
 
 
+def attribution_adapters(
+    cfg: ResolvedConfig, adapters: dict[str, AdapterState]
+) -> dict[str, Any]:
+    """Measure the MLP-neuron attribution of each adapter on the forget split.
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        Run configuration (``eval-attribution-tau``, ``max-length``,
+        ``eval-batch-size``, the evaluation's forget split).
+    adapters : dict[str, AdapterState]
+        ``original``, ``unlearned`` and ``retrain``.
+
+    Returns
+    -------
+    dict[str, Any]
+        :func:`fed_unlearn.metrics.attribution.neuron_summary` of them.
+    """
+    from fed_unlearn.metrics.attribution import measure_attribution
+    from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
+
+    model, tok = load_lora_model(
+        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
+    )
+    return measure_attribution(
+        model,
+        tok,
+        prompt_formatter(tok),
+        eval_splits(cfg).forget,
+        adapters,
+        tau=cfg.eval_attribution_tau,
+        max_length=int(cfg.max_length),
+        batch_size=int(cfg.eval_batch_size),
+    )
+
+
 def _same(a: AdapterState, b: AdapterState) -> bool:
     import torch
 
@@ -628,6 +664,17 @@ def run_all(
             put_in_run(run, audit)
             write_json(out_dir / RELEARN_JSON, audit)
             run["wall_time_s"]["relearn"] = time.perf_counter() - tr
+        if cfg.eval_attribution:
+            ta = time.perf_counter()
+            run["attribution"] = attribution_adapters(
+                cfg,
+                {
+                    "original": out.train.final,
+                    "unlearned": out.unlearned,
+                    "retrain": out.retrain.final,
+                },
+            )
+            run["wall_time_s"]["attribution"] = time.perf_counter() - ta
     run["wall_time_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "run.json", run)
     return run

@@ -10,9 +10,10 @@ forget example [R].
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -22,6 +23,9 @@ from fed_unlearn.losses.objectives import StepBatches, StepContext, get_loss
 from fed_unlearn.losses.reference import LayerTap, decoder_layers, frozen_reference
 from fed_unlearn.training import TrainSpec, TrainStats, _encoded, derive_seed
 from fed_unlearn.types import QAItem
+
+if TYPE_CHECKING:
+    from fed_unlearn.losses.attribution_reg import AttributionRegulariser
 
 Encoded = list[tuple[list[int], list[int]]]
 
@@ -78,6 +82,7 @@ def unlearn_train(
     params: Mapping[str, float] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     optimizer: Callable[[list[torch.nn.Parameter]], Stepper] | None = None,
+    regulariser: AttributionRegulariser | None = None,
 ) -> TrainStats:
     """Run an inner unlearning loss on the model's trainable adapter tensors.
 
@@ -111,12 +116,17 @@ def unlearn_train(
         :func:`fed_unlearn.optim.make_optimizer` wrapped in a
         :class:`~fed_unlearn.optim.MaskedOptimizer`); default: AdamW with the
         spec's learning rate and weight decay.
+    regulariser : AttributionRegulariser, optional
+        Adds ``λ·R`` of each forget batch to the loss (Ssiuu,
+        :mod:`fed_unlearn.losses.attribution_reg`); its rows of ``A^0`` are the
+        forget items' indices. Backpropagated after the inner loss, before the
+        clip and the step.
 
     Returns
     -------
     TrainStats
-        Steps, tokens of the trainable forwards, mean loss of the last epoch and
-        wall time.
+        Steps, tokens of the trainable forwards (the regulariser's included),
+        mean loss (with ``λ·R``) of the last epoch and wall time.
 
     Raises
     ------
@@ -132,6 +142,8 @@ def unlearn_train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters (no LoRA adapter?)")
+    if regulariser is not None:
+        regulariser.check_items(len(forget_items))
     device = trainable[0].device
     pad = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
     forget = _encoded(tokenizer, prompt_fn, tuple(forget_items), spec.max_length)
@@ -170,8 +182,11 @@ def unlearn_train(
     t0 = time.perf_counter()
     steps = 0
     epoch_loss = 0.0
+    stack = contextlib.ExitStack()
+    if regulariser is not None:
+        stack.enter_context(regulariser)
     try:
-        with torch.random.fork_rng(devices=rng_devices):
+        with stack, torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed % 2**63)  # dropout, if any
             model.train()
             for _epoch in range(spec.epochs):
@@ -192,6 +207,11 @@ def unlearn_train(
                     if r_term is not None:
                         value = value + alpha * r_term
                     value.backward()
+                    if regulariser is not None:
+                        # after the inner loss's backward: one graph at a time
+                        reg = regulariser(b.forget, idx)
+                        reg.backward()
+                        value = value.detach() + reg.detach()
                     torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -210,4 +230,5 @@ def unlearn_train(
         model.train(was_training)
         if tap is not None:
             tap.remove()
-    return TrainStats(steps, ctx.tokens, epoch_loss, time.perf_counter() - t0)
+    tokens = ctx.tokens + (regulariser.tokens if regulariser is not None else 0)
+    return TrainStats(steps, tokens, epoch_loss, time.perf_counter() - t0)

@@ -28,6 +28,7 @@ from fed_unlearn.methods.registry import (
 from fed_unlearn.methods.retrain import Retrain, RetrainConfig
 from fed_unlearn.methods.sfu import SFU, SFUConfig
 from fed_unlearn.methods.simu import Simu, SimuConfig
+from fed_unlearn.methods.ssiuu import Ssiuu, SsiuuConfig
 
 register_method(name="none", config_cls=NoneConfig, method_cls=NoUnlearning)
 register_method(name="retrain", config_cls=RetrainConfig, method_cls=Retrain)
@@ -45,6 +46,7 @@ register_method(name="fed_eraser", config_cls=FedEraserConfig, method_cls=FedEra
 register_method(name="simu", config_cls=SimuConfig, method_cls=Simu)
 register_method(name="pga", config_cls=PGAConfig, method_cls=PGA)
 register_method(name="sfu", config_cls=SFUConfig, method_cls=SFU)
+register_method(name="ssiuu", config_cls=SsiuuConfig, method_cls=Ssiuu)
 
 __all__ = [
     "METHOD_REGISTRY",
