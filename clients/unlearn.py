@@ -15,6 +15,10 @@ Tensors a copy does not carry are frozen and taken from a *base* adapter: the
 request's ``base``, which the client also keeps in its Flower ``context.state``
 so later rounds can send only the sub-network (FOUL's θ_V).
 
+A request with projection ``bases`` (``ortho_lora``) keeps the change of each
+such tensor in the orthogonal complement of its basis: the client re-projects
+it after every optimiser step (:class:`fed_unlearn.ortho.Projector`).
+
 Only adapter deltas and scalar metrics leave the client; its items never do.
 """
 
@@ -34,6 +38,7 @@ from fed_unlearn import seeds
 from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
+from fed_unlearn.ortho import Projector
 from fed_unlearn.privacy import ClientPolicy, examples_behind
 from fed_unlearn.protocol import LocalUpdateReply, LocalUpdateRequest
 from fed_unlearn.training import TrainSpec, budget_batches, derive_seed, local_train
@@ -207,6 +212,8 @@ def local_update(
     shapes = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
     expected = set(shapes)
     ranks = ad.check_ranks(req.ranks, shapes)
+    if req.bases and ranks:
+        raise ValueError("a local-update request cannot carry both ranks and bases")
     retain = _retain_items(req.retain, dict(context.node_config))
     deltas: list[AdapterState] = []
     steps = tokens = 0
@@ -234,9 +241,23 @@ def local_update(
             full[n] = ad.put_ranks(base[n], n, picked, copy[n])
         set_adapter(model, full)
         seed = derive_seed(cfg.seed, req.seed_round, cid, k)
+        project = (
+            Projector(
+                {
+                    n.replace(".default", ""): p
+                    for n, p in model.named_parameters()
+                    if n.replace(".default", "") in req.bases
+                },
+                req.bases,
+            )
+            if req.bases
+            else None
+        )
         with only_trainable(model, set(copy)), only_ranks(model, ranks):
             if loss == "nll":
-                stats = local_train(model, tok, prompt_fn, items, spec, seed=seed)
+                stats = local_train(
+                    model, tok, prompt_fn, items, spec, seed=seed, on_step=project
+                )
             else:
                 stats = unlearn_train(
                     model,
@@ -248,6 +269,7 @@ def local_update(
                     seed=seed,
                     retain_items=retain,
                     params=req.loss_params,
+                    on_step=project,
                 )
         after = get_adapter(model)
         delta: AdapterState = {}

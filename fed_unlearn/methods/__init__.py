@@ -18,6 +18,7 @@ from fed_unlearn.methods.foul_server import FoulServer, FoulServerConfig
 from fed_unlearn.methods.local_unlearn import LocalUnlearn, LocalUnlearnConfig
 from fed_unlearn.methods.mpu import MPU, MPUConfig
 from fed_unlearn.methods.none import NoneConfig, NoUnlearning
+from fed_unlearn.methods.ortho_lora import OrthoLora, OrthoLoraConfig
 from fed_unlearn.methods.registry import (
     METHOD_REGISTRY,
     get_method,
@@ -39,6 +40,7 @@ register_method(
     name="fed_recovery", config_cls=FedRecoveryConfig, method_cls=FedRecovery
 )
 register_method(name="fed_eraser", config_cls=FedEraserConfig, method_cls=FedEraser)
+register_method(name="ortho_lora", config_cls=OrthoLoraConfig, method_cls=OrthoLora)
 
 __all__ = [
     "METHOD_REGISTRY",
