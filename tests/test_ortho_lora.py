@@ -220,3 +220,62 @@ def test_project_out_by_hand():
     u = torch.tensor([[1.0], [0.0]])
     m = torch.tensor([[2.0, 3.0], [4.0, 5.0]])
     torch.testing.assert_close(project_out(m, u), torch.tensor([[0.0, 0.0], [4, 5.0]]))
+
+
+def test_the_client_projects_its_unlearning_steps(monkeypatch, tiny_model_dir):
+    """A real ``local-update`` on the tiny model with a basis per lora_B: the
+    returned deltas lie in the complement (|Uᵀ ΔB| <= 1e-5), and the lora_A
+    factors (base only) do not come back."""
+    from flwr.app import Context, RecordDict
+
+    import clients.unlearn as unlearn
+    from fed_unlearn.config import RunConfig
+    from fed_unlearn.models import (
+        LoraSpec,
+        get_adapter,
+        init_adapter,
+        load_lora_model,
+        prompt_formatter,
+    )
+
+    model, tok = load_lora_model(tiny_model_dir, LoraSpec(r=2, alpha=4))
+    monkeypatch.setattr(
+        unlearn, "client_model", lambda cfg: (model, tok, prompt_formatter(tok))
+    )
+    adapter = init_adapter(model, 0)
+    g = torch.Generator().manual_seed(1)
+    # a trained-looking adapter: B != 0, so the unlearning gradient reaches B
+    adapter = {
+        k: (v + 0.1 * torch.randn(v.shape, generator=g)) if "lora_B" in k else v
+        for k, v in adapter.items()
+    }
+    b_keys = [k for k in adapter if "lora_B" in k]
+    bases = {}
+    for k in b_keys:
+        u, _ = torch.linalg.qr(torch.randn(adapter[k].shape[0], 5, generator=g))
+        bases[k] = u
+    req = LocalUpdateRequest(
+        copies=[{k: adapter[k] for k in b_keys}],
+        base={k: v for k, v in adapter.items() if k not in b_keys},
+        loss="ga",
+        epochs=1,
+        batch_size=4,
+        lr=0.05,
+        bases=bases,
+    )
+    cfg = RunConfig(preset="tiny", num_clients=3, people_per_client=1).resolved()
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = unlearn.local_update(req, context, cfg)
+    delta = reply.deltas[0]
+    assert set(delta) == set(b_keys) and reply.local_steps >= 2
+    moved = max(float(delta[k].norm()) for k in b_keys)
+    assert moved > 1e-3
+    for k in b_keys:
+        assert float((bases[k].T @ delta[k]).abs().max()) <= 1e-5, k
+    assert get_adapter(model).keys() == adapter.keys()
