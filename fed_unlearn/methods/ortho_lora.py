@@ -244,7 +244,12 @@ class OrthoLora(UnlearningMethod):
             theta = dict(log.result(theta))
             bases, ks, overlap = _extend_all(bases, start, theta, cfg.eps)
             info = log.info()
-            curve += [{**p, "request": len(requests) + 1} for p in info["curve"]]
+            # one curve over all requests: rounds counted on, round 0 once
+            curve += [
+                {**p, "round": p["round"] + total_rounds, "request": len(requests) + 1}
+                for p in info["curve"]
+                if p["round"] or not requests
+            ]
             for key in compute:
                 compute[key] += info["client_compute"][key]
             total_rounds += r
