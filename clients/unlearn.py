@@ -28,6 +28,10 @@ adapter of the request that says ``attribution-reference = 1`` (the first,
 carrying the pre-unlearning adapter), before its first step, and kept in
 ``context.state`` for the later rounds; they never leave the client.
 
+A request with projection ``bases`` (``ortho_lora``) keeps the change of each
+such tensor in the orthogonal complement of its basis: the client re-projects
+it after every optimiser step (:class:`fed_unlearn.ortho.Projector`).
+
 Only adapter deltas, scalar metrics and those sums leave the client; its items
 never do.
 """
@@ -51,6 +55,7 @@ from fed_unlearn.config import ResolvedConfig
 from fed_unlearn.data import generate_people, load_jsonl
 from fed_unlearn.models import get_adapter, set_adapter
 from fed_unlearn.optim import MaskedOptimizer, entry_grad_masks, make_optimizer
+from fed_unlearn.ortho import Projector
 from fed_unlearn.privacy import ClientPolicy, examples_behind
 from fed_unlearn.protocol import (
     AttributionReply,
@@ -385,6 +390,10 @@ def local_update(
             f"a tensor cannot be sliced by ranks and neurons at once: "
             f"{sorted(set(neurons) & set(ranks))[:3]}"
         )
+    if req.bases and (ranks or neurons):
+        raise ValueError(
+            "a local-update request cannot carry bases with ranks or neurons"
+        )
     retain = _retain_items(req.retain, dict(context.node_config))
     deltas: list[AdapterState] = []
     steps = tokens = 0
@@ -420,6 +429,18 @@ def local_update(
         set_adapter(model, full)
         seed = derive_seed(cfg.seed, req.seed_round, cid, k)
         masks = neuron_masks(model, neurons)
+        project = (
+            Projector(
+                {
+                    n.replace(".default", ""): p
+                    for n, p in model.named_parameters()
+                    if n.replace(".default", "") in req.bases
+                },
+                req.bases,
+            )
+            if req.bases
+            else None
+        )
         t_ref = time.perf_counter()
         regulariser = (
             None
@@ -435,7 +456,9 @@ def local_update(
             entry_grad_masks(masks),
         ):
             if loss == "nll":
-                stats = local_train(model, tok, prompt_fn, items, spec, seed=seed)
+                stats = local_train(
+                    model, tok, prompt_fn, items, spec, seed=seed, on_step=project
+                )
             else:
                 stats = unlearn_train(
                     model,
@@ -458,6 +481,7 @@ def local_update(
                         m,
                     ),
                     regulariser=regulariser,
+                    on_step=project,
                 )
         if regulariser is not None:
             penalty = regulariser.mean_penalty()

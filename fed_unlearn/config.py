@@ -119,7 +119,7 @@ FLWR_RUN_DEFAULTS: dict[str, Any] = {
 
 #: Keys ``[tool.flwr.app.config]`` does not declare: ``flwr run`` cannot set them
 #: (Flower accepts only declared keys) and a deployment gets the class default.
-FLWR_RUN_UNDECLARED: tuple[str, ...] = ("departed-online",)
+FLWR_RUN_UNDECLARED: tuple[str, ...] = ("departed-online", "sequential")
 
 #: The fields of :class:`RunConfig` whose default is :data:`PRESET`.
 PRESET_FIELDS: tuple[str, ...] = tuple(PRESET_DEFAULTS["tiny"])
@@ -256,6 +256,21 @@ class _Clients:
         Raises
         ------
         ConfigError
+            See :meth:`depart_order`.
+        """
+        return tuple(sorted(self.depart_order()))
+
+    def depart_order(self) -> tuple[int, ...]:
+        """Parse ``depart`` into client ids in the order given (``sequential``).
+
+        Returns
+        -------
+        tuple[int, ...]
+            Departed client ids, as listed.
+
+        Raises
+        ------
+        ConfigError
             Unparsable id, unknown client, or all clients departing.
         """
         raw = [p.strip() for p in str(self.depart).split(",") if p.strip()]
@@ -278,7 +293,7 @@ class _Clients:
             raise ConfigError(f"--depart: client(s) {twice} listed more than once")
         if len(set(ids)) >= self.num_clients:
             raise ConfigError("--depart: at least one client must remain")
-        return tuple(sorted(set(ids)))
+        return tuple(ids)
 
     def remaining(self) -> tuple[int, ...]:
         """Client ids that stay."""
@@ -502,6 +517,15 @@ class RunConfig(_Clients):
         Whether departed clients still answer requests after their departure
         (methods that need their cooperation, e.g. MPU or FOUL ``live``, require
         it; default: True, as in a simulation).
+    sequential : bool
+        Continual unlearning (simulations, ``fed-unlearn run``): the clients of
+        ``depart`` ask to be forgotten one after another, in the order given,
+        each request served from the previous one's unlearned adapter with the
+        federation's unlearning ledger updated (as ``fed-unlearn forget``
+        would), its retrain oracle being FL without every client departed so
+        far; ``run.json`` gets a per-request record (default: False: the
+        departed clients leave together, one request). ``flwr run`` serves one
+        request per ``mode = "forget"`` run instead.
     method_options : dict[str, Any]
         Options of the unlearning method, given as ``method-<option>`` keys
         (e.g. ``method-kappa = 0.5``); validated against the method's config
@@ -561,6 +585,7 @@ class RunConfig(_Clients):
     mode: str = "run"
     federation_dir: str = ""
     departed_online: bool = True
+    sequential: bool = False
     method_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -920,6 +945,7 @@ class ResolvedConfig(_Clients):
     mode: str
     federation_dir: str
     departed_online: bool
+    sequential: bool
     method_options: dict[str, Any]
     extra: dict[str, Any] = field(repr=False)
     from_preset: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -1013,6 +1039,7 @@ class ResolvedConfig(_Clients):
                 "eval-attribution",
                 "eval-attribution-tau",
                 "departed-online",
+                "sequential",
                 "history-key-file",
                 "mode",
                 "federation-dir",

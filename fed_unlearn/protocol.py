@@ -44,10 +44,11 @@ client's own and never travels; every handler enforces it.
 Adapter copies
 --------------
 ``local-update`` carries ``m >= 1`` adapter *copies* as arrays
-``copy<k>.<tensor>`` (``k = 0..m-1``, no gaps) and optionally a *base* adapter as
-``base.<tensor>``; its reply returns ``copy<k>.<tensor>`` deltas.
-:func:`pack_copies` and :func:`unpack_copies` are the only code that builds or
-parses these keys.
+``copy<k>.<tensor>`` (``k = 0..m-1``, no gaps), optionally a *base* adapter as
+``base.<tensor>`` and optionally projection *bases* as ``basis.<tensor>``; its
+reply returns ``copy<k>.<tensor>`` deltas. :func:`pack_copies` and
+:func:`unpack_copies` are the only code that builds or parses the copy and base
+keys; :class:`LocalUpdateRequest` adds and splits off the ``basis.*`` ones.
 
 Kinds (sender: server; receiver: one client per message)
 --------------------------------------------------------
@@ -96,8 +97,14 @@ Kinds (sender: server; receiver: one client per message)
     compute the reference attributions A^0 from this request's adapter before
     the first step and keep them in the client's state; 0 = use the kept ones;
     they never leave the client). Arrays:
-    the copies and the base. Reply arrays: one delta (after - before) per copy,
-    of the tensors that copy carried, in the copies' dtype; metrics
+    the copies, the base and the projection bases ``basis.<tensor>``
+    (``ortho_lora``, :mod:`fed_unlearn.ortho`: an orthonormal ``d_out x K``
+    matrix U per ``lora_B`` tensor the copies carry, the output space of the
+    earlier forget requests; after every optimiser step the client re-projects
+    that tensor's change onto the complement, ``dB <- (I - U U^T) dB``; a basis
+    is a function of earlier adapters, never of data). Reply arrays: one
+    delta (after - before) per copy, of the tensors that copy carried, in the
+    copies' dtype; metrics
     ``client-id``, ``num-examples``, ``local-steps``, ``tokens`` (int),
     ``train-seconds``, ``loss`` (float) and, with the regulariser,
     ``attribution-penalty`` (float: its mean normalised R over the steps).
@@ -186,6 +193,8 @@ __all__ = [
 KIND_KEY = "kind"
 #: Array-key prefix of a ``local-update``'s base adapter.
 BASE_PREFIX = "base."
+#: Array-key prefix of a ``local-update``'s projection bases.
+BASIS_PREFIX = "basis."
 _COPY = re.compile(r"^copy(\d+)\.(.+)$")
 #: A config or metric value: a scalar or a list of scalars.
 Value = int | float | str | list[int] | list[float] | list[str]
@@ -673,13 +682,17 @@ class LocalUpdateRequest(_Message):
         1 = exact second-order R (``None``: 0, the surrogate).
     attribution_reference : int, optional
         1 = compute and keep A^0 from this request's adapter (``None``: 0).
+    bases : AdapterState
+        Tensor -> orthonormal basis U (``d_out x K``) of the output space its
+        change must stay orthogonal to (module docstring; ``ortho_lora``).
 
     Raises
     ------
     ProtocolError
-        No copies, an ill-typed field, a budget that cannot size batches, or
+        No copies, an ill-typed field, a budget that cannot size batches,
         attribution fields without a valid weight, with ``nll``, with several
-        copies or with a flag other than 0/1.
+        copies or with a flag other than 0/1, or a basis of a tensor no copy
+        carries or with the wrong number of rows.
     """
 
     kind: ClassVar[str] = "local-update"
@@ -711,12 +724,24 @@ class LocalUpdateRequest(_Message):
     attribution_reference: int | None = _wire(
         "attribution-reference", "int", default=None
     )
+    bases: AdapterState = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.copies:
             raise ProtocolError(f"{self.where()}: carries no copy<k>.* arrays")
         self._check_attribution()
+        for name, u in self.bases.items():
+            carried = [c[name] for c in self.copies if name in c]
+            if not carried:
+                raise ProtocolError(
+                    f"{self.where()}: 'basis.{name}' projects a tensor no copy carries"
+                )
+            if u.dim() != 2 or u.shape[0] != carried[0].shape[0]:
+                raise ProtocolError(
+                    f"{self.where()}: 'basis.{name}' has shape {tuple(u.shape)}; "
+                    f"it needs {carried[0].shape[0]} rows"
+                )
         if self.budget is not None and (
             self.batch_size is not None or self.max_steps < 1
         ):
@@ -774,13 +799,21 @@ class LocalUpdateRequest(_Message):
                 raise ProtocolError(f"{where}: {key!r} must be 0 or 1")
 
     def arrays(self) -> AdapterState:
-        """Return the copies and the base as ``copy<k>.*`` / ``base.*`` arrays."""
-        return pack_copies(self.copies, self.base)
+        """Return copies, base and bases (``copy<k>.*``, ``base.*``, ``basis.*``)."""
+        out = pack_copies(self.copies, self.base)
+        out.update({f"{BASIS_PREFIX}{n}": u for n, u in self.bases.items()})
+        return out
 
     @classmethod
     def _kwargs_of_arrays(cls, arrays: Mapping[str, Any] | None) -> dict[str, Any]:
-        copies, base = unpack_copies(arrays or {}, cls.where())
-        return {"copies": copies, "base": base}
+        rest = dict(arrays or {})
+        bases = {
+            k[len(BASIS_PREFIX) :]: rest.pop(k)
+            for k in list(rest)
+            if k.startswith(BASIS_PREFIX) and len(k) > len(BASIS_PREFIX)
+        }
+        copies, base = unpack_copies(rest, cls.where())
+        return {"copies": copies, "base": base, "bases": _tensors(cls.where(), bases)}
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,7 @@ _ATTRIBUTION_NOTE = (
     "that hides the answers instead of erasing them grows negative neurons "
     "(Ssiuu's spurious unlearning neurons)."
 )
+_REQUESTS_PNG = "utility_vs_requests.png"
 
 
 @dataclass
@@ -804,6 +805,83 @@ def _plot_utility(runs: Sequence[_Run], path: Path) -> str:
     return caption
 
 
+def _requests(r: _Run) -> list[dict[str, Any]]:
+    """Return a sequential run's per-request records (``run.json["sequential"]``)."""
+    reqs = r.run.get("sequential")
+    return list(reqs) if isinstance(reqs, list) else []
+
+
+def _plot_requests(runs: Sequence[_Run], path: Path) -> str | None:
+    """Write model_utility against requests (sequential runs); return the caption."""
+    seq = [(i, r) for i, r in enumerate(runs) if _requests(r)]
+    if not seq:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    oracle_drawn = False
+    for i, r in seq:
+        reqs = _requests(r)
+        xs = [q["request"] for q in reqs]
+        ys = [_num((q.get("unlearned") or {}).get("model_utility")) for q in reqs]
+        oracle = [_num((q.get("oracle") or {}).get("model_utility")) for q in reqs]
+        if all(y is not None for y in ys):
+            ax.plot(xs, ys, marker="o", color=_color(i), label=r.label)
+        if not oracle_drawn and all(y is not None for y in oracle):
+            ax.plot(
+                xs,
+                oracle,
+                ls="--",
+                marker="*",
+                color="tab:green",
+                label="retrain oracle (without all departed so far)",
+            )
+            oracle_drawn = True
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("forget requests served")
+    ax.set_ylabel("model_utility (higher = better)")
+    ax.set_title("Utility against sequential requests")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return (
+        "Sequential departures: after each request, the unlearned model's "
+        "model_utility against the retrain oracle of that step (FL without every "
+        "client departed so far)."
+    )
+
+
+def _requests_md(runs: Sequence[_Run]) -> list[str]:
+    """Return the per-request table of the sequential runs (empty: none)."""
+    seq = [r for r in runs if _requests(r)]
+    if not seq:
+        return []
+    lines = [
+        "## Sequential requests",
+        "",
+        "| method | request | client | model_utility | oracle | request forget_"
+        "Q_A_Prob | oracle | forget_Q_A_Prob (all so far) | oracle |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in seq:
+        for q in _requests(r):
+            u, o = q.get("unlearned") or {}, q.get("oracle") or {}
+            cells = [
+                _fmt(u.get("model_utility")),
+                _fmt(o.get("model_utility")),
+                _fmt(u.get("request_forget_Q_A_Prob")),
+                _fmt(o.get("request_forget_Q_A_Prob")),
+                _fmt(u.get("forget_Q_A_Prob")),
+                _fmt(o.get("forget_Q_A_Prob")),
+            ]
+            lines.append(
+                f"| {_md_text(r.label)} | {q['request']} | {q['client']} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return [*lines, ""]
+
+
 # --------------------------------------------------------------------------
 # rendering
 # --------------------------------------------------------------------------
@@ -858,6 +936,7 @@ def _render_md(
     lines += ["## Figures", ""]
     for png, caption in captions.items():
         lines += [f"![{png}]({png})", "", caption, ""]
+    lines += _requests_md(runs)
     lines += ["## Sample generations", "", "Forget-set questions, unlearned model.", ""]
     for r in runs:
         lines += [f"### {_md_text(r.label)}", ""]
@@ -977,12 +1056,11 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     out_dir : str | Path
         Output directory (created if needed); receives ``report.md``,
         ``report.html``, ``forgetting_curve.png``,
-        ``utility_vs_forgetting.png`` and, when a run ran the relearning audit
+        ``utility_vs_forgetting.png``; when a run ran the relearning audit
         (either scenario), ``relearning_attack.png`` and a "Relearning audit"
-        table.
-        ``utility_vs_forgetting.png`` and, when a run ran the relearning attack,
-        ``relearning_attack.png``; when a run measured the neuron attribution
-        (``eval-attribution``), a table and ``attribution_histograms.png``.
+        table; when a run measured the neuron attribution
+        (``eval-attribution``), a table and ``attribution_histograms.png``; for
+        sequential runs ``utility_vs_requests.png`` with a per-request table.
 
     Returns
     -------
@@ -1017,6 +1095,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     attribution = _plot_attribution(runs, out / _ATTRIBUTION_PNG)
     if attribution is not None:
         captions[_ATTRIBUTION_PNG] = attribution
+    requests = _plot_requests(runs, out / _REQUESTS_PNG)
+    if requests is not None:
+        captions[_REQUESTS_PNG] = requests
     header = _header_items(runs)
     rows = _table_rows(runs)
     arows = _attribution_rows(runs)

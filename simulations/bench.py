@@ -43,7 +43,12 @@ attribution (with ``eval-attribution``, :mod:`fed_unlearn.metrics.attribution`);
 ``wall_ratio`` and ``bytes_ratio`` = the method's wall time (without the
 simulation's per-round curve evaluation) and bytes over the retrain's, counting
 the oracle for an oracle-stopped run. Aggregated per (scenario, method) as the
-mean and a 95 % Student-t confidence interval over seeds. Writes
+mean and a 95 % Student-t confidence interval over seeds. A scenario with
+``sequential = true`` serves its departing clients as requests one after
+another (``simulations.runner.run_sequential``); its cells also give, per
+request j, model_utility, forget_Q_A_Prob (of that request's forget set and of
+all forgotten so far) and those of the step-j retrain oracle, aggregated over
+seeds per request and plotted as utility against requests. Writes
 ``results.json``, ``report.md`` and PNG plots (bars with error bars, and the
 forgetting curve against the oracle with the seed spread) into ``DIR``, and
 with ``publish`` also into ``docs/results/<suite>/``.
@@ -477,7 +482,43 @@ def cell_metrics(run_dir: Path) -> dict[str, Any]:
         "oracle_curve_level": (run.get("curves", {}).get("retrain") or [{}])[-1].get(
             "forget_Q_A_Prob"
         ),
+        "sequential": sequential_metrics(run),
     }
+
+
+#: Per-request figures of a sequential cell: (key, where in the request's record).
+SEQUENTIAL_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("model_utility", "unlearned", "model_utility"),
+    ("oracle_model_utility", "oracle", "model_utility"),
+    ("forget_Q_A_Prob", "unlearned", "forget_Q_A_Prob"),
+    ("oracle_forget_Q_A_Prob", "oracle", "forget_Q_A_Prob"),
+    ("request_forget_Q_A_Prob", "unlearned", "request_forget_Q_A_Prob"),
+    ("oracle_request_forget_Q_A_Prob", "oracle", "request_forget_Q_A_Prob"),
+)
+
+
+def sequential_metrics(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return a sequential run's per-request figures (empty for one request).
+
+    Parameters
+    ----------
+    run : dict[str, Any]
+        A ``run.json`` (its ``sequential`` records, ``simulations.runner``).
+
+    Returns
+    -------
+    list[dict[str, Any]]
+        Per request: ``request``, ``client``, :data:`SEQUENTIAL_METRICS` and
+        ``utility_ratio`` = model_utility / the step oracle's.
+    """
+    out = []
+    for rec in run.get("sequential") or []:
+        row: dict[str, Any] = {"request": rec["request"], "client": rec["client"]}
+        for key, side, name in SEQUENTIAL_METRICS:
+            row[key] = (rec.get(side) or {}).get(name)
+        row["utility_ratio"] = _ratio(row["model_utility"], row["oracle_model_utility"])
+        out.append(row)
+    return out
 
 
 def mean_ci(values: Sequence[float]) -> dict[str, Any]:
@@ -516,6 +557,10 @@ def aggregate(suite: Suite, out: Path) -> dict[str, Any]:
                     )
             entry = {k: mean_ci([r[k] for r in rows]) for k, _, _ in METRICS}
             entry["seeds"] = len(rows)
+            if any(r["sequential"] for r in rows):
+                entry["sequential"] = aggregate_requests(
+                    [r["sequential"] for r in rows]
+                )
             entry["oracle_stopped"] = any(r["oracle_stopped"] for r in rows)
             agg[sc.name][m.label] = entry
     return {
@@ -532,6 +577,31 @@ def aggregate(suite: Suite, out: Path) -> dict[str, Any]:
         "aggregate": agg,
         "cells": per_cell,
     }
+
+
+def aggregate_requests(cells_: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean ± CI over seeds of each request's figures (request j of every cell).
+
+    Parameters
+    ----------
+    cells_ : Sequence[list[dict[str, Any]]]
+        Per seed, :func:`sequential_metrics` of its cell.
+
+    Returns
+    -------
+    list[dict[str, Any]]
+        Per request index j (1-based, as long as the shortest cell): ``request``
+        and :func:`mean_ci` of every per-request figure.
+    """
+    keys = [k for k, _, _ in SEQUENTIAL_METRICS] + ["utility_ratio"]
+    length = min((len(c) for c in cells_ if c), default=0)
+    return [
+        {
+            "request": j + 1,
+            **{k: mean_ci([c[j][k] for c in cells_ if c]) for k in keys},
+        }
+        for j in range(length)
+    ]
 
 
 def _fmt(entry: dict[str, Any], digits: int) -> str:
@@ -573,9 +643,51 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[str]]) -> str
             )
             cells_ = " | ".join(_fmt(e[k], d) for k, _, d in shown)
             lines.append(f"| {name} | {e['seeds']} | {cells_} |")
+        lines += _sequential_md(rows)
         for png in plots.get(sc, []):
             lines += ["", f"![{png}]({png})"]
     return "\n".join(lines) + "\n"
+
+
+def _sequential_md(rows: dict[str, Any]) -> list[str]:
+    """Per-request tables (utility, forget prob) of a sequential scenario."""
+    seq = {label: e["sequential"] for label, e in rows.items() if e.get("sequential")}
+    if not seq:
+        return []
+    n = max(len(v) for v in seq.values())
+    head = "| method | " + " | ".join(f"request {j}" for j in range(1, n + 1)) + " |"
+    rule = "|---|" + "---:|" * n
+    out: list[str] = []
+    for title, key, oracle in (
+        (
+            "model_utility after each request (oracle = retrain without every "
+            "client departed so far)",
+            "model_utility",
+            "oracle_model_utility",
+        ),
+        (
+            "forget_Q_A_Prob of each request's own forget set",
+            "request_forget_Q_A_Prob",
+            "oracle_request_forget_Q_A_Prob",
+        ),
+        (
+            "forget_Q_A_Prob of all clients forgotten so far",
+            "forget_Q_A_Prob",
+            "oracle_forget_Q_A_Prob",
+        ),
+    ):
+        out += ["", f"Sequential requests: {title}.", "", head, rule]
+        for label, reqs in seq.items():
+            out.append(
+                f"| {label} | " + " | ".join(_fmt(r[key], 3) for r in reqs) + " |"
+            )
+        first = next(iter(seq.values()))
+        out.append(
+            "| retrain oracle (per step) | "
+            + " | ".join(_fmt(r[oracle], 3) for r in first)
+            + " |"
+        )
+    return out
 
 
 def _plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
@@ -651,7 +763,56 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
         fig.savefig(out / curve, dpi=110)
         plt.close(fig)
         made[sc] = [bars, curve]
+        seq = {m: e["sequential"] for m, e in rows.items() if e.get("sequential")}
+        if seq:
+            made[sc].append(_plot_requests(sc, seq, out))
     return made
+
+
+def _plot_requests(sc: str, seq: dict[str, list[dict[str, Any]]], out: Path) -> str:
+    """Plot model_utility against requests (mean ± CI) with the per-step oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (label, reqs) in enumerate(seq.items()):
+        xs = [r["request"] for r in reqs]
+        ys = [r["model_utility"]["mean"] for r in reqs]
+        err = [r["model_utility"]["ci95"] or 0.0 for r in reqs]
+        if any(y is None for y in ys):
+            continue
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=err,
+            color=f"C{i % 10}",
+            marker="o",
+            ms=3,
+            capsize=3,
+            label=label,
+        )
+    first = next(iter(seq.values()))
+    ys = [r["oracle_model_utility"]["mean"] for r in first]
+    if all(y is not None for y in ys):
+        ax.plot(
+            [r["request"] for r in first],
+            ys,
+            color="k",
+            ls="--",
+            lw=1,
+            label="sequential retrain oracle",
+        )
+    ax.set_xlabel("forget requests served")
+    ax.set_ylabel("model_utility")
+    ax.set_title(f"{sc}: utility against requests (mean ± 95% CI)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = f"{sc}_requests.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def write_results(suite: Suite, results: dict[str, Any], out: Path) -> None:

@@ -42,6 +42,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "local_epochs",
         "lr",
         "lora_r",
+        "sequential",
     ):
         value = getattr(args, name, None)
         if value is None:
@@ -214,7 +215,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
             f"{run_dir}`)"
         )
     base = _saved_config(run_dir)
-    cfg = build_config(args, {**base, "depart": str(args.client)})
+    # one request: a saved run's sequential setting does not apply here
+    cfg = build_config(args, {**base, "depart": str(args.client), "sequential": False})
     if cfg.fl_key(()) != RunConfig.from_flat(base).fl_key(()):
         raise UsageError(
             "forget keeps the federation's FL settings; --set may change only "
@@ -407,6 +409,13 @@ def _add_run_flags(p: argparse.ArgumentParser, out_required: bool = True) -> Non
     )
     p.add_argument("--clients", type=int, help="number of clients (default: 3)")
     p.add_argument("--depart", help="comma-separated departing client ids (default: 2)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        default=None,
+        help="the --depart clients leave one after another, in that order, each "
+        "its own request (default: together, one request)",
+    )
     p.add_argument("--method", help="unlearning method (see 'fed-unlearn methods')")
     p.add_argument("--rounds", type=int, help="FL rounds (default: preset)")
     p.add_argument("--seed", type=int, help="run seed (default: 0)")

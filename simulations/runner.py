@@ -8,6 +8,7 @@ evaluation of the saved adapters runs in this process on the simulation's data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn.config import AnyConfig, ResolvedConfig, resolve
+from fed_unlearn.config import AnyConfig, ResolvedConfig, RunConfig, resolve
 from fed_unlearn.methods import Requirement, get_method
 from fed_unlearn.types import AdapterState
 
@@ -557,6 +558,13 @@ def run_all(
     from server.server_app import write_outputs
 
     cfg = resolve(cfg)
+    if cfg.sequential and "unlearn" in steps:
+        if federation is not None:
+            raise RunError(
+                "sequential = true departs from a fresh federation; a saved one "
+                "takes one request per `fed-unlearn forget`"
+            )
+        return run_sequential(cfg, out_dir, do_eval, progress)
     t0 = time.perf_counter()
     out = simulate(cfg, steps, progress, federation=federation)
     if steps == ("train",):
@@ -675,6 +683,258 @@ def run_all(
                 },
             )
             run["wall_time_s"]["attribution"] = time.perf_counter() - ta
+    run["wall_time_s"]["total"] = time.perf_counter() - t0
+    write_json(out_dir / "run.json", run)
+    return run
+
+
+# ------------------------------------------------------------ sequential runs
+#: Per request, the ``run.json`` figures of the unlearned model and its oracle.
+REQUEST_COLUMNS = (
+    "forget_Q_A_Prob",
+    "forget_quality",
+    "retain_Q_A_Prob",
+    "model_utility",
+)
+
+
+def with_depart(cfg: ResolvedConfig, clients: tuple[int, ...]) -> ResolvedConfig:
+    """Return ``cfg`` with ``depart`` set to ``clients`` (one non-sequential run).
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        The run's configuration.
+    clients : tuple[int, ...]
+        The departed clients of the derived run.
+
+    Returns
+    -------
+    ResolvedConfig
+        The same run as given, with that departure and ``sequential`` off.
+    """
+    flat = {**cfg.given_flat(), "depart": ",".join(map(str, clients))}
+    flat["sequential"] = False
+    return RunConfig.from_flat(flat).resolved()
+
+
+def request_forget_prob(
+    cfg: ResolvedConfig, adapters: dict[str, AdapterState], client: int
+) -> dict[str, float]:
+    """Mean answer probability of each adapter on one client's forget items.
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        Run configuration (data, model, ``eval-max-items``).
+    adapters : dict[str, AdapterState]
+        Name -> adapter.
+    client : int
+        The request's client.
+
+    Returns
+    -------
+    dict[str, float]
+        Name -> :func:`fed_unlearn.metrics.quick.answer_prob` (the definition of
+        ``forget_Q_A_Prob``) on that client's items, up to ``eval-max-items``.
+    """
+    from clients.task import dataset
+    from fed_unlearn.metrics import spread_items
+    from fed_unlearn.metrics.quick import answer_prob
+    from fed_unlearn.models import (
+        load_lora_model,
+        prompt_formatter,
+        resolve_model_dir,
+        set_adapter,
+    )
+
+    items = spread_items(dataset(cfg).forget_items((client,)), cfg.eval_max_items)
+    model, tok = load_lora_model(
+        resolve_model_dir(cfg.preset, cfg.model_path or None), cfg.lora_spec()
+    )
+    prompt_fn = prompt_formatter(tok)
+    out = {}
+    for name, state in adapters.items():
+        set_adapter(model, state)
+        out[name] = answer_prob(
+            model, tok, prompt_fn, items, int(cfg.max_length), cfg.eval_batch_size
+        )
+    return out
+
+
+def run_sequential(
+    cfg: ResolvedConfig, out_dir: Path, do_eval: bool = True, progress: bool = True
+) -> dict[str, Any]:
+    """Serve the clients of ``depart`` as requests one after another.
+
+    The FL run is kept as a federation in ``out_dir/federation`` (as
+    ``fed-unlearn train`` does); request j is then ``fed-unlearn forget`` of
+    its client from that federation: it starts from request j-1's unlearned
+    adapter, the ledger records it, and its oracle is the retrain without
+    every client departed so far (``server.pipeline.departure_plan``). Each
+    request's outputs go to ``out_dir/requests/<j>-client<c>/``. Evaluated
+    per request (a measurement): on the forget set of all clients departed so
+    far and the retain set of the rest, the unlearned model and that step's
+    oracle (:data:`REQUEST_COLUMNS`), and both models' ``forget_Q_A_Prob`` on
+    the request's own forget set. The top-level ``summary`` is the last
+    request's, with the trained model as ``original``; costs are summed over
+    the requests, the oracle's too (a sequential retrain retrains per request).
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        Configuration with ``sequential`` on.
+    out_dir : Path
+        Run directory.
+    do_eval : bool
+        Evaluate every request.
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    dict[str, Any]
+        The ``run.json`` content; ``sequential`` holds the requests.
+    """
+    from server.pipeline import save_federation
+    from server.server_app import write_outputs
+
+    t0 = time.perf_counter()
+    order = cfg.depart_order()
+    trained = simulate(with_depart(cfg, order), ("train",), progress)
+    fed = save_federation(trained.train, out_dir)
+    walls = {
+        "train": trained.train.stats["wall_time_s"],
+        "unlearn": 0.0,
+        "retrain": 0.0,
+    }
+    excl = {"unlearn": 0.0, "retrain": 0.0}
+    nbytes: dict[str, dict[str, float]] = {
+        "train": trained.train.stats["bytes"],
+        "unlearn": {"down": 0, "up": 0, "total": 0},
+        "retrain": {"down": 0, "up": 0, "total": 0},
+    }
+    rounds = {"train": trained.train.stats["rounds"], "unlearn": 0, "retrain": 0}
+    compute = {"train": client_compute(trained.train.stats)}
+    zero = {"local_steps": 0.0, "tokens": 0.0, "client_seconds": 0.0}
+    compute["unlearn"], compute["retrain"] = dict(zero), dict(zero)
+    requests: list[dict[str, Any]] = []
+    run: dict[str, Any] = {}
+    oracle_stopped = False
+    out = None
+    for j, client in enumerate(order, 1):
+        step_cfg = with_depart(cfg, (client,))
+        out = simulate(step_cfg, ("train", "unlearn"), progress, federation=fed)
+        assert out.unlearned is not None and out.retrain is not None
+        step_dir = out_dir / "requests" / f"{j:02d}-client{client}"
+        write_outputs(out, step_dir)  # records the request in the ledger
+        stats = out.unlearn_stats
+        step = {
+            "wall_time_s": {
+                "train": 0.0,
+                "retrain": out.retrain.stats["wall_time_s"],
+                "unlearn": stats["wall_time_s"],
+            },
+            "bytes": {"retrain": out.retrain.stats["bytes"], "unlearn": stats["bytes"]},
+        }
+        add_method_wall(step, out)
+        add_oracle_cost(step, bool(stats.get("oracle_stopped")))
+        oracle_stopped |= bool(stats.get("oracle_stopped"))
+        for phase in ("unlearn", "retrain"):
+            walls[phase] += step["wall_time_s"][phase]
+            excl[phase] += step["wall_time_s"]["excl_curve_eval"].get(
+                phase, step["wall_time_s"][phase]
+            )
+            for k in nbytes[phase]:
+                nbytes[phase][k] += step["bytes"][phase][k]
+        rounds["unlearn"] += stats["rounds"]
+        rounds["retrain"] += out.retrain.stats["rounds"]
+        info = stats.get("info", {})
+        if stats.get("is_oracle"):
+            spent = client_compute(out.retrain.stats)
+        else:
+            spent = info.get("client_compute", zero)
+        for k in zero:
+            compute["unlearn"][k] += spent[k]
+            compute["retrain"][k] += client_compute(out.retrain.stats)[k]
+        record: dict[str, Any] = {
+            "request": j,
+            "client": client,
+            "forgotten": list(order[:j]),
+            "dir": str(step_dir),
+            "rounds": stats["rounds"],
+            "wall_time_s": stats["wall_time_s"],
+            "bytes": stats["bytes"],
+            "info": info,
+        }
+        if do_eval:
+            so_far = with_depart(cfg, order[:j])
+            adapters = {"unlearned": out.unlearned, "retrain": out.retrain.final}
+            if j == len(order):
+                adapters["original"] = trained.train.final
+            results = evaluate_adapters(so_far, adapters)
+            own = request_forget_prob(
+                so_far,
+                {"unlearned": out.unlearned, "retrain": out.retrain.final},
+                client,
+            )
+            for name, key in (("unlearned", "unlearned"), ("retrain", "oracle")):
+                summ = results[name][1]
+                record[key] = {c: summ.get(c) for c in REQUEST_COLUMNS}
+                record[key]["request_forget_Q_A_Prob"] = own[name]
+            if j == len(order):
+                run["summary"] = write_evals(out_dir, results)
+        requests.append(record)
+        log.info("sequential request %d/%d (client %d) done", j, len(order), client)
+    assert out is not None and out.retrain is not None
+    # the whole sequence: from the trained adapter to the last request's
+    write_outputs(
+        dataclasses.replace(
+            out, cfg=with_depart(cfg, order), train=trained.train, federation=None
+        ),
+        out_dir,
+    )
+    walls["excl_curve_eval"] = {
+        "train": walls["train"] - (trained.train.stats.get("curve_eval_s") or 0.0),
+        **excl,
+    }
+    run = {
+        "command": " ".join(sys.argv),
+        "config": cfg.to_flat(),
+        "seeds": {
+            "seed": cfg.seed,
+            "lora_init": cfg.seed,
+            "data": cfg.seed,
+            "local_order": "derive_seed(seed, round, client)",
+        },
+        "versions": versions(),
+        "git_sha": git_sha(),
+        "federation": str(fed),
+        "forgotten": out.train.history.forgotten(),
+        "departed": list(order),
+        "remaining": list(cfg.remaining()),
+        "history": {
+            "path": str(fed / "history"),
+            "bytes_per_round": trained.train.stats["history_bytes_per_round"],
+        },
+        "cached": {"train": trained.train.cached, "retrain": out.retrain.cached},
+        "wall_time_s": walls,
+        "bytes": nbytes,
+        "rounds": rounds,
+        "client_compute": compute,
+        "curves": {
+            "train": trained.train.stats.get("curve", []),
+            "retrain": out.retrain.stats.get("curve", []),
+        },
+        "method": cfg.method,
+        "unlearn_info": out.unlearn_stats["info"],
+        "sequential": requests,
+        **run,
+    }
+    add_unlearning_curve(
+        run, bool(out.unlearn_stats.get("is_oracle")), out.unlearn_stats["info"]
+    )
+    run["oracle_stopped"] = oracle_stopped
     run["wall_time_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "run.json", run)
     return run

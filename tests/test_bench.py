@@ -297,3 +297,55 @@ def test_select_restricts_scenarios(tmp_path, capsys):
     path = str(_suite(tmp_path, TWO_SCENARIOS))
     assert main(["bench", path, "--out", str(tmp_path / "o"), "--scenarios", "z"]) == 2
     assert "has no scenario ['z']" in capsys.readouterr().err
+
+
+def _sequential_record(j, client, utility, oracle):
+    return {
+        "request": j,
+        "client": client,
+        "unlearned": {
+            "model_utility": utility,
+            "forget_Q_A_Prob": 0.1,
+            "request_forget_Q_A_Prob": 0.2,
+        },
+        "oracle": {
+            "model_utility": oracle,
+            "forget_Q_A_Prob": 0.05,
+            "request_forget_Q_A_Prob": 0.04,
+        },
+    }
+
+
+def test_sequential_cells_aggregate_per_request(tmp_path):
+    """Two seeds of two requests, hand-chosen: request 1 utilities 0.5 and 0.7
+    (oracle 0.6) -> mean 0.6, CI t(0.975, 1) * sd / sqrt(2) = 12.706205 * 0.1;
+    request 2: 0.4 and 0.2 -> mean 0.3; utility ratios 0.5/0.6, 0.7/0.6 -> 1."""
+    per_seed = []
+    for seed, (u1, u2) in ((1, (0.5, 0.4)), (2, (0.7, 0.2))):
+        path = tmp_path / f"s{seed}"
+        _fake_run(path, forget=0.1, utility=u2)
+        run = json.loads((path / "run.json").read_text())
+        run["sequential"] = [
+            _sequential_record(1, 3, u1, 0.6),
+            _sequential_record(2, 7, u2, 0.5),
+        ]
+        (path / "run.json").write_text(json.dumps(run))
+        per_seed.append(bench.cell_metrics(path)["sequential"])
+    assert [r["client"] for r in per_seed[0]] == [3, 7]
+    agg = bench.aggregate_requests(per_seed)
+    assert [a["request"] for a in agg] == [1, 2]
+    assert agg[0]["model_utility"]["mean"] == pytest.approx(0.6)
+    assert agg[0]["model_utility"]["ci95"] == pytest.approx(1.2706205, rel=1e-5)
+    assert agg[1]["model_utility"]["mean"] == pytest.approx(0.3)
+    assert agg[0]["utility_ratio"]["mean"] == pytest.approx(1.0)
+    assert agg[1]["oracle_model_utility"]["mean"] == pytest.approx(0.5)
+    assert agg[0]["request_forget_Q_A_Prob"]["mean"] == pytest.approx(0.2)
+    md = "\n".join(bench._sequential_md({"ortho": {"sequential": agg}}))
+    assert "| ortho | 0.600 ± 1.271 | 0.300 ± 1.271 |" in md
+    assert "| retrain oracle (per step) | 0.600 ± 0.000 | 0.500 ± 0.000 |" in md
+    png = bench._plot_requests("sc", {"ortho": agg}, tmp_path)
+    assert (tmp_path / png).is_file()
+    # a one-request cell has no per-request figures
+    assert bench.cell_metrics(tmp_path / "s1")["sequential"] and not (
+        bench.sequential_metrics({"summary": {}})
+    )

@@ -18,6 +18,7 @@ from fed_unlearn.methods.foul_server import FoulServer, FoulServerConfig
 from fed_unlearn.methods.local_unlearn import LocalUnlearn, LocalUnlearnConfig
 from fed_unlearn.methods.mpu import MPU, MPUConfig
 from fed_unlearn.methods.none import NoneConfig, NoUnlearning
+from fed_unlearn.methods.ortho_lora import OrthoLora, OrthoLoraConfig
 from fed_unlearn.methods.pga import PGA, PGAConfig
 from fed_unlearn.methods.registry import (
     METHOD_REGISTRY,
@@ -47,6 +48,7 @@ register_method(name="simu", config_cls=SimuConfig, method_cls=Simu)
 register_method(name="pga", config_cls=PGAConfig, method_cls=PGA)
 register_method(name="sfu", config_cls=SFUConfig, method_cls=SFU)
 register_method(name="ssiuu", config_cls=SsiuuConfig, method_cls=Ssiuu)
+register_method(name="ortho_lora", config_cls=OrthoLoraConfig, method_cls=OrthoLora)
 
 __all__ = [
     "METHOD_REGISTRY",
