@@ -21,6 +21,7 @@ from typing import Any
 
 from fed_unlearn import seeds
 from fed_unlearn.config import AnyConfig, ResolvedConfig, resolve
+from fed_unlearn.journal import UNLEARN_LOG, UnlearnJournal
 from fed_unlearn.methods import Requirement, get_method
 from fed_unlearn.types import AdapterState
 
@@ -113,6 +114,7 @@ def simulate(
     progress: bool = True,
     client_app: Any = None,
     federation: Path | None = None,
+    journal: UnlearnJournal | None = None,
 ) -> Any:
     """Run the pipeline on Flower's Simulation Engine (or from cache).
 
@@ -128,6 +130,8 @@ def simulate(
         ClientApp to simulate (default: :data:`clients.client_app.app`).
     federation : Path, optional
         A saved federation to depart from (see ``server.pipeline.run_pipeline``).
+    journal : UnlearnJournal, optional
+        The run's per-round unlearning log (see ``server.pipeline.run_pipeline``).
 
     Returns
     -------
@@ -140,7 +144,7 @@ def simulate(
     bar = _RoundBar(cfg, steps) if progress else None
     if not needs_flower(cfg, steps, federation):
         log.info("all FL phases are cached; running the pipeline without Flower")
-        return run_pipeline(None, cfg, steps, federation=federation)
+        return run_pipeline(None, cfg, steps, federation=federation, journal=journal)
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as default_client_app
@@ -150,7 +154,12 @@ def simulate(
 
     state: dict[str, Any] = {}
     server_app = make_server_app(
-        cfg, steps, state, bar.update if bar else None, federation=federation
+        cfg,
+        steps,
+        state,
+        bar.update if bar else None,
+        federation=federation,
+        journal=journal,
     )
     backend_config: dict[str, Any] = {
         # One client at a time on a 2-core machine (Flower #1814/#3463).
@@ -563,8 +572,13 @@ def run_all(
     do_eval: bool = True,
     progress: bool = True,
     federation: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the main job: FL, departure, unlearning, retrain oracle, evaluation.
+
+    A run that unlearns keeps its per-round unlearning log in
+    ``out_dir/unlearn-log`` (:mod:`fed_unlearn.journal`), headed by what
+    ``fed-unlearn resume`` needs to run the same command again.
 
     Parameters
     ----------
@@ -581,6 +595,9 @@ def run_all(
     federation : Path, optional
         Depart from this saved federation instead of training (``fed-unlearn
         forget``); without it, ``fed-unlearn train`` saves one in the run.
+    resume : bool
+        Go on from the unlearning log in ``out_dir`` (``fed-unlearn resume``)
+        instead of starting a fresh one.
 
     Returns
     -------
@@ -592,7 +609,23 @@ def run_all(
 
     cfg = resolve(cfg)
     t0 = time.perf_counter()
-    out = simulate(cfg, steps, progress, federation=federation)
+    journal = None
+    if "unlearn" in steps:
+        journal = UnlearnJournal(out_dir / UNLEARN_LOG)
+        if not resume:
+            journal.start(
+                {
+                    "command": " ".join(sys.argv),
+                    "config": cfg.to_flat(),
+                    "steps": list(steps),
+                    "do_eval": do_eval,
+                    "federation": str(federation) if federation else None,
+                    "resume_refusal": get_method(
+                        cfg.method, cfg.method_options
+                    ).resume_refusal(),
+                }
+            )
+    out = simulate(cfg, steps, progress, federation=federation, journal=journal)
     if steps == ("train",):
         save_federation(out.train, out_dir)
     before = out.train.history.forgotten() if federation is not None else []

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, Protocol, overload
 
 from fed_unlearn.history import HistoryStore
+from fed_unlearn.journal import UnlearnJournal
 from fed_unlearn.protocol import (
     AuditReply,
     AuditRequest,
@@ -141,6 +142,10 @@ class UnlearnContext:
         cooperation): sends an adapter, returns their size-weighted gap in mean
         answer probability between trained and never-trained own items, for
         ``stop="self_audit"`` (:mod:`fed_unlearn.data.audit`).
+    journal : UnlearnJournal, optional
+        The per-round unlearning log of a resumable method
+        (:mod:`fed_unlearn.journal`); when it already holds rounds, the method
+        goes on after the last one.
     """
 
     trained: AdapterState
@@ -155,6 +160,7 @@ class UnlearnContext:
     forget_target: tuple[float, float] | None = None
     dual_split: int = 0
     audit: Callable[[AdapterState], float] | None = None
+    journal: UnlearnJournal | None = None
 
     def available(self) -> set[Requirement]:
         """Return the requirements this context satisfies."""
@@ -221,6 +227,20 @@ class UnlearningMethod(ABC):
         this; ``requires`` stays the needs of the default configuration.
         """
         return self.requires
+
+    def resume_refusal(self) -> str | None:
+        """Why this configured method cannot resume after a crash (``None``: it can).
+
+        A method resumes (``fed-unlearn resume``) when all it carries from one
+        round to the next is its adapter and its
+        :class:`~fed_unlearn.methods.rounds.RoundLog`, and it skips the rounds
+        the log holds (``RoundLog.resumed``). The base refuses; such a method
+        overrides this to return ``None``.
+        """
+        return (
+            f"method {self.name!r} does not resume from an unlearning log; run "
+            "the command again"
+        )
 
     def check_run(self, run: Mapping[str, Any]) -> None:
         """Raise if the run's flat config cannot serve this method.

@@ -42,6 +42,10 @@ class LocalUnlearn(UnlearningMethod):
     requires = frozenset({Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
     config: LocalUnlearnConfig
 
+    def resume_refusal(self) -> str | None:
+        """Resume: the round state is the adapter."""
+        return None
+
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Run rounds of client-side unlearning on the clean adapter."""
         self.check(ctx)
@@ -50,6 +54,10 @@ class LocalUnlearn(UnlearningMethod):
         theta, log = cfg.begin(ctx)
         r = 0
         for r in range(1, cfg.rounds + 1):
+            if (stop := log.resumed(r)) is not None:
+                if stop:
+                    break
+                continue  # logged before a restart: ``theta`` is its result
             request = cfg.request([theta], seed_round=r)
             replies = ctx.clients.query(dict.fromkeys(ctx.departed, request))
             log.add_compute(replies)
