@@ -41,6 +41,7 @@ from fed_unlearn import seeds
 from fed_unlearn.conflict import orthogonal_direction, post_project
 from fed_unlearn.methods.base import (
     RUN_LR,
+    ClientFailure,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -145,18 +146,24 @@ class FedOSD(UnlearningMethod):
                 if stop:
                     break
                 continue  # logged before a restart: ``theta`` is its result
-            tgt = ctx.clients.query(
-                dict.fromkeys(
-                    ctx.departed,
-                    LocalUpdateRequest(
-                        copies=[theta],
-                        epochs=cfg.local_epochs,
-                        loss="uce",
-                        seed_round=seeds.FEDOSD_UNLEARN + r,
-                        **unl,
-                    ),
+            try:
+                tgt = ctx.clients.query(
+                    dict.fromkeys(
+                        ctx.departed,
+                        LocalUpdateRequest(
+                            copies=[theta],
+                            epochs=cfg.local_epochs,
+                            loss="uce",
+                            seed_round=seeds.FEDOSD_UNLEARN + r,
+                            **unl,
+                        ),
+                    )
                 )
-            )
+            except ClientFailure as exc:
+                if not log.departed_left(exc, r, "fedosd"):
+                    raise
+                r -= 1
+                break
             rem = ctx.clients.query(
                 dict.fromkeys(
                     ctx.remaining,

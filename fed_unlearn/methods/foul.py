@@ -99,6 +99,7 @@ from fed_unlearn.methods.base import (
     NO_BUDGET,
     RUN_BATCH,
     RUN_LR,
+    ClientFailure,
     MissingRequirementError,
     Requirement,
     UnlearnContext,
@@ -684,7 +685,13 @@ class Foul(UnlearningMethod):
                 ranks=sub.ranks,
                 seed_round=seeds.FOUL_LIVE + r,
             )
-            replies = ctx.clients.query(dict.fromkeys(live, request))
+            try:
+                replies = ctx.clients.query(dict.fromkeys(live, request))
+            except ClientFailure as exc:
+                if not log.departed_left(exc, r, self.name):
+                    raise
+                r -= 1
+                break
             log.add_compute(replies)
             grads: dict[int, torch.Tensor] = dict(fixed)
             for cid, (delta, n) in copy_deltas(replies, sent, self.name).items():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fed_unlearn import adapters as ad
 from fed_unlearn.methods.base import (
+    ClientFailure,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -59,7 +60,13 @@ class LocalUnlearn(UnlearningMethod):
                     break
                 continue  # logged before a restart: ``theta`` is its result
             request = cfg.request([theta], seed_round=r)
-            replies = ctx.clients.query(dict.fromkeys(ctx.departed, request))
+            try:
+                replies = ctx.clients.query(dict.fromkeys(ctx.departed, request))
+            except ClientFailure as exc:
+                if not log.departed_left(exc, r, "local_unlearn"):
+                    raise
+                r -= 1
+                break
             log.add_compute(replies)
             parts = list(copy_deltas(replies, theta, "local_unlearn").values())
             step = cfg.merge([d for d, _ in parts], [w for _, w in parts])

@@ -43,6 +43,7 @@ from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
     RUN_LR,
+    ClientFailure,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -390,7 +391,13 @@ class MPU(UnlearningMethod):
                 )
                 requests[cid] = cfg.request(copies, seed_round=r)
             pre += time.perf_counter() - t0
-            replies = ctx.clients.query(requests)
+            try:
+                replies = ctx.clients.query(requests)
+            except ClientFailure as exc:
+                if not log.departed_left(exc, r, "mpu"):
+                    raise
+                r -= 1
+                break
             log.add_compute(replies)
             t0 = time.perf_counter()
             merged, weights = [], []

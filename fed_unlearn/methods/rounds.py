@@ -416,6 +416,8 @@ class RoundLog:
         self.rejected: dict[str, str] = {}  #: client -> why its update was left out
         self.dropped: dict[str, str] = {}  #: client -> why it gave no reply
         self.ended: dict[int, bool] = {}  #: round -> whether its stop rule fired
+        #: the departed clients stopped answering: the round, who, why
+        self.left: dict[str, Any] = {}
         #: the unlearning log (``ctx.journal``): every ended round is logged
         self.journal: UnlearnJournal | None = getattr(ctx, "journal", None)
         self.resumed_from = 0  #: the last logged round a restart went on from
@@ -465,6 +467,48 @@ class RoundLog:
             done (skip it) and the value is what :meth:`end_round` returned.
         """
         return self.ended.get(r) if r <= self.resumed_from else None
+
+    def departed_left(self, exc: ClientFailure, r: int, method: str) -> bool:
+        """Record that departed clients stopped answering in round ``r``.
+
+        A departed client that stops cooperating halfway ends the unlearning
+        stage: round ``r`` is dropped, the adapter stays the last complete
+        round's (``r - 1``; the trained one when ``r`` is 1), and the info
+        says so (``stopped_by="departed_left"``, ``departed_left`` with the
+        round, the rounds completed and why each client gave no reply). Stages
+        that need the remaining clients only (recovery, post-training) go on.
+
+        Parameters
+        ----------
+        exc : ClientFailure
+            The failure of round ``r``'s query.
+        r : int
+            The round that could not finish.
+        method : str
+            Method name for the log.
+
+        Returns
+        -------
+        bool
+            False when no departed client is among the failed ones (the caller
+            re-raises ``exc``).
+        """
+        departed = set(self.ctx.departed)
+        gone = {str(c): why for c, why in exc.failed.items() if c in departed}
+        if not gone:
+            return False
+        self.stopped_by = "departed_left"
+        self.left = {"round": r, "rounds_completed": r - 1, "clients": gone}
+        _logger.warning(
+            "%s: departed client(s) %s stopped answering in round %d; keeping the "
+            "adapter of round %d%s",
+            method,
+            sorted(gone),
+            r,
+            r - 1,
+            " (the trained one: nothing was unlearned)" if r == 1 else "",
+        )
+        return True
 
     def add_compute(self, replies: Mapping[ClientId, LocalUpdateReply]) -> None:
         """Add the clients' reported local work of one request."""
@@ -516,6 +560,7 @@ class RoundLog:
             "audit_gaps": self.audit_gaps,
             "rejected": self.rejected,
             "dropped": self.dropped,
+            "left": self.left,
             "ended": [[r, stop] for r, stop in sorted(self.ended.items())],
         }
 
@@ -530,6 +575,7 @@ class RoundLog:
         self.audit_gaps = [float(x) for x in state["audit_gaps"]]
         self.rejected = dict(state["rejected"])
         self.dropped = dict(state["dropped"])
+        self.left = dict(state.get("left", {}))
         self.ended = {int(r): bool(stop) for r, stop in state["ended"]}
 
     def _end_round(
@@ -538,7 +584,7 @@ class RoundLog:
         """Return the stopping decision of :meth:`end_round`."""
         self.rounds_log.append({"round": r, **(extra or {})})
         previous, self.previous = self.previous, state
-        if self.stop == "self_audit":
+        if self.stop == "self_audit" and not self.left:  # no departed to audit
             if self.ctx.evaluate is not None:  # the curve: a measurement only
                 self.curve.append({"round": r, **self.ctx.evaluate(state)})
             return self._audit_stop(state, previous)
@@ -604,5 +650,6 @@ class RoundLog:
             **({"rejected_updates": self.rejected} if self.rejected else {}),
             **({"dropped_clients": self.dropped} if self.dropped else {}),
             **({"resumed_after_round": self.resumed_from} if self.resumed_from else {}),
+            **({"departed_left": self.left} if self.left else {}),
             **more,
         }
