@@ -191,17 +191,18 @@ def test_cli_resume_refuses_a_finished_run_a_missing_log_and_a_refusing_method(
 
 @pytest.mark.slow
 def test_server_killed_mid_unlearning_resumes_to_the_uninterrupted_result(tmp_path):
-    """`fed-unlearn run` (seeded MPU, 2 rounds) is killed with SIGKILL by its own
+    """`fed-unlearn run` (2 clients, seeded MPU, 2 rounds) is killed with SIGKILL by its own
     fault key once round 1 is logged; `fed-unlearn resume` finishes it, and its
     unlearned adapter is bit-identical to an uninterrupted run's."""
     import signal
     import subprocess
     import sys
 
-    from helpers import E2E_BASE, ROOT, run_cli, saved_adapters
+    from helpers import ROOT, run_cli, saved_adapters
 
     runs = tmp_path / "runs"
-    args = ["run", *E2E_BASE, "--method", "mpu", "--opt", "seed=7"]
+    args = ["run", "--preset", "tiny", "--clients", "2", "--rounds", "1"]
+    args += ["--depart", "1", "--method", "mpu", "--opt", "seed=7"]
     args += ["--opt", "rounds=2", "--no-eval", "--quiet"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
