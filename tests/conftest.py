@@ -6,7 +6,8 @@ the XDG cache and config homes (matplotlib's font cache, Hugging Face's hub)
 point into one fresh temporary directory, removed when the run ends; CLI runs
 the tests start inherit it. So no result depends on what ``~/.cache`` holds,
 and a run with an empty ``HOME`` writes nothing there
-(``tests/test_home.py`` checks it).
+(``tests/test_home.py`` checks it). ``FED_UNLEARN_TEST_CACHE=DIR`` (opt-in)
+takes the fed_unlearn cache from ``DIR`` instead, to reuse a built tiny base.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ RUN_CACHES = {
 RUN_CACHE_ROOT = Path(tempfile.mkdtemp(prefix="fed_unlearn-tests-"))
 for _var, _sub in RUN_CACHES.items():
     os.environ[_var] = str(RUN_CACHE_ROOT / _sub)
+#: opt-in for development on a busy machine: a fed_unlearn cache of your own
+#: choice (e.g. a copy holding a built tiny base); FL phases stay per run
+TEST_CACHE_ENV = "FED_UNLEARN_TEST_CACHE"
+if os.environ.get(TEST_CACHE_ENV):
+    os.environ["FED_UNLEARN_CACHE"] = os.environ[TEST_CACHE_ENV]
 
 
 def pytest_unconfigure(config):

@@ -11,31 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import LinearClients, adapter_state, full_context
+from helpers import LeavingClients, adapter_state, full_context
 
 from fed_unlearn.methods import get_method
 from fed_unlearn.methods.base import ClientFailure
-
-
-class LeavingClients(LinearClients):
-    """Linear clients whose ``leaver`` answers ``answers`` queries, then fails."""
-
-    def __init__(self, targets, leaver, answers):
-        super().__init__(targets)
-        self.leaver, self.left = leaver, answers
-
-    def query(self, requests):
-        if self.leaver in requests:
-            if self.left == 0:
-                others = {c: r for c, r in requests.items() if c != self.leaver}
-                replies = super().query(others) if others else {}
-                raise ClientFailure(
-                    f"client {self.leaver} failed",
-                    replies=replies,
-                    failed={self.leaver: "failed the 'local-update' request: gone"},
-                )
-            self.left -= 1
-        return super().query(requests)
 
 
 def _run(name, options, leave_after=None):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RUN_CACHE_ROOT, RUN_CACHES
+from conftest import RUN_CACHE_ROOT, RUN_CACHES, TEST_CACHE_ENV
 from helpers import ROOT
 
 #: A representative set: the tiny base built into the fed_unlearn cache and
@@ -26,9 +26,11 @@ def test_this_runs_caches_are_its_own():
     from server.pipeline import runs_root
 
     home = Path.home()
+    chosen = os.environ.get(TEST_CACHE_ENV)  # the opt-in, or this run's own
     for var in RUN_CACHES:
-        assert Path(os.environ[var]).is_relative_to(RUN_CACHE_ROOT), var
-    assert cache_root().is_relative_to(RUN_CACHE_ROOT)
+        if not (chosen and var == "FED_UNLEARN_CACHE"):
+            assert Path(os.environ[var]).is_relative_to(RUN_CACHE_ROOT), var
+    assert cache_root() == Path(chosen or RUN_CACHE_ROOT / "fed_unlearn")
     assert runs_root().is_relative_to(RUN_CACHE_ROOT)
     assert not RUN_CACHE_ROOT.is_relative_to(home)
     # a (very small) tiny base is built into this run's cache
@@ -42,7 +44,7 @@ def test_this_runs_caches_are_its_own():
         fact_steps=0,
     )
     assert (tiny_dir(spec) / "done").is_file()
-    assert tiny_dir(spec).is_relative_to(RUN_CACHE_ROOT)
+    assert tiny_dir(spec).is_relative_to(cache_root())
 
 
 @pytest.mark.slow  # a second pytest process (about 2 minutes on 2 busy cores)
@@ -54,7 +56,7 @@ def test_a_test_run_with_an_empty_home_writes_nothing_there(tmp_path):
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in RUN_CACHES and k not in ("HF_HOME", "TORCH_HOME")
+        if k not in RUN_CACHES and k not in (TEST_CACHE_ENV, "HF_HOME", "TORCH_HOME")
     }
     env["HOME"] = str(home)
     try:

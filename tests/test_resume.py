@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from helpers import adapter_state, full_context
+from helpers import LeavingClients, adapter_state, full_context
 
 from fed_unlearn import adapters as ad
 from fed_unlearn.config import RunConfig
@@ -241,3 +241,16 @@ def test_server_killed_mid_unlearning_resumes_to_the_uninterrupted_result(tmp_pa
     assert ra["rounds"]["unlearn"] == rb["rounds"]["unlearn"] == 2
     assert KILL_ROUND_KEY not in ra["config"]
     assert ra["cached"] == {"train": True, "retrain": True}
+
+
+def test_a_log_where_the_departed_client_had_left_is_refused(tmp_path):
+    journal = UnlearnJournal(tmp_path / "log")
+    journal.start({})
+    ctx, _, _ = full_context(adapter_state())
+    ctx.clients = LeavingClients(ctx.clients.targets, 1, 1)
+    ctx.journal = journal
+    options = {"seed": 3, "rounds": 3, "recovery_rounds": 1}
+    res = get_method("mpu", options).unlearn(ctx)
+    assert res.info["departed_left"]["round"] == 2 and journal.rounds() == [1, 2]
+    with pytest.raises(JournalError, match=r"\['1'\] stopped answering in round 2"):
+        _run("mpu", options, UnlearnJournal(tmp_path / "log"))

@@ -433,7 +433,8 @@ class RoundLog:
         Raises
         ------
         JournalError
-            The log's last entry is unreadable or does not fit ``state``.
+            The log's last entry is unreadable or does not fit ``state``, or
+            its departed clients had stopped answering (``departed_left``).
         """
         if self.journal is not None and (last := self.journal.latest()) is not None:
             r, saved, log_state = last
@@ -445,6 +446,13 @@ class RoundLog:
                     f"not fit this run ({exc})"
                 ) from None
             self._restore(log_state)
+            if self.left:
+                raise JournalError(
+                    f"unlearning log {self.journal.root}: the departed client(s) "
+                    f"{sorted(self.left['clients'])} stopped answering in round "
+                    f"{self.left['round']} before the restart, which a resume "
+                    "cannot replay; run the command again"
+                )
             self.previous = saved
             self.resumed_from = r
             _logger.info("resuming after round %d of %s", r, self.journal.root)
