@@ -6,12 +6,17 @@ one client, chosen by the run config keys ``x-fault-client`` (client id) and
 run record carries (``RunConfig.extra``). Use it to check
 that the server rejects and logs the bad update and that the round goes on:
 ``simulations.runner.simulate(cfg, steps, client_app=clients.faulty.app)``.
+
+``x-fault-kind = "leave"`` instead makes that client stop cooperating halfway:
+it trains normally in FL and answers its first ``x-fault-after`` (default 1)
+``local-update`` queries, then fails every later one (a departed client that
+leaves in the middle of its unlearning).
 """
 
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from clients import client_app as real
@@ -41,15 +46,38 @@ def corrupt(msg: Message, reply: Message, kind: str) -> Message:
     return reply
 
 
+#: ``context.state`` key of the ``local-update`` queries a leaving client answered
+_ANSWERED = "x-fault-answered"
+
+
+def _leaves(msg: Message, context: Context) -> bool:
+    """Whether this is the leaving client's query it no longer answers."""
+    request, cfg = decode_request(msg)
+    me = int(context.node_config["partition-id"])
+    if (
+        str(cfg.extra.get("x-fault-kind", "")) != "leave"
+        or int(cfg.extra.get("x-fault-client", -1)) != me
+        or request.kind != "local-update"
+    ):
+        return False
+    rec = context.state.get(_ANSWERED)
+    answered = int(rec["n"]) if isinstance(rec, ConfigRecord) else 0
+    if answered >= int(cfg.extra.get("x-fault-after", 1)):
+        return True
+    context.state[_ANSWERED] = ConfigRecord({"n": answered + 1})
+    return False
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Real training, then corruption for the configured client."""
     reply = real.train(msg, context)
     _, cfg = decode_request(msg)
-    if int(cfg.extra.get("x-fault-client", -1)) == int(
+    kind = str(cfg.extra.get("x-fault-kind", "nan"))
+    if kind != "leave" and int(cfg.extra.get("x-fault-client", -1)) == int(
         context.node_config["partition-id"]
     ):
-        return corrupt(msg, reply, str(cfg.extra.get("x-fault-kind", "nan")))
+        return corrupt(msg, reply, kind)
     return reply
 
 
@@ -61,5 +89,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Unchanged queries."""
+    """Unchanged queries, but the leaving client's fail (``x-fault-kind=leave``)."""
+    if _leaves(msg, context):
+        raise RuntimeError("x-fault: this client has left the federation")
     return real.query(msg, context)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_unlearn.dual import DualSpec
+from fed_unlearn.journal import KILL_ROUND_KEY
 from fed_unlearn.models import PRESETS, SYSTEM_PROMPT, LoraSpec, model_identity
 from fed_unlearn.training import TrainSpec
 from fed_unlearn.values import coerce, parse_text, scalar_kind
@@ -1051,6 +1052,9 @@ class ResolvedConfig(_Clients):
                 k.startswith("x-fault-")
                 or not k.startswith(("x-", METHOD_OPTION_PREFIX))
             )
+            # ... but a server killed after an unlearning round: the FL phases
+            # before it are a normal run's
+            and k != KILL_ROUND_KEY
             # the dual settings change nothing while the dual adapter is off
             and (r.dual_adapter or not k.startswith("dual-"))
             # nor the hyper-parameters of another strategy than the run's

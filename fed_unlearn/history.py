@@ -141,7 +141,8 @@ def _round_name(r: int) -> str:
     return f"round_{r:04d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry to disk (after a rename in it); best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # e.g. directories cannot be opened on Windows
@@ -392,7 +393,7 @@ class HistoryStore:
         tmp = path.with_name(f".{path.name}.tmp")
         sha = self._codec.write(tmp, json.dumps(obj, indent=1).encode())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return sha
 
     def _read_json(self, path: Path, sha256: str | None = None) -> Any:
@@ -782,7 +783,7 @@ class HistoryStore:
             }
             sha = self._write_json(tmp / _META, round_meta)
             os.rename(tmp, final_dir)
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
             meta["rounds"] = [*rounds, r]
             meta["round_meta_sha256"] = {**meta["round_meta_sha256"], str(r): sha}
             self._write_root_meta(meta)
@@ -839,7 +840,7 @@ class HistoryStore:
                 meta = self._create(schema, meta)
             meta["final_sha256"] = self._codec.write(tmp, save_bytes(tensors))
             os.replace(tmp, path)
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
             self._write_root_meta(meta)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -1099,7 +1100,7 @@ class HistoryStore:
         try:
             sha = self._codec.write(tmp, save_bytes(tensors))
             os.replace(tmp, path)
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
             entries.append({"clients": sorted(ids), "info": info, "sha256": sha})
             meta["unlearnings"] = entries
             self._write_root_meta(meta)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from flwr.app import (
 from fed_unlearn import adapters as ad
 from fed_unlearn.config import SERVER_OPTIMIZERS, ResolvedConfig
 from fed_unlearn.history import HistoryError, HistoryStore, load_key
+from fed_unlearn.journal import KILL_ROUND_KEY, UnlearnJournal
 from fed_unlearn.methods import UnlearnContext, get_method
 from fed_unlearn.methods.rounds import uses_oracle
 from fed_unlearn.metrics.quick import t2f_delta
@@ -652,6 +654,7 @@ def run_pipeline(
     steps: tuple[str, ...] = ("train", "unlearn"),
     on_round: Callable[[str, int, dict[str, Any]], None] | None = None,
     federation: Path | None = None,
+    journal: UnlearnJournal | None = None,
 ) -> PipelineOutput:
     """FL training -> departure -> unlearning -> retrain oracle.
 
@@ -668,6 +671,11 @@ def run_pipeline(
     federation : Path, optional
         A saved federation (:func:`save_federation`): no FL runs; the departure
         starts from its current adapter, and clients it already forgot stay out.
+    journal : UnlearnJournal, optional
+        The run's per-round unlearning log, used by a resumable method
+        (``resume_refusal()`` is ``None``); one that holds rounds is resumed.
+        The fault-injection key ``x-fault-kill-unlearn-round = N`` kills this
+        process (SIGKILL) once round N is logged.
 
     Returns
     -------
@@ -750,6 +758,7 @@ def run_pipeline(
             if cfg.strategy in SERVER_OPTIMIZERS
             else None
         ),
+        journal=_journal(journal, cfg) if method.resume_refusal() is None else None,
     )
     method.check(ctx)
     down0, up0 = counting.snapshot() if counting is not None else (0, 0)
@@ -791,6 +800,23 @@ def run_pipeline(
         "curve_data": CURVE_CLIENTS if evaluate is not None else CURVE_NONE,
     }
     return out
+
+
+def _journal(
+    journal: UnlearnJournal | None, cfg: ResolvedConfig
+) -> UnlearnJournal | None:
+    """Return the run's unlearning log, armed with the kill hook of its config."""
+    if journal is None or KILL_ROUND_KEY not in cfg.extra:
+        return journal
+    at = int(cfg.extra[KILL_ROUND_KEY])
+
+    def kill(r: int) -> None:
+        if r == at:
+            log.warning("fault injection: killing the server after round %d", r)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    journal.after_write = kill
+    return journal
 
 
 def _utc_now() -> str:

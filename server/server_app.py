@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_unlearn.config import ResolvedConfig, RunConfig
+from fed_unlearn.journal import UnlearnJournal
 from server.pipeline import (
     PipelineOutput,
     federated_evaluate,
@@ -121,6 +122,7 @@ def make_server_app(
     state: dict[str, Any],
     on_round: Any = None,
     federation: Path | None = None,
+    journal: UnlearnJournal | None = None,
 ) -> ServerApp:
     """Build a ServerApp bound to ``cfg`` for ``run_simulation``.
 
@@ -137,6 +139,8 @@ def make_server_app(
         Progress callback ``(phase, round, info)``.
     federation : Path, optional
         A saved federation to depart from.
+    journal : UnlearnJournal, optional
+        The run's per-round unlearning log (``server.pipeline.run_pipeline``).
 
     Returns
     -------
@@ -148,7 +152,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            state["output"] = run_pipeline(grid, cfg, steps, on_round, federation)
+            state["output"] = run_pipeline(
+                grid, cfg, steps, on_round, federation, journal
+            )
         except BaseException as exc:  # noqa: BLE001 - handed back to the CLI thread
             state["error"] = exc
             state["traceback"] = traceback.format_exc()

@@ -237,6 +237,47 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``resume DIR``: finish a run whose server died while unlearning.
+
+    The run's unlearning log (``DIR/unlearn-log``, :mod:`fed_unlearn.journal`)
+    holds its command's config and every round that ended; the FL phases come
+    from the cache, and the method goes on after the last logged round. A seeded
+    run ends with the adapter an uninterrupted one gives.
+    """
+    from fed_unlearn.journal import KILL_ROUND_KEY, UNLEARN_LOG, UnlearnJournal
+    from simulations.runner import run_all
+
+    run_dir = Path(args.run_dir)
+    if (run_dir / "run.json").is_file():
+        raise UsageError(f"{run_dir}: the run has finished; nothing to resume")
+    journal = UnlearnJournal(run_dir / UNLEARN_LOG)
+    head = journal.header()
+    if head.get("resume_refusal"):
+        raise UsageError(f"{run_dir}: {head['resume_refusal']}")
+    try:
+        flat = {k: v for k, v in dict(head["config"]).items() if k != KILL_ROUND_KEY}
+        steps = tuple(str(s) for s in head["steps"])
+        fed = Path(head["federation"]) if head.get("federation") else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{journal.root}: a malformed header ({exc})") from None
+    cfg = RunConfig.from_flat(flat).resolved()
+    done = journal.rounds()
+    print(f"resuming {run_dir} after unlearning round {done[-1] if done else 0}")
+    run = run_all(
+        cfg,
+        run_dir,
+        steps,
+        do_eval=bool(head.get("do_eval", True)) and not args.no_eval,
+        progress=not args.quiet,
+        federation=fed,
+        resume=True,
+    )
+    print_table(run)
+    print(f"results: {run_dir}/run.json")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``evaluate DIR``: (re-)evaluate the adapters saved in a run directory."""
     from simulations.runner import evaluate_adapters, write_evals, write_json
@@ -481,6 +522,12 @@ def parser() -> argparse.ArgumentParser:
     p_fg.add_argument("--force", action="store_true")
     p_fg.add_argument("--no-eval", action="store_true", help="skip evaluation")
     p_fg.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_rs = sub.add_parser(
+        "resume", help="finish a run whose server died while unlearning"
+    )
+    p_rs.add_argument("run_dir", help="the run's --out directory")
+    p_rs.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p_rs.add_argument("--quiet", action="store_true", help="no progress bars")
     p_ev = sub.add_parser("evaluate", help="evaluate the adapters of a run directory")
     p_ev.add_argument("run_dir")
     p_au = sub.add_parser("audit", help="audits of a finished run directory")
@@ -657,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fed_unlearn.data import DataFormatError
     from fed_unlearn.history import HistoryError
+    from fed_unlearn.journal import JournalError
     from fed_unlearn.methods import MissingRequirementError
     from fed_unlearn.models import ModelLoadError
     from fed_unlearn.receipt import ReceiptError
@@ -677,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.cmd == "evaluate":
             return cmd_evaluate(args)
+        if args.cmd == "resume":
+            return cmd_resume(args)
         if args.cmd == "forget":
             return cmd_forget(args)
         if args.cmd == "report":
@@ -698,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         RunError,
         ModelLoadError,
         HistoryError,
+        JournalError,
         MissingRequirementError,
         PipelineError,
         ChannelError,

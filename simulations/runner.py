@@ -20,7 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fed_unlearn import seeds
 from fed_unlearn.config import AnyConfig, ResolvedConfig, RunConfig, resolve
+from fed_unlearn.journal import UNLEARN_LOG, UnlearnJournal
 from fed_unlearn.methods import Requirement, get_method
 from fed_unlearn.types import AdapterState
 
@@ -113,6 +115,7 @@ def simulate(
     progress: bool = True,
     client_app: Any = None,
     federation: Path | None = None,
+    journal: UnlearnJournal | None = None,
 ) -> Any:
     """Run the pipeline on Flower's Simulation Engine (or from cache).
 
@@ -128,6 +131,8 @@ def simulate(
         ClientApp to simulate (default: :data:`clients.client_app.app`).
     federation : Path, optional
         A saved federation to depart from (see ``server.pipeline.run_pipeline``).
+    journal : UnlearnJournal, optional
+        The run's per-round unlearning log (see ``server.pipeline.run_pipeline``).
 
     Returns
     -------
@@ -140,7 +145,7 @@ def simulate(
     bar = _RoundBar(cfg, steps) if progress else None
     if not needs_flower(cfg, steps, federation):
         log.info("all FL phases are cached; running the pipeline without Flower")
-        return run_pipeline(None, cfg, steps, federation=federation)
+        return run_pipeline(None, cfg, steps, federation=federation, journal=journal)
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as default_client_app
@@ -150,7 +155,12 @@ def simulate(
 
     state: dict[str, Any] = {}
     server_app = make_server_app(
-        cfg, steps, state, bar.update if bar else None, federation=federation
+        cfg,
+        steps,
+        state,
+        bar.update if bar else None,
+        federation=federation,
+        journal=journal,
     )
     backend_config: dict[str, Any] = {
         # One client at a time on a 2-core machine (Flower #1814/#3463).
@@ -530,8 +540,13 @@ def run_all(
     do_eval: bool = True,
     progress: bool = True,
     federation: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the main job: FL, departure, unlearning, retrain oracle, evaluation.
+
+    A run that unlearns keeps its per-round unlearning log in
+    ``out_dir/unlearn-log`` (:mod:`fed_unlearn.journal`), headed by what
+    ``fed-unlearn resume`` needs to run the same command again.
 
     Parameters
     ----------
@@ -548,6 +563,9 @@ def run_all(
     federation : Path, optional
         Depart from this saved federation instead of training (``fed-unlearn
         forget``); without it, ``fed-unlearn train`` saves one in the run.
+    resume : bool
+        Go on from the unlearning log in ``out_dir`` (``fed-unlearn resume``)
+        instead of starting a fresh one.
 
     Returns
     -------
@@ -566,7 +584,23 @@ def run_all(
             )
         return run_sequential(cfg, out_dir, do_eval, progress)
     t0 = time.perf_counter()
-    out = simulate(cfg, steps, progress, federation=federation)
+    journal = None
+    if "unlearn" in steps:
+        journal = UnlearnJournal(out_dir / UNLEARN_LOG)
+        if not resume:
+            journal.start(
+                {
+                    "command": " ".join(sys.argv),
+                    "config": cfg.to_flat(),
+                    "steps": list(steps),
+                    "do_eval": do_eval,
+                    "federation": str(federation) if federation else None,
+                    "resume_refusal": get_method(
+                        cfg.method, cfg.method_options
+                    ).resume_refusal(),
+                }
+            )
+    out = simulate(cfg, steps, progress, federation=federation, journal=journal)
     if steps == ("train",):
         save_federation(out.train, out_dir)
     before = out.train.history.forgotten() if federation is not None else []

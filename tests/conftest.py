@@ -1,14 +1,49 @@
-"""Shared fixtures: a tiny randomly initialised Llama with a locally built tokenizer."""
+"""Shared fixtures: a tiny randomly initialised Llama with a locally built tokenizer.
+
+Every test run owns its caches: before any test module is imported, the
+fed_unlearn cache (the tiny base, SmolLM2's conversion, cached FL phases) and
+the XDG cache and config homes (matplotlib's font cache, Hugging Face's hub)
+point into one fresh temporary directory, removed when the run ends; CLI runs
+the tests start inherit it. So no result depends on what ``~/.cache`` holds,
+and a run with an empty ``HOME`` writes nothing there
+(``tests/test_home.py`` checks it). ``FED_UNLEARN_TEST_CACHE=DIR`` (opt-in)
+takes the fed_unlearn cache from ``DIR`` instead, to reuse a built tiny base.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import helpers  # noqa: F401  (tests/helpers.py: shared helpers, importable)
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+#: this test run's own cache directories (environment variable -> subdirectory)
+RUN_CACHES = {
+    "FED_UNLEARN_CACHE": "fed_unlearn",
+    "FED_UNLEARN_RUNS": "fed_unlearn/runs",
+    "XDG_CACHE_HOME": "xdg-cache",
+    "XDG_CONFIG_HOME": "xdg-config",
+    "MPLCONFIGDIR": "matplotlib",
+}
+RUN_CACHE_ROOT = Path(tempfile.mkdtemp(prefix="fed_unlearn-tests-"))
+for _var, _sub in RUN_CACHES.items():
+    os.environ[_var] = str(RUN_CACHE_ROOT / _sub)
+#: opt-in for development on a busy machine: a fed_unlearn cache of your own
+#: choice (e.g. a copy holding a built tiny base); FL phases stay per run
+TEST_CACHE_ENV = "FED_UNLEARN_TEST_CACHE"
+if os.environ.get(TEST_CACHE_ENV):
+    os.environ["FED_UNLEARN_CACHE"] = os.environ[TEST_CACHE_ENV]
+
+
+def pytest_unconfigure(config):
+    """Remove this run's caches."""
+    shutil.rmtree(RUN_CACHE_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

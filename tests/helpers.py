@@ -135,6 +135,29 @@ class LinearClients:
         return out
 
 
+class LeavingClients(LinearClients):
+    """Linear clients whose ``leaver`` answers ``answers`` queries, then fails."""
+
+    def __init__(self, targets, leaver, answers):
+        super().__init__(targets)
+        self.leaver, self.left = leaver, answers
+
+    def query(self, requests):
+        from fed_unlearn.methods.base import ClientFailure
+
+        if self.leaver in requests:
+            if self.left == 0:
+                others = {c: r for c, r in requests.items() if c != self.leaver}
+                replies = super().query(others) if others else {}
+                raise ClientFailure(
+                    f"client {self.leaver} failed",
+                    replies=replies,
+                    failed={self.leaver: "failed the 'local-update' request: gone"},
+                )
+            self.left -= 1
+        return super().query(requests)
+
+
 def full_context(trained, tmp_path=None):
     """A context with a two-round history, a retrain oracle and linear clients."""
     import tempfile

@@ -36,6 +36,7 @@ def _deploy_and_simulate(tmp_path, monkeypatch, method, opts=()):
     return out, sim
 
 
+@pytest.mark.slow
 def test_local_deployment_engine_runs_the_pipeline(tmp_path, monkeypatch):
     out, sim = _deploy_and_simulate(tmp_path, monkeypatch, "foul_server")
     pipeline = json.loads((out / "pipeline.json").read_text())

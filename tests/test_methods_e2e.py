@@ -12,6 +12,9 @@ import pytest
 import torch
 from helpers import E2E_BASE, run_cli
 
+#: every test here runs Flower federations in several processes
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):

@@ -117,6 +117,7 @@ def test_relearn_curve_scores_the_probes_and_trains_on_the_attack(
     assert answer_prob(model, tok, prompt_fn, attack, 48) > before_attack
 
 
+@pytest.mark.slow
 def test_relearning_attack_from_the_cli(tmp_path_factory):
     """The main job with eval-relearn-steps and eval-relearn-benign-rounds:
     relearn.json holds both scenarios, run.json's ``relearn`` (the attack) and

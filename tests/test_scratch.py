@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fed_unlearn.scratch import remove_stale_parts, scratch_dir
 
 
@@ -41,6 +43,7 @@ def test_scratch_dir_is_fresh_and_cleans_its_parent(tmp_path):
     assert not old.exists()
 
 
+@pytest.mark.slow
 def test_fl_killed_mid_run_leaves_nothing_used_and_the_same_command_redoes_it(tmp_path):
     """kill -9 of `fed-unlearn train` after its first FL round is in the history:
     no FL phase is published, and the same command computes the phase anew (the

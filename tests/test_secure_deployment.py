@@ -119,6 +119,7 @@ def _wait_exit(proc, timeout):
         return None
 
 
+@pytest.mark.slow
 def test_unregistered_supernode_key_is_refused(tmp_path, creds):
     from simulations.secure import (
         UNREGISTERED_MARKER,
@@ -149,6 +150,7 @@ def test_unregistered_supernode_key_is_refused(tmp_path, creds):
     assert not _leftovers(fed.home)
 
 
+@pytest.mark.slow
 def test_plaintext_supernode_never_connects(tmp_path, creds):
     from simulations.secure import SecureFederation
 
@@ -241,6 +243,7 @@ def _outsider_app(tmp_path):
     return app, marker
 
 
+@pytest.mark.slow
 def test_proxy_refuses_control_routes_but_supernodes_work(tmp_path, creds):
     """Through the proxy: no Control API; on the SuperLink's own port (loopback
     only in the mitigation) anyone holding just the CA certificate starts a run whose
@@ -299,6 +302,7 @@ def test_proxy_refuses_control_routes_but_supernodes_work(tmp_path, creds):
     assert not _leftovers(fed.home)
 
 
+@pytest.mark.slow
 def test_demo_stops_everything_when_a_step_fails(tmp_path, monkeypatch):
     """All processes started (SuperLink, proxy, 2 SuperNodes), then a step fails."""
     from simulations.deployment import DeploymentError, Processes
@@ -331,6 +335,7 @@ def test_demo_stops_everything_when_a_step_fails(tmp_path, monkeypatch):
     assert not _leftovers(out / "flwr_home")
 
 
+@pytest.mark.slow
 def test_demo_stops_everything_on_sigint(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -13,6 +13,9 @@ from fed_unlearn.history import HistoryStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: every test here runs Flower federations in several processes
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):

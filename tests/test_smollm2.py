@@ -6,6 +6,7 @@ CI), de-quantises the GGUF and caches a plain Hugging Face directory.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fed_unlearn.models import (
@@ -14,6 +15,9 @@ from fed_unlearn.models import (
     prompt_formatter,
     smollm2_dir,
 )
+
+#: the real model (a 98 MB GGUF, de-quantised)
+pytestmark = pytest.mark.slow
 
 
 def test_smollm2_loads_from_the_gguf_and_answers():

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol, overload
 
 from fed_unlearn.config import SERVER_OPTIMIZERS
 from fed_unlearn.history import HistoryStore
+from fed_unlearn.journal import UnlearnJournal
 from fed_unlearn.protocol import (
     AttributionReply,
     AttributionRequest,
@@ -166,6 +167,10 @@ class UnlearnContext:
         FedAdagrad or FedAvgM): runs that Flower strategy afresh from an adapter
         on given per-round FedAvg averages of client deltas and returns where it
         ends. ``None``: the server step is FedAvg (θ + the average).
+    journal : UnlearnJournal, optional
+        The per-round unlearning log of a resumable method
+        (:mod:`fed_unlearn.journal`); when it already holds rounds, the method
+        goes on after the last one.
     """
 
     trained: AdapterState
@@ -183,6 +188,7 @@ class UnlearnContext:
     server_replay: Callable[[AdapterState, list[AdapterState]], AdapterState] | None = (
         None
     )
+    journal: UnlearnJournal | None = None
 
     def available(self) -> set[Requirement]:
         """Return the requirements this context satisfies."""
@@ -251,6 +257,20 @@ class UnlearningMethod(ABC):
         this; ``requires`` stays the needs of the default configuration.
         """
         return self.requires
+
+    def resume_refusal(self) -> str | None:
+        """Why this configured method cannot resume after a crash (``None``: it can).
+
+        A method resumes (``fed-unlearn resume``) when all it carries from one
+        round to the next is its adapter and its
+        :class:`~fed_unlearn.methods.rounds.RoundLog`, and it skips the rounds
+        the log holds (``RoundLog.resumed``). The base refuses; such a method
+        overrides this to return ``None``.
+        """
+        return (
+            f"method {self.name!r} does not resume from an unlearning log; run "
+            "the command again"
+        )
 
     def check_run(self, run: Mapping[str, Any]) -> None:
         """Raise if the run's flat config cannot serve this method.

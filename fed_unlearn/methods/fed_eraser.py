@@ -123,6 +123,10 @@ class FedEraser(UnlearningMethod):
             return frozenset({Requirement.HISTORY})
         return self.requires
 
+    def resume_refusal(self) -> str | None:
+        """FedEraser resumes: its round state is the rebuilt adapter."""
+        return None
+
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Run steps 1-4 of the module docstring."""
         self.check(ctx)
@@ -135,9 +139,12 @@ class FedEraser(UnlearningMethod):
             k: v.float().clone() for k, v in store.load(rounds[0]).global_state.items()
         }
         log = RoundLog(ctx, "budget")
-        log.start(theta)
+        theta = log.start(theta)
         contacted, server_s = 0, 0.0
         for j, t in enumerate(stored, start=1):
+            if log.resumed(j) is not None:  # logged before a restart
+                contacted += cfg.calibrate
+                continue
             t0 = time.perf_counter()
             rec = store.load(t)
             keep = [c for c in rec.participants if c not in departed]

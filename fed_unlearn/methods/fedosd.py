@@ -41,6 +41,7 @@ from fed_unlearn import seeds
 from fed_unlearn.conflict import orthogonal_direction, post_project
 from fed_unlearn.methods.base import (
     RUN_LR,
+    ClientFailure,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -124,6 +125,10 @@ class FedOSD(UnlearningMethod):
     requires = frozenset({Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
     config: FedOSDConfig
 
+    def resume_refusal(self) -> str | None:
+        """FedOSD resumes: its round state is the adapter (θ_0 is ``trained``)."""
+        return None
+
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Unlearning stage then post-training; see the module docstring."""
         self.check(ctx)
@@ -132,23 +137,33 @@ class FedOSD(UnlearningMethod):
         theta0 = {k: v.float().clone() for k, v in ctx.trained.items()}
         theta = {k: v.clone() for k, v in theta0.items()}
         log = cfg.round_log(ctx)
-        log.start(theta)
+        theta = log.start(theta)
         unl = {"lr": cfg.lr} if cfg.lr > RUN_LR else {"lr_scale": cfg.lr_scale}
         post = {"lr": cfg.post_lr} if cfg.post_lr > RUN_LR else {}
         r = 0
         for r in range(1, cfg.unlearn_rounds + 1):
-            tgt = ctx.clients.query(
-                dict.fromkeys(
-                    ctx.departed,
-                    LocalUpdateRequest(
-                        copies=[theta],
-                        epochs=cfg.local_epochs,
-                        loss="uce",
-                        seed_round=seeds.FEDOSD_UNLEARN + r,
-                        **unl,
-                    ),
+            if (stop := log.resumed(r)) is not None:
+                if stop:
+                    break
+                continue  # logged before a restart: ``theta`` is its result
+            try:
+                tgt = ctx.clients.query(
+                    dict.fromkeys(
+                        ctx.departed,
+                        LocalUpdateRequest(
+                            copies=[theta],
+                            epochs=cfg.local_epochs,
+                            loss="uce",
+                            seed_round=seeds.FEDOSD_UNLEARN + r,
+                            **unl,
+                        ),
+                    )
                 )
-            )
+            except ClientFailure as exc:
+                if not log.departed_left(exc, r, "fedosd"):
+                    raise
+                r -= 1
+                break
             rem = ctx.clients.query(
                 dict.fromkeys(
                     ctx.remaining,
@@ -177,6 +192,8 @@ class FedOSD(UnlearningMethod):
                 break
         theta = log.result(theta)
         for p in range(1, cfg.post_rounds + 1):
+            if log.resumed(r + p) is not None:
+                continue
             rem = ctx.clients.query(
                 dict.fromkeys(
                     ctx.remaining,

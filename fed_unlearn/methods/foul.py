@@ -99,6 +99,7 @@ from fed_unlearn.methods.base import (
     NO_BUDGET,
     RUN_BATCH,
     RUN_LR,
+    ClientFailure,
     MissingRequirementError,
     Requirement,
     UnlearnContext,
@@ -514,6 +515,20 @@ class Foul(UnlearningMethod):
             return frozenset({Requirement.HISTORY})
         return frozenset({Requirement.HISTORY, Requirement.LIVE_CLIENTS})
 
+    def resume_refusal(self) -> str | None:
+        """``server`` mode resumes; ``cached``/``live`` refuse.
+
+        In those modes the clients keep the frozen rest of the adapter, sent in
+        round 1, in their own state, which a restarted federation does not hold.
+        """
+        if self.config.mode == "server":
+            return None
+        return (
+            f"method {self.name!r} in {self.config.mode} mode does not resume: its "
+            "clients keep round 1's frozen adapter part in their own state, which "
+            "a restarted federation does not hold; run the command again"
+        )
+
     def check_run(self, run: Mapping[str, Any]) -> None:
         """``subnetwork=dual`` needs an FL run with ``dual-adapter``."""
         if self.config.subnetwork == "dual" and not run.get("dual-adapter"):
@@ -561,7 +576,7 @@ class Foul(UnlearningMethod):
             raise ValueError(f"{self.name}: the forgettable sub-network θ_V is empty")
         sub = SubNetwork.from_units(units, theta)
         log = cfg.round_log(ctx)
-        log.start(theta)
+        theta = log.start(theta)
         if cfg.mode == "server":
             r = self._on_server(ctx, theta, sub, hist_retain, hist_forget, weights, log)
             rounds, more = 0, {"server_steps": r}
@@ -667,6 +682,10 @@ class Foul(UnlearningMethod):
         eta = total / cfg.rounds
         r = 0
         for r in range(1, cfg.rounds + 1):
+            if (stop := log.resumed(r)) is not None:
+                if stop:
+                    break
+                continue  # logged before a restart: ``theta`` is its result
             # a new dict each round: the log may roll back to the previous one
             theta = sub.step(theta, d, eta)
             if log.end_round(r, theta, {**extra, "step": eta * r}):
@@ -717,7 +736,13 @@ class Foul(UnlearningMethod):
                 ranks=sub.ranks,
                 seed_round=seeds.FOUL_LIVE + r,
             )
-            replies = ctx.clients.query(dict.fromkeys(live, request))
+            try:
+                replies = ctx.clients.query(dict.fromkeys(live, request))
+            except ClientFailure as exc:
+                if not log.departed_left(exc, r, self.name):
+                    raise
+                r -= 1
+                break
             log.add_compute(replies)
             grads: dict[int, torch.Tensor] = dict(fixed)
             for cid, (delta, n) in copy_deltas(replies, sent, self.name).items():

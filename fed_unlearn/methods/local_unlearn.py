@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fed_unlearn import adapters as ad
 from fed_unlearn.methods.base import (
+    ClientFailure,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -42,6 +43,10 @@ class LocalUnlearn(UnlearningMethod):
     requires = frozenset({Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
     config: LocalUnlearnConfig
 
+    def resume_refusal(self) -> str | None:
+        """Resume: the round state is the adapter."""
+        return None
+
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Run rounds of client-side unlearning on the clean adapter."""
         self.check(ctx)
@@ -50,8 +55,18 @@ class LocalUnlearn(UnlearningMethod):
         theta, log = cfg.begin(ctx)
         r = 0
         for r in range(1, cfg.rounds + 1):
+            if (stop := log.resumed(r)) is not None:
+                if stop:
+                    break
+                continue  # logged before a restart: ``theta`` is its result
             request = cfg.request([theta], seed_round=r)
-            replies = ctx.clients.query(dict.fromkeys(ctx.departed, request))
+            try:
+                replies = ctx.clients.query(dict.fromkeys(ctx.departed, request))
+            except ClientFailure as exc:
+                if not log.departed_left(exc, r, "local_unlearn"):
+                    raise
+                r -= 1
+                break
             log.add_compute(replies)
             parts = list(copy_deltas(replies, theta, "local_unlearn").values())
             step = cfg.merge([d for d, _ in parts], [w for _, w in parts])

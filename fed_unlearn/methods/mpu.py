@@ -43,6 +43,7 @@ from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
 from fed_unlearn.methods.base import (
     RUN_LR,
+    ClientFailure,
     Requirement,
     UnlearnContext,
     UnlearningMethod,
@@ -183,11 +184,13 @@ class InnerLossConfig(StopOptions):
         return total
 
     def begin(self, ctx: UnlearnContext) -> tuple[AdapterState, RoundLog]:
-        """Return the fp32 starting adapter and the started round log."""
+        """Return the fp32 starting adapter and the started round log.
+
+        After a restart, the adapter is the unlearning log's last round's.
+        """
         theta = {k: v.float().clone() for k, v in ctx.trained.items()}
         log = self.round_log(ctx)
-        log.start(theta)
-        return theta, log
+        return log.start(theta), log
 
     def repair(
         self,
@@ -355,6 +358,10 @@ class MPU(UnlearningMethod):
     requires = frozenset({Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
     config: MPUConfig
 
+    def resume_refusal(self) -> str | None:
+        """MPU resumes: its round state is the adapter (secrets are per round)."""
+        return None
+
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Run MPU rounds until T2F or the budget; see the module docstring."""
         self.check(ctx)
@@ -364,6 +371,10 @@ class MPU(UnlearningMethod):
         pre = post = 0.0
         r = 0
         for r in range(1, cfg.rounds + 1):
+            if (stop := log.resumed(r)) is not None:
+                if stop:
+                    break
+                continue  # logged before a restart: ``theta`` is its result
             t0 = time.perf_counter()
             requests: dict[int, LocalUpdateRequest] = {}
             rounds = {}
@@ -380,7 +391,13 @@ class MPU(UnlearningMethod):
                 )
                 requests[cid] = cfg.request(copies, seed_round=r)
             pre += time.perf_counter() - t0
-            replies = ctx.clients.query(requests)
+            try:
+                replies = ctx.clients.query(requests)
+            except ClientFailure as exc:
+                if not log.departed_left(exc, r, "mpu"):
+                    raise
+                r -= 1
+                break
             log.add_compute(replies)
             t0 = time.perf_counter()
             merged, weights = [], []

@@ -47,6 +47,7 @@ import torch
 from fed_unlearn import adapters as ad
 from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
+from fed_unlearn.journal import JournalError, UnlearnJournal
 from fed_unlearn.methods.base import (
     NO_BUDGET,
     RUN_BATCH,
@@ -252,6 +253,8 @@ def recovery_rounds(
         The adapter after recovery.
     """
     for p in range(1, rounds + 1):
+        if log.resumed(first_round + p) is not None:
+            continue  # done before a restart: ``theta`` is already its result
         theta = recovery_step(
             ctx,
             theta,
@@ -412,15 +415,108 @@ class RoundLog:
         self.audit_gaps: list[float] = []
         self.rejected: dict[str, str] = {}  #: client -> why its update was left out
         self.dropped: dict[str, str] = {}  #: client -> why it gave no reply
+        self.ended: dict[int, bool] = {}  #: round -> whether its stop rule fired
+        #: the departed clients stopped answering: the round, who, why
+        self.left: dict[str, Any] = {}
+        #: the unlearning log (``ctx.journal``): every ended round is logged
+        self.journal: UnlearnJournal | None = getattr(ctx, "journal", None)
+        self.resumed_from = 0  #: the last logged round a restart went on from
 
-    def start(self, state: AdapterState) -> None:
-        """Evaluate the starting adapter (round 0)."""
+    def start(self, state: AdapterState) -> AdapterState:
+        """Evaluate the starting adapter (round 0); return the adapter to go on from.
+
+        With an unlearning log that already holds rounds (a restarted server),
+        nothing is evaluated: the log's state is restored and the adapter of its
+        last round is returned; the method skips the rounds it holds
+        (:meth:`resumed`).
+
+        Raises
+        ------
+        JournalError
+            The log's last entry is unreadable or does not fit ``state``, or
+            its departed clients had stopped answering (``departed_left``).
+        """
+        if self.journal is not None and (last := self.journal.latest()) is not None:
+            r, saved, log_state = last
+            try:
+                ad.validate_update(saved, state)
+            except ad.InvalidUpdateError as exc:
+                raise JournalError(
+                    f"unlearning log {self.journal.root}: round {r}'s adapter does "
+                    f"not fit this run ({exc})"
+                ) from None
+            self._restore(log_state)
+            if self.left:
+                raise JournalError(
+                    f"unlearning log {self.journal.root}: the departed client(s) "
+                    f"{sorted(self.left['clients'])} stopped answering in round "
+                    f"{self.left['round']} before the restart, which a resume "
+                    "cannot replay; run the command again"
+                )
+            self.previous = saved
+            self.resumed_from = r
+            _logger.info("resuming after round %d of %s", r, self.journal.root)
+            return saved
         self.previous = state
         if self.stop == "self_audit":
             assert self.ctx.audit is not None
             self.audit_gaps.append(float(self.ctx.audit(state)))
         if self.ctx.evaluate is not None:
             self.curve.append({"round": 0, **self.ctx.evaluate(state)})
+        return state
+
+    def resumed(self, r: int) -> bool | None:
+        """Whether round ``r`` ended before a restart, and if so its stop decision.
+
+        Returns
+        -------
+        bool or None
+            ``None``: round ``r`` is still to run. Otherwise the round's work is
+            done (skip it) and the value is what :meth:`end_round` returned.
+        """
+        return self.ended.get(r) if r <= self.resumed_from else None
+
+    def departed_left(self, exc: ClientFailure, r: int, method: str) -> bool:
+        """Record that departed clients stopped answering in round ``r``.
+
+        A departed client that stops cooperating halfway ends the unlearning
+        stage: round ``r`` is dropped, the adapter stays the last complete
+        round's (``r - 1``; the trained one when ``r`` is 1), and the info
+        says so (``stopped_by="departed_left"``, ``departed_left`` with the
+        round, the rounds completed and why each client gave no reply). Stages
+        that need the remaining clients only (recovery, post-training) go on.
+
+        Parameters
+        ----------
+        exc : ClientFailure
+            The failure of round ``r``'s query.
+        r : int
+            The round that could not finish.
+        method : str
+            Method name for the log.
+
+        Returns
+        -------
+        bool
+            False when no departed client is among the failed ones (the caller
+            re-raises ``exc``).
+        """
+        departed = set(self.ctx.departed)
+        gone = {str(c): why for c, why in exc.failed.items() if c in departed}
+        if not gone:
+            return False
+        self.stopped_by = "departed_left"
+        self.left = {"round": r, "rounds_completed": r - 1, "clients": gone}
+        _logger.warning(
+            "%s: departed client(s) %s stopped answering in round %d; keeping the "
+            "adapter of round %d%s",
+            method,
+            sorted(gone),
+            r,
+            r - 1,
+            " (the trained one: nothing was unlearned)" if r == 1 else "",
+        )
+        return True
 
     def add_compute(self, replies: Mapping[ClientId, LocalUpdateReply]) -> None:
         """Add the clients' reported local work of one request."""
@@ -447,10 +543,56 @@ class RoundLog:
         -------
         bool
             True when the stopping rule fires.
+
+        Raises
+        ------
+        JournalError
+            The round could not be logged (the earlier rounds' entries stay).
         """
+        stop = self._end_round(r, state, extra)
+        self.ended[r] = stop
+        if self.journal is not None:
+            assert self.previous is not None
+            self.journal.write(r, self.previous, self._state())
+        return stop
+
+    def _state(self) -> dict[str, Any]:
+        """Return the log's state as JSON (the adapter is logged beside it)."""
+        return {
+            "curve": self.curve,
+            "compute": self.compute,
+            "in_band": self.in_band,
+            "stopped_by": self.stopped_by,
+            "rounds_log": self.rounds_log,
+            "rolled_back": self.rolled_back,
+            "audit_gaps": self.audit_gaps,
+            "rejected": self.rejected,
+            "dropped": self.dropped,
+            "left": self.left,
+            "ended": [[r, stop] for r, stop in sorted(self.ended.items())],
+        }
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`_state` returned."""
+        self.curve = list(state["curve"])
+        self.compute = dict(state["compute"])
+        self.in_band = int(state["in_band"])
+        self.stopped_by = str(state["stopped_by"])
+        self.rounds_log = list(state["rounds_log"])
+        self.rolled_back = bool(state["rolled_back"])
+        self.audit_gaps = [float(x) for x in state["audit_gaps"]]
+        self.rejected = dict(state["rejected"])
+        self.dropped = dict(state["dropped"])
+        self.left = dict(state.get("left", {}))
+        self.ended = {int(r): bool(stop) for r, stop in state["ended"]}
+
+    def _end_round(
+        self, r: int, state: AdapterState, extra: Mapping[str, Any] | None
+    ) -> bool:
+        """Return the stopping decision of :meth:`end_round`."""
         self.rounds_log.append({"round": r, **(extra or {})})
         previous, self.previous = self.previous, state
-        if self.stop == "self_audit":
+        if self.stop == "self_audit" and not self.left:  # no departed to audit
             if self.ctx.evaluate is not None:  # the curve: a measurement only
                 self.curve.append({"round": r, **self.ctx.evaluate(state)})
             return self._audit_stop(state, previous)
@@ -515,5 +657,7 @@ class RoundLog:
             **({"audit_gaps": self.audit_gaps} if self.audit_gaps else {}),
             **({"rejected_updates": self.rejected} if self.rejected else {}),
             **({"dropped_clients": self.dropped} if self.dropped else {}),
+            **({"resumed_after_round": self.resumed_from} if self.resumed_from else {}),
+            **({"departed_left": self.left} if self.left else {}),
             **more,
         }
