@@ -509,13 +509,59 @@ def test_forget_requests_run_in_sequence_from_a_saved_federation(cached, tmp_pat
     assert all(torch.equal(unlearned[k], start[k]) for k in start)
 
 
+#: The registered methods no other test of this module runs, with options that
+#: keep each run small (every message of them goes into the wire audit).
+AUDIT_ONLY = {
+    "retrain": [],
+    "fed_eraser": [],
+    "fed_recovery": [],
+    "simu": ["ig_steps=2", "rounds=1"],
+    "pga": ["rounds=1", "tau=0.01"],
+    "sfu": ["max_items=4"],
+    "ssiuu": ["rounds=1"],
+    "ortho_lora": ["rounds=1"],
+}
+
+
+#: The methods the other tests of this module run (``none``: the fixture).
+RUN_ABOVE = {"none", "foul", "foul_server", "fedosd", "mpu", "local_unlearn"}
+
+
+def test_the_audit_covers_every_registered_method():
+    """A method added to the registry must be run in this audited module."""
+    from fed_unlearn.methods import METHOD_REGISTRY
+
+    assert set(METHOD_REGISTRY) == RUN_ABOVE | set(AUDIT_ONLY)
+
+
+@pytest.mark.parametrize("method", sorted(AUDIT_ONLY))
+def test_every_other_registered_method_runs_in_the_audited_federation(
+    cached, tmp_path, method
+):
+    extra = ["--depart", "2,0", "--sequential"] if method == "ortho_lora" else []
+    runs, _ = cached
+    out = tmp_path / method
+    args = ["run", *E2E_BASE, *extra, "--method", method, "--quiet", "--no-eval"]
+    for opt in AUDIT_ONLY[method]:
+        args += ["--opt", opt]
+    run_cli([*args, "--out", str(out)], runs)
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"] == method
+
+
 def test_wire_audit_only_adapter_tensors_aggregate_metrics_and_configs(cached):
     """Every message of every method run in this module (FL, retrain, each
     method's queries, recovery rounds), checked against the product's promise
     (:func:`_check_wire_audit`)."""
     runs, _ = cached
     kinds, types = _check_wire_audit(runs)
-    assert {"hello", "local-update"} <= kinds
+    assert {
+        "hello",
+        "local-update",
+        "attribution",
+        "token-accuracy",
+        "layer-grams",
+    } <= kinds
     assert ("down", "train") in types
 
 
@@ -551,10 +597,27 @@ def _check_wire_audit(runs):
                 assert v[0] != "bytes", (name, k)
             if rec["kind"] == "arrays":
                 for k, (dtype, shape) in entries.items():
+                    assert dtype in ("float32", "float16"), (k, dtype)
+                    if k.startswith("scores."):
+                        # SIMU: one per-layer neuron-score vector, summed over
+                        # the client's items, client to server
+                        assert m["direction"] == "up" and len(shape) == 1, (k, m)
+                        continue
+                    if k.startswith("basis."):
+                        # ortho_lora: a server-made basis of a lora_B's output
+                        # space (a function of earlier adapters), server to client
+                        full = schema[k[len("basis.") :]]
+                        assert m["direction"] == "down", (k, m)
+                        assert shape[0] == full[0] and shape[1] <= full[0], (k, shape)
+                        continue
                     key = copy_key.match(k)["key"]
                     assert key in schema, k
                     full = schema[key]
-                    assert dtype in ("float32", "float16"), (k, dtype)
+                    if "lora_A" in key and shape == [full[1], full[1]]:
+                        # SFU: a layer's Gram matrix summed over the client's
+                        # tokens, client to server
+                        assert m["direction"] == "up", (k, m)
+                        continue
                     assert len(shape) == 2 and (
                         shape == full
                         or (shape[1] == full[1] and shape[0] <= full[0])
@@ -571,8 +634,16 @@ def _check_wire_audit(runs):
                 kinds.add(entries.get("kind", ["str", "(train)"])[1])
                 for k, (typ, value, *_r) in entries.items():
                     if typ == "str":  # a request's names, never data
-                        assert k in ("kind", "loss", "retain"), (k, value)
-                    if typ == "list":  # rank selections, the server's prototype
-                        assert k == "dual-prototype" or k.startswith("ranks."), k
+                        assert k in (
+                            "kind",
+                            "loss",
+                            "retain",
+                            "optimizer",
+                            "attribution-variant",
+                        ), (k, value)
+                    if typ == "list":  # rank/neuron selections, the prototype
+                        assert k == "dual-prototype" or k.startswith(
+                            ("ranks.", "neurons.")
+                        ), k
                         assert m["direction"] == "down", m
     return kinds, types
