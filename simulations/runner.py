@@ -20,7 +20,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fed_unlearn import seeds
 from fed_unlearn.config import AnyConfig, ResolvedConfig, RunConfig, resolve
 from fed_unlearn.journal import UNLEARN_LOG, UnlearnJournal
 from fed_unlearn.methods import Requirement, get_method
