@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -584,6 +585,7 @@ def run_all(
         return run_sequential(cfg, out_dir, do_eval, progress)
     t0 = time.perf_counter()
     journal = None
+    fresh_dir = not out_dir.exists()
     if "unlearn" in steps:
         journal = UnlearnJournal(out_dir / UNLEARN_LOG)
         if not resume:
@@ -599,7 +601,14 @@ def run_all(
                     ).resume_refusal(),
                 }
             )
-    out = simulate(cfg, steps, progress, federation=federation, journal=journal)
+    try:
+        out = simulate(cfg, steps, progress, federation=federation, journal=journal)
+    except Exception:
+        # a run that fails before its first unlearning round is logged leaves
+        # nothing behind (a later failure keeps the log for `fed-unlearn resume`)
+        if fresh_dir and (journal is None or not journal.rounds()):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     if steps == ("train",):
         save_federation(out.train, out_dir)
     before = out.train.history.forgotten() if federation is not None else []

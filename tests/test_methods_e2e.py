@@ -517,7 +517,7 @@ AUDIT_ONLY = {
     "fed_recovery": [],
     "simu": ["ig_steps=2", "rounds=1"],
     "pga": ["rounds=1", "tau=0.01"],
-    "sfu": ["max_items=4"],
+    "sfu": ["max_items=8"],
     "ssiuu": ["rounds=1"],
     "ortho_lora": ["rounds=1"],
 }

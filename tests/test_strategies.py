@@ -237,7 +237,7 @@ def test_whole_pipeline_under_a_strategy(name, tmp_path):
     from tests.helpers import E2E_BASE, run_cli
 
     out = tmp_path / "run"
-    args = [*E2E_BASE, "--method", "foul_server", "--set", f"strategy={name}"]
+    args = ["run", *E2E_BASE, "--method", "foul_server", "--set", f"strategy={name}"]
     run_cli([*args, "--out", str(out)], tmp_path / "runs")
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["strategy"] == name
@@ -275,6 +275,7 @@ def test_whole_pipeline_under_a_strategy(name, tmp_path):
     # a FedAvg-assuming method is refused under a server optimiser, before any work
     proc = run_cli(
         [
+            "run",
             *E2E_BASE,
             "--method",
             "fed_eraser",
