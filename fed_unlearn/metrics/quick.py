@@ -7,7 +7,7 @@ federated evaluation. Same definition as ``forget_Q_A_Prob`` (open-unlearning's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -50,22 +50,11 @@ def answer_prob(
     """
     if not items:
         raise ValueError("answer_prob needs at least one item")
-    was_training = model.training
-    model.eval()
     probs: list[float] = []
-    try:
-        for s in range(0, len(items), batch_size):
-            enc = [
-                encode_qa(tokenizer, prompt_fn(it.question), it.answer, max_length)
-                for it in items[s : s + batch_size]
-            ]
-            batch = collate(enc, int(tokenizer.pad_token_id))
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            probs.extend(torch.exp(-avg_loss(logits, batch["labels"])).tolist())
-    finally:
-        model.train(was_training)
+    for logits, labels in _batches(
+        model, tokenizer, prompt_fn, items, max_length, batch_size
+    ):
+        probs.extend(torch.exp(-avg_loss(logits, labels)).tolist())
     return float(sum(probs) / len(probs))
 
 
@@ -112,9 +101,33 @@ def token_accuracy(
     """
     if not items:
         raise ValueError("token_accuracy needs at least one item")
+    accs: list[float] = []
+    for logits, labels in _batches(
+        model, tokenizer, prompt_fn, items, max_length, batch_size
+    ):
+        for _tok, vocab_lp, item_labels in token_logprobs(logits, labels):
+            em = exact_memorization(vocab_lp.argmax(-1), item_labels)
+            if em is not None:
+                accs.append(em)
+    if not accs:
+        raise ValueError("token_accuracy: no answer has a token besides EOS")
+    return float(sum(accs) / len(accs))
+
+
+def _batches(
+    model: Any,
+    tokenizer: Any,
+    prompt_fn: PromptFn,
+    items: Sequence[QAItem],
+    max_length: int,
+    batch_size: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(logits, labels)`` per batch of items, the model in eval mode.
+
+    The model's training mode is restored when the generator ends.
+    """
     was_training = model.training
     model.eval()
-    accs: list[float] = []
     try:
         for s in range(0, len(items), batch_size):
             enc = [
@@ -125,15 +138,9 @@ def token_accuracy(
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
-            for _tok, vocab_lp, labels in token_logprobs(logits, batch["labels"]):
-                em = exact_memorization(vocab_lp.argmax(-1), labels)
-                if em is not None:
-                    accs.append(em)
+            yield logits, batch["labels"]
     finally:
         model.train(was_training)
-    if not accs:
-        raise ValueError("token_accuracy: no answer has a token besides EOS")
-    return float(sum(accs) / len(accs))
 
 
 #: T2F's tolerance: this share of the |original - oracle| forget-level gap.
