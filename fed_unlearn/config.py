@@ -592,7 +592,7 @@ class RunConfig(_Clients):
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+    def from_flat(cls, flat: Mapping[str, Any], *, client: bool = False) -> RunConfig:
         """Build from flat hyphenated keys, rejecting unknown keys.
 
         Keys of Flower's own (``server-round``, ``phase``, ...) must be removed by
@@ -602,6 +602,11 @@ class RunConfig(_Clients):
         ----------
         flat : Mapping[str, Any]
             E.g. ``context.run_config`` or a message's ConfigRecord.
+        client : bool
+            The client's view of a run (:func:`fed_unlearn.protocol.decode_run`):
+            no departure is known there, so ``depart`` is empty (reading
+            :meth:`departed` raises) and is not validated against
+            ``num-clients`` (default: False).
 
         Returns
         -------
@@ -645,8 +650,10 @@ class RunConfig(_Clients):
             # Flower run configs cannot hold None: PRESET_FLAT stands for PRESET
             if name in kwargs and kwargs[name] in (PRESET_FLAT, 0.0, "0"):
                 kwargs[name] = PRESET
+        if client:
+            kwargs["depart"] = ""
         cfg = cls(**kwargs, method_options=options, extra=extra)
-        return cfg.validated()
+        return cfg.validated(departure=not client)
 
     def to_flat(self) -> dict[str, Any]:
         """Return flat hyphenated keys (``None`` values dropped).
@@ -659,8 +666,14 @@ class RunConfig(_Clients):
         return _flat(self, frozenset())
 
     # ------------------------------------------------------------ validation
-    def validated(self) -> RunConfig:
+    def validated(self, *, departure: bool = True) -> RunConfig:
         """Coerce types and check values; return ``self``.
+
+        Parameters
+        ----------
+        departure : bool
+            Also check ``depart`` against ``num-clients`` (default: True; the
+            client's view of a run has no departure).
 
         Raises
         ------
@@ -790,7 +803,8 @@ class RunConfig(_Clients):
             DualSpec(1, self.dual_k_weight, self.dual_v_weight, self.dual_layer)
         except ValueError as exc:
             raise ConfigError(f"config key {exc}") from None
-        self.departed()  # validates 'depart'
+        if departure:
+            self.departed()  # validates 'depart'
         return self
 
     # ----------------------------------------------------------- resolution

@@ -29,9 +29,10 @@ A request is one Flower message (``QUERY`` for ``hello``, ``audit``,
 
 - ``config`` (ConfigRecord): ``kind`` and the request's scalar fields;
 - ``run`` (ConfigRecord): the run config the client needs, :func:`encode_run`:
-  every flat key of :class:`~fed_unlearn.config.RunConfig` but the method's
-  (``method``, ``method-options``, ``method-*``): the client reads its data and
-  model from it and never builds or validates a method;
+  the :data:`CLIENT_RUN_KEYS` of :class:`~fed_unlearn.config.RunConfig` (its
+  data, model, LoRA and local training) and nothing else: no method key, no
+  departure, no strategy or evaluation key, no server path. The client never
+  builds or validates a method and never learns who departs from a message;
 - ``arrays`` (ArrayRecord), where the kind carries tensors.
 
 A reply has ``metrics`` (MetricRecord: the reply's scalar fields) and ``arrays``
@@ -184,6 +185,7 @@ __all__ = [
     "decode_reply",
     "decode_request",
     "decode_run",
+    "CLIENT_RUN_KEYS",
     "encode_run",
     "pack_copies",
     "unpack_copies",
@@ -438,12 +440,59 @@ def unpack_copies(
 
 
 # -------------------------------------------------------------------- run config
+#: The run config keys a client reads (its data, model, LoRA and local training),
+#: the only ones that travel (:func:`encode_run`). Everything else is the
+#: server's: the method, the departure (``depart``, ``sequential``,
+#: ``departed-online``), the strategy, the evaluation, the history and its keys,
+#: and every server path (``out-dir``, ``federation-dir``, key files). ``x-`` keys
+#: (test and fault-injection switches) travel too.
+CLIENT_RUN_KEYS: frozenset[str] = frozenset(
+    {
+        "preset",
+        "model-path",
+        "data-dir",
+        "seed",
+        "num-clients",
+        "people-per-client",
+        "holdout-people",
+        "qa-per-person",
+        "general-probes",
+        "domains",
+        "audit-fraction",
+        "num-server-rounds",
+        "local-epochs",
+        "batch-size",
+        "max-length",
+        "lr",
+        "lora-r",
+        "lora-alpha",
+        "lora-dropout",
+        "dual-adapter",
+        "dual-k-weight",
+        "dual-v-weight",
+        "dual-layer",
+    }
+)
+
+
+#: Every flat key of :class:`RunConfig` (what is not one is ``from_flat``'s error).
+_RUN_FLAT_KEYS: frozenset[str] = frozenset(
+    f.name.replace("_", "-")
+    for f in dataclasses.fields(RunConfig)
+    if f.name not in ("method_options", "extra")
+)
+
+
 def _is_method_key(key: str) -> bool:
     return key in ("method", METHOD_OPTIONS_KEY) or key.startswith(METHOD_OPTION_PREFIX)
 
 
+def _travels(key: str) -> bool:
+    return key in CLIENT_RUN_KEYS or key.startswith("x-")
+
+
 def encode_run(cfg: AnyConfig) -> dict[str, Value]:
-    """Return the run config a client needs: every flat key but the method's.
+    """Return the run config a client needs: :data:`CLIENT_RUN_KEYS` only.
 
     Parameters
     ----------
@@ -453,11 +502,12 @@ def encode_run(cfg: AnyConfig) -> dict[str, Value]:
     Returns
     -------
     dict[str, Value]
-        Flat keys as the run was given (``given_flat``: preset-dependent values
-        the run left to the preset stay out; the client resolves them the same
-        way) without ``method``, ``method-options`` and ``method-*``.
+        The :data:`CLIENT_RUN_KEYS` (and ``x-`` keys) as the run was given
+        (``given_flat``: preset-dependent values the run left to the preset stay
+        out; the client resolves them the same way). No method key, no
+        departure, no server path.
     """
-    return {k: v for k, v in cfg.given_flat().items() if not _is_method_key(k)}
+    return {k: v for k, v in cfg.given_flat().items() if _travels(k)}
 
 
 def decode_run(fields: Mapping[str, Any]) -> RunConfig:
@@ -471,13 +521,15 @@ def decode_run(fields: Mapping[str, Any]) -> RunConfig:
     Returns
     -------
     RunConfig
-        The validated configuration (the method is the server's business);
+        The client's view of the run (``RunConfig.from_flat(..., client=True)``:
+        the keys that did not travel hold their defaults, ``depart`` is empty);
         the ClientApp resolves it once per message (``clients.wire``).
 
     Raises
     ------
     ProtocolError
-        A method key (they never travel).
+        A key that does not travel: a method key (the method runs on the
+        server) or another server-only key.
     fed_unlearn.config.ConfigError
         An unknown run config key or a bad value.
     """
@@ -487,7 +539,13 @@ def decode_run(fields: Mapping[str, Any]) -> RunConfig:
             f"run config: key {sent[0]!r} does not travel (the method runs on the "
             "server)"
         )
-    return RunConfig.from_flat(fields)
+    server = sorted(k for k in fields if not _travels(k) and k in _RUN_FLAT_KEYS)
+    if server:
+        raise ProtocolError(
+            f"run config: key {server[0]!r} does not travel (it is the server's; "
+            f"clients get {', '.join(sorted(CLIENT_RUN_KEYS))})"
+        )
+    return RunConfig.from_flat(fields, client=True)
 
 
 # ---------------------------------------------------------------------- requests

@@ -565,6 +565,29 @@ def test_wire_audit_only_adapter_tensors_aggregate_metrics_and_configs(cached):
     assert ("down", "train") in types
 
 
+#: Run config keys only the server has any use for (written out here, apart from
+#: the protocol's own list): none may reach a client.
+SERVER_ONLY_KEYS = frozenset(
+    {
+        "depart",
+        "sequential",
+        "departed-online",
+        "out-dir",
+        "federation-dir",
+        "history-key-file",
+        "receipt-key-file",
+        "history-dtype",
+        "mode",
+        "strategy",
+        "aggregation",
+        "fraction-train",
+        "eval-max-items",
+        "eval-curve-items",
+        "eval-relearn-steps",
+    }
+)
+
+
 def _check_wire_audit(runs):
     """Check a wire-audit file independently of the protocol code: arrays are
     floating tensors of the adapter's shapes (or rank slices of them) under
@@ -629,6 +652,10 @@ def _check_wire_audit(runs):
             elif name == "run":
                 assert set(entries) <= run_keys, set(entries) - run_keys
                 assert not any(k.startswith("method") for k in entries)
+                # need to know: no departure plan, no server path, nothing of
+                # the server's strategy or evaluation
+                leaked = set(entries) & SERVER_ONLY_KEYS
+                assert not leaked, (leaked, m["direction"], m["type"])
             else:
                 assert name == "config", name
                 kinds.add(entries.get("kind", ["str", "(train)"])[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fed_unlearn.config import RunConfig
+from fed_unlearn.config import ConfigError, RunConfig
 from fed_unlearn.protocol import (
     REPLIES,
     REQUESTS,
@@ -306,29 +306,72 @@ def test_copy_packing_round_trips_and_refuses_what_does_not_parse():
         pack_copies([])
 
 
-def test_the_run_travels_without_the_method():
+def test_the_run_travels_without_the_method_the_departure_or_server_paths():
     cfg = RunConfig.from_flat(
         {
             "preset": "tiny",
-            "num-clients": 3,
-            "depart": "2",
+            "num-clients": 2,
+            "depart": "1",
             "seed": 4,
+            "lora-r": 4,
             "method": "mpu",
             "method-kappa": 0.2,
+            "out-dir": "/srv/fed/runs/secret-study",
+            "federation-dir": "/srv/fed/federation",
+            "history-key-file": "/srv/fed/keys/history.key",
+            "receipt-key-file": "/srv/fed/keys/receipt.pem",
+            "eval-max-items": 7,
+            "strategy": "fedavgm",
             "x-note": "kept",
         }
     )
     run = encode_run(cfg)
-    assert not any(k == "method" or k.startswith("method-") for k in run)
+    # exactly the client's keys (written out by hand; the preset-dependent ones
+    # only where given)
+    assert set(run) == {
+        "preset",
+        "model-path",
+        "data-dir",
+        "seed",
+        "num-clients",
+        "people-per-client",
+        "holdout-people",
+        "qa-per-person",
+        "general-probes",
+        "domains",
+        "audit-fraction",
+        "lora-r",
+        "lora-dropout",
+        "dual-adapter",
+        "dual-k-weight",
+        "dual-v-weight",
+        "dual-layer",
+        "x-note",
+    }
+    assert (run["num-clients"], run["seed"], run["lora-r"]) == (2, 4, 4)
     back = decode_run(run)
-    # the client's config is the server's but for the method (its default)
-    assert back.to_flat() == {**run, "method": RunConfig().method}
+    # the client's view: no departure known (reading it is an error), the rest
+    # as the server's for what the client reads
+    assert back.depart == ""
+    with pytest.raises(ConfigError, match="--depart"):
+        back.departed()
     assert back.method_options == {} and back.extra == {"x-note": "kept"}
     assert back.train_spec() == cfg.train_spec() and back.lora_spec() == cfg.lora_spec()
+    assert (back.seed, back.num_clients) == (4, 2)
     with pytest.raises(ProtocolError, match="run config: key 'method' does not travel"):
         decode_run({**run, "method": "mpu"})
     with pytest.raises(ProtocolError, match="'method-kappa' does not travel"):
         decode_run({**run, "method-kappa": 0.2})
+    for key, value in (
+        ("depart", "1"),
+        ("out-dir", "x"),
+        ("history-key-file", "k"),
+        ("strategy", "fedavg"),
+    ):
+        with pytest.raises(ProtocolError, match=f"{key!r} does not travel"):
+            decode_run({**run, key: value})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        decode_run({**run, "no-such-key": 1})
 
 
 # ------------------------------------------------------------- through Flower
