@@ -25,6 +25,7 @@ from clients.task import (
     client_id,
     client_items,
     client_model,
+    node_data_version,
     reads_node_data,
 )
 from clients.unlearn import layer_grams, local_update, neuron_attribution
@@ -216,6 +217,7 @@ def _hello(request: HelloRequest, context: Context, cfg: ResolvedConfig) -> Hell
         client_id=client_id(context.node_config),
         num_examples=len(items),
         local_data=reads_node_data(context.node_config),
+        data_version=node_data_version(context.node_config),
     )
 
 

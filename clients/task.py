@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import hmac
+import os
+import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fed_unlearn.config import AnyConfig
 from fed_unlearn.data import TofuData, generate_tofu, load_data_dir, load_jsonl
 from fed_unlearn.data.audit import split_audit
-from fed_unlearn.models import load_lora_model, prompt_formatter, resolve_model_dir
+from fed_unlearn.models import (
+    cache_root,
+    load_lora_model,
+    prompt_formatter,
+    resolve_model_dir,
+)
 from fed_unlearn.types import QAItem
 
 
@@ -131,6 +141,54 @@ def reads_node_data(node_config: Mapping[str, Any]) -> bool:
         client takes its partition of the run's data set (:func:`dataset`).
     """
     return bool(node_config.get("data-path"))
+
+
+def node_data_version(node_config: Mapping[str, Any]) -> int:
+    """Return an opaque tag of this node's own data: 0 without a ``data-path``.
+
+    The tag is a keyed hash, HMAC-SHA256 of the ``data-path`` file's bytes under a
+    random secret that never leaves the node (made with :mod:`secrets` on first
+    use, kept with mode 0600 in ``<cache>/node-secrets/``), cut to 56 bits and
+    made non-zero. It is the same while the file is unchanged and differs when
+    it changes, so the server can key its FL cache on it; without the secret it
+    cannot be tested against candidate data sets, so it tells the server
+    nothing else about the data.
+
+    Parameters
+    ----------
+    node_config : Mapping[str, Any]
+        ``context.node_config``.
+
+    Returns
+    -------
+    int
+        0 when the node takes its partition of the run's data set, else the tag
+        (in ``[2**56, 2**57)``).
+    """
+    if not reads_node_data(node_config):
+        return 0
+    path = Path(str(node_config["data-path"])).resolve()
+    mac = hmac.new(_node_secret(path), path.read_bytes(), hashlib.sha256).digest()
+    return int.from_bytes(mac[:7], "big") | (1 << 56)
+
+
+def _node_secret(data_path: Path) -> bytes:
+    """Return the node's secret for the tag of ``data_path`` (made on first use)."""
+    name = hashlib.sha256(str(data_path).encode()).hexdigest()[:24]
+    path = cache_root() / "node-secrets" / f"{name}.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f"{path.name}.part{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # the first node to get there wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_bytes()
 
 
 def client_items(cfg: AnyConfig, node_config: Mapping[str, Any]) -> list[QAItem]:

@@ -57,7 +57,11 @@ Kinds (sender: server; receiver: one client per message)
     Discovery. No fields, no arrays. Reply: ``client-id`` (int),
     ``num-examples`` (int), ``local-data`` (flag: the node reads its own
     ``data-path``, never the path itself; the server then draws no per-round
-    curve on data of its own). The client loads its model before it answers.
+    curve on data of its own), ``data-version`` (int: 0, or with ``local-data``
+    a keyed hash of that data under a secret the node keeps, so the server's FL
+    cache can tell changed data from unchanged and learns nothing else; see
+    :func:`clients.task.node_data_version`). The client loads its model before
+    it answers.
 ``train`` (:class:`TrainRequest` -> :class:`TrainReply`)
     One FL round. Fields: ``server-round`` (int), ``dual-prototype``
     (list[float], dual-adapter runs: the K-only mean hidden state of the public
@@ -1001,6 +1005,9 @@ class HelloReply(_Message):
     ``local_data`` is whether the node reads its own ``data-path`` (node config)
     rather than its partition of the run's data set: then the server holds none
     of the clients' data and measures no per-round curve on its own.
+    ``data_version`` is 0 without node-local data, else an opaque tag of that
+    data (a keyed hash under the node's own secret): the FL cache's key covers
+    it.
     """
 
     kind: ClassVar[str] = "hello"
@@ -1008,6 +1015,7 @@ class HelloReply(_Message):
     client_id: int = _wire("client-id", "int")
     num_examples: int = _wire("num-examples", "int")
     local_data: bool = _wire("local-data", "flag")
+    data_version: int = _wire("data-version", "int")
 
 
 @dataclass(frozen=True)

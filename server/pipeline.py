@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,20 +118,60 @@ def history_key(cfg: ResolvedConfig) -> bytes | None:
         raise PipelineError(str(exc)) from exc
 
 
-def phase_dir(cfg: ResolvedConfig, exclude: tuple[int, ...]) -> Path:
-    """Cache directory of an FL phase."""
-    return runs_root() / f"fl-{cfg.fl_key(exclude)}"
+def phase_dir(
+    cfg: ResolvedConfig, exclude: tuple[int, ...], node_data: str = ""
+) -> Path:
+    """Cache directory of an FL phase.
+
+    Parameters
+    ----------
+    cfg : ResolvedConfig
+        Run configuration (:meth:`~fed_unlearn.config.ResolvedConfig.fl_key`).
+    exclude : tuple[int, ...]
+        Clients left out.
+    node_data : str
+        :func:`node_data_tag` of the clients' hellos: empty when every client
+        takes its partition of the run's data set (the run config then
+        determines the phase).
+    """
+    suffix = f"-{node_data}" if node_data else ""
+    return runs_root() / f"fl-{cfg.fl_key(exclude)}{suffix}"
 
 
-def load_phase(cfg: ResolvedConfig, exclude: tuple[int, ...]) -> PhaseResult | None:
+def node_data_tag(versions: Mapping[int, int]) -> str:
+    """Return the part of an FL cache key that node-local data adds.
+
+    Parameters
+    ----------
+    versions : Mapping[int, int]
+        Client id -> its hello's ``data-version`` (0: the run's data set).
+
+    Returns
+    -------
+    str
+        Empty when no client reads node-local data; else ``"n"`` and 15 hex
+        characters of a hash of the clients' data versions, so a phase is
+        reused only while every node's data is unchanged.
+    """
+    local = sorted((c, v) for c, v in versions.items() if v)
+    if not local:
+        return ""
+    return "n" + hashlib.sha256(json.dumps(local).encode()).hexdigest()[:15]
+
+
+def load_phase(
+    cfg: ResolvedConfig, exclude: tuple[int, ...], node_data: str = ""
+) -> PhaseResult | None:
     """Load a cached FL phase, validating its history; ``None`` if absent.
+
+    ``node_data`` is :func:`phase_dir`'s (the clients' node-local data, if any).
 
     Raises
     ------
     PipelineError
         If the cache entry exists but its history is corrupt.
     """
-    path = phase_dir(cfg, exclude)
+    path = phase_dir(cfg, exclude, node_data)
     if not (path / "phase.json").is_file():
         return None
     key = history_key(cfg)
@@ -213,7 +254,7 @@ def curve_data(local_data: dict[int, bool]) -> str:
 
 def discover_clients(
     grid: Any, cfg: ResolvedConfig, timeout: float = 300.0
-) -> tuple[dict[int, int], dict[int, bool]]:
+) -> tuple[dict[int, int], dict[int, int]]:
     """Wait for all SuperNodes and map Flower node ids to client ids.
 
     Parameters
@@ -227,9 +268,10 @@ def discover_clients(
 
     Returns
     -------
-    tuple[dict[int, int], dict[int, bool]]
-        Node id -> client id, and client id -> whether it reads node-local
-        data (its hello's ``local-data``).
+    tuple[dict[int, int], dict[int, int]]
+        Node id -> client id, and client id -> its hello's ``data-version``:
+        0 when it takes its partition of the run's data set, else the opaque
+        tag of the node-local data it reads (:func:`node_data_tag`).
     """
     t0 = time.time()
     while len(list(grid.get_node_ids())) < cfg.num_clients:
@@ -248,7 +290,7 @@ def discover_clients(
     ]
     replies = grid.send_and_receive(msgs, timeout=timeout)
     mapping: dict[int, int] = {}
-    local: dict[int, bool] = {}
+    local: dict[int, int] = {}
     for rep in replies:
         if rep.has_error():
             raise PipelineError(
@@ -262,9 +304,14 @@ def discover_clients(
         cid = hello.client_id
         if cid in mapping.values():
             raise PipelineError(f"two SuperNodes claim client id {cid}")
+        if hello.local_data != bool(hello.data_version):
+            raise PipelineError(
+                f"node {rep.metadata.src_node_id}: its hello says local-data="
+                f"{hello.local_data} but data-version={hello.data_version}"
+            )
         if 0 <= cid < cfg.num_clients:
             mapping[rep.metadata.src_node_id] = cid
-            local[cid] = hello.local_data
+            local[cid] = hello.data_version
         else:
             log.warning(
                 "ignoring SuperNode with client id %d (num-clients=%d)",
@@ -431,6 +478,7 @@ def run_fl_phase(
     initial: dict[str, torch.Tensor],
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     curve: str = CURVE_CLIENTS,
+    node_data: str = "",
 ) -> PhaseResult:
     """Run (or load from cache) FedAvg over all clients but ``exclude``.
 
@@ -451,21 +499,26 @@ def run_fl_phase(
     curve : str
         :func:`curve_data`'s decision: whether the server measures a
         per-round curve (recorded as the phase's ``curve_data``).
+    node_data : str
+        :func:`node_data_tag` of the clients' hellos (default: empty, the
+        run's data set): the run config alone does not determine a phase on
+        node-local data, so its cache entry is keyed on that data's versions
+        too.
 
     Returns
     -------
     PhaseResult
         Final adapter, costs, history location.
     """
-    cached = load_phase(cfg, exclude)
+    cached = load_phase(cfg, exclude, node_data)
     if cached is not None:
         log.info("FL phase excluding %s: cached at %s", list(exclude), cached.path)
         return cached
+    final_dir = phase_dir(cfg, exclude, node_data)
     if grid is None or node_map is None:
         raise PipelineError(
             "this FL phase is not cached and no Flower grid is available"
         )
-    final_dir = phase_dir(cfg, exclude)
     tmp = scratch_dir(final_dir)  # and stale ones of killed runs are removed
     key = history_key(cfg)
     store = HistoryStore(tmp / "history", dtype=cfg.history_dtype, key=key)
@@ -696,9 +749,12 @@ def run_pipeline(
     node_map = None
     # without a grid (all cached) the curves are the cached phases' own
     curve = CURVE_CLIENTS
+    node_data = ""
     if counting is not None:
-        node_map, local_data = discover_clients(counting, cfg)
-        curve = curve_data(local_data)
+        node_map, versions = discover_clients(counting, cfg)
+        curve = curve_data({c: bool(v) for c, v in versions.items()})
+        # the run config does not determine a phase on node-local data
+        node_data = node_data_tag(versions)
 
     initial = init_adapter(model, cfg.seed)
 
@@ -708,7 +764,9 @@ def run_pipeline(
     if fed is not None:
         train = fed
     else:
-        train = run_fl_phase(counting, cfg, node_map, (), initial, cb("train"), curve)
+        train = run_fl_phase(
+            counting, cfg, node_map, (), initial, cb("train"), curve, node_data
+        )
     out = PipelineOutput(
         cfg, train, grid=counting, node_map=node_map, federation=federation
     )
@@ -719,7 +777,14 @@ def run_pipeline(
     def retrain() -> dict[str, torch.Tensor]:
         if out.retrain is None:
             out.retrain = run_fl_phase(
-                counting, cfg, node_map, excluded, initial, cb("retrain"), curve
+                counting,
+                cfg,
+                node_map,
+                excluded,
+                initial,
+                cb("retrain"),
+                curve,
+                node_data,
             )
         return out.retrain.final
 

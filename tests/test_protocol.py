@@ -86,7 +86,9 @@ def _requests():
 
 def _replies():
     return [
-        HelloReply(client_id=2, num_examples=30, local_data=True),
+        HelloReply(
+            client_id=2, num_examples=30, local_data=True, data_version=(1 << 56) | 5
+        ),
         TrainReply(
             _adapter(),
             num_examples=30,
@@ -536,8 +538,15 @@ def test_a_client_that_fails_or_stays_silent_is_named_and_the_others_kept(flower
 def test_a_flag_travels_as_the_int_0_or_1():
     """Flower metrics hold numbers: ``local-data`` is 1 or 0 on the wire, a bool
     in the typed reply."""
-    fields, _ = HelloReply(client_id=0, num_examples=3, local_data=True).to_fields()
-    assert fields == {"client-id": 0, "num-examples": 3, "local-data": 1}
+    fields, _ = HelloReply(
+        client_id=0, num_examples=3, local_data=True, data_version=7
+    ).to_fields()
+    assert fields == {
+        "client-id": 0,
+        "num-examples": 3,
+        "local-data": 1,
+        "data-version": 7,
+    }
     assert type(fields["local-data"]) is int
     back = decode_reply("hello", {**fields, "local-data": 0}, None)
     assert back.local_data is False
