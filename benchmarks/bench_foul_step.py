@@ -1,6 +1,6 @@
 """Benchmark: FOUL server step and FedOSD direction on flattened LoRA gradients.
 
-Times ``fed_unlearn.conflict.cagrad_direction`` (Gram matrix + SLSQP dual solve +
+Times ``fed_unlearn.methods.foul.geometry.cagrad_direction`` (Gram matrix + SLSQP dual solve +
 direction) for U clients x d parameters (fp32, CPU), median over repeats after a
 warm-up, with a breakdown (Gram matmul alone, SLSQP alone), and the FedOSD
 direction ``orthogonal_direction`` for 1 target against the remaining clients.
@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from fed_unlearn.conflict import cagrad_direction, orthogonal_direction
+from fed_unlearn.methods.fedosd import orthogonal_direction
+from fed_unlearn.methods.foul.geometry import cagrad_direction
 
 
 def _grads(n_retain: int, n_forget: int, dim: int, seed: int = 0) -> torch.Tensor:

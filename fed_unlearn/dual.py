@@ -127,7 +127,7 @@ def v_units(state: dict[str, torch.Tensor], split: int) -> list[str]:
     Returns
     -------
     list[str]
-        Units for :class:`fed_unlearn.methods.foul.SubNetwork`.
+        Units for :class:`fed_unlearn.methods.foul.method.SubNetwork`.
 
     Raises
     ------

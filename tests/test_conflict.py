@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from fed_unlearn.conflict import (
+from fed_unlearn.methods.fedosd import orthogonal_direction, post_project
+from fed_unlearn.methods.foul.geometry import (
     cagrad_direction,
     conflict_scores,
     norm_ratios,
-    orthogonal_direction,
-    post_project,
     select_subnetwork,
     select_subnetwork_detailed,
 )
@@ -199,7 +198,7 @@ def test_float64_is_kept_and_other_dtypes_cast():
 def test_solve_seconds_is_the_dual_solve_wall_time(monkeypatch):
     import types
 
-    import fed_unlearn.conflict as C
+    import fed_unlearn.methods.foul.geometry as C
 
     ticks = iter([100.0, 102.5])  # the clock read before and after SLSQP
     fake = types.SimpleNamespace(perf_counter=lambda: next(ticks))
@@ -414,7 +413,7 @@ def test_blas_runs_on_one_thread_during_the_solve_and_is_restored_after(monkeypa
     inside SLSQP's objective), and the counts before are back after it."""
     from threadpoolctl import threadpool_info
 
-    import fed_unlearn.conflict as C
+    import fed_unlearn.methods.foul.geometry as C
 
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
     if not blas:

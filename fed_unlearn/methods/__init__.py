@@ -13,8 +13,7 @@ from fed_unlearn.methods.base import (
 from fed_unlearn.methods.fed_eraser import FedEraser, FedEraserConfig
 from fed_unlearn.methods.fed_recovery import FedRecovery, FedRecoveryConfig
 from fed_unlearn.methods.fedosd import FedOSD, FedOSDConfig
-from fed_unlearn.methods.foul import Foul, FoulConfig
-from fed_unlearn.methods.foul_server import FoulServer, FoulServerConfig
+from fed_unlearn.methods.foul import Foul, FoulConfig, FoulServer, FoulServerConfig
 from fed_unlearn.methods.local_unlearn import LocalUnlearn, LocalUnlearnConfig
 from fed_unlearn.methods.mpu import MPU, MPUConfig
 from fed_unlearn.methods.none import NoneConfig, NoUnlearning

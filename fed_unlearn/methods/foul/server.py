@@ -2,7 +2,7 @@
 
 Paper: Nguyen, Le, Yong et al., "FOUL", CVPR 2026 (arXiv 2603.13795); spec
 ``shared/specs/foul_mpu.md`` Part A. The same algorithm and options as
-:mod:`fed_unlearn.methods.foul`, with the defaults of its cheapest recipe:
+:mod:`fed_unlearn.methods.foul.method`, with the defaults of its cheapest recipe:
 
 1. ``mode="server"`` [P: "the server-side optimisation uses previously uploaded
    gradients", A.3 step 2; R: the rest]. No client is contacted while
@@ -10,7 +10,7 @@ Paper: Nguyen, Le, Yong et al., "FOUL", CVPR 2026 (arXiv 2603.13795); spec
    history, g_u = -Σ_t (θ_t,u - θ_t), with FedAvg weights p_u = n_u / Σ n.
 2. ``server_direction="remove"``, ``server_lr=0.5`` [R]: the step takes back
    half of what the departed clients added to the global adapter under FedAvg,
-   θ ← θ + 0.5 · Σ_f p_f g_f (derivation in :mod:`fed_unlearn.methods.foul`),
+   θ ← θ + 0.5 · Σ_f p_f g_f (derivation in :mod:`fed_unlearn.methods.foul.method`),
    in ``rounds`` equal steps (the curve's points). FOUL's conflict-averse
    direction (``server_direction="foul"``) stays available, but on whole-run
    contributions it is dominated by the retain mean g0: on the ``calibration``
@@ -26,7 +26,7 @@ Paper: Nguyen, Le, Yong et al., "FOUL", CVPR 2026 (arXiv 2603.13795); spec
    the average of the client deltas; there [R] the share is θ_T minus where
    that Flower strategy ends when replayed on the recorded rounds with the
    departed clients' terms taken out of each average
-   (:func:`fed_unlearn.methods.foul.replayed_contribution`; under FedAvg it is
+   (:func:`fed_unlearn.methods.foul.method.replayed_contribution`; under FedAvg it is
    the share above exactly). The factor 0.5 was calibrated under FedAvg only.
 3. ``subnetwork="all"``: θ_V is the whole adapter. Nothing travels during the
    server step, so FOUL's byte argument for a small θ_V does not apply.
@@ -50,12 +50,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fed_unlearn.methods.foul import Foul, FoulConfig
+from fed_unlearn.methods.foul.method import Foul, FoulConfig
 
 
 @dataclass(kw_only=True)
 class FoulServerConfig(FoulConfig):
-    """:class:`~fed_unlearn.methods.foul.FoulConfig` with the on-server defaults.
+    """:class:`~fed_unlearn.methods.foul.method.FoulConfig` with the on-server defaults.
 
     Parameters
     ----------

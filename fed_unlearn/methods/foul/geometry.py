@@ -1,6 +1,8 @@
-"""Server-side gradient geometry for FOUL and FedOSD.
+"""FOUL's server-side gradient geometry: the conflict-averse direction and θ_V.
 
-FOUL (Part A.3 of ``specs/foul_mpu.md``)
+Part of the FOUL family (:mod:`fed_unlearn.methods.foul`).
+
+The direction (Part A.3 of ``specs/foul_mpu.md``)
     The server receives one pseudo-gradient ``g_u`` per client (convention
     ``θ ← θ − η·d``), signs ``s_u = +1`` for retain and ``−1`` for forget clients,
     and solves the CAGrad-style problem
@@ -15,12 +17,6 @@ FOUL (Part A.3 of ``specs/foul_mpu.md``)
     The forgettable sub-network θ_V of a LoRA adapter is chosen once from cached
     client updates by per-tensor gradient conflict (A.7 option B), see
     :func:`select_subnetwork`.
-
-FedOSD (``specs/methods.md`` §2.4)
-    :func:`orthogonal_direction` removes from the unlearning gradient its
-    component in the span of the remaining clients' gradients;
-    :func:`post_project` removes the component along the unlearning
-    displacement during post-training.
 
 Everything is pure torch/numpy/scipy and works on flattened fp32 vectors (see
 :func:`fed_unlearn.adapters.flatten`).
@@ -51,8 +47,6 @@ __all__ = [
     "cagrad_direction",
     "conflict_scores",
     "norm_ratios",
-    "orthogonal_direction",
-    "post_project",
     "select_subnetwork",
     "select_subnetwork_detailed",
 ]
@@ -554,145 +548,3 @@ def select_subnetwork(
         As :func:`select_subnetwork_detailed`.
     """
     return select_subnetwork_detailed(forget, retain_mean, rule, tau, top_p).keys
-
-
-# -------------------------------------------------------------------------- FedOSD
-def _check_vector(v: torch.Tensor, name: str) -> float:
-    """Check that ``v`` is a finite 1-D float tensor; return its float64 norm.
-
-    Finiteness is read off the norm (NaN/Inf entries make it NaN/Inf), which
-    saves an element-wise pass over large vectors.
-    """
-    if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
-        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"{name} must be a 1-D float tensor, got {shape}")
-    norm = _norm64(v)
-    if not math.isfinite(norm):
-        raise ValueError(f"{name} contains NaN/Inf")
-    return norm
-
-
-def _norm64(v: torch.Tensor) -> float:
-    """Euclidean norm accumulated in float64."""
-    return float(torch.linalg.vector_norm(v, dtype=torch.float64))
-
-
-def orthogonal_direction(
-    g_u: torch.Tensor, G_r: torch.Tensor, tol: float = 1e-6
-) -> torch.Tensor:
-    """FedOSD unlearning direction, orthogonal to every remaining gradient.
-
-    ``d = g_u − G_rᵀ (G_r G_rᵀ)⁺ G_r g_u``, rescaled to ``‖g_u‖``.
-
-    Parameters
-    ----------
-    g_u : torch.Tensor
-        ``[d]`` unlearning gradient (mean of the target clients' vectors).
-    G_r : torch.Tensor
-        ``[K, d]`` remaining clients' gradients (``K = 0`` allowed: returns a
-        copy of ``g_u``).
-    tol : float
-        Eigenvalues of ``G_r G_rᵀ`` below ``tol × (largest eigenvalue)`` are
-        dropped from the pseudo-inverse (rank-deficient ``G_r``). The official
-        code uses an absolute threshold; a relative one is used here because
-        LoRA pseudo-gradients can be tiny (an absolute ``1e-6`` would drop every
-        direction) or large.
-
-    Returns
-    -------
-    torch.Tensor
-        ``[d]`` direction with ``‖d‖ = ‖g_u‖``, in ``g_u``'s dtype (fp32 unless
-        ``g_u`` is fp64); apply as ``θ ← θ − lr·d``. The zero vector when
-        ``g_u = 0`` or when ``g_u`` lies (numerically) in the span of ``G_r``,
-        which is logged as a warning.
-
-    Raises
-    ------
-    ValueError
-        On shape mismatch, non-finite inputs or a negative ``tol``.
-
-    Notes
-    -----
-    The projection is applied twice (re-orthogonalisation), which brings
-    ``|⟨d, g_r⟩|`` down to rounding level even for ill-conditioned ``G_r``.
-    """
-    g_norm = _check_vector(g_u, "g_u")
-    if not isinstance(G_r, torch.Tensor) or G_r.dim() != 2:
-        raise ValueError("G_r must be a 2-D [clients, params] tensor")
-    if G_r.shape[1] != g_u.shape[0]:
-        raise ValueError(
-            f"G_r has {G_r.shape[1]} columns but g_u has {g_u.shape[0]} entries"
-        )
-    if not G_r.is_floating_point():
-        raise ValueError(f"G_r must be floating point, got {G_r.dtype}")
-    if not (tol >= 0):
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    dtype = torch.float64 if g_u.dtype == torch.float64 else torch.float32
-    g = g_u.to(dtype)
-    if G_r.shape[0] == 0:
-        return g.clone()
-    rows = G_r.to(device=g.device, dtype=dtype)
-    gram = (rows @ rows.T).double()
-    # A NaN/Inf entry of G_r shows on the Gram diagonal; no element-wise pass.
-    if not bool(torch.isfinite(gram.diagonal()).all()):
-        raise ValueError("G_r contains NaN/Inf (or its squared row norms overflow)")
-    if g_norm == 0.0:
-        return torch.zeros_like(g)
-    evals, evecs = torch.linalg.eigh(0.5 * (gram + gram.T))
-    top = float(evals.max())
-    if top <= 0.0:  # every remaining gradient is zero
-        return g.clone()
-    keep = evals > tol * top
-    basis = evecs[:, keep]
-    pinv = (basis / evals[keep]) @ basis.T  # (G_r G_rᵀ)⁺, K×K float64
-    d = g
-    for _ in range(2):  # d ← d − G_rᵀ (G_r G_rᵀ)⁺ G_r d; K-sized part in float64
-        coef = (pinv @ (rows @ d).double()).to(dtype)
-        d = d - coef @ rows
-    d_norm = _norm64(d)
-    if d_norm <= 1e-6 * g_norm:
-        log.warning(
-            "FedOSD: the unlearning gradient lies in the span of the remaining "
-            "gradients; returning the zero direction"
-        )
-        return torch.zeros_like(g)
-    return d * (g_norm / d_norm)
-
-
-def post_project(g: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
-    """FedOSD post-training: remove the component along ``ga``, keep the norm.
-
-    Parameters
-    ----------
-    g : torch.Tensor
-        ``[d]`` remaining client's gradient.
-    ga : torch.Tensor
-        ``[d]`` unlearning displacement ``θ − θ_0`` (model minus the model
-        before unlearning).
-
-    Returns
-    -------
-    torch.Tensor
-        ``g − (⟨g, ga⟩/‖ga‖²)·ga`` rescaled to ``‖g‖``; ``g`` unchanged (a copy)
-        when ``ga = 0``; the zero vector when ``g`` is parallel to ``ga``.
-
-    Raises
-    ------
-    ValueError
-        On shape mismatch or non-finite inputs.
-    """
-    g_norm = _check_vector(g, "g")
-    a_norm = _check_vector(ga, "ga")
-    if g.shape != ga.shape:
-        raise ValueError(f"g has shape {tuple(g.shape)} but ga {tuple(ga.shape)}")
-    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-    g = g.to(dtype)
-    if a_norm == 0.0 or g_norm == 0.0:
-        return g.clone()
-    a = ga.to(device=g.device, dtype=dtype) / a_norm  # unit vector
-    p = g - float(g @ a) * a
-    p = p - float(p @ a) * a  # re-orthogonalise (fp32 rounding)
-    p_norm = _norm64(p)
-    if p_norm <= 1e-6 * g_norm:
-        return torch.zeros_like(g)
-    return p * (g_norm / p_norm)

@@ -92,7 +92,6 @@ import torch
 from fed_unlearn import adapters as ad
 from fed_unlearn import seeds
 from fed_unlearn.aggregation import fedavg
-from fed_unlearn.conflict import cagrad_direction, select_subnetwork
 from fed_unlearn.dual import v_units
 from fed_unlearn.history import HistoryStore
 from fed_unlearn.methods.base import (
@@ -106,6 +105,7 @@ from fed_unlearn.methods.base import (
     UnlearningMethod,
     UnlearnResult,
 )
+from fed_unlearn.methods.foul.geometry import cagrad_direction, select_subnetwork
 from fed_unlearn.methods.rounds import (
     RoundLog,
     StopOptions,
