@@ -290,7 +290,7 @@ def discover_clients(
     ]
     replies = grid.send_and_receive(msgs, timeout=timeout)
     mapping: dict[int, int] = {}
-    local: dict[int, int] = {}
+    versions: dict[int, int] = {}
     for rep in replies:
         if rep.has_error():
             raise PipelineError(
@@ -311,7 +311,7 @@ def discover_clients(
             )
         if 0 <= cid < cfg.num_clients:
             mapping[rep.metadata.src_node_id] = cid
-            local[cid] = hello.data_version
+            versions[cid] = hello.data_version
         else:
             log.warning(
                 "ignoring SuperNode with client id %d (num-clients=%d)",
@@ -324,7 +324,7 @@ def discover_clients(
             f"SuperNodes report client ids {ids}; "
             f"expected 0..{cfg.num_clients - 1} once each"
         )
-    return mapping, local
+    return mapping, versions
 
 
 def curve_evaluator(
@@ -565,6 +565,8 @@ def run_fl_phase(
     stats = {
         "exclude": list(exclude),
         "key": cfg.fl_key(exclude),
+        # the nodes' own data, when some read it (node_data_tag; "" = none)
+        "node_data": node_data,
         "wall_time_s": wall,
         # the per-round curve evaluation inside wall_time_s: a simulation
         # measurement (the server reads the clients' data), not a cost of FL
