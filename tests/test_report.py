@@ -417,3 +417,26 @@ def test_relearning_audit_section(runs, tmp_path):
     md = write_report(runs, tmp_path / "adv").read_text()
     section = md.split("## Relearning audit", 1)[1].split("## Figures", 1)[0]
     assert sum(line.startswith("| gradient") for line in section.splitlines()) == 1
+
+
+def test_the_cli_table_shows_each_phase_cost_without_the_curve_evaluation(capsys):
+    """The printed wall time of a phase is its cost (as in the bench), not the
+    simulation's per-round curve evaluation, which a deployment does not run."""
+    from simulations.cli import print_table
+
+    summary = {"forget_Q_A_Prob": 0.4, "model_utility": 0.2}
+    run = {
+        "method": "foul_server",
+        "departed": [2],
+        "summary": {"original": summary, "unlearned": summary, "retrain": summary},
+        "wall_time_s": {
+            "train": 135.5,
+            "unlearn": 61.1,
+            "retrain": 82.3,
+            "excl_curve_eval": {"train": 127.0, "unlearn": 14.7, "retrain": 74.7},
+        },
+        "bytes": {"train": {"total": 2e6}, "unlearn": {"total": 1e6}, "retrain": {}},
+    }
+    print_table(run)
+    row = next(x for x in capsys.readouterr().out.splitlines() if "wall time (s)" in x)
+    assert re.findall(r"\d+\.\d+", row) == ["127.000", "14.700", "74.700"]
