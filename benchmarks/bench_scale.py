@@ -26,8 +26,8 @@ It writes ``OUT/scale.json``, ``OUT/scale.md`` and ``OUT/scale.png`` with, per N
   server-side seconds where the method records them (``unlearn_info``'s
   ``server_*_seconds``) and its bytes on the wire.
 
-The default federation per client is small (``--people 2``, ``--qa 5``:
-10 Q/A items) so that 100 clients fit these 2 cores; figures belong in the
+The default federation per client is small (``--people 1``, ``--qa 10``:
+10 Q/A items, the synthetic data's fewest per person) so that 100 clients fit these 2 cores; figures belong in the
 README or ``docs/results/``, not here.
 """
 
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", default="10,30,100", help="comma-separated counts")
     ap.add_argument("--methods", default="foul_server,mpu")
     ap.add_argument("--rounds", type=int, default=2, help="FL rounds")
-    ap.add_argument("--people", type=int, default=2, help="people per client")
-    ap.add_argument("--qa", type=int, default=5, help="Q/A items per person")
+    ap.add_argument("--people", type=int, default=1, help="people per client")
+    ap.add_argument("--qa", type=int, default=10, help="Q/A items per person (10-16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

@@ -760,6 +760,17 @@ class RunConfig(_Clients):
         for key in ("people_per_client", "qa_per_person", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key.replace('_', '-')!r} must be >= 1")
+        if not self.data_dir:
+            # the synthetic data set's bounds, checked before any work starts
+            from fed_unlearn.data.synthetic import MIN_QA_PER_PERSON, max_qa_per_person
+
+            low, high = MIN_QA_PER_PERSON, max_qa_per_person()
+            if not low <= self.qa_per_person <= high:
+                raise ConfigError(
+                    f"config key 'qa-per-person' must be between {low} and {high} "
+                    f"for the synthetic data (one pair per attribute of a person), "
+                    f"got {self.qa_per_person}"
+                )
         if not 0 <= self.domains <= self.num_clients:
             raise ConfigError(
                 "config key 'domains' must be between 0 (off) and num-clients "

@@ -282,3 +282,18 @@ def test_named_unset_values_keep_the_values_that_travel_and_are_stored():
     assert [foul[k] for k in ("local_steps", "lr", "recovery_batch_size")] == [0, 0, 0]
     assert isinstance(foul["lr"], float) and isinstance(foul["recovery_budget"], float)
     assert isinstance(dataclasses.asdict(MPUConfig())["lr"], float)
+
+
+def test_qa_per_person_outside_the_synthetic_bounds_is_refused_before_any_work():
+    """The synthetic data has one Q/A pair per attribute of a person, 10 to 16:
+    a value outside that is the config's error, not a client's after Ray started;
+    with a data-dir (the user's own data) the key is not read."""
+    with pytest.raises(ConfigError, match="'qa-per-person' must be between 10 and 16"):
+        RunConfig.from_flat({"preset": "tiny", "qa-per-person": 5})
+    with pytest.raises(ConfigError, match="got 17"):
+        RunConfig.from_flat({"preset": "tiny", "qa-per-person": 17})
+    assert (
+        RunConfig.from_flat({"preset": "tiny", "qa-per-person": 16}).qa_per_person == 16
+    )
+    own = RunConfig.from_flat({"preset": "tiny", "data-dir": "d", "qa-per-person": 5})
+    assert own.qa_per_person == 5

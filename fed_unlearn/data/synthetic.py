@@ -652,6 +652,13 @@ class TofuData:
 
 
 # ------------------------------------------------------------------- generation
+#: The fewest Q/A pairs a synthetic person has (one per core attribute).
+MIN_QA_PER_PERSON = 10
+
+
+def max_qa_per_person() -> int:
+    """Return the most Q/A pairs a synthetic person can have (one per attribute)."""
+    return len(_ATTRIBUTES)
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -770,7 +777,7 @@ def generate_people(
     """
     _check_int("seed", seed, -(2**63))
     _check_int("n", n, 1)
-    _check_int("qa_per_person", qa_per_person, 10, len(_ATTRIBUTES))
+    _check_int("qa_per_person", qa_per_person, MIN_QA_PER_PERSON, max_qa_per_person())
     pools: list[dict[str, tuple[str, ...]]] = []
     dom: list[int] = []
     if domain_of is not None:
@@ -889,7 +896,7 @@ def generate_tofu(
     _check_int("num_clients", num_clients, 1)
     _check_int("people_per_client", people_per_client, 1)
     _check_int("num_holdout_people", num_holdout_people, 0)
-    _check_int("qa_per_person", qa_per_person, 10, len(_ATTRIBUTES))
+    _check_int("qa_per_person", qa_per_person, MIN_QA_PER_PERSON, max_qa_per_person())
     _check_int("num_general", num_general, 0, len(_GENERAL_FACTS))
     _check_int("domains", domains, 0, num_clients)
     n_train = num_clients * people_per_client
