@@ -192,10 +192,20 @@ def _scalar_history(tmp_path, deltas, sizes=None):
     return trained, one_round_history(tmp_path, trained, deltas, sizes)
 
 
-def test_foul_server_mode_contacts_no_client_and_steps_along_g0(tmp_path):
+def test_foul_server_mode_contacts_no_client_and_steps_along_g0(tmp_path, monkeypatch):
     """κ = 0: d = g0 = size-weighted mean of the retain clients' cached
-    pseudo-gradients (minus their deltas); the budget walks server_lr·d in all."""
+    pseudo-gradients (minus their deltas); the budget walks server_lr·d in all.
+    The server's own time (history read and steps) is recorded, from the clock
+    read before and after them."""
+    import types
+
+    import fed_unlearn.methods.foul.method as foul_method
     from fed_unlearn.methods import MissingRequirementError, Requirement
+
+    ticks = iter([100.0, 103.25])
+    monkeypatch.setattr(
+        foul_method, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks))
+    )
 
     trained, store = _scalar_history(
         tmp_path, {0: 0.4, 1: 0.1, 2: -2.0}, {0: 30, 1: 10, 2: 5}
@@ -210,6 +220,7 @@ def test_foul_server_mode_contacts_no_client_and_steps_along_g0(tmp_path):
     g0 = -(30 * 0.4 + 10 * 0.1) / 40  # = -0.325
     assert float(res.adapter["x"][0]) == pytest.approx(0.5 - 0.5 * g0)
     assert res.rounds == 0 and res.info["server_steps"] == 4
+    assert res.info["server_step_seconds"] == 3.25
     assert res.info["client_compute"]["local_steps"] == 0
     steps = [r["step"] for r in res.info["rounds"]]
     assert steps == pytest.approx([0.125, 0.25, 0.375, 0.5])

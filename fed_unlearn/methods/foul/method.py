@@ -83,6 +83,7 @@ refused.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -550,6 +551,7 @@ class Foul(UnlearningMethod):
         self.check(ctx)
         cfg = self.config
         assert ctx.history is not None
+        t0 = time.perf_counter()  # the server's own work: history read and steps
         # one pass over the history for both groups
         hist = cached_updates(
             ctx.history, (*ctx.remaining, *ctx.departed), cfg.forget_grad
@@ -579,7 +581,8 @@ class Foul(UnlearningMethod):
         theta = log.start(theta)
         if cfg.mode == "server":
             r = self._on_server(ctx, theta, sub, hist_retain, hist_forget, weights, log)
-            rounds, more = 0, {"server_steps": r}
+            rounds = 0
+            more = {"server_steps": r, "server_step_seconds": time.perf_counter() - t0}
         else:
             r = self._with_clients(ctx, theta, sub, hist_forget, weights, log)
             rounds, more = r, {}
