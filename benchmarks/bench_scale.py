@@ -140,33 +140,38 @@ def table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Growth curves: history size, FL round time and peak RSS against N."""
+    """Growth curves against N: history size, FL round time, peak RSS, and per
+    method the unlearning time, its server-side seconds and its bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ns = sorted(int(n) for n in results["runs"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     panels = [
         ("history MiB", lambda r: r["history_bytes"] / 2**20),
         ("FL round s", lambda r: r["fl_round_s"]),
         ("peak RSS MiB", lambda r: r["peak_rss"] / 2**20),
+        ("unlearn s", lambda r: r["unlearn_s"]),
+        ("server step s", lambda r: r["server_step_s"]),
+        ("unlearn MB on the wire", lambda r: r["unlearn_bytes"] / 1e6),
     ]
     methods = sorted({m for by in results["runs"].values() for m in by})
-    for ax, (label, get) in zip(axes, panels, strict=True):
+    for ax, (label, get) in zip(axes.flat, panels, strict=True):
         for m in methods:
             xs = [
                 n
                 for n in ns
                 if "error" not in results["runs"][str(n)].get(m, {"error": 1})
+                and get(results["runs"][str(n)][m]) is not None
             ]
             ax.plot(xs, [get(results["runs"][str(n)][m]) for n in xs], "o-", label=m)
         ax.set_xlabel("clients")
         ax.set_ylabel(label)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0, 0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
