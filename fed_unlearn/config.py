@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fed_unlearn import numerics
 from fed_unlearn.dual import DualSpec
 from fed_unlearn.journal import KILL_ROUND_KEY
 from fed_unlearn.models import PRESETS, SYSTEM_PROMPT, LoraSpec, model_identity
@@ -1107,6 +1108,8 @@ class ResolvedConfig(_Clients):
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]
         keep["model"] = model_identity(self.preset, self.model_path or None)
+        if numerics.cache_tag():  # the native mode adds nothing: old keys stay
+            keep["numerics"] = numerics.cache_tag()
         blob = json.dumps(keep, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

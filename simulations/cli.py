@@ -709,12 +709,15 @@ def main(argv: list[str] | None = None) -> int:
     from fed_unlearn.journal import JournalError
     from fed_unlearn.methods import MissingRequirementError
     from fed_unlearn.models import ModelLoadError
+    from fed_unlearn.numerics import NumericsError
+    from fed_unlearn.numerics import mode as numerics_mode
     from fed_unlearn.receipt import ReceiptError
     from server.channel import ChannelError
     from server.pipeline import PipelineError
     from simulations.runner import RunError
 
     try:
+        numerics_mode()  # FED_UNLEARN_NUMERICS holds a mode, or nothing starts
         if args.cmd == "methods":
             return cmd_methods(args)
         if args.cmd == "run":
@@ -743,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_receipt(args)
         if args.cmd == "deploy":
             return cmd_deploy(args)
-    except (UsageError, ConfigError, DataFormatError) as exc:
+    except (UsageError, ConfigError, DataFormatError, NumericsError) as exc:
         print(f"fed-unlearn: error: {exc}", file=sys.stderr)
         return 2
     except (

@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fed_unlearn import numerics
 from fed_unlearn.config import AnyConfig, ResolvedConfig, RunConfig, resolve
 from fed_unlearn.journal import UNLEARN_LOG, UnlearnJournal
 from fed_unlearn.methods import Requirement, get_method
@@ -623,6 +624,7 @@ def run_all(
             "local_order": "derive_seed(seed, round, client)",
         },
         "versions": versions(),
+        "numerics": numerics.describe(),
         **(
             {
                 "federation": str(federation),
@@ -950,6 +952,7 @@ def run_sequential(
             "local_order": "derive_seed(seed, round, client)",
         },
         "versions": versions(),
+        "numerics": numerics.describe(),
         "git_sha": git_sha(),
         "federation": str(fed),
         "forgotten": out.train.history.forgotten(),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fed_unlearn import seeds
+from fed_unlearn import numerics, seeds
 from fed_unlearn.models.base import cache_root
 
 # the name of the module these helpers came from: log records keep their name
@@ -169,10 +169,10 @@ class TinySpec:
 
     def key(self) -> str:
         """Return a short hash identifying this recipe."""
-        blob = json.dumps(
-            {**self.__dict__, "v": TINY_VERSION, "py": sys.version_info[:2]},
-            sort_keys=True,
-        )
+        recipe = {**self.__dict__, "v": TINY_VERSION, "py": sys.version_info[:2]}
+        if numerics.cache_tag():  # the native mode adds nothing: old keys stay
+            recipe["numerics"] = numerics.cache_tag()
+        blob = json.dumps(recipe, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
