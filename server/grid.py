@@ -9,12 +9,14 @@ no tensor value is.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 AUDIT_ENV = "FED_UNLEARN_WIRE_AUDIT"
 
@@ -116,6 +118,7 @@ class CountingGrid:
         self.bytes_down = 0
         self.bytes_up = 0
         self.messages = 0
+        self._pushed: dict[str, Message] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -131,27 +134,78 @@ class CountingGrid:
         _audit(msgs, "down")
         return msgs
 
-    def _count_in(self, replies: Iterable[Message]) -> list[Message]:
+    def _count_in(
+        self, replies: Iterable[Message], sent: Iterable[Message]
+    ) -> list[Message]:
         got = list(replies)
         self.bytes_up += sum(message_nbytes(m) for m in got)
         _audit(got, "up")
-        return got
+        return attribute_replies(got, sent)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         """Send messages, wait for replies, count both directions."""
-        return self._count_in(
-            self._grid.send_and_receive(self._count_out(messages), timeout=timeout)
-        )
+        msgs = self._count_out(messages)
+        return self._count_in(self._grid.send_and_receive(msgs, timeout=timeout), msgs)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push messages (counted)."""
-        return self._grid.push_messages(self._count_out(messages))
+        msgs = self._count_out(messages)
+        ids = list(self._grid.push_messages(msgs))
+        self._pushed.update(zip(ids, msgs, strict=True))
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """Pull replies (counted)."""
-        return self._count_in(self._grid.pull_messages(message_ids))
+        ids = list(message_ids)
+        return self._count_in(
+            self._grid.pull_messages(ids),
+            [self._pushed[i] for i in ids if i in self._pushed],
+        )
+
+
+def attribute_replies(
+    replies: Iterable[Message], sent: Iterable[Message]
+) -> list[Message]:
+    """Give the SuperLink's error replies for a lost node that node's id.
+
+    When a SuperNode stops sending heartbeats (killed, cut off), the SuperLink
+    answers the messages it still holds for it with a ``NODE_UNAVAILABLE`` error
+    whose source is the SuperLink itself, not the node. Replaced here by the same
+    error as a reply to the message sent (so from that node), with the node
+    named in the reason: every consumer (the strategy, the channel, discovery,
+    the federated evaluation) then knows whose reply failed.
+
+    Parameters
+    ----------
+    replies : Iterable[Message]
+        Replies as the grid returned them.
+    sent : Iterable[Message]
+        The messages they answer (their ids set by the grid's push).
+
+    Returns
+    -------
+    list[Message]
+        The replies, in order, with those errors re-attributed.
+    """
+    by_id = {m.metadata.message_id: m for m in sent}
+    out = []
+    for rep in replies:
+        asked = by_id.get(rep.metadata.reply_to_message_id)
+        if (
+            rep.metadata.src_node_id == SUPERLINK_NODE_ID
+            and rep.has_error()
+            and asked is not None
+        ):
+            node = asked.metadata.dst_node_id
+            why = f"the SuperLink answered for node {node}: {rep.error.reason}"
+            meta = copy.copy(rep.metadata)
+            # Metadata has no setter for its source; Flower sets ids so itself
+            meta.__dict__["_src_node_id"] = node
+            rep = Message(error=Error(rep.error.code, why), metadata=meta)
+        out.append(rep)
+    return out
 
 
 def _audit(msgs: list[Message], direction: str) -> None:

@@ -895,11 +895,14 @@ def federated_evaluate(
     cfg: ResolvedConfig,
     node_map: dict[int, int],
     adapters: dict[str, dict[str, torch.Tensor]],
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Ask every client to evaluate each adapter on its own data (Flower evaluate).
 
     This is what a deployment sees without central data: the departed clients'
-    ``Q_A_Prob`` is the forget metric, the others' the retain metric.
+    ``Q_A_Prob`` is the forget metric, the others' the retain metric. A client
+    whose reply fails (a SuperNode that died, a client error) is left out of the
+    means and named under ``missing``; a group nobody answered for has no mean
+    (``None``), never a made-up 0.
 
     Parameters
     ----------
@@ -914,12 +917,18 @@ def federated_evaluate(
 
     Returns
     -------
-    dict[str, dict[str, float]]
+    dict[str, dict[str, Any]]
         Adapter name -> {``client-<id>``: Q_A_Prob, ``forget_Q_A_Prob``,
-        ``retain_Q_A_Prob``} (example-weighted means over the client groups).
+        ``retain_Q_A_Prob`` (example-weighted means over the client groups, or
+        ``None``), and ``missing`` ({``client-<id>``: why}) when a client failed}.
+
+    Raises
+    ------
+    PipelineError
+        If no client answered for an adapter.
     """
     departed = set(cfg.departed())
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     run = run_record(cfg)
     for name, state in adapters.items():
         record = encode_request(EvaluateRequest(state), run)
@@ -927,23 +936,40 @@ def federated_evaluate(
             Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n)
             for n in sorted(node_map)
         ]
-        res: dict[str, float] = {}
+        res: dict[str, Any] = {}
+        missing = {f"client-{c}": "no reply" for c in node_map.values()}
         groups: dict[str, list[tuple[float, int]]] = {"forget": [], "retain": []}
         for rep in grid.send_and_receive(msgs, timeout=3600):
-            if rep.has_error():
-                raise PipelineError(f"federated evaluation failed: {rep.error.reason}")
+            cid = node_map.get(rep.metadata.src_node_id)
+            if cid is None:
+                raise PipelineError(
+                    f"federated evaluation: a reply from node "
+                    f"{rep.metadata.src_node_id}, which was not asked"
+                )
             try:
+                if rep.has_error():
+                    raise ProtocolError(rep.error.reason)
                 reply = decode_reply("evaluate", rep)
             except ProtocolError as exc:
-                raise PipelineError(f"federated evaluation: {exc}") from exc
+                missing[f"client-{cid}"] = str(exc)
+                log.warning("federated evaluation of %s: client %d: %s", name, cid, exc)
+                continue
             assert isinstance(reply, EvaluateReply)
-            cid = node_map[rep.metadata.src_node_id]
+            del missing[f"client-{cid}"]
             res[f"client-{cid}"] = reply.q_a_prob
             group = "forget" if cid in departed else "retain"
             groups[group].append((reply.q_a_prob, reply.num_examples))
+        if not groups["forget"] and not groups["retain"]:
+            raise PipelineError(
+                f"federated evaluation of {name}: no client answered ({missing})"
+            )
         for group, vals in groups.items():
             total = sum(n for _, n in vals)
-            res[f"{group}_Q_A_Prob"] = sum(v * n for v, n in vals) / max(total, 1)
+            res[f"{group}_Q_A_Prob"] = (
+                sum(v * n for v, n in vals) / total if total else None
+            )
+        if missing:
+            res["missing"] = missing
         out[name] = res
     return out
 

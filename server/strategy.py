@@ -226,6 +226,7 @@ class HistoryMixin:
         self.aggregation = aggregation
         self.on_round = on_round
         self._global: dict[str, torch.Tensor] = {}
+        self._chosen: list[int] = []  # this round's clients (configure_train)
         self.dual = bool(run.get("dual-adapter", False))
         if self.dual != (prototype_fn is not None):
             raise ValueError(
@@ -271,6 +272,7 @@ class HistoryMixin:
             for c in sample_clients(self.seed, server_round, n, self.fraction)
             if c not in self.exclude
         ]
+        self._chosen = chosen
         self._global = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
         flower = self._flower_round_config(server_round, arrays, grid)
         if self.prototype_fn is not None:
@@ -336,7 +338,11 @@ class HistoryMixin:
             try:
                 cid, state, n = self._check_reply(msg)
             except ValueError as exc:
-                cid = self.node_to_client.get(msg.metadata.src_node_id, -1)
+                node = msg.metadata.src_node_id
+                if node not in self.node_to_client:  # nobody's: not recorded
+                    log.warning("round %d: dropped a reply: %s", server_round, exc)
+                    continue
+                cid = self.node_to_client[node]
                 rejected[cid] = str(exc)
                 log.warning(
                     "round %d: rejected the update of client %s: %s",
@@ -346,6 +352,11 @@ class HistoryMixin:
                 )
                 continue
             good.append((cid, msg, state, n))
+        answered = {g[0] for g in good} | set(rejected)
+        for cid in self._chosen:
+            if cid not in answered:  # Flower's round timeout passed without it
+                rejected[cid] = "no reply within the round's timeout"
+                log.warning("round %d: client %s did not reply", server_round, cid)
         good.sort(key=lambda g: g[0])
         for cid, why in outlying_updates(
             {g[0]: ad.sub(g[2], self._global) for g in good}

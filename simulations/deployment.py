@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -161,6 +162,39 @@ class Processes:
         )
         self.procs[name] = proc
         return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL process ``name`` and its descendants at once (a crashed host)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.procs[name].pid)
+            victims = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(victims, timeout=5)
+
+    def kill_when_logged(
+        self, name: str, text: str, poll: float = 0.2
+    ) -> threading.Thread:
+        """SIGKILL ``name`` once its log holds ``text``; return the watcher thread."""
+
+        def watch() -> None:
+            path = self.log_path(name)
+            while self.procs[name].poll() is None:
+                if path.is_file() and text in path.read_text(errors="replace"):
+                    self.kill(name)
+                    return
+                time.sleep(poll)
+
+        thread = threading.Thread(target=watch, name=f"kill-{name}", daemon=True)
+        thread.start()
+        return thread
 
     def log_path(self, name: str) -> Path:
         """Path of the log file of process ``name``."""
@@ -318,6 +352,7 @@ def run_local_deployment(
     workdir: Path | None = None,
     data_paths: list[str] | None = None,
     timeout: float = 900.0,
+    kill: tuple[int, str] | None = None,
 ) -> tuple[int, str]:
     """Start a SuperLink and ``num_clients`` SuperNodes, ``flwr run`` the app, stop all.
 
@@ -336,6 +371,10 @@ def run_local_deployment(
         One JSONL file per SuperNode (its ``data-path`` node config).
     timeout : float
         Seconds allowed for the run.
+    kill : tuple[int, str], optional
+        Fault injection: ``(i, text)`` SIGKILLs SuperNode ``i`` and its ClientApp
+        processes once its log holds ``text`` (for example ``"Receiving: train
+        message"``: mid-round, while it trains).
 
     Returns
     -------
@@ -379,6 +418,8 @@ def run_local_deployment(
                         node_cfg,
                     ],
                 )
+            if kill is not None:
+                procs.kill_when_logged(f"supernode{kill[0]}", kill[1])
             return flwr_run("local-deployment", run_config, env, timeout)
     finally:
         if workdir is None:

@@ -61,3 +61,37 @@ def test_mpu_deployment_matches_the_simulation(tmp_path, monkeypatch):
     engine differ by their noise; with its test seed both are bit-identical."""
     out, sim = _deploy_and_simulate(tmp_path, monkeypatch, "mpu", [("seed", 7)])
     assert_parity(out, sim)
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_left_out_and_named(tmp_path, monkeypatch):
+    """SuperNode 2 of 3 is SIGKILLed (with its ClientApp) while it trains in FL
+    round 1. Once its heartbeat lapses the SuperLink answers for it; the run goes
+    on with the clients that answered and says who was missing: in every FL and
+    retrain round, in foul_server's record (it had no update to weigh) and in
+    the federated evaluation, whose means are over the clients that answered."""
+    from simulations.deployment import run_local_deployment
+
+    monkeypatch.setenv("FED_UNLEARN_RUNS", str(tmp_path / "runs"))
+    out = tmp_path / "out"
+    rc, log = run_local_deployment(
+        3,
+        "preset='tiny' num-clients=3 depart='1' num-server-rounds=2 local-epochs=1 "
+        f"seed=11 method='foul_server' out-dir='{out}'",
+        workdir=tmp_path / "work",
+        kill=(2, "Receiving: train message"),
+    )
+    assert rc == 0, log[-3000:]
+    assert "ServerApp raised an exception" not in log, log[-3000:]
+    pipeline = json.loads((out / "pipeline.json").read_text())
+    for phase, alive in (("train", [0, 1]), ("retrain", [0])):
+        rounds = pipeline[phase]["round_log"]
+        assert [r["participants"] for r in rounds] == [alive, alive]
+        for r in rounds:
+            assert "Node Unavailable" in r["rejected"]["2"]
+    assert pipeline["unlearn"]["info"]["remaining_without_history"] == [2]
+    fed = json.loads((out / "federated_eval.json").read_text())
+    for res in fed.values():
+        assert set(res["missing"]) == {"client-2"}
+        assert res["forget_Q_A_Prob"] == res["client-1"]
+        assert res["retain_Q_A_Prob"] == res["client-0"]  # client 2 left out

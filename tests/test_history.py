@@ -446,3 +446,30 @@ def test_first_state_must_be_a_nonempty_dict(tmp_path):
     with pytest.raises(HistoryError, match="global_state"):
         store.append(rec)
     assert not (tmp_path / "h").exists()
+
+
+def test_foul_reads_the_updates_there_are_and_requires_the_departed(tmp_path):
+    """A client lost before its first reply has no update in the history: FOUL's
+    history read leaves it out unless it is required (the departed must be
+    there: their updates are what is removed)."""
+    from fed_unlearn.methods.base import MissingRequirementError
+    from fed_unlearn.methods.foul.method import cached_updates
+
+    store = HistoryStore(tmp_path / "h")
+    for r in (1, 2):
+        store.append(make_record(r, clients=(0, 1), rejected={2: "Node Unavailable"}))
+    got = cached_updates(store, (0, 1, 2), "sum", required=(1,))
+    assert sorted(got) == [0, 1]
+    want = {
+        k: -(a + b)
+        for (k, a), b in zip(
+            store.load(1).client_deltas[0].items(),
+            store.load(2).client_deltas[0].values(),
+            strict=True,
+        )
+    }
+    assert all(torch.allclose(got[0][k], v) for k, v in want.items())
+    with pytest.raises(MissingRequirementError, match=r"client\(s\) \[2\]"):
+        cached_updates(store, (0, 1, 2), "sum", required=(2,))
+    with pytest.raises(MissingRequirementError, match=r"\[2\]"):
+        cached_updates(store, (0, 1, 2), "sum")

@@ -193,3 +193,56 @@ def test_an_update_far_longer_than_the_rounds_median_is_rejected(tmp_path):
     # the new global adapter is FedAvg of the three kept: (1 + 2 + 3) / 3 = 2
     assert float(arrays.to_torch_state_dict()["m.lora_A.weight"]) == 2.0
     assert outlying_updates({0: glob, 1: glob}) == {}  # fewer than three: none
+
+
+def _superlink_error_for(sent_msg):
+    """The reply Flower's SuperLink makes for a message whose node went silent:
+    from the SuperLink itself (node id 1), not from the node."""
+    from flwr.app import Error, Metadata
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    meta = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=SUPERLINK_NODE_ID,
+        dst_node_id=SUPERLINK_NODE_ID,
+        reply_to_message_id=sent_msg.metadata.message_id,
+        group_id=sent_msg.metadata.group_id,
+        created_at=0.0,
+        ttl=60.0,
+        message_type=sent_msg.metadata.message_type,
+    )
+    return Message(
+        error=Error(ErrorCode.NODE_UNAVAILABLE, "Node Unavailable"), metadata=meta
+    )
+
+
+def test_a_lost_node_is_named_in_the_round_and_the_others_aggregate(strategy):
+    from server.grid import attribute_replies
+
+    s, glob, sent = strategy
+    for node, m in sent.items():  # the ids the grid's push gives
+        m.metadata.__dict__["_message_id"] = f"m{node}"
+    good = {k: torch.ones_like(v) for k, v in glob.items()}
+    replies = [_reply(sent[101], good, cid=0), _reply(sent[102], good, cid=1)]
+    lost = _superlink_error_for(sent[103])
+    fixed = attribute_replies([*replies, lost], sent.values())
+    assert fixed[2].metadata.src_node_id == 103 and fixed[:2] == replies
+    s.aggregate_train(1, fixed)
+    rec = s.history.load(1)
+    assert rec.participants == [0, 1]
+    assert "SuperLink answered for node 103" in rec.rejected[2]
+
+
+def test_an_unattributable_reply_is_dropped_and_the_silent_client_named(strategy):
+    """Before attribution a SuperLink reply has no client: it must neither crash
+    the history (client id -1) nor go unmentioned."""
+    s, glob, sent = strategy
+    for node, m in sent.items():
+        m.metadata.__dict__["_message_id"] = f"m{node}"
+    good = {k: torch.ones_like(v) for k, v in glob.items()}
+    replies = [_reply(sent[101], good, cid=0), _reply(sent[102], good, cid=1)]
+    s.aggregate_train(1, [*replies, _superlink_error_for(sent[103])])
+    rec = s.history.load(1)
+    assert rec.participants == [0, 1]
+    assert rec.rejected == {2: "no reply within the round's timeout"}

@@ -85,7 +85,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -268,7 +268,10 @@ class FoulConfig(StopOptions):
 
 
 def cached_updates(
-    history: HistoryStore, clients: tuple[int, ...], how: str
+    history: HistoryStore,
+    clients: tuple[int, ...],
+    how: str,
+    required: tuple[int, ...] | None = None,
 ) -> dict[int, AdapterState]:
     """Pseudo-gradients θ_t - θ_t,u of ``clients`` from the FL history.
 
@@ -280,6 +283,9 @@ def cached_updates(
         Whose updates.
     how : str
         ``"sum"`` over all rounds or ``"last"`` round each client took part in.
+    required : tuple[int, ...], optional
+        The clients that must have an update (default: all of ``clients``); the
+        others are left out of the result when the history has none of theirs.
 
     Returns
     -------
@@ -289,7 +295,7 @@ def cached_updates(
     Raises
     ------
     MissingRequirementError
-        A client has no update in the history.
+        A required client has no update in the history.
     """
     out: dict[int, AdapterState] = {}
     for r in history.rounds():
@@ -299,7 +305,7 @@ def cached_updates(
                 continue
             g = {k: -v.float() for k, v in rec.client_deltas[cid].items()}
             out[cid] = ad.add(out[cid], g) if how == "sum" and cid in out else g
-    missing = [c for c in clients if c not in out]
+    missing = [c for c in (clients if required is None else required) if c not in out]
     if missing:
         raise MissingRequirementError(
             f"foul (cached mode): the history has no update of client(s) {missing}"
@@ -554,8 +560,21 @@ class Foul(UnlearningMethod):
         t0 = time.perf_counter()  # the server's own work: history read and steps
         # one pass over the history for both groups
         hist = cached_updates(
-            ctx.history, (*ctx.remaining, *ctx.departed), cfg.forget_grad
+            ctx.history,
+            (*ctx.remaining, *ctx.departed),
+            cfg.forget_grad,
+            required=ctx.departed,
         )
+        # a remaining client with no update in the history (lost before its
+        # first reply, e.g. a SuperNode killed in round 1) contributed nothing:
+        # it is left out of the geometry and of the recovery rounds, and said so
+        never = [c for c in ctx.remaining if c not in hist]
+        if never:
+            ctx = replace(ctx, remaining=tuple(c for c in ctx.remaining if c in hist))
+            if not ctx.remaining:
+                raise MissingRequirementError(
+                    f"{self.name}: no remaining client has an update in the history"
+                )
         hist_retain = {c: hist[c] for c in ctx.remaining}
         hist_forget = {c: hist[c] for c in ctx.departed}
         sizes = ctx.history.load(ctx.history.rounds()[-1]).num_examples
@@ -621,6 +640,7 @@ class Foul(UnlearningMethod):
                     "adapter_bytes": full_bytes,
                 },
                 **more,
+                **({"remaining_without_history": never} if never else {}),
             ),
         )
 
