@@ -1,7 +1,7 @@
 r"""A TLS-terminating reverse proxy that exposes only the SuperLink's Fleet API.
 
-flwr 1.41 serves the Fleet API (``/v1/fleet/*``, what SuperNodes call), the Control
-API (``/v1/control/*``, what ``flwr run``/``ls``/``stop``/``supernode register``
+flwr 1.41 and 1.42 serve the Fleet API (``/v1/fleet/*``, what SuperNodes call), the
+Control API (``/v1/control/*``, what ``flwr run``/``ls``/``stop``/``supernode register``
 call), the Runtime API (``/v1/runtime/*``) and the OpenAPI UI (``/docs``,
 ``/openapi.json``) on one HTTPS port, and the open-source build authenticates no
 user on the Control API.  The mitigation: bind the SuperLink to loopback on the

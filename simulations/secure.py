@@ -270,7 +270,7 @@ def flwr_cli(
 def _json_out(proc: subprocess.CompletedProcess[str]) -> Any:
     """Parse ``flwr ... --format json`` output (the JSON object in stdout).
 
-    flwr 1.41 exits 0 even when the call failed; it then prints
+    flwr 1.41 and 1.42 exit 0 even when the call failed; it then prints
     ``{"success": false, "error-message": ...}``, which raises here.
     """
     text = proc.stdout

@@ -57,7 +57,8 @@ def test_run_json_records_config_costs_and_versions(first_run):
     assert set(run["wall_time_s"]) >= {"train", "unlearn", "retrain", "total"}
     assert set(run["bytes"]) >= {"train", "unlearn", "retrain"}
     assert run["config"]["num-server-rounds"] == 2 and run["departed"] == [2]
-    assert run["versions"]["flwr"] == "1.41.0"
+    assert run["versions"]["flwr"] == "1.42.0"  # the pinned version
+    assert run["numerics"]["mode"] in ("native", "reproducible")
     # per-round evaluation hook: rounds 0..R for both FL phases, same start point
     assert [p["round"] for p in run["curves"]["train"]] == [0, 1, 2]
     assert [p["round"] for p in run["curves"]["retrain"]] == [0, 1, 2]
