@@ -149,6 +149,7 @@ def simulate(
         return run_pipeline(None, cfg, steps, federation=federation, journal=journal)
     from flwr.simulation import run_simulation
 
+    _quiet_run_simulation_notice()
     from clients.client_app import app as default_client_app
     from server.server_app import make_server_app
 
@@ -194,6 +195,28 @@ def simulate(
             "the Flower simulation ended without a result (see the log above)"
         )
     return state["output"]
+
+
+class _RunSimulationNotice(logging.Filter):
+    """Drop flwr 1.42's deprecation warning of ``run_simulation`` (to debug).
+
+    It tells the user to run ``flwr run`` instead, which is not what a
+    ``fed-unlearn`` user does: the runner needs ``run_simulation`` to start a
+    ServerApp object in this process (docs/usage.md says what happens when Flower
+    removes it).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "`run_simulation` function is deprecated" in record.getMessage():
+            log.debug("flwr: %s", record.getMessage().splitlines()[0])
+            return False
+        return True
+
+
+def _quiet_run_simulation_notice() -> None:
+    flwr_log = logging.getLogger("flwr")
+    if not any(isinstance(f, _RunSimulationNotice) for f in flwr_log.filters):
+        flwr_log.addFilter(_RunSimulationNotice())
 
 
 class _RoundBar:
