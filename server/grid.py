@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import Error, Message
@@ -118,7 +118,7 @@ class CountingGrid:
         self.bytes_down = 0
         self.bytes_up = 0
         self.messages = 0
-        self._pushed: dict[str, Message] = {}
+        self._pushed: dict[str, int] = {}  # pushed, not yet answered: id -> node
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -135,70 +135,74 @@ class CountingGrid:
         return msgs
 
     def _count_in(
-        self, replies: Iterable[Message], sent: Iterable[Message]
+        self, replies: Iterable[Message], asked: Mapping[str, int]
     ) -> list[Message]:
         got = list(replies)
         self.bytes_up += sum(message_nbytes(m) for m in got)
         _audit(got, "up")
-        return attribute_replies(got, sent)
+        return attribute_replies(got, asked)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         """Send messages, wait for replies, count both directions."""
         msgs = self._count_out(messages)
-        return self._count_in(self._grid.send_and_receive(msgs, timeout=timeout), msgs)
+        replies = self._grid.send_and_receive(msgs, timeout=timeout)
+        return self._count_in(replies, destinations(msgs))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push messages (counted)."""
         msgs = self._count_out(messages)
         ids = list(self._grid.push_messages(msgs))
-        self._pushed.update(zip(ids, msgs, strict=True))
+        self._pushed.update(destinations(msgs))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """Pull replies (counted)."""
-        ids = list(message_ids)
-        return self._count_in(
-            self._grid.pull_messages(ids),
-            [self._pushed[i] for i in ids if i in self._pushed],
-        )
+        replies = self._count_in(self._grid.pull_messages(message_ids), self._pushed)
+        for rep in replies:  # answered: its destination is no longer needed
+            self._pushed.pop(rep.metadata.reply_to_message_id, None)
+        return replies
+
+
+def destinations(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of sent messages (ids set by the push)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
 
 def attribute_replies(
-    replies: Iterable[Message], sent: Iterable[Message]
+    replies: Iterable[Message], asked: Mapping[str, int]
 ) -> list[Message]:
     """Give the SuperLink's error replies for a lost node that node's id.
 
     When a SuperNode stops sending heartbeats (killed, cut off), the SuperLink
     answers the messages it still holds for it with a ``NODE_UNAVAILABLE`` error
-    whose source is the SuperLink itself, not the node. Replaced here by the same
-    error as a reply to the message sent (so from that node), with the node
-    named in the reason: every consumer (the strategy, the channel, discovery,
-    the federated evaluation) then knows whose reply failed.
+    whose source is the SuperLink itself, not the node. Replaced here by the
+    same error from that node (the destination of the message it answers), with
+    the node named in the reason: every consumer (the strategy, the channel,
+    discovery, the federated evaluation) then knows whose reply failed.
 
     Parameters
     ----------
     replies : Iterable[Message]
         Replies as the grid returned them.
-    sent : Iterable[Message]
-        The messages they answer (their ids set by the grid's push).
+    asked : Mapping[str, int]
+        Id of each message they answer -> its destination node
+        (:func:`destinations`).
 
     Returns
     -------
     list[Message]
         The replies, in order, with those errors re-attributed.
     """
-    by_id = {m.metadata.message_id: m for m in sent}
     out = []
     for rep in replies:
-        asked = by_id.get(rep.metadata.reply_to_message_id)
+        node = asked.get(rep.metadata.reply_to_message_id)
         if (
             rep.metadata.src_node_id == SUPERLINK_NODE_ID
             and rep.has_error()
-            and asked is not None
+            and node is not None
         ):
-            node = asked.metadata.dst_node_id
             why = f"the SuperLink answered for node {node}: {rep.error.reason}"
             meta = copy.copy(rep.metadata)
             # Metadata has no setter for its source; Flower sets ids so itself

@@ -218,7 +218,7 @@ def _superlink_error_for(sent_msg):
 
 
 def test_a_lost_node_is_named_in_the_round_and_the_others_aggregate(strategy):
-    from server.grid import attribute_replies
+    from server.grid import attribute_replies, destinations
 
     s, glob, sent = strategy
     for node, m in sent.items():  # the ids the grid's push gives
@@ -226,7 +226,7 @@ def test_a_lost_node_is_named_in_the_round_and_the_others_aggregate(strategy):
     good = {k: torch.ones_like(v) for k, v in glob.items()}
     replies = [_reply(sent[101], good, cid=0), _reply(sent[102], good, cid=1)]
     lost = _superlink_error_for(sent[103])
-    fixed = attribute_replies([*replies, lost], sent.values())
+    fixed = attribute_replies([*replies, lost], destinations(sent.values()))
     assert fixed[2].metadata.src_node_id == 103 and fixed[:2] == replies
     s.aggregate_train(1, fixed)
     rec = s.history.load(1)
