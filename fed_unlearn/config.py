@@ -1108,8 +1108,8 @@ class ResolvedConfig(_Clients):
         keep["exclude"] = list(exclude)
         keep["recipe"] = [FL_RECIPE_VERSION, SYSTEM_PROMPT]
         keep["model"] = model_identity(self.preset, self.model_path or None)
-        if numerics.cache_tag():  # the native mode adds nothing: old keys stay
-            keep["numerics"] = numerics.cache_tag()
+        if tag := numerics.cache_tag():  # the native mode adds nothing: old keys stay
+            keep["numerics"] = tag
         blob = json.dumps(keep, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -170,8 +170,8 @@ class TinySpec:
     def key(self) -> str:
         """Return a short hash identifying this recipe."""
         recipe = {**self.__dict__, "v": TINY_VERSION, "py": sys.version_info[:2]}
-        if numerics.cache_tag():  # the native mode adds nothing: old keys stay
-            recipe["numerics"] = numerics.cache_tag()
+        if tag := numerics.cache_tag():  # the native mode adds nothing: old keys stay
+            recipe["numerics"] = tag
         blob = json.dumps(recipe, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
