@@ -172,12 +172,7 @@ class Processes:
             victims = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        for p in victims:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                continue
-        psutil.wait_procs(victims, timeout=5)
+        _sigkill(victims)
 
     def kill_when_logged(
         self, name: str, text: str, poll: float = 0.2
@@ -241,12 +236,7 @@ class Processes:
             except psutil.NoSuchProcess:
                 continue
         _, alive = psutil.wait_procs(survivors, timeout=grace)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                continue
-        psutil.wait_procs(alive, timeout=5)
+        _sigkill(alive)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)
@@ -257,12 +247,7 @@ class Processes:
             strays = self._marked()
             if not strays:
                 break
-            for p in strays:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    continue
-            psutil.wait_procs(strays, timeout=5)
+            _sigkill(strays)
             time.sleep(0.5)
         for log in self._logs:
             log.close()
@@ -282,6 +267,18 @@ class Processes:
             except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
                 continue
         return found
+
+
+def _sigkill(procs: Sequence[Any]) -> None:
+    """SIGKILL each of ``procs`` (psutil processes; gone ones skipped), then reap."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(procs, timeout=5)
 
 
 def write_cli_config(
