@@ -51,7 +51,9 @@ all forgotten so far) and those of the step-j retrain oracle, aggregated over
 seeds per request and plotted as utility against requests. Writes
 ``results.json``, ``report.md`` and PNG plots (bars with error bars, and the
 forgetting curve against the oracle with the seed spread) into ``DIR``, and
-with ``publish`` also into ``docs/results/<suite>/``.
+with ``publish`` the whole suite's report into ``docs/results/<suite>/``: cells
+finished in ``DIR`` replace their published ones, the others are carried over
+(:func:`publish`).
 """
 
 from __future__ import annotations
@@ -474,6 +476,7 @@ def cell_metrics(run_dir: Path) -> dict[str, Any]:
             (by.get("retrain") or {}).get("total"),
         ),
         "oracle_stopped": bool(run.get("oracle_stopped")),
+        "git_sha": run.get("git_sha"),
         "departed": run.get("departed"),
         "curve": [
             (p["round"], p["forget_Q_A_Prob"])
@@ -540,8 +543,23 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def aggregate(suite: Suite, out: Path) -> dict[str, Any]:
-    """``results.json``: per-cell metrics and per (scenario, method) mean ± CI."""
+def aggregate(
+    suite: Suite, out: Path, carried: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """``results.json``: per-cell metrics and per (scenario, method) mean ± CI.
+
+    Parameters
+    ----------
+    suite : Suite
+        The suite (or a selection of it).
+    out : Path
+        Bench directory; its finished cells are measured afresh.
+    carried : Sequence[dict[str, Any]]
+        Per-cell entries of an earlier ``results.json`` (its ``cells``). A cell
+        that ``out`` lacks is taken from them, marked ``carried``; a cell that
+        ``out`` holds always replaces its carried entry.
+    """
+    earlier = {(c["scenario"], c["seed"], c["method"]): c for c in carried}
     per_cell, agg = [], {}
     for sc in suite.scenarios:
         agg[sc.name] = {}
@@ -549,12 +567,27 @@ def aggregate(suite: Suite, out: Path) -> dict[str, Any]:
             rows = []
             for seed in suite.seeds:
                 path = out / sc.name / f"seed-{seed}" / m.label
+                key = (sc.name, seed, m.label)
                 if _done(path):
-                    vals = cell_metrics(path)
-                    rows.append(vals)
-                    per_cell.append(
-                        {"scenario": sc.name, "seed": seed, "method": m.label, **vals}
-                    )
+                    vals = {**cell_metrics(path), "carried": False}
+                elif key in earlier:
+                    vals = {
+                        **{k: None for k, _, _ in METRICS},
+                        "sequential": [],
+                        "oracle_stopped": False,
+                        "curve": [],
+                        "oracle_curve_level": None,
+                        **earlier[key],
+                        "carried": True,
+                    }
+                    for k in ("scenario", "seed", "method"):
+                        vals.pop(k)
+                else:
+                    continue
+                rows.append(vals)
+                per_cell.append(
+                    {"scenario": sc.name, "seed": seed, "method": m.label, **vals}
+                )
             entry = {k: mean_ci([r[k] for r in rows]) for k, _, _ in METRICS}
             entry["seeds"] = len(rows)
             if any(r["sequential"] for r in rows):
@@ -626,6 +659,16 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[str]]) -> str
         "",
         "Regenerate: `fed-unlearn bench " + results["suite"] + " --out DIR --publish`.",
     ]
+    cells_ = results.get("cells", [])
+    carried = [c for c in cells_ if c.get("carried")]
+    if carried:
+        shas = sorted({str(c.get("git_sha") or "not recorded")[:12] for c in carried})
+        lines += [
+            "",
+            f"Cells: {len(cells_) - len(carried)} measured in this bench, "
+            f"{len(carried)} carried over from the earlier publication "
+            f"(commits: {', '.join(shas)}).",
+        ]
     for sc, rows in results["aggregate"].items():
         conf = results["scenarios"][sc]
         lines += ["", f"## {sc}", "", "`" + json.dumps(conf, sort_keys=True) + "`", ""]
@@ -823,9 +866,25 @@ def write_results(suite: Suite, results: dict[str, Any], out: Path) -> None:
 
 
 def publish(suite: Suite, out: Path, dest: Path = DOCS_RESULTS) -> Path:
-    """Copy a bench's report, plots and results into ``docs/results/<suite>/``."""
+    """Write the whole suite's report, plots and results into ``dest/<suite>/``.
+
+    ``suite`` is the whole suite, not a ``--methods``/``--seeds`` selection:
+    every cell finished in ``out`` is measured afresh, and every other cell is
+    carried over from the report already published there (its ``results.json``),
+    so a bench of a few cells updates those rows without dropping the rest. The
+    report says how many cells were carried. Re-run every cell of a method whose
+    code or defaults changed: a carried cell is what that method did then.
+    """
     target = dest / suite.name
+    published = target / "results.json"
+    carried: list[dict[str, Any]] = []
+    if published.is_file():
+        try:
+            carried = json.loads(published.read_text()).get("cells", [])
+        except json.JSONDecodeError as exc:
+            msg = f"{published}: not JSON ({exc}); nothing published"
+            raise SuiteError(msg) from None
+    results = aggregate(suite, out, carried)
     target.mkdir(parents=True, exist_ok=True)
-    for p in [out / "report.md", out / "results.json", *out.glob("*.png")]:
-        shutil.copy2(p, target / p.name)
+    write_results(suite, results, target)
     return target

@@ -378,7 +378,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench.run_suite(suite, out, progress=not args.quiet)
     print(f"bench {suite.name}: {out}/report.md, {out}/results.json")
     if args.publish:
-        print(f"published: {bench.publish(suite, out)}")
+        whole = bench.load_suite(args.suite)
+        print(f"published: {bench.publish(whole, out)}")
     return 0
 
 

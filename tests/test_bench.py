@@ -221,6 +221,38 @@ def test_run_suite_skips_finished_cells_and_reruns_half_written_ones(tmp_path):
     assert ran == [(2, "mpu-x")]
 
 
+def test_publish_of_a_few_cells_keeps_the_published_rest(tmp_path):
+    """A bench of one seed updates that seed's cells in the published report;
+    the other published cells are carried over, marked, and counted."""
+    suite = bench.load_suite(str(_suite(tmp_path, GOOD)))
+    dest = tmp_path / "docs"
+    first = tmp_path / "first"
+    bench.run_suite(suite, first, lambda c, p: _fake_run(p, 0.3, 0.5), progress=False)
+    bench.publish(suite, first, dest)  # gap 0 everywhere
+    again = tmp_path / "again"
+    one = bench.select(suite, methods=["foul_server"], seeds=[2])
+    bench.run_suite(one, again, lambda c, p: _fake_run(p, 0.05, 0.5), progress=False)
+    target = bench.publish(suite, again, dest)
+    res = json.loads((target / "results.json").read_text())
+    assert len(res["cells"]) == 6
+    fresh = [c for c in res["cells"] if not c["carried"]]
+    assert [(c["seed"], c["method"]) for c in fresh] == [(2, "foul_server")]
+    # foul_server: gap 0, 1, 0 over seeds 1-3 -> mean 1/3; mpu-x stays 0
+    agg = res["aggregate"]["a"]
+    assert agg["foul_server"]["gap_closed"]["mean"] == pytest.approx(1 / 3)
+    assert agg["mpu-x"]["gap_closed"]["mean"] == pytest.approx(0.0)
+    assert agg["foul_server"]["seeds"] == 3
+    md = (target / "report.md").read_text()
+    assert "1 measured in this bench, 5 carried over" in md
+    assert (target / "a_bars.png").is_file()
+    # a published file that is not JSON: a clear error, and nothing rewritten
+    (target / "results.json").write_text("{oops")
+    before = (target / "report.md").read_text()
+    with pytest.raises(bench.SuiteError, match="not JSON"):
+        bench.publish(suite, again, dest)
+    assert (target / "report.md").read_text() == before
+
+
 def test_oracle_stopped_run_is_flagged_and_charged_the_oracle():
     from simulations.runner import add_oracle_cost
 
