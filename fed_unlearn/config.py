@@ -86,6 +86,18 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: Method options whose calibrated default depends on the base model, per
+#: :meth:`RunConfig.defaults_key`: a run of that method gets them unless it sets
+#: them (:meth:`RunConfig.resolved`; ``run.json`` records the resolved options).
+#: A method module's own defaults are those of a pretrained base (``smollm2``,
+#: and a ``custom`` model); the tiny preset's base is trained from scratch on
+#: the synthetic facts, and where its calibration differs it is named here.
+#: ``foul_server``'s ``server_lr``: the ``calibration`` suite's ``tiny-*``
+#: scenarios (0.5) against its ``smollm2-5c`` scenario (the module's default).
+PRESET_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {"foul_server": {"server_lr": 0.5}},
+}
+
 #: The named values of run-config keys: ``(name, value, the keys, meaning)``
 #: (``docs/configuration.md`` lists them).
 NAMED_VALUES: tuple[tuple[str, Any, str, str], ...] = (
@@ -316,7 +328,13 @@ def _flat(cfg: RunConfig | ResolvedConfig, skip: frozenset[str]) -> dict[str, An
         and f.name not in skip
         and getattr(cfg, f.name) is not None
     }
-    out.update({f"{METHOD_OPTION_PREFIX}{k}": v for k, v in cfg.method_options.items()})
+    out.update(
+        {
+            key: v
+            for k, v in cfg.method_options.items()
+            if (key := f"{METHOD_OPTION_PREFIX}{k}") not in skip
+        }
+    )
     out.update(cfg.extra)
     return out
 
@@ -865,8 +883,9 @@ class RunConfig(_Clients):
     def resolved(self) -> ResolvedConfig:
         """Return the frozen config with every :data:`PRESET` value filled in.
 
-        Call it once where a run starts and hand the result on; ``self`` is
-        untouched.
+        The method's options get the base model's calibrated defaults
+        (:data:`PRESET_METHOD_DEFAULTS`) where the run does not set them. Call it
+        once where a run starts and hand the result on; ``self`` is untouched.
 
         Returns
         -------
@@ -878,7 +897,15 @@ class RunConfig(_Clients):
         filled = frozenset(k for k in PRESET_FIELDS if values[k] is PRESET)
         values.update({k: preset[k] for k in filled})
         values["extra"] = dict(self.extra)
-        values["method_options"] = dict(self.method_options)
+        by_base = {
+            k: v
+            for k, v in PRESET_METHOD_DEFAULTS.get(self.defaults_key(), {})
+            .get(self.method, {})
+            .items()
+            if k not in {g.replace("-", "_") for g in self.method_options}
+        }
+        values["method_options"] = {**by_base, **self.method_options}
+        filled |= {f"{METHOD_OPTION_PREFIX}{k}" for k in by_base}
         return ResolvedConfig(**values, from_preset=filled)
 
     def given_flat(self) -> dict[str, Any]:
@@ -915,8 +942,9 @@ class ResolvedConfig(_Clients):
     Parameters
     ----------
     from_preset : frozenset[str]
-        The fields whose value came from the preset (not compared, not a flat
-        key): :meth:`given_flat` leaves them out, as the run was given.
+        The fields whose value came from the preset, and as ``method-<option>``
+        the method options from :data:`PRESET_METHOD_DEFAULTS` (not compared,
+        not a flat key): :meth:`given_flat` leaves them out, as the run was given.
     """
 
     preset: str
