@@ -317,6 +317,26 @@ def render_configuration(root: Path = ROOT) -> str:
     for name in C.PRESET_DEFAULTS[presets[0]]:
         cells = " | ".join(f"{C.PRESET_DEFAULTS[p][name]:g}" for p in presets)
         lines.append(f"| `{name.replace('_', '-')}` | {cells} |")
+    from fed_unlearn.methods import get_method
+
+    lines += [
+        "",
+        "Method options whose calibrated default depends on the base model "
+        "(`PRESET_METHOD_DEFAULTS`): a run gets the preset's value unless it sets "
+        "the option; every other preset gets the method's own default. `run.json` "
+        "records the resolved value.",
+        "",
+        "| method | option | preset | its value | the method's own default |",
+        "|---|---|---|---:|---:|",
+    ]
+    for preset, methods in C.PRESET_METHOD_DEFAULTS.items():
+        for method, options in methods.items():
+            own = get_method(method).config
+            for opt, value in options.items():
+                lines.append(
+                    f"| `{method}` | `{opt}` | `{preset}` | {value:g} | "
+                    f"{getattr(own, opt):g} |"
+                )
     lines += [
         "",
         "## Named values",
