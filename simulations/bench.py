@@ -680,12 +680,16 @@ def render_markdown(results: dict[str, Any], plots: dict[str, list[str]]) -> str
         ]
         lines.append("| method | seeds | " + " | ".join(h for _, h, _ in shown) + " |")
         lines.append("|---|---:|" + "---:|" * len(shown))
+        unrun = [label for label, e in rows.items() if not e["seeds"]]
+        rows = {label: e for label, e in rows.items() if e["seeds"]}
         for label, e in rows.items():
             name = label + (
                 " — oracle-stopped (upper bound)" if e["oracle_stopped"] else ""
             )
             cells_ = " | ".join(_fmt(e[k], d) for k, _, d in shown)
             lines.append(f"| {name} | {e['seeds']} | {cells_} |")
+        if unrun:
+            lines += ["", "No finished cell yet: " + ", ".join(unrun) + "."]
         lines += _sequential_md(rows)
         for png in plots.get(sc, []):
             lines += ["", f"![{png}]({png})"]
@@ -742,7 +746,9 @@ def _plots(results: dict[str, Any], out: Path) -> dict[str, list[str]]:
 
     made: dict[str, list[str]] = {}
     for sc, rows in results["aggregate"].items():
-        labels = list(rows)
+        labels = [label for label, e in rows.items() if e["seeds"]]
+        if not labels:
+            continue
         # horizontal bars: the method labels stay readable however many rows
         fig, axes = plt.subplots(
             1, 3, figsize=(13, 1.2 + 0.32 * len(labels)), sharey=True

@@ -253,6 +253,18 @@ def test_publish_of_a_few_cells_keeps_the_published_rest(tmp_path):
     assert (target / "report.md").read_text() == before
 
 
+def test_a_method_without_a_finished_cell_is_named_not_tabled(tmp_path):
+    suite = bench.load_suite(str(_suite(tmp_path, GOOD)))
+    out = tmp_path / "out"
+    only = bench.select(suite, methods=["foul_server"])
+    bench.run_suite(only, out, lambda c, p: _fake_run(p, 0.1, 0.5), progress=False)
+    res = bench.aggregate(suite, out)
+    assert res["aggregate"]["a"]["mpu-x"]["seeds"] == 0
+    md = bench.render_markdown(res, {})
+    assert "No finished cell yet: mpu-x." in md
+    assert "| mpu-x |" not in md and "| foul_server | 3 |" in md
+
+
 def test_oracle_stopped_run_is_flagged_and_charged_the_oracle():
     from simulations.runner import add_oracle_cost
 
