@@ -42,7 +42,7 @@ def decode_request(msg: Message) -> tuple[Request, ResolvedConfig]:
             raise ProtocolError(f"the message has no {name!r} record")
     arrays = content["arrays"].to_torch_state_dict() if "arrays" in content else None
     request = decode_request_fields(dict(content["config"]), arrays)
-    return request, decode_run(dict(content["run"])).resolved()
+    return request, decode_run(dict(content["run"])).resolved(method_defaults=False)
 
 
 def encode_reply(msg: Message, reply: Reply) -> Message:

@@ -92,10 +92,10 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 #: A method module's own defaults are those of a pretrained base (``smollm2``,
 #: and a ``custom`` model); the tiny preset's base is trained from scratch on
 #: the synthetic facts, and where its calibration differs it is named here.
-#: ``foul_server``'s ``server_lr``: the ``calibration`` suite's ``tiny-*``
-#: scenarios (0.5) against its ``smollm2-5c`` scenario (the module's default).
+#: ``foul_server``'s step and recovery: the ``calibration`` suite's ``tiny-*``
+#: scenarios against its ``smollm2-5c`` scenario (the module's defaults).
 PRESET_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {"foul_server": {"server_lr": 0.5}},
+    "tiny": {"foul_server": {"server_lr": 0.5, "recovery_rounds": 1}},
 }
 
 #: The named values of run-config keys: ``(name, value, the keys, meaning)``
@@ -880,12 +880,19 @@ class RunConfig(_Clients):
                 f"got {getattr(self, bad[0].replace('-', '_'))}"
             )
 
-    def resolved(self) -> ResolvedConfig:
+    def resolved(self, *, method_defaults: bool = True) -> ResolvedConfig:
         """Return the frozen config with every :data:`PRESET` value filled in.
 
-        The method's options get the base model's calibrated defaults
-        (:data:`PRESET_METHOD_DEFAULTS`) where the run does not set them. Call it
-        once where a run starts and hand the result on; ``self`` is untouched.
+        Call it once where a run starts and hand the result on; ``self`` is
+        untouched.
+
+        Parameters
+        ----------
+        method_defaults : bool
+            Give the method's options the base model's calibrated defaults
+            (:data:`PRESET_METHOD_DEFAULTS`) where the run does not set them
+            (default: True). A client's view of a run passes False: the method
+            runs on the server, and no method option reaches a client.
 
         Returns
         -------
@@ -897,12 +904,13 @@ class RunConfig(_Clients):
         filled = frozenset(k for k in PRESET_FIELDS if values[k] is PRESET)
         values.update({k: preset[k] for k in filled})
         values["extra"] = dict(self.extra)
+        given = {g.replace("-", "_") for g in self.method_options}
         by_base = {
             k: v
             for k, v in PRESET_METHOD_DEFAULTS.get(self.defaults_key(), {})
             .get(self.method, {})
             .items()
-            if k not in {g.replace("-", "_") for g in self.method_options}
+            if method_defaults and k not in given
         }
         values["method_options"] = {**by_base, **self.method_options}
         filled |= {f"{METHOD_OPTION_PREFIX}{k}" for k in by_base}

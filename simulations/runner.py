@@ -106,7 +106,8 @@ def needs_flower(
         return False
     if load_phase(cfg, excluded) is None:
         return True
-    reqs = get_method(cfg.method, cfg.method_options).needs()
+    r = resolve(cfg)  # the method's options with the base model's defaults
+    reqs = get_method(r.method, r.method_options).needs()
     return bool(reqs & {Requirement.LIVE_CLIENTS, Requirement.DEPARTED_COOPERATION})
 
 
@@ -621,7 +622,7 @@ def run_all(
                     "do_eval": do_eval,
                     "federation": str(federation) if federation else None,
                     "resume_refusal": get_method(
-                        cfg.method, cfg.method_options
+                        cfg.method, resolve(cfg).method_options
                     ).resume_refusal(),
                 }
             )

@@ -217,6 +217,7 @@ def test_resolved_config_is_frozen_complete_and_flattens_as_before():
         want.setdefault(k.replace("_", "-"), PRESET_DEFAULTS["tiny"][k])
     # the default method on tiny gets tiny's calibrated step (set by hand here)
     want["method-server_lr"] = 0.5
+    want["method-recovery_rounds"] = 1
     assert r.to_flat() == want
     assert list(r.to_flat())[:3] == ["preset", "model-path", "data-dir"]
     assert RunConfig.from_flat(r.to_flat()).resolved() == r
@@ -224,7 +225,10 @@ def test_resolved_config_is_frozen_complete_and_flattens_as_before():
     assert r.given_flat() == given.to_flat()
     assert list(r.given_flat()) == list(given.to_flat())
     assert encode_run(r) == encode_run(given)
-    assert r.from_preset == (frozenset(PRESET_FIELDS) - {"lr"}) | {"method-server_lr"}
+    assert r.from_preset == (frozenset(PRESET_FIELDS) - {"lr"}) | {
+        "method-server_lr",
+        "method-recovery_rounds",
+    }
     # the preset's values of a model path, and the relearning attack's rate
     custom = RunConfig.from_flat({"model-path": "/somewhere"}).resolved()
     assert custom.lr == 1e-3 and custom.relearn_lr() == pytest.approx(2e-4)
@@ -232,26 +236,39 @@ def test_resolved_config_is_frozen_complete_and_flattens_as_before():
 
 
 def test_a_method_gets_its_base_models_calibrated_defaults_unless_it_sets_them():
-    """foul_server's server_lr: 0.5 on the tiny base, the module's own default
-    on SmolLM2 and on a model path; a given option always wins, in either
-    spelling; other methods get nothing; what was given stays what travels."""
+    """foul_server: half the share and one recovery round on the tiny base, the
+    module's own defaults (the whole share, no client contacted) on SmolLM2 and
+    on a model path; a given option always wins, in either spelling; other
+    methods get nothing; what was given stays what travels; what a method
+    needs follows the resolved options."""
     from fed_unlearn.config import PRESET_METHOD_DEFAULTS
-    from fed_unlearn.methods import get_method
+    from fed_unlearn.methods import Requirement, get_method
     from fed_unlearn.methods.foul.server import FoulServerConfig
 
-    assert PRESET_METHOD_DEFAULTS["tiny"]["foul_server"] == {"server_lr": 0.5}
-    module_default = FoulServerConfig().server_lr
-    assert module_default != 0.5  # the two calibrations differ
+    assert PRESET_METHOD_DEFAULTS["tiny"]["foul_server"] == {
+        "server_lr": 0.5,
+        "recovery_rounds": 1,
+    }
+    own = FoulServerConfig()
+    assert (own.server_lr, own.recovery_rounds) == (1.0, 0)
+
+    def method(flat):
+        cfg = RunConfig.from_flat({"method": "foul_server", **flat}).resolved()
+        return get_method(cfg.method, cfg.method_options)
 
     def lr(flat):
-        cfg = RunConfig.from_flat({"method": "foul_server", **flat}).resolved()
-        return get_method(cfg.method, cfg.method_options).config.server_lr
+        return method(flat).config.server_lr
 
     assert lr({"preset": "tiny"}) == 0.5
-    assert lr({"preset": "smollm2"}) == module_default
-    assert lr({"preset": "tiny", "model-path": "/somewhere"}) == module_default
+    assert method({"preset": "tiny"}).config.recovery_rounds == 1
+    assert lr({"preset": "smollm2"}) == 1.0
+    assert method({"preset": "smollm2"}).config.recovery_rounds == 0
+    assert lr({"preset": "tiny", "model-path": "/somewhere"}) == 1.0
     assert lr({"preset": "tiny", "method-server_lr": 0.8}) == 0.8
     assert lr({"preset": "tiny", "method-options": "server-lr=0.7"}) == 0.7
+    # the tiny run's recovery round needs live clients; SmolLM2's step none
+    assert Requirement.LIVE_CLIENTS in method({"preset": "tiny"}).needs()
+    assert Requirement.LIVE_CLIENTS not in method({"preset": "smollm2"}).needs()
     mpu = RunConfig.from_flat({"preset": "tiny", "method": "mpu"}).resolved()
     assert mpu.method_options == {}
     tiny = RunConfig.from_flat({"preset": "tiny", "method": "foul_server"})

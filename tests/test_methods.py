@@ -154,7 +154,7 @@ def test_foul_server_recovery_asks_for_a_budget_unless_told_a_batch_or_an_epoch(
     no batch (the client sizes its batches); an explicit recovery_batch_size or a
     whole epoch (local_steps=0) sends no budget; a bad budget is refused."""
     trained = adapter_state()
-    opts = {"rounds": 1, "stop": "budget"}
+    opts = {"rounds": 1, "stop": "budget", "recovery_rounds": 1}
     ctx, _, _ = full_context(trained)
     get_method("foul_server", opts).unlearn(ctx)
     config = ctx.clients.calls[-1][1]

@@ -61,7 +61,7 @@ CASES = [
     ("local_unlearn", {"rounds": 3}, (2,)),
     ("fedosd", {"unlearn_rounds": 3, "post_rounds": 2}, (2, 4)),
     ("fed_eraser", {"interval": 1}, (1,)),
-    ("foul_server", {"rounds": 3}, (1, 3)),
+    ("foul_server", {"rounds": 3, "recovery_rounds": 1}, (1, 3)),
 ]
 
 
