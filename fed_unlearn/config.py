@@ -904,14 +904,9 @@ class RunConfig(_Clients):
         filled = frozenset(k for k in PRESET_FIELDS if values[k] is PRESET)
         values.update({k: preset[k] for k in filled})
         values["extra"] = dict(self.extra)
+        base = PRESET_METHOD_DEFAULTS.get(self.defaults_key(), {}).get(self.method, {})
         given = {g.replace("-", "_") for g in self.method_options}
-        by_base = {
-            k: v
-            for k, v in PRESET_METHOD_DEFAULTS.get(self.defaults_key(), {})
-            .get(self.method, {})
-            .items()
-            if method_defaults and k not in given
-        }
+        by_base = {k: v for k, v in base.items() if method_defaults and k not in given}
         values["method_options"] = {**by_base, **self.method_options}
         filled |= {f"{METHOD_OPTION_PREFIX}{k}" for k in by_base}
         return ResolvedConfig(**values, from_preset=filled)

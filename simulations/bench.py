@@ -543,6 +543,16 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def _carried(cell: dict[str, Any]) -> dict[str, Any]:
+    """Return a published cell's metrics, the keys older reports lack set empty."""
+    empty = {k: None for k, _, _ in METRICS}
+    empty.update(sequential=[], oracle_stopped=False, curve=[], oracle_curve_level=None)
+    vals = {**empty, **cell, "carried": True}
+    for k in ("scenario", "seed", "method"):
+        vals.pop(k)
+    return vals
+
+
 def aggregate(
     suite: Suite, out: Path, carried: Sequence[dict[str, Any]] = ()
 ) -> dict[str, Any]:
@@ -571,17 +581,7 @@ def aggregate(
                 if _done(path):
                     vals = {**cell_metrics(path), "carried": False}
                 elif key in earlier:
-                    vals = {
-                        **{k: None for k, _, _ in METRICS},
-                        "sequential": [],
-                        "oracle_stopped": False,
-                        "curve": [],
-                        "oracle_curve_level": None,
-                        **earlier[key],
-                        "carried": True,
-                    }
-                    for k in ("scenario", "seed", "method"):
-                        vals.pop(k)
+                    vals = _carried(earlier[key])
                 else:
                     continue
                 rows.append(vals)
