@@ -94,12 +94,14 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 #: the synthetic facts, and where its calibration differs it is named here.
 #: ``foul_server``'s step and recovery: the ``calibration`` suite's ``tiny-*``
 #: scenarios against its ``smollm2-5c`` scenario (the module's defaults).
-#: ``ortho_lora``'s per-request budget: the ``tiny-10c`` scenario (the module
-#: keeps the inner-loss default of 4 rounds, not calibrated on a pretrained base).
+#: ``ortho_lora``'s per-request budget and ``simu``'s (SIMU, FO- and SO-GradDiff
+#: alike): the ``tiny-10c`` scenario (the modules keep the inner-loss default of
+#: 4 rounds, not calibrated on a pretrained base).
 PRESET_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "foul_server": {"server_lr": 0.5, "recovery_rounds": 1},
         "ortho_lora": {"rounds": 1},
+        "simu": {"rounds": 1},
     },
 }
 

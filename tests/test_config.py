@@ -280,6 +280,8 @@ def test_a_method_gets_its_base_models_calibrated_defaults_unless_it_sets_them()
     assert ortho_rounds({"preset": "tiny"}) == 1
     assert ortho_rounds({"preset": "smollm2"}) == 4
     assert ortho_rounds({"preset": "tiny", "method-rounds": 3}) == 3
+    simu = RunConfig.from_flat({"preset": "tiny", "method": "simu"}).resolved()
+    assert get_method(simu.method, simu.method_options).config.rounds == 1
     tiny = RunConfig.from_flat({"preset": "tiny", "method": "foul_server"})
     assert "method-server_lr" not in tiny.resolved().given_flat()
     assert tiny.resolved().to_flat()["method-server_lr"] == 0.5
