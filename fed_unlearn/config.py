@@ -304,8 +304,8 @@ class _Clients:
         unknown = [i for i in ids if not 0 <= i < self.num_clients]
         if unknown:
             raise ConfigError(
-                f"--depart: client(s) {unknown} never joined; clients are "
-                f"0..{self.num_clients - 1}"
+                f"--depart: client(s) {unknown} never joined; with num-clients = "
+                f"{self.num_clients} the clients are 0..{self.num_clients - 1}"
             )
         if not ids:
             raise ConfigError("--depart: at least one client id is needed")

@@ -31,6 +31,12 @@ def test_unknown_key_is_named():
         ({"num-clients": 2.5}, "num-clients"),
         ({"history-dtype": "int8"}, "history-dtype"),
         ({"depart": "7"}, r"client\(s\) \[7\] never joined"),
+        # the default departure (client 2) outside a smaller federation: the
+        # error names the key the user gave
+        (
+            {"num-clients": 2},
+            r"\[2\] never joined; with num-clients = 2 the clients are 0\.\.1",
+        ),
         ({"depart": "x"}, "'x' is not a client id"),
         ({"depart": "0,1,2"}, "at least one client must remain"),
         ({"depart": ""}, "at least one client id"),
