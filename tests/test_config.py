@@ -258,8 +258,8 @@ def test_a_method_gets_its_base_models_calibrated_defaults_unless_it_sets_them()
     own = FoulServerConfig()
     assert (own.server_lr, own.recovery_rounds) == (1.0, 0)
 
-    def method(flat):
-        cfg = RunConfig.from_flat({"method": "foul_server", **flat}).resolved()
+    def method(flat, name="foul_server"):
+        cfg = RunConfig.from_flat({"method": name, **flat}).resolved()
         return get_method(cfg.method, cfg.method_options)
 
     def lr(flat):
@@ -278,16 +278,14 @@ def test_a_method_gets_its_base_models_calibrated_defaults_unless_it_sets_them()
     mpu = RunConfig.from_flat({"preset": "tiny", "method": "mpu"}).resolved()
     assert mpu.method_options == {}
 
-    # ortho_lora: one round per request on tiny, the inner-loss default elsewhere
-    def ortho_rounds(flat):
-        cfg = RunConfig.from_flat({"method": "ortho_lora", **flat}).resolved()
-        return get_method(cfg.method, cfg.method_options).config.rounds
+    # ortho_lora and simu: one round on tiny, the inner-loss default elsewhere
+    def rounds(flat, name="ortho_lora"):
+        return method(flat, name).config.rounds
 
-    assert ortho_rounds({"preset": "tiny"}) == 1
-    assert ortho_rounds({"preset": "smollm2"}) == 4
-    assert ortho_rounds({"preset": "tiny", "method-rounds": 3}) == 3
-    simu = RunConfig.from_flat({"preset": "tiny", "method": "simu"}).resolved()
-    assert get_method(simu.method, simu.method_options).config.rounds == 1
+    assert rounds({"preset": "tiny"}) == 1
+    assert rounds({"preset": "smollm2"}) == 4
+    assert rounds({"preset": "tiny", "method-rounds": 3}) == 3
+    assert rounds({"preset": "tiny"}, "simu") == 1
     tiny = RunConfig.from_flat({"preset": "tiny", "method": "foul_server"})
     assert "method-server_lr" not in tiny.resolved().given_flat()
     assert tiny.resolved().to_flat()["method-server_lr"] == 0.5
