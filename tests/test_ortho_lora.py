@@ -207,11 +207,13 @@ def test_several_departed_clients_in_one_call_are_separate_requests(tmp_path):
     assert res.rounds == 2
 
 
-def test_recovery_options_are_refused():
-    with pytest.raises(ValueError, match="break the orthogonality"):
-        get_method("ortho_lora", {"recovery_rounds": 1})
-    with pytest.raises(ValueError, match="break the orthogonality"):
+def test_recovery_options_are_refused_where_they_would_break_the_method():
+    with pytest.raises(ValueError, match="interleave_recovery would train inside"):
         get_method("ortho_lora", {"interleave_recovery": True})
+    with pytest.raises(ValueError, match="recovery_rounds needs project=true"):
+        get_method("ortho_lora", {"recovery_rounds": 1, "project": False})
+    with pytest.raises(ValueError, match="recovery_rounds must be >= 0, got -1"):
+        get_method("ortho_lora", {"recovery_rounds": -1})
     with pytest.raises(ValueError, match="eps must be in"):
         get_method("ortho_lora", {"eps": 1.5})
 
@@ -279,3 +281,47 @@ def test_the_client_projects_its_unlearning_steps(monkeypatch, tiny_model_dir):
     for k in b_keys:
         assert float((bases[k].T @ delta[k]).abs().max()) <= 1e-5, k
     assert get_adapter(model).keys() == adapter.keys()
+
+
+def test_projected_recovery_moves_only_lora_b_and_off_the_requests_subspace(tmp_path):
+    trained = adapter_state(0)
+    targets = {c: adapter_state(10 + c) for c in (0, 1, 2)}
+    opts = {"eps": 1.0, "rounds": 1, "inner_loss": "ga", "retain": "none"}
+
+    def serve(name, options):
+        store = _three_client_store(tmp_path / name, trained)
+        ctx = UnlearnContext(
+            trained=store.current(),
+            departed=(0,),
+            remaining=(1, 2),
+            seed=0,
+            history=store,
+            clients=LinearClients(targets),
+            departed_cooperates=True,
+        )
+        return get_method("ortho_lora", options).unlearn(ctx), ctx
+
+    plain, _ = serve("plain", opts)
+    rec, ctx = serve("rec", {**opts, "recovery_rounds": 1})
+    # after the request, one nll round of the remaining clients
+    assert [c for c, _ in ctx.clients.calls] == [(0,), (1, 2)]
+    assert ctx.clients.requests[1][1].loss == "nll"
+    assert rec.rounds == 2 and plain.rounds == 1
+    # lora_A stays frozen although the clients moved it; lora_B moved
+    assert torch.equal(rec.adapter["m.lora_A.weight"], trained["m.lora_A.weight"])
+    moved = (rec.adapter["m.lora_B.weight"] - plain.adapter["m.lora_B.weight"]).double()
+    assert float(moved.abs().max()) > 1e-3
+    # off the request's own subspace: the left singular vectors of its dW = dB A,
+    # computed here by SVD (rank 2 of the 3 output dims)
+    u, s, _ = torch.linalg.svd(_products(plain.adapter) - _products(trained))
+    u1 = u[:, : int((s > 1e-6 * s[0]).sum())]
+    assert u1.shape[1] == 2
+    assert float((u1.T @ moved).abs().max()) <= 1e-5
+    # a later request is orthogonal to the recorded change, recovery included
+    store = ctx.history
+    store.record_unlearning([0], rec.adapter, {"method": "ortho_lora"})
+    second, _ = _request(store, 1, opts, targets)
+    dw1 = _products(rec.adapter) - _products(trained)
+    dw2 = _products(second.adapter) - _products(rec.adapter)
+    assert float(dw2.abs().max()) > 1e-3
+    assert float((dw1.T @ dw2).abs().max()) <= 1e-5

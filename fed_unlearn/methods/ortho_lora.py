@@ -50,8 +50,17 @@ per-request LoRAs (bench label ``static_fusion``): the same requests and
 representation without any projection. Both report per request ``overlap`` =
 max over layers of ‖U_{<t}ᵀ ΔW_t‖_F / ‖ΔW_t‖_F (0 for ortho).
 
-Recovery rounds are refused: FedAvg of the remaining clients trains A and B
-freely and would break the orthogonality.
+6. **Projected recovery** (``recovery_rounds`` > 0, off by default) [R, our
+   extension; the paper has no recovery]: after request t's rounds, R_rec
+   FedAvg rounds of the remaining clients. Of each aggregated update only the
+   lora_B part is kept (lora_A stays frozen), projected off every request's
+   subspace *including request t's*: ΔB_rec ← (I − U_{≤t} U_{≤t}ᵀ) ΔB_rec. So
+   the recovery cannot undo any request along its subspace, and every
+   request's own update stays orthogonal to the earlier ones'. The request's
+   recorded change (unlearning plus recovery) is what later requests' bases
+   come from, in a run and through the ledger alike. ``interleave_recovery``
+   (a recovery round between the unlearning rounds) is refused: it would enter
+   the request's own subspace while that is still being trained.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ from typing import Any
 
 import torch
 
+from fed_unlearn import seeds
 from fed_unlearn.history import HistoryStore
 from fed_unlearn.methods.base import (
     Requirement,
@@ -70,7 +80,7 @@ from fed_unlearn.methods.base import (
     UnlearnResult,
 )
 from fed_unlearn.methods.mpu import InnerLossConfig
-from fed_unlearn.methods.rounds import check_positive, copy_deltas
+from fed_unlearn.methods.rounds import check_positive, copy_deltas, recovery_step
 from fed_unlearn.ortho import (
     check_capacity,
     extend_basis,
@@ -98,7 +108,9 @@ class OrthoLoraConfig(InnerLossConfig):
     interleave_recovery : bool
         Must stay False (default: False): see the module docstring.
     recovery_rounds : int
-        Must stay 0 (default: 0).
+        Projected FedAvg rounds of the remaining clients after each request
+        (default: 0, the paper's method; module docstring, step 6). Needs
+        ``project``.
     """
 
     project: bool = True
@@ -110,11 +122,21 @@ class OrthoLoraConfig(InnerLossConfig):
         check_positive(eps=self.eps)
         if self.eps > 1.0:
             raise ValueError(f"eps must be in (0, 1], got {self.eps}")
-        if self.recovery_rounds or self.interleave_recovery:
+        if self.interleave_recovery:
             raise ValueError(
-                "ortho_lora: recovery rounds (recovery_rounds, interleave_recovery) "
-                "train lora_A and lora_B freely and break the orthogonality of the "
-                "requests; use recovery_rounds=0 and interleave_recovery=false"
+                "ortho_lora: interleave_recovery would train inside the request's "
+                "own subspace while it is being unlearned; use "
+                "interleave_recovery=false (recovery_rounds runs projected "
+                "recovery after each request)"
+            )
+        if self.recovery_rounds < 0:
+            raise ValueError(
+                f"recovery_rounds must be >= 0, got {self.recovery_rounds}"
+            )
+        if self.recovery_rounds and not self.project:
+            raise ValueError(
+                "ortho_lora: recovery_rounds needs project=true (static fusion "
+                "is the paper's baseline without recovery)"
             )
 
 
@@ -198,6 +220,42 @@ class OrthoLora(UnlearningMethod):
                 "dual-adapter = true"
             )
 
+    def _projected_recovery(
+        self,
+        ctx: UnlearnContext,
+        theta: AdapterState,
+        bases: dict[str, torch.Tensor],
+        log: Any,
+        b_keys: list[str],
+    ) -> AdapterState:
+        """Run the projected recovery rounds after one request (step 6).
+
+        Parameters
+        ----------
+        ctx : UnlearnContext
+            The request's context (its remaining clients train).
+        theta : AdapterState
+            The adapter after the request's unlearning rounds.
+        bases : dict[str, torch.Tensor]
+            ``lora_B`` key -> U_{≤t}, the bases including this request's.
+        log : RoundLog
+            The request's round log (client compute is added).
+        b_keys : list[str]
+            The adapter's ``lora_B`` keys.
+
+        Returns
+        -------
+        AdapterState
+            ``theta`` with only its ``lora_B`` tensors moved, each off ``bases``.
+        """
+        for p in range(1, self.config.recovery_rounds + 1):
+            moved = recovery_step(ctx, theta, log, seeds.RECOVERY + p, "ortho_lora")
+            theta = dict(theta)
+            for b in b_keys:
+                d = moved[b].float() - theta[b]
+                theta[b] = theta[b] + (project_out(d, bases[b]) if b in bases else d)
+        return theta
+
     def unlearn(self, ctx: UnlearnContext) -> UnlearnResult:
         """Serve each departed client as one request; see the module docstring."""
         self.check(ctx)
@@ -210,7 +268,7 @@ class OrthoLora(UnlearningMethod):
         curve: list[dict[str, float]] = []
         compute = {"local_steps": 0.0, "tokens": 0.0, "client_seconds": 0.0}
         requests: list[dict[str, Any]] = []
-        total_rounds = 0
+        total_rounds = recovered = 0
         for cid in ctx.departed:
             if cfg.project:
                 for prefix, (b_key, p) in layers.items():
@@ -242,7 +300,14 @@ class OrthoLora(UnlearningMethod):
                 if log.end_round(r, theta, {"client": cid}):
                     break
             theta = dict(log.result(theta))
-            bases, ks, overlap = _extend_all(bases, start, theta, cfg.eps)
+            bases_t, ks, overlap = _extend_all(bases, start, theta, cfg.eps)
+            if cfg.recovery_rounds and ctx.remaining:
+                theta = self._projected_recovery(ctx, theta, bases_t, log, b_keys)
+                recovered += cfg.recovery_rounds
+                # the request's recorded change includes its recovery, as the
+                # ledger will give it to later requests
+                bases_t, ks, _ = _extend_all(bases, start, theta, cfg.eps)
+            bases = bases_t
             info = log.info()
             # one curve over all requests: rounds counted on, round 0 once
             curve += [
@@ -274,12 +339,13 @@ class OrthoLora(UnlearningMethod):
             )
         return UnlearnResult(
             theta,
-            rounds=total_rounds,
+            rounds=total_rounds + recovered,
             info={
                 "curve": curve,
                 "client_compute": compute,
                 "requests": requests,
                 "project": cfg.project,
+                "recovery_rounds": cfg.recovery_rounds,
                 "eps": cfg.eps,
                 "inner_loss": cfg.inner_loss,
                 "retain": cfg.retain,
