@@ -129,10 +129,6 @@ class OrthoLoraConfig(InnerLossConfig):
                 "interleave_recovery=false (recovery_rounds runs projected "
                 "recovery after each request)"
             )
-        if self.recovery_rounds < 0:
-            raise ValueError(
-                f"recovery_rounds must be >= 0, got {self.recovery_rounds}"
-            )
         if self.recovery_rounds and not self.project:
             raise ValueError(
                 "ortho_lora: recovery_rounds needs project=true (static fusion "
